@@ -1,0 +1,1 @@
+"""ftjax: fine-tune pre-trained language models with JAX (full and LoRA, any mesh)."""
