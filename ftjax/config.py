@@ -1,0 +1,113 @@
+"""Defaults and validation of the run config; every key has a typed default so it can be set by flag."""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+from ml_collections import config_dict
+
+from ftjax.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The full set of keys a recipe may override (grouped as in DESIGN.md)."""
+    c = ml_collections.ConfigDict()
+    c.method = "lora"  # lora | full
+    c.seed = 0
+    c.model = dict(
+        path=DEFAULT_MODEL,
+        dtype="float32",  # compute dtype
+        param_dtype="float32",
+        remat="none",  # none | full | dots
+        attention="xla",  # xla | cudnn
+    )
+    c.lora = dict(rank=16, alpha=32.0, dropout=0.0, targets=LORA_TARGETS, rslora=False)
+    c.data = dict(
+        train=config_dict.placeholder(str),
+        eval=config_dict.placeholder(str),
+        seq_len=512,
+        packing=True,
+        overlong="drop",  # drop | truncate | error
+    )
+    c.train = dict(
+        batch_size=8,  # global, in sequences
+        steps=100,
+        grad_accum=1,
+        log_every=10,
+        frozen_dtype="float32",
+        max_consecutive_skips=5,
+    )
+    c.optim = dict(
+        name="adamw",  # adamw | sgd | adafactor | lion
+        lr=1e-4,
+        schedule="cosine",  # cosine | linear | constant
+        warmup_steps=0,
+        weight_decay=0.0,
+        clip_norm=1.0,
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.checkpoint = dict(every=0, keep=2)
+    c.eval = dict(every=0, final=True, max_examples=200)
+    c.lock()
+    return c
+
+
+def flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All leaf keys as dotted paths."""
+    out = []
+    for k, v in c.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out += flat_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(prefix + k)
+    return out
+
+
+def unknown_key_message(c: ml_collections.ConfigDict, key: str) -> str:
+    """One line naming the closest valid key to a misspelled one."""
+    near = difflib.get_close_matches(key, flat_keys(c), n=1, cutoff=0.0)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return f"unknown config key '{key}'{hint}"
+
+
+_CHOICES = {
+    "method": ("lora", "full"),
+    "model.remat": ("none", "full", "dots"),
+    "model.attention": ("xla", "cudnn"),
+    "data.overlong": ("drop", "truncate", "error"),
+    "optim.name": ("adamw", "sgd", "adafactor", "lion"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+}
+
+
+def get(c: ml_collections.ConfigDict, key: str):
+    """Value at a dotted key, or ConfigError naming the closest valid key."""
+    node = c
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(unknown_key_message(c, key))
+        node = node[part]
+    return node
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Check choices and ranges before anything is compiled; one line per problem."""
+    for key, choices in _CHOICES.items():
+        value = get(c, key)
+        if value not in choices:
+            raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(choices)}")
+    for key in ("train.batch_size", "train.steps", "train.grad_accum", "train.log_every", "data.seq_len"):
+        if get(c, key) < 1:
+            raise ConfigError(f"config.{key} must be >= 1, got {get(c, key)}")
+    if c.train.batch_size % c.train.grad_accum:
+        raise ConfigError(
+            f"config.train.batch_size={c.train.batch_size} is not divisible by "
+            f"config.train.grad_accum={c.train.grad_accum}"
+        )
+    if c.method == "lora" and c.lora.rank < 1:
+        raise ConfigError(f"config.lora.rank must be >= 1, got {c.lora.rank}")
+    return c
