@@ -1,0 +1,189 @@
+"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) in Flax NNX.
+
+Layers are stacked (params [L, ...]) and run with `lax.scan`, so compile time does not grow
+with depth. Attention honors `segment_ids` (packed rows) and explicit `positions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax.models.layers import (MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, attention_mask,
+                                 rope_inv_freq, rope_sin_cos)
+from ftjax.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of a Llama-family decoder (hashable: it is static under jit)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = RopeConfig()
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    sliding_layers: tuple = ()  # per-layer bools; empty = every layer slides when sliding_window is set
+    model_type: str = "llama"
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots
+    attention: str = "xla"  # xla | cudnn
+    extra: tuple = ()  # HF config items kept for export (hashable pairs)
+
+    def replace(self, **kw: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def attention_config(self) -> AttentionConfig:
+        return AttentionConfig(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.qkv_bias,
+                               self.o_bias, self.qk_norm, self.rms_norm_eps, self.attention)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys/values [L, B, S, K, H] and the segment id of each slot (0 = empty)."""
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array  # [B, S]
+    index: jax.Array  # next free slot, scalar int32
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dt = jnp.dtype(cfg.dtype)
+        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), jnp.int32),
+                   jnp.zeros((), jnp.int32))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention + SwiGLU block; built stacked, called on one layer's slice."""
+
+    def __init__(self, cfg: ModelConfig, *, stack: tuple, rngs: nnx.Rngs):
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt)
+        self.self_attn = Attention(cfg.attention_config(), stack=stack, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, stack=stack, dtype=dt,
+                       param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x_btd, sin, cos, mask, kv=None, index=None, rng=None):
+        """Returns the new residual stream and this layer's (k, v) cache (None without a cache)."""
+        rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
+        h = self.input_layernorm(x_btd)
+        q, k, v = self.self_attn.project_qkv(h, sin, cos, rngs[0:3])
+        if kv is not None:
+            k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            k, v, kv = k_cache, v_cache, (k_cache, v_cache)
+        x_btd = x_btd + self.self_attn.attend(q, k, v, mask, rngs[3])
+        h = self.post_attention_layernorm(x_btd)
+        x_btd = x_btd + self.mlp(h, rngs[4:7])
+        return constrain(x_btd, ("batch", "length", "act_embed")), kv
+
+
+class Llama(nnx.Module):
+    """Decoder-only LM: `model(input_ids) -> logits [batch, length, vocab]` (fp32 logits)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed_tokens = nnx.Param(
+            (0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))).astype(pdt),
+            logical_axes=("vocab", "embed"))
+        self.layers = DecoderLayer(cfg, stack=(cfg.num_layers,), rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=jnp.dtype(cfg.dtype),
+            param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, rng=None) -> jax.Array:
+        return self.logits(self.hidden(input_ids, positions, segment_ids, rng=rng))
+
+    def hidden(self, input_ids, positions=None, segment_ids=None, *, rng=None) -> jax.Array:
+        """Final-norm hidden states [B, T, D]; the loss turns them into logits chunk by chunk."""
+        b, t = input_ids.shape
+        slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = slots if positions is None else positions
+        segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        masks = self._masks(segment_ids, slots, segment_ids, slots)
+        h, _ = self._run_layers(self.embed(input_ids), positions, masks, None, None, rng)
+        return self.norm(h)
+
+    def decode(self, input_ids, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run new tokens [B, t] against the cache; returns logits [B, t, V] and the updated cache."""
+        b, t = input_ids.shape
+        s = cache.segment_ids.shape[1]
+        q_slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
+        kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        filled = (kv_segments != 0)[:, None, None, :]
+        masks = tuple(m & filled for m in self._masks(segment_ids, q_slots, kv_segments, kv_slots))
+        h, (k, v) = self._run_layers(self.embed(input_ids), positions, masks, (cache.k, cache.v), cache.index, None)
+        return self.logits(self.norm(h)), KVCache(k, v, kv_segments, cache.index + t)
+
+    def embed(self, input_ids) -> jax.Array:
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def logits(self, h_btd) -> jax.Array:
+        """Vocabulary projection with fp32 accumulation (tied to the embedding when configured)."""
+        dt = jnp.dtype(self.config.dtype)
+        if self.lm_head is None:
+            w = self.embed_tokens[...].astype(dt)
+            out = jnp.einsum("btd,vd->btv", h_btd.astype(dt), w, preferred_element_type=jnp.float32)
+        else:
+            w = self.lm_head.kernel[...].astype(dt)
+            out = jnp.einsum("btd,dv->btv", h_btd.astype(dt), w, preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "length", "act_vocab"))
+
+    def _masks(self, q_segments, q_slots, kv_segments, kv_slots) -> tuple:
+        """(full causal mask, sliding-window mask or None), both [B, 1, T, S]."""
+        full = attention_mask(q_segments, q_slots, kv_segments, kv_slots, None)
+        if self.config.sliding_window is None:
+            return full, None
+        return full, attention_mask(q_segments, q_slots, kv_segments, kv_slots, self.config.sliding_window)
+
+    def _run_layers(self, x, positions, masks, kv, index, rng):
+        cfg = self.config
+        sin, cos = rope_sin_cos(positions, rope_inv_freq(cfg.head_dim, cfg.rope))
+        graphdef, state = nnx.split(self.layers)
+        layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
+        full_mask, window_mask = masks
+        sliding = None
+        if window_mask is not None:
+            sliding = jnp.asarray(cfg.sliding_layers or (True,) * cfg.num_layers, dtype=bool)
+
+        def body(x, xs):
+            layer_state, layer_kv, layer_rng, layer_sliding = xs
+            mask = full_mask if layer_sliding is None else jnp.where(layer_sliding, window_mask, full_mask)
+            x, new_kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask, layer_kv, index, layer_rng)
+            return x, new_kv
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        layer_kv = None if kv is None else (kv[0], kv[1])
+        return jax.lax.scan(body, x, (state, layer_kv, layer_rngs, sliding))

@@ -1,0 +1,99 @@
+"""HF model_type -> ModelConfig mapping and the ftjax-param <-> HF-tensor name map."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftjax.errors import LoadError
+from ftjax.models.layers import RopeConfig
+from ftjax.models.llama import Llama, ModelConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MODEL_CLASSES = {t: Llama for t in SUPPORTED_MODEL_TYPES}
+
+
+def _rope(hf: dict) -> RopeConfig:
+    """Both config.json forms: classic `rope_theta` + `rope_scaling`, and transformers 5 `rope_parameters`."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise LoadError(f"rope type '{kind}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if kind == "default":
+        return RopeConfig(theta=float(theta))
+    return RopeConfig(
+        theta=float(theta), kind=kind, factor=float(merged.get("factor", 1.0)),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)))
+
+
+def _sliding(hf: dict, model_type: str, num_layers: int) -> tuple[int | None, tuple]:
+    """Sliding-window size and which layers use it, as transformers decides per family."""
+    window = hf.get("sliding_window", 4096 if model_type in ("mistral", "qwen2", "qwen3") else None)
+    if model_type == "mistral":
+        return (int(window) if window else None), ()
+    if model_type in ("qwen2", "qwen3"):
+        types = hf.get("layer_types")
+        if types is None:
+            if not hf.get("use_sliding_window", False) or not window:
+                return None, ()
+            first = int(hf.get("max_window_layers", 28))
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+        flags = tuple(t == "sliding_attention" for t in types)
+        return (int(window), flags) if any(flags) and window else (None, ())
+    return None, ()
+
+
+def config_from_hf(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
+                   source: str = "config.json") -> ModelConfig:
+    """Map an HF config.json dict onto ModelConfig; unknown families fail with the supported list."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise LoadError(f"{source}: model_type '{model_type}' is not supported "
+                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    try:
+        heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        layers = int(hf["num_hidden_layers"])
+        window, sliding_layers = _sliding(hf, model_type, layers)
+        bias = bool(hf.get("attention_bias", False))
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]), hidden_size=hidden, intermediate_size=int(hf["intermediate_size"]),
+            num_layers=layers, num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope=_rope(hf),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=True if model_type == "qwen2" else bias,
+            o_bias=False if model_type == "qwen2" else bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+            sliding_window=window, sliding_layers=sliding_layers, model_type=model_type,
+            dtype=dtype, param_dtype=param_dtype or dtype,
+            extra=tuple(sorted((k, str(v)) for k, v in hf.items() if k in ("bos_token_id", "eos_token_id",
+                                                                             "pad_token_id", "torch_dtype"))))
+    except KeyError as e:
+        raise LoadError(f"{source}: missing required key {e.args[0]!r}") from None
+
+
+def hf_tensor_name(path: tuple[str, ...], layer: int | None = None) -> tuple[str, bool]:
+    """(HF tensor name, transpose?) for an ftjax parameter path; `layer` for stacked params."""
+    *modules, leaf = path
+    if tuple(path) == ("embed_tokens",):
+        return "model.embed_tokens.weight", False
+    hf_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+    if modules[0] == "layers":
+        prefix = f"model.layers.{layer}." + ".".join(modules[1:])
+    elif modules[0] == "lm_head":
+        prefix = "lm_head"
+    else:
+        prefix = "model." + ".".join(modules)
+    return f"{prefix}.{hf_leaf}", leaf == "kernel"
+
+
+def is_stacked(path: tuple[str, ...]) -> bool:
+    """Params under `layers` carry a leading layer axis."""
+    return path[0] == "layers"
