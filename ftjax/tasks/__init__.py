@@ -1,0 +1,1 @@
+"""Bundled tasks: small, generated datasets used by the demo and the tests."""
