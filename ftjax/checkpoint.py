@@ -1,0 +1,85 @@
+"""Orbax checkpoints of a run: trainable params, optimizer state, RNG, step and JSON metadata.
+
+A checkpoint is either complete or absent (Orbax writes to a temporary folder and renames it
+when every host has finished), so resume always picks a complete one. The latest `keep` are
+kept, and with `keep_best` also the one with the lowest eval loss.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+STATE, META = "state", "meta"
+
+
+class Checkpoints:
+    """WORKDIR/checkpoints/<step>/{state, meta}; `state` is any pytree of (sharded) arrays."""
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, keep_best: bool = False,
+                 async_save: bool = True):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        keepers: list[Any] = [policies.LatestN(n=max(keep, 1))]
+        if keep_best:
+            keepers.append(policies.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
+                                          keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            preservation_policy=policies.AnyPreservationPolicy(keepers),
+            cleanup_tmp_directories=True,
+            create=True,
+            # best_fn makes Orbax write each step's metrics, which best_step() reads back.
+            best_fn=(lambda m: m["eval_loss"]) if keep_best else None,
+            best_mode="min",
+        )
+        self.manager = ocp.CheckpointManager(self.directory, item_names=(STATE, META), options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (partial saves are never listed)."""
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def best_step(self) -> int | None:
+        """Step with the lowest recorded eval loss, else the latest."""
+        scored = [(m["eval_loss"], s) for s in self.all_steps() if (m := self.manager.metrics(s)) is not None
+                  and m.get("eval_loss") is not None]
+        return min(scored)[1] if scored else self.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict, eval_loss: float | None = None) -> None:
+        """Start an (async) save of `state` + JSON `meta` at `step`."""
+        metrics = {"eval_loss": float(eval_loss)} if eval_loss is not None else None
+        self.manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                                            META: ocp.args.JsonSave(meta)}),
+                          metrics=metrics, force=True)
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        """Restore into `target`'s structure, dtypes and shardings (abstract arrays are fine)."""
+        abstract = jax.tree.map(_abstract, target)
+        out = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract),
+                                                                    META: ocp.args.JsonRestore()}))
+        return out[STATE], out[META]
+
+    def read_meta(self, step: int) -> dict:
+        """Only the JSON metadata of a checkpoint (config, data state, provenance)."""
+        return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
+    def wait(self) -> None:
+        """Block until pending async saves are complete on every host."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _abstract(x: Any) -> Any:
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
