@@ -38,16 +38,22 @@ def default_config() -> ml_collections.ConfigDict:
         steps=100,
         grad_accum=1,
         log_every=10,
-        frozen_dtype="float32",
-        max_consecutive_skips=5,
+        frozen_dtype="float32",  # float32 | bfloat16 | float16: dtype of the frozen (non-trained) weights
+        max_consecutive_skips=5,  # stop after this many steps in a row with NaN/Inf gradients
+        loss_chunk=512,  # tokens per sequence chunk of the cross-entropy (bounds fp32 logits memory)
     )
     c.optim = dict(
         name="adamw",  # adamw | sgd | adafactor | lion
         lr=1e-4,
         schedule="cosine",  # cosine | linear | constant
         warmup_steps=0,
-        weight_decay=0.0,
-        clip_norm=1.0,
+        weight_decay=0.0,  # decoupled; never applied to norm scales and biases
+        clip_norm=1.0,  # global-norm clipping; 0 disables
+        min_lr_ratio=0.0,  # final lr / peak lr for cosine and linear decay
+        b1=0.9,  # adamw, lion
+        b2=0.999,  # adamw, lion
+        eps=1e-8,  # adamw
+        momentum=0.9,  # sgd; 0 = plain SGD
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.checkpoint = dict(every=0, keep=2)
@@ -81,6 +87,7 @@ _CHOICES = {
     "data.overlong": ("drop", "truncate", "error"),
     "optim.name": ("adamw", "sgd", "adafactor", "lion"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "train.frozen_dtype": ("float32", "bfloat16", "float16"),
 }
 
 
@@ -100,7 +107,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = get(c, key)
         if value not in choices:
             raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(choices)}")
-    for key in ("train.batch_size", "train.steps", "train.grad_accum", "train.log_every", "data.seq_len"):
+    for key in ("train.batch_size", "train.steps", "train.grad_accum", "train.log_every", "data.seq_len",
+                "train.max_consecutive_skips", "train.loss_chunk"):
         if get(c, key) < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {get(c, key)}")
     if c.train.batch_size % c.train.grad_accum:
@@ -110,4 +118,21 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     if c.method == "lora" and c.lora.rank < 1:
         raise ConfigError(f"config.lora.rank must be >= 1, got {c.lora.rank}")
+    _check_training_ranges(c)
     return c
+
+
+def _check_training_ranges(c: ml_collections.ConfigDict) -> None:
+    """Ranges of the lora.*, optim.* and train.* numbers the train step relies on."""
+    checks = [
+        ("lora.dropout", 0.0 <= c.lora.dropout < 1.0, "be in [0, 1)"),
+        ("optim.lr", c.optim.lr > 0, "be > 0"),
+        ("optim.warmup_steps", c.optim.warmup_steps >= 0, "be >= 0"),
+        ("optim.weight_decay", c.optim.weight_decay >= 0, "be >= 0"),
+        ("optim.clip_norm", c.optim.clip_norm >= 0, "be >= 0 (0 disables clipping)"),
+        ("optim.min_lr_ratio", 0.0 <= c.optim.min_lr_ratio <= 1.0, "be in [0, 1]"),
+        ("optim.momentum", 0.0 <= c.optim.momentum < 1.0, "be in [0, 1)"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")

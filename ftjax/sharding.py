@@ -93,15 +93,39 @@ def logical_axes(var: nnx.Variable) -> tuple | None:
     return var.get_metadata().get("logical_axes") if hasattr(var, "get_metadata") else None
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: dict | None = None) -> nnx.State:
-    """NamedSharding for every variable of an (abstract) state, from its logical axes."""
+def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
+    """NamedSharding for every leaf of an (abstract) state, from its variables' logical axes.
+
+    Also takes optimizer states: their moments are Variables carrying the param's axes; plain
+    leaves (step counts) and leaves whose rank differs from their axes (Adafactor's factored
+    moments) are replicated.
+    """
 
     def one(var):
+        if not isinstance(var, nnx.Variable):
+            return NamedSharding(mesh, PartitionSpec())
         value = var.get_value() if hasattr(var, "get_value") else var.value
-        axes = logical_axes(var) or (None,) * len(value.shape)
+        axes = logical_axes(var)
+        if axes is None or len(axes) != len(value.shape):
+            return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, spec_for(axes, value.shape, mesh, rules))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: dict | None = None) -> NamedSharding:
+    """Sharding of [batch, length] arrays: rows over the mesh axes `batch` maps to (data, fsdp)."""
+    rules = RULES if rules is None else rules
+    target = rules.get("batch")
+    targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    kept = tuple(t for t in targets if mesh.shape[t] > 1)
+    return NamedSharding(mesh, PartitionSpec(kept if kept else None))
+
+
+def batch_shards(mesh: Mesh, rules: dict | None = None) -> int:
+    """How many ways the batch dimension is split (rows must divide by it)."""
+    spec = batch_sharding(mesh, rules).spec[0]
+    return 1 if spec is None else int(np.prod([mesh.shape[a] for a in spec]))
 
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("ftjax_mesh", default=None)

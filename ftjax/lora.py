@@ -1,0 +1,156 @@
+"""LoRA from outside the model: adapters attached to the linears whose path matches a pattern.
+
+The adapter params are `nnx.LoRAParam`, so `nnx.split(model, nnx.LoRAParam, ...)` partitions
+the model into what trains and what stays frozen. Adapters on stacked linears hold stacked
+params ([L, in, r] / [L, r, out]) and are sliced per layer by the model's `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ftjax.errors import ConfigError
+from ftjax.models.layers import Linear
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+UNSUPPORTED = ("lm_head",)  # the loss reads lm_head's kernel directly, so an adapter there would be ignored
+
+
+class LoRA(nnx.Module):
+    """Low-rank update scale · dropout(x) @ A @ B (PEFT semantics); A [*stack, in, r], B [*stack, r, out]."""
+
+    def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, in_axis: str | None,
+                 out_axis: str | None, stack: tuple = (), dropout: float = 0.0, rslora: bool = False,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        lead = ("layers",) * len(stack)
+        # PEFT's default: kaiming_uniform_(a=sqrt(5)) on A [r, in] is U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1.0 / math.sqrt(in_features)
+        a = jax.random.uniform(rngs.params(), (*stack, in_features, rank), jnp.float32, -bound, bound)
+        self.lora_a = nnx.LoRAParam(a.astype(param_dtype), logical_axes=lead + (in_axis, "lora_rank"))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*stack, rank, out_features), param_dtype),
+                                    logical_axes=lead + ("lora_rank", out_axis))
+        self.rank, self.alpha, self.dropout, self.rslora = rank, float(alpha), float(dropout), bool(rslora)
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """Dropout applies to the adapter's input only, and only when an rng is given (training)."""
+        if self.dropout > 0.0 and rng is not None:
+            keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
+        a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+        return (x @ a) @ b * jnp.asarray(self.scale, x.dtype)
+
+    def delta(self) -> jax.Array:
+        """scale · A @ B in fp32, the kernel-shaped update that merging adds."""
+        a, b = self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
+        return self.scale * jnp.einsum("...ir,...ro->...io", a, b)
+
+
+def parse_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """`"q_proj,v_proj"` or a sequence of patterns -> tuple of patterns."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    out = tuple(t.strip() for t in items if t.strip())
+    if not out:
+        raise ConfigError("lora.targets is empty; name at least one module, e.g. 'q_proj,v_proj'")
+    return out
+
+
+def matches(path: str, patterns: Sequence[str]) -> bool:
+    """A dotted module path matches a pattern by name suffix ('q_proj') or fnmatch ('layers.mlp.*')."""
+    return any(path == p or path.endswith("." + p) or fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def linears(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
+    """Every `Linear` of the model with its dotted path."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, Linear):
+            yield ".".join(str(p) for p in path), node
+
+
+def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Sequence[str] = DEFAULT_TARGETS,
+               dropout: float = 0.0, rslora: bool = False, rngs: nnx.Rngs) -> nnx.Module:
+    """Attach a fresh adapter (A random, B zero) to every matching linear, in place; returns the model.
+
+    A pattern that matches nothing is an error, so a misspelled target cannot silently train nothing.
+    """
+    if rank < 1:
+        raise ConfigError(f"lora.rank must be >= 1, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {dropout}")
+    patterns = parse_targets(targets)
+    candidates = list(linears(model))
+    hit = {p: False for p in patterns}
+    for path, linear in candidates:
+        if not matches(path, patterns):
+            continue
+        for p in patterns:
+            hit[p] |= matches(path, (p,))
+        if path.split(".")[-1] in UNSUPPORTED:
+            raise ConfigError(f"lora.targets matches '{path}': LoRA on the output head is not supported")
+        if linear.lora is not None:
+            raise ConfigError(f"'{path}' already has a LoRA adapter")
+        kernel = linear.kernel
+        axes = kernel.get_metadata().get("logical_axes") or (None,) * kernel[...].ndim
+        stack = tuple(kernel[...].shape[:-2])
+        linear.lora = nnx.data(LoRA(linear.in_features, linear.out_features, rank=rank, alpha=alpha,
+                                    in_axis=axes[-2], out_axis=axes[-1], stack=stack, dropout=dropout,
+                                    rslora=rslora, rngs=rngs))
+    missing = [p for p, ok in hit.items() if not ok]
+    if missing:
+        names = sorted({path.split(".")[-1] for path, _ in candidates})
+        raise ConfigError(f"lora.targets pattern(s) {', '.join(missing)} match no linear layer "
+                          f"(linear layers: {', '.join(names)})")
+    return model
+
+
+def trainable_filter(method: str):
+    """What trains: the adapters for LoRA, every parameter for full fine-tuning."""
+    if method == "lora":
+        return nnx.LoRAParam
+    if method == "full":
+        return nnx.Param
+    raise ConfigError(f"method={method!r} is not one of lora, full")
+
+
+def merge_lora(model: nnx.Module) -> dict[str, LoRA]:
+    """Fold each adapter into its kernel (W + scale·A·B, computed in fp32) and detach it, in place.
+
+    Returns the detached adapters by path, which `unmerge_lora` takes to undo the merge.
+    """
+    adapters = {}
+    for path, linear in linears(model):
+        if linear.lora is None:
+            continue
+        kernel = linear.kernel[...]
+        linear.kernel[...] = (kernel.astype(jnp.float32) + linear.lora.delta()).astype(kernel.dtype)
+        adapters[path] = linear.lora
+        linear.lora = None
+    return adapters
+
+
+def unmerge_lora(model: nnx.Module, adapters: dict[str, LoRA]) -> nnx.Module:
+    """Subtract merged adapters from their kernels and re-attach them (inverse of `merge_lora`)."""
+    by_path = dict(linears(model))
+    for path, lora in adapters.items():
+        linear = by_path[path]
+        kernel = linear.kernel[...]
+        linear.kernel[...] = (kernel.astype(jnp.float32) - lora.delta()).astype(kernel.dtype)
+        linear.lora = lora
+    return model
+
+
+def merged(model: nnx.Module) -> nnx.Module:
+    """A merged copy (plain linears, for export and fast inference); `model` keeps its adapters."""
+    copy = nnx.clone(model)
+    merge_lora(copy)
+    return copy
