@@ -30,6 +30,15 @@ def read_config(folder: str | Path) -> dict:
         raise LoadError(f"{path}: not valid JSON ({e})") from None
 
 
+def _reason(e: Exception) -> str:
+    """The one informative line of torch's multi-paragraph unpickling error."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error" in line or "Unsupported global" in line:
+            return line.split(" Please use")[0]
+    return lines[0] if lines else type(e).__name__
+
+
 def _torch_weights_only(folder: Path) -> TensorSource:
     """Pickled weights, read only with torch's weights-only unpickler (no arbitrary code)."""
     try:
@@ -44,7 +53,7 @@ def _torch_weights_only(folder: Path) -> TensorSource:
         try:
             state = torch.load(folder / fname, map_location="cpu", weights_only=True)
         except Exception as e:  # the weights-only unpickler refuses anything but tensors
-            raise LoadError(f"{folder / fname}: refused by torch's weights-only loader ({e})") from None
+            raise LoadError(f"{folder / fname}: refused by torch's weights-only loader ({_reason(e)})") from None
         tensors.update({k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()})
     return DictSource(tensors, str(folder))
 
