@@ -140,7 +140,8 @@ class Llama(nnx.Module):
         kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
         kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         filled = (kv_segments != 0)[:, None, None, :]
-        masks = tuple(m & filled for m in self._masks(segment_ids, q_slots, kv_segments, kv_slots))
+        masks = tuple(None if m is None else m & filled
+                      for m in self._masks(segment_ids, q_slots, kv_segments, kv_slots))
         h, (k, v) = self._run_layers(self.embed(input_ids), positions, masks, (cache.k, cache.v), cache.index, None)
         return self.logits(self.norm(h)), KVCache(k, v, kv_segments, cache.index + t)
 

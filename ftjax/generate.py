@@ -1,0 +1,212 @@
+"""KV-cache generation: batched, left-padded prompts, greedy / temperature / top-k / top-p, EOS stopping.
+
+The prompt is prefilled in one `decode` call, then a jitted `lax.while_loop` runs one-token steps
+until every row has emitted an EOS or `max_new_tokens` is reached. One compile per (batch, prompt
+length bucket, max_new_tokens, sampling mode); prompt lengths are padded up to a bucket.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ftjax.models.llama import KVCache
+
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int) -> int:
+    """Prompt length rounded up (powers of two from 16, then multiples of 512) to limit recompiles."""
+    if n <= 512:
+        return max(MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+    return -(-n // 512) * 512
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedPrompts:
+    """Left-padded prompt batch: pads have segment id 0; positions start at 0 at each row's first token."""
+
+    input_ids: np.ndarray  # [B, P] int32
+    segment_ids: np.ndarray  # [B, P] int32
+    positions: np.ndarray  # [B, P] int32
+    lengths: np.ndarray  # [B] int32 real prompt lengths
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, length: int | None = None) -> PaddedPrompts:
+    """Left-pad token lists to `length` (default: the bucket of the longest prompt)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generation needs at least one prompt and every prompt needs at least one token")
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    length = bucket_length(int(lengths.max())) if length is None else length
+    if length < lengths.max():
+        raise ValueError(f"pad length {length} is shorter than the longest prompt ({lengths.max()})")
+    b = len(prompts)
+    ids = np.full((b, length), pad_id, np.int32)
+    segments = np.zeros((b, length), np.int32)
+    positions = np.zeros((b, length), np.int32)
+    for i, p in enumerate(prompts):
+        n = len(p)
+        ids[i, length - n:] = np.asarray(p, np.int32)
+        segments[i, length - n:] = 1
+        positions[i, length - n:] = np.arange(n, dtype=np.int32)
+    return PaddedPrompts(ids, segments, positions, lengths)
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float | jax.Array = 1.0, use_top_p: bool = False
+                  ) -> jax.Array:
+    """Mask (to -inf) tokens outside the top-k and outside the smallest set whose probability reaches top_p.
+
+    Like transformers' warpers, the most likely token is always kept, so top_p -> 0 is greedy.
+    """
+    neg = jnp.finfo(logits.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg, logits)
+    if use_top_p:
+        sorted_desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
+        keep = before < top_p
+        keep = keep.at[..., 0].set(True)
+        kept = jnp.sum(keep, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_desc, kept - 1, axis=-1)
+        logits = jnp.where(logits < threshold, neg, logits)
+    return logits
+
+
+def _sample(logits_bv, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+    if greedy:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    scaled = filter_logits(logits_bv / temperature, top_k, top_p, use_top_p)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p",
+                                             "return_logits"))
+def _generate(graphdef, state, input_ids, segment_ids, positions, lengths, eos_ids, pad_id, key, temperature,
+              top_p, *, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, return_logits: bool):
+    """Prefill then a while_loop of one-token decode steps; returns tokens [B, N] (and logits [B, N, V])."""
+    model = nnx.merge(graphdef, state)
+    b, p = input_ids.shape
+    cache = KVCache.empty(model.config, b, p + max_new_tokens)
+    logits, cache = model.decode(input_ids, positions, segment_ids, cache)
+    last = logits[:, -1]
+    vocab = last.shape[-1]
+    sample = functools.partial(_sample, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    all_logits = jnp.zeros((b, max_new_tokens, vocab), jnp.float32) if return_logits else None
+    done = jnp.zeros((b,), bool)
+    ones = jnp.ones((b, 1), jnp.int32)
+
+    def cond(carry):
+        step, _, _, done, *_ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, tokens, all_logits, done, last, cache = carry
+        token = sample(last, jax.random.fold_in(key, step), temperature, top_p)
+        token = jnp.where(done, pad_id, token)
+        tokens = tokens.at[:, step].set(token)
+        if return_logits:
+            all_logits = all_logits.at[:, step].set(last)
+        done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
+        # The next step's logits; on the final step this is one decode more than needed (cache has room).
+        pos = (lengths + step)[:, None]
+        logits, cache = model.decode(token[:, None], pos, ones, cache)
+        return step + 1, tokens, all_logits, done, logits[:, -1], cache
+
+    carry = (jnp.zeros((), jnp.int32), tokens, all_logits, done, last, cache)
+    _, tokens, all_logits, *_ = jax.lax.while_loop(cond, body, carry)
+    return tokens, all_logits
+
+
+def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                    eos_ids: int | Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, seed: int = 0, return_logits: bool = False):
+    """Token-level batched generation (the API eval uses).
+
+    Returns int32 [B, max_new_tokens]: each row's new tokens, its EOS included, then `pad_id`.
+    With `return_logits`, also the fp32 logits each token was chosen from, [B, max_new_tokens, V].
+    `temperature == 0` is greedy; otherwise samples after top-k / top-p filtering, seeded by `seed`.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    eos = np.atleast_1d(np.asarray(eos_ids if eos_ids is not None else (), np.int32))
+    if eos.size == 0:
+        eos = np.asarray([-1], np.int32)  # matches nothing
+    batch = left_pad(prompts, pad_id)
+    graphdef, state = nnx.split(model)
+    greedy = temperature == 0.0
+    tokens, logits = _generate(
+        graphdef, state, batch.input_ids, batch.segment_ids, batch.positions, batch.lengths, eos,
+        np.int32(pad_id), jax.random.key(seed), np.float32(temperature if not greedy else 1.0),
+        np.float32(top_p), max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),
+        use_top_p=(not greedy) and top_p < 1.0, return_logits=return_logits)
+    tokens = np.asarray(tokens)
+    return (tokens, np.asarray(logits)) if return_logits else tokens
+
+
+def trim(row: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """A generated row up to (not including) its first EOS."""
+    out = []
+    for t in row:
+        if int(t) in eos_ids:
+            break
+        out.append(int(t))
+    return out
+
+
+def _as_int_list(value: Any) -> list[int]:
+    if value is None or value == "None":
+        return []
+    if isinstance(value, str):
+        value = ast.literal_eval(value)
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids from the tokenizer and the model's config (either may list several)."""
+    ids = _as_int_list(getattr(tokenizer, "eos_token_id", None))
+    extra = dict(getattr(getattr(model, "config", None), "extra", ()) or ())
+    ids += _as_int_list(extra.get("eos_token_id"))
+    return list(dict.fromkeys(ids))
+
+
+def _is_conversation(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and all(isinstance(m, dict) for m in x) and len(x) > 0
+
+
+def encode_chat(tokenizer: Any, conversation: str | Sequence[dict], chat: bool = True) -> list[int]:
+    """Prompt token ids: the chat template with a generation prompt (a str is one user message)."""
+    if not chat:
+        return list(tokenizer(conversation)["input_ids"])
+    if isinstance(conversation, str):
+        conversation = [{"role": "user", "content": conversation}]
+    text = tokenizer.apply_chat_template(list(conversation), tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def generate(model: Any, tokenizer: Any, messages_or_prompts: Any, *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, chat: bool = True,
+             eos_ids: Sequence[int] | None = None) -> str | list[str]:
+    """Replies as text for one prompt/conversation or a list of them (chat template applied when `chat`).
+
+    A str is a user message; a list of {"role", "content"} dicts is a conversation. Returns a str
+    for a single input and a list for a list of inputs.
+    """
+    single = isinstance(messages_or_prompts, str) or _is_conversation(messages_or_prompts)
+    items = [messages_or_prompts] if single else list(messages_or_prompts)
+    prompts = [encode_chat(tokenizer, item, chat) for item in items]
+    eos = list(eos_ids) if eos_ids is not None else stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    tokens = generate_tokens(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad,
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    replies = [tokenizer.decode(trim(row, eos), skip_special_tokens=True) for row in tokens]
+    return replies[0] if single else replies
