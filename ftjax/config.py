@@ -32,6 +32,21 @@ def default_config() -> ml_collections.ConfigDict:
         seq_len=512,
         packing=True,
         overlong="drop",  # drop | truncate | error
+        # data.train: "a.jsonl" or a mixture "a.jsonl:0.7,b.jsonl:0.3" (relative weights; see ftjax/data/mixture.py)
+        eval_fraction=0.0,  # with data.eval empty: fraction of each train source held out for eval (by seed)
+        on_bad_record="error",  # error | skip (missing fields, wrong role order, empty assistant content)
+        max_dropped_fraction=0.1,  # stop when more than this fraction of records is dropped (any reason)
+        loss_on="assistant",  # assistant | all | last_assistant
+        messages_field="messages",
+        prompt_field="prompt",
+        completion_field="completion",
+        text_field="text",
+        tfds_name=config_dict.placeholder(str),  # a prepared TFDS dataset instead of data.train files
+        tfds_data_dir=config_dict.placeholder(str),
+        tfds_split="train",
+        tfds_eval_split=config_dict.placeholder(str),
+        cache_dir=config_dict.placeholder(str),  # on-disk token cache (keyed by content fingerprints)
+        prefetch=4,  # batches prepared ahead in a background thread; 0 = none
     )
     c.train = dict(
         batch_size=8,  # global, in sequences
@@ -85,6 +100,8 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "model.attention": ("xla", "cudnn"),
     "data.overlong": ("drop", "truncate", "error"),
+    "data.on_bad_record": ("error", "skip"),
+    "data.loss_on": ("assistant", "all", "last_assistant"),
     "optim.name": ("adamw", "sgd", "adafactor", "lion"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.frozen_dtype": ("float32", "bfloat16", "float16"),
@@ -119,6 +136,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.method == "lora" and c.lora.rank < 1:
         raise ConfigError(f"config.lora.rank must be >= 1, got {c.lora.rank}")
     _check_training_ranges(c)
+    _check_data_ranges(c)
     return c
 
 
@@ -132,6 +150,18 @@ def _check_training_ranges(c: ml_collections.ConfigDict) -> None:
         ("optim.clip_norm", c.optim.clip_norm >= 0, "be >= 0 (0 disables clipping)"),
         ("optim.min_lr_ratio", 0.0 <= c.optim.min_lr_ratio <= 1.0, "be in [0, 1]"),
         ("optim.momentum", 0.0 <= c.optim.momentum < 1.0, "be in [0, 1)"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
+
+
+def _check_data_ranges(c: ml_collections.ConfigDict) -> None:
+    """Ranges of the data.* numbers the data pipeline relies on."""
+    checks = [
+        ("data.eval_fraction", 0.0 <= c.data.eval_fraction < 1.0, "be in [0, 1)"),
+        ("data.max_dropped_fraction", 0.0 <= c.data.max_dropped_fraction <= 1.0, "be in [0, 1]"),
+        ("data.prefetch", c.data.prefetch >= 0, "be >= 0"),
     ]
     for key, ok, want in checks:
         if not ok:

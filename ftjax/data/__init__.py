@@ -1,0 +1,46 @@
+"""Training data: JSONL / JSON / TFDS records -> chat-templated, loss-masked, packed batches through Grain.
+
+What the trainer calls:
+
+    data = build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size)   # all checks, before compute
+    print(data.summary.format())                  # records, dropped by reason, tokens, packing efficiency...
+    it = train_iterator(data.train, config.train.batch_size, seed=config.seed, sharding=batch_sharding,
+                        prefetch=config.data.prefetch)
+    it.set_state(saved)                           # resume: the next batch is exactly the one after `saved`
+    batch = next(it); saved = it.get_state()      # small JSON-able dict, stored with the checkpoint
+    for batch in eval_iterator(data.eval, batch_size, sharding=batch_sharding): ...
+    data_fingerprints(config)                     # {source: {size, sha256}}; compare before resuming
+
+- `build_datasets(config, tokenizer, *, vocab_size=None) -> Datasets(train: Rows, eval: Rows | None,
+  summary: DataSummary)`. Raises `ftjax.errors.DataError` naming file:line for bad input.
+- `train_iterator(rows, batch_size, *, seed, num_epochs=None, process_index=None, process_count=None,
+  sharding=None, prefetch=4) -> TrainIterator` (endless by default; `get_state()`, `set_state(state)`).
+- `eval_iterator(rows, batch_size, *, process_index=None, process_count=None, sharding=None)`: fixed
+  order; the last batch is padded with rows of zero weight.
+- `data_fingerprints(config) -> dict`; `prepare_jsonl({split: [files]}, data_dir)` writes local JSONL as
+  the `jsonl_records` TFDS dataset (ArrayRecord), read back with `data.tfds_name=jsonl_records`.
+
+A batch (numpy, process-local; or global jax Arrays with `sharding`): `input_ids`, `targets` (next
+token of the same example), `segment_ids` (1, 2, ... per packed example, 0 = padding), `positions`
+(from 0 in each example) as int32 [B, T], and `loss_weights` float32 [B, T] (1 where the target is a
+trained token). `data.train` is one file or a weighted mixture `a.jsonl:0.7,b.jsonl:0.3`
+(see `ftjax.data.mixture`).
+"""
+
+from typing import Mapping, Sequence
+
+from ftjax.data.build import Datasets, build_datasets, data_fingerprints
+from ftjax.data.loader import TrainIterator, eval_iterator, train_iterator
+from ftjax.data.packing import BATCH_KEYS, Rows
+from ftjax.data.summary import DataSummary
+
+
+def prepare_jsonl(files: Mapping[str, Sequence[str]], data_dir: str) -> str:
+    """Write local JSONL/JSON files as the `jsonl_records` TFDS dataset under data_dir (tfds loaded lazily)."""
+    from ftjax.data.tfds_jsonl import prepare_jsonl as _prepare
+
+    return _prepare(files, data_dir)
+
+
+__all__ = ["BATCH_KEYS", "DataSummary", "Datasets", "Rows", "TrainIterator", "build_datasets",
+           "data_fingerprints", "eval_iterator", "prepare_jsonl", "train_iterator"]

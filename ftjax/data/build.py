@@ -1,0 +1,218 @@
+"""From `config.data` and a tokenizer to train/eval rows and a summary, with every check done up front.
+
+Order: read + validate every record (file:line errors) -> tokenize once (cached) -> vocab check ->
+eval split -> overlong policy -> dropped-fraction check -> mixture -> packing -> summary. Nothing here
+touches a model or a device, so bad data stops the run before any compute.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from ftjax.data.examples import Examples
+from ftjax.data.fingerprint import digest_key, file_fingerprint, tokenizer_fingerprint
+from ftjax.data.mixture import mixture_indices, parse_sources
+from ftjax.data.packing import Rows, make_rows
+from ftjax.data.records import Fields, ReadResult, read_file
+from ftjax.data.summary import DataSummary
+from ftjax.data.token_cache import cached_examples
+from ftjax.data.tokenize import tokenize_records
+from ftjax.errors import DataError
+
+OVERLONG = "overlong"
+NO_TRAINED = "no trained tokens"
+
+
+@dataclasses.dataclass
+class Datasets:
+    """What the trainer gets: train rows, eval rows (None without eval data) and the summary."""
+
+    train: Rows
+    eval: Rows | None
+    summary: DataSummary
+
+
+@dataclasses.dataclass
+class _Source:
+    label: str  # file path or tfds:name/split
+    weight: float
+    read: ReadResult
+    examples: Examples
+    fingerprint: dict[str, Any]
+
+
+def _fields(d: Any) -> Fields:
+    return Fields(d.messages_field, d.prompt_field, d.completion_field, d.text_field)
+
+
+def _source_specs(d: Any) -> tuple[list[tuple[str, float, dict]], dict | None]:
+    """(train sources as (label, weight, how), eval source or None); `how` says how to read it."""
+    if d.tfds_name and d.train:
+        raise DataError("set either data.train (files) or data.tfds_name (a TFDS dataset), not both")
+    if d.tfds_name:
+        tf = dict(kind="tfds", name=d.tfds_name, data_dir=d.tfds_data_dir)
+        train = [(f"tfds:{d.tfds_name}/{d.tfds_split}", 1.0, dict(tf, split=d.tfds_split))]
+        ev = dict(tf, split=d.tfds_eval_split) if d.tfds_eval_split else None
+        if d.eval:
+            ev = dict(kind="file", path=d.eval)
+    else:
+        train = [(s.path, s.weight, dict(kind="file", path=s.path)) for s in parse_sources(d.train)]
+        ev = dict(kind="file", path=d.eval) if d.eval else None
+    return train, ev
+
+
+def _label(how: dict) -> str:
+    return how["path"] if how["kind"] == "file" else f"tfds:{how['name']}/{how['split']}"
+
+
+def _fingerprint(how: dict) -> dict[str, Any]:
+    if how["kind"] == "file":
+        try:
+            return file_fingerprint(how["path"])
+        except FileNotFoundError:
+            raise DataError(f"data file not found: {how['path']}") from None
+    from ftjax.data.tfds_source import tfds_fingerprint
+
+    return tfds_fingerprint(how["name"], how["split"], how["data_dir"])
+
+
+def data_fingerprints(config: Any) -> dict[str, dict[str, Any]]:
+    """Size + SHA-256 of every data source the config names (label -> fingerprint), for resume checks."""
+    train, ev = _source_specs(config.data)
+    hows = [h for _, _, h in train] + ([ev] if ev else [])
+    return {_label(h): _fingerprint(h) for h in hows}
+
+
+def _load(how: dict, weight: float, d: Any, tokenizer: Any, tok_fp: str) -> _Source:
+    """Read and validate all records of one source, then tokenize them (once; cached by content key)."""
+    fields = _fields(d)
+    fp = _fingerprint(how)
+    if how["kind"] == "file":
+        read = read_file(how["path"], fields, d.on_bad_record)
+    else:
+        from ftjax.data.tfds_source import read_tfds
+
+        read = read_tfds(how["name"], how["split"], how["data_dir"], fields, d.on_bad_record)
+    key = digest_key(fp["sha256"], _label(how), tok_fp, d.loss_on, dataclasses.astuple(fields), d.on_bad_record)
+    examples = cached_examples(key, lambda: tokenize_records(read.records, tokenizer, d.loss_on),
+                               d.cache_dir or None)
+    return _Source(_label(how), weight, read, examples, fp)
+
+
+def _check_vocab(examples: Examples, vocab_size: int | None) -> None:
+    if vocab_size is None or not len(examples.ids):
+        return
+    bad = np.flatnonzero(examples.ids >= vocab_size)
+    if not len(bad):
+        return
+    ex = int(np.searchsorted(examples.starts, bad[0], side="right") - 1)
+    raise DataError(f"{examples.sources[ex]}: token id {int(examples.ids[bad[0]])} is outside the model's "
+                    f"vocabulary (size {vocab_size}); the tokenizer does not match the model")
+
+
+def _fit(examples: Examples, d: Any, dropped: collections.Counter, first: dict) -> tuple[Examples, int]:
+    """Apply data.overlong (drop | truncate | error) and drop examples left with no trained target."""
+    seq_len, positions = int(d.seq_len), examples.lengths - 1
+    over = positions > seq_len
+    truncated = 0
+    if over.any():
+        k = int(np.flatnonzero(over)[0])
+        if d.overlong == "error":
+            raise DataError(f"{examples.sources[k]}: example has {int(examples.lengths[k])} tokens, more than "
+                            f"data.seq_len={seq_len} (+1 for the shifted target) allows; set data.overlong=drop "
+                            f"or truncate, or raise data.seq_len")
+        if d.overlong == "truncate":
+            examples = examples.with_lengths(np.minimum(examples.lengths, seq_len + 1))
+            truncated = int(over.sum())
+        else:
+            dropped[OVERLONG] += int(over.sum())
+            first.setdefault(OVERLONG, str(examples.sources[k]))
+            examples = examples.take(np.flatnonzero(~over))
+    empty = examples.trained_targets() == 0
+    if empty.any():
+        dropped[NO_TRAINED] += int(empty.sum())
+        first.setdefault(NO_TRAINED, str(examples.sources[np.flatnonzero(empty)[0]]))
+        examples = examples.take(np.flatnonzero(~empty))
+    return examples, truncated
+
+
+def _hold_out(examples: Examples, fraction: float, seed: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train index, eval index): `fraction` of the examples, chosen by seed, held out for eval."""
+    n = len(examples)
+    n_eval = int(round(fraction * n))
+    perm = np.random.default_rng([seed, k, 0x6576616C]).permutation(n)
+    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+def build_datasets(config: Any, tokenizer: Any, *, vocab_size: int | None = None) -> Datasets:
+    """Train and eval rows from `config.data` (and `config.seed`), checked before any compute.
+
+    `vocab_size` is the model's; token ids at or above it are an error. Raises DataError naming file:line.
+    """
+    d, seed = config.data, int(config.seed)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    train_specs, eval_spec = _source_specs(d)
+    sources = [_load(how, w, d, tokenizer, tok_fp) for _, w, how in train_specs]
+    ev = _load(eval_spec, 1.0, d, tokenizer, tok_fp) if eval_spec else None
+
+    summary = DataSummary(seq_len=int(d.seq_len))
+    dropped, first = collections.Counter(), {}
+    for s in sources + ([ev] if ev else []):
+        _check_vocab(s.examples, vocab_size)
+        summary.records += s.read.total
+        dropped.update(s.read.dropped)
+        for reason, where in s.read.first_dropped.items():
+            first.setdefault(reason, where)
+        summary.fingerprints[s.label] = s.fingerprint
+
+    train_parts, held_out = [], []
+    for k, s in enumerate(sources):
+        ex = s.examples
+        if ev is None and d.eval_fraction > 0:
+            keep, hold = _hold_out(ex, float(d.eval_fraction), seed, k)
+            held_out.append(ex.take(hold))
+            ex = ex.take(keep)
+        train_parts.append(ex)
+    truncated = 0
+    for k, ex in enumerate(train_parts):
+        train_parts[k], t = _fit(ex, d, dropped, first)
+        truncated += t
+    eval_examples = ev.examples if ev else (Examples.concat(held_out) if held_out else None)
+    if eval_examples is not None:
+        eval_examples, t = _fit(eval_examples, d, dropped, first)
+        truncated += t
+
+    summary.dropped, summary.first_dropped = dict(dropped), first
+    total = max(1, summary.records)
+    if summary.dropped_total / total > d.max_dropped_fraction:
+        reasons = ", ".join(f"{r}: {n} (first at {first.get(r, '?')})" for r, n in sorted(dropped.items()))
+        raise DataError(f"{summary.dropped_total} of {summary.records} records were dropped "
+                        f"({100 * summary.dropped_total / total:.1f}%), more than data.max_dropped_fraction="
+                        f"{d.max_dropped_fraction}: {reasons}")
+    summary.truncated = truncated  # kept, cut to seq_len+1 tokens; not counted as dropped
+
+    idx = mixture_indices([len(p) for p in train_parts], [s.weight for s in sources], seed)
+    train = Examples.concat([p.take(i) for p, i in zip(train_parts, idx)])
+    if not len(train):
+        raise DataError("no training examples are left after validation and the overlong policy")
+    order = np.random.default_rng([seed, 0x7061636B]).permutation(len(train))
+    train_rows = make_rows(train, int(d.seq_len), bool(d.packing), order)
+    eval_rows = make_rows(eval_examples, int(d.seq_len), bool(d.packing)) if eval_examples is not None and len(
+        eval_examples) else None
+
+    unique_train = np.concatenate([p.digests for p in train_parts]) if train_parts else np.zeros(0, np.uint64)
+    summary.duplicates_train = int(len(unique_train) - len(np.unique(unique_train)))
+    if eval_examples is not None:
+        summary.duplicates_train_eval = int(np.isin(eval_examples.digests, unique_train).sum())
+        summary.eval_examples, summary.eval_rows = len(eval_examples), len(eval_rows) if eval_rows else 0
+    summary.train_examples, summary.train_rows = len(train), len(train_rows)
+    summary.tokens = train_rows.positions_used()
+    summary.trained_tokens = int(train.trained_targets().sum())
+    summary.packing_efficiency = train_rows.efficiency()
+    summary.sources = [dict(path=s.label, weight=s.weight, records=s.read.total, examples=int(len(i)))
+                       for s, i in zip(sources, idx)]
+    return Datasets(train_rows, eval_rows, summary)
