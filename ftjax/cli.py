@@ -39,7 +39,11 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wrap an absl main so ftjax's own errors end as one clear line and exit code 2."""
 
     def wrapped(argv: list[str]) -> None:
+        from absl import logging
+
         from ftjax.errors import FtjaxError
+
+        logging.set_verbosity(logging.WARNING)  # JAX's backend probing is INFO noise for users
 
         try:
             main(argv)

@@ -1,0 +1,60 @@
+"""Chat with a base model or a trained workdir: one or more prompts, or an interactive loop.
+
+  python scripts/generate.py --model=smollm2-135m-instruct --prompt="Hello!"
+  python scripts/generate.py --model=WORKDIR --interactive
+"""
+
+import sys
+import time
+
+from absl import app, flags
+
+from ftjax import cli
+
+flags.DEFINE_string("model", "smollm2-135m-instruct", "HF folder, .gguf file, model name or training workdir.")
+flags.DEFINE_multi_string("prompt", [], "User message(s); each gets its own reply (batched).")
+flags.DEFINE_string("system", None, "Optional system message.")
+flags.DEFINE_boolean("interactive", False, "Chat in a loop on stdin (keeps the conversation).")
+flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per reply.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy decoding.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold (with temperature > 0).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("dtype", "float32", "Compute and parameter dtype (float32, bfloat16).")
+FLAGS = flags.FLAGS
+
+
+def _conversation(user: str, history: list[dict]) -> list[dict]:
+    system = [{"role": "system", "content": FLAGS.system}] if FLAGS.system else []
+    return system + history + [{"role": "user", "content": user}]
+
+
+def main(argv):
+    del argv
+    cli.init_distributed()
+    import ftjax
+    from ftjax.generate import generate
+
+    t0 = time.perf_counter()
+    model = ftjax.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    tokenizer = ftjax.load_tokenizer(FLAGS.model)
+    print(f"loaded {FLAGS.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    kw = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+              seed=FLAGS.seed)
+    if FLAGS.prompt:
+        t0 = time.perf_counter()
+        replies = generate(model, tokenizer, [_conversation(p, []) for p in FLAGS.prompt], **kw)
+        for prompt, reply in zip(FLAGS.prompt, replies):
+            print(f"user> {prompt}\nassistant> {reply}\n")
+        print(f"generated in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if FLAGS.interactive:
+        history: list[dict] = []
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            reply = generate(model, tokenizer, _conversation(line.strip(), history), **kw)
+            history += [{"role": "user", "content": line.strip()}, {"role": "assistant", "content": reply}]
+            print(f"assistant> {reply}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(cli.run_main(main))
