@@ -10,7 +10,17 @@ from jax.sharding import Mesh
 from ftjax.errors import LoadError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-KNOWN_NAMES = (DEFAULT_MODEL,)
+TINY_MODEL = "tiny-random-llama"  # random weights, SmolLM2's tokenizer: seconds per run, for tests and smoke runs
+KNOWN_NAMES = (DEFAULT_MODEL, TINY_MODEL)
+
+
+def tiny_config(dtype: str = "float32", param_dtype: str | None = None):
+    """A two-layer Llama shape over SmolLM2's vocabulary (dims divide 2, 4 and 8-way meshes)."""
+    from ftjax.models.llama import ModelConfig
+
+    return ModelConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       dtype=dtype, param_dtype=param_dtype or dtype)
 
 
 def _dtype_name(dtype) -> str:
@@ -23,6 +33,8 @@ def _dtype_name(dtype) -> str:
 def resolve(path_or_name: str | Path) -> tuple[str, Path]:
     """('gguf' | 'hf', path) for a model name, a .gguf file or an HF folder."""
     s = str(path_or_name)
+    if s.lower() == TINY_MODEL:
+        return "tiny", Path(s)
     if s.lower() in KNOWN_NAMES:
         from ftjax.interop.smollm2 import default_gguf_path
 
@@ -46,6 +58,8 @@ def load_model(path_or_name: str | Path = DEFAULT_MODEL, dtype="float32", *, par
     kind, path = resolve(path_or_name)
     dt = _dtype_name(dtype)
     pdt = _dtype_name(param_dtype) if param_dtype is not None else dt
+    if kind == "tiny":
+        return _tiny_model(dt, pdt, mesh, rules, **overrides)
     if kind == "hf":
         from ftjax.interop.hf import load_hf
 
@@ -61,9 +75,28 @@ def load_model(path_or_name: str | Path = DEFAULT_MODEL, dtype="float32", *, par
     return load_params(cfg, DictSource(tensors, str(path)), mesh, rules)
 
 
+def model_config(path_or_name: str | Path = DEFAULT_MODEL, dtype="float32"):
+    """The ModelConfig alone (no weights read): vocab size, shapes, for checks before compute."""
+    kind, path = resolve(path_or_name)
+    dt = _dtype_name(dtype)
+    if kind == "tiny":
+        return tiny_config(dt)
+    from ftjax.models.registry import config_from_hf
+
+    if kind == "hf":
+        from ftjax.interop.hf import read_config
+
+        return config_from_hf(read_config(path), dtype=dt, source=str(path / "config.json"))
+    from ftjax.interop.gguf import read_gguf_config
+
+    return config_from_hf(read_gguf_config(path), dtype=dt, source=str(path))
+
+
 def load_tokenizer(path_or_name: str | Path = DEFAULT_MODEL):
     """The model's fast tokenizer with its chat template (no remote code, no torch)."""
     kind, path = resolve(path_or_name)
+    if kind == "tiny":
+        return load_tokenizer(DEFAULT_MODEL)
     if kind == "gguf":
         from ftjax.interop.gguf_tokenizer import gguf_tokenizer
 
@@ -73,3 +106,20 @@ def load_tokenizer(path_or_name: str | Path = DEFAULT_MODEL):
     if not (path / "tokenizer.json").is_file():
         raise LoadError(f"{path}: no tokenizer.json (ftjax reads fast tokenizers only)")
     return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def _tiny_model(dtype: str, param_dtype: str, mesh: Mesh | None, rules: dict | None, seed: int = 0, **overrides):
+    """The tiny random model, initialized directly into its shardings (seeded, reproducible)."""
+    import jax
+    from flax import nnx
+
+    from ftjax.models.llama import Llama
+    from ftjax.sharding import state_shardings
+
+    cfg = tiny_config(dtype, param_dtype).replace(**overrides)
+    if mesh is None:
+        return Llama(cfg, rngs=nnx.Rngs(seed))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed))))
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.split(Llama(cfg, rngs=nnx.Rngs(seed)))[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

@@ -91,3 +91,27 @@ def score(reply: str, expected: str) -> dict[str, float]:
     """exact: the reply's JSON equals the expected object; json_valid: the reply holds a JSON object."""
     got = parse_reply(reply)
     return {"exact": float(got is not None and got == json.loads(expected)), "json_valid": float(got is not None)}
+
+
+def files(n_train: int = 3000, n_eval: int = 200, seed: int = 0) -> tuple[str, str]:
+    """(train.jsonl, eval.jsonl) paths of the generated split, written once into a cache folder.
+
+    The cache is $FTJAX_CACHE (default ~/.cache/ftjax); writes are atomic, so concurrent
+    processes of a multi-host run can all call this.
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    root = Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax"))
+    folder = root / f"person_json-{n_train}-{n_eval}-{seed}"
+    paths = (folder / "train.jsonl", folder / "eval.jsonl")
+    if all(p.exists() for p in paths):
+        return str(paths[0]), str(paths[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, records in zip(paths, split(n_train, n_eval, seed)):
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, path)
+    return str(paths[0]), str(paths[1])

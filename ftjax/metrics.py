@@ -1,0 +1,149 @@
+"""Honest throughput numbers and the run's records: FLOP counts, MFU, metrics.jsonl, TensorBoard, loss.png.
+
+FLOPs per trained token (P = matmul weights incl. the output head, T = sequence length):
+  full fine-tuning: 6·P + attention
+  LoRA:             4·P_frozen + 6·P_lora + attention   (no weight gradients for frozen weights)
+  attention (causal, forward + backward): 6 · layers · heads · head_dim · T
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftjax.models.llama import ModelConfig
+
+# Dense bf16 peak FLOP/s per chip, from vendor data sheets (no sparsity).
+ACCELERATOR_PEAKS = {
+    "A100": 312e12, "H100": 989e12, "H200": 989e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in matmuls per token: attention, MLP and the output head."""
+    d, h = cfg.hidden_size, cfg.head_dim
+    attn = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2
+    mlp = 3 * d * cfg.intermediate_size
+    return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Causal QK^T and AV, forward + backward."""
+    return 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, method: str, lora_params: int = 0) -> float:
+    """Training FLOPs per token for `method` (see the module docstring for the formula)."""
+    p = matmul_params(cfg)
+    attn = attention_flops_per_token(cfg, seq_len)
+    if method == "full":
+        return 6.0 * p + attn
+    return 4.0 * p + 6.0 * lora_params + attn
+
+
+def measured_cpu_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a large matmul in `dtype` on the default device (the CPU's practical peak)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2.0 * n**3 / float(np.median(times))
+
+
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+    """(peak FLOP/s per device, where it came from): the table for known accelerators, else measured."""
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    for name, peak in ACCELERATOR_PEAKS.items():
+        if name.lower() in kind.lower():
+            return peak, f"{kind}: data-sheet dense bf16 peak"
+    return measured_cpu_peak(dtype), f"{kind}: measured {dtype} matmul 2048^3"
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and v is not None:
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "item"):
+        return np.asarray(v).item()
+    return v
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """metrics.jsonl as a list; a resumed run's repeated steps keep their latest record."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_step: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[rec["step"]] = {**by_step.get(rec["step"], {}), **rec}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_losses(workdir: str | os.PathLike) -> Path:
+    """loss.png: train loss per logged step, eval loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(workdir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(workdir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

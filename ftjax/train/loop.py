@@ -1,0 +1,200 @@
+"""`run(config, workdir)`: the training job that scripts/train.py and the tests call.
+
+Data flows once: host batches -> sharded global batch -> one jitted step; metrics are fetched
+every `train.log_every` steps (and at the last step). Checkpoints every `checkpoint.every` steps
+and at the end; a workdir with checkpoints resumes from the latest complete one. SIGTERM/SIGINT
+finish the current step, save, and return normally.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from ftjax import config as config_lib
+from ftjax import data as data_lib
+from ftjax import metrics as metrics_lib
+from ftjax.api import load_tokenizer, model_config
+from ftjax.checkpoint import Checkpoints
+from ftjax.errors import ConfigError
+from ftjax.sharding import batch_sharding, batch_shards
+from ftjax.train.eval_loss import eval_loss, make_eval_loss
+from ftjax.train.optimizer import raise_if_diverged
+from ftjax.train.setup import build_state, mesh_from_config
+from ftjax.train.state import state_size
+from ftjax.train.step import make_train_step
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves at the end of the current step (multi-host: JAX's
+    preemption sync point makes every host stop at the same step)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def check_batch_fits(config, mesh) -> None:
+    """The global batch must split over grad_accum micro-batches and the mesh's batch shards."""
+    shards = batch_shards(mesh)
+    need = shards * config.train.grad_accum
+    if config.train.batch_size % need:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of "
+                          f"{need} (train.grad_accum={config.train.grad_accum} x {shards} batch shards of mesh "
+                          f"{dict(mesh.shape)})")
+
+
+def _say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+def run(config, workdir: str | Path) -> dict[str, Any]:
+    """Train (or resume) per `config` in `workdir`; returns the final metrics."""
+    config_lib.validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    main_process = jax.process_index() == 0
+
+    mesh = mesh_from_config(config)  # a mesh that does not fit the devices fails here, before any load
+    check_batch_fits(config, mesh)
+    tokenizer = load_tokenizer(config.model.path)
+    model_cfg = model_config(config.model.path)
+    data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size)
+    _say(data.summary.format())
+
+    setup = build_state(config, mesh)
+    state = setup.state
+    n_trainable = state_size(state.trainable)[1]
+    _say(f"{config.method}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}")
+
+    step_fn = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,
+                              loss_chunk=config.train.loss_chunk)
+    sharding = batch_sharding(mesh)
+    it = data_lib.train_iterator(data.train, config.train.batch_size, seed=config.seed, sharding=sharding,
+                                 prefetch=config.data.prefetch)
+    ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, keep_best=data.eval is not None)
+    start = 0
+    latest = ckpt.latest_step()
+    trainable, opt_state = state.trainable, state.opt_state
+    if latest is not None:
+        restored, meta = ckpt.restore(latest, {"trainable": trainable, "opt_state": opt_state})
+        trainable, opt_state = restored["trainable"], restored["opt_state"]
+        it.set_state(meta["data_state"])
+        start = latest
+        _say(f"resumed from step {latest}")
+    if main_process:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    sums_fn = make_eval_loss(state.graphdef, config.train.loss_chunk) if data.eval is not None else None
+
+    def run_eval() -> float:
+        batches = data_lib.eval_iterator(data.eval, config.train.batch_size, sharding=sharding)
+        return eval_loss(sums_fn, trainable, state.frozen, batches)
+
+    seq_len = config.data.seq_len
+    tokens_per_step = config.train.batch_size * seq_len
+    lora_params = n_trainable if config.method == "lora" else 0
+    flops_token = metrics_lib.flops_per_token(model_cfg, seq_len, config.method, lora_params)
+    peak, peak_source = metrics_lib.peak_flops(config.model.dtype)
+    peak_total = peak * jax.device_count()
+    writer = metrics_lib.MetricsWriter(workdir, enabled=main_process)
+    base_key = jax.random.key(config.seed)
+    last: dict[str, Any] = {}
+    progress = _progress(start, config.train.steps, main_process)
+    t_last, steps_since = time.perf_counter(), 0
+    step = start
+    with _StopRequest() as stop:
+        for step in range(start + 1, config.train.steps + 1):
+            batch = next(it)
+            rng = jax.random.fold_in(base_key, step)
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, state.frozen, batch, rng)
+            steps_since += 1
+            is_last = step == config.train.steps
+            stopping = stop.should_stop(step)
+            values: dict[str, Any] = {}
+            if step % config.train.log_every == 0 or is_last or stopping:
+                fetched = jax.device_get(metrics)
+                now = time.perf_counter()
+                tps = steps_since * tokens_per_step / (now - t_last)
+                t_last, steps_since = now, 0
+                values = {"loss": float(fetched["loss"]), "lr": float(fetched["lr"]),
+                          "grad_norm": float(fetched["grad_norm"]), "tokens_per_s": tps,
+                          "mfu": tps * flops_token / peak_total, "trained_tokens": int(fetched["tokens"]),
+                          "skipped_steps": int(fetched["skipped"])}
+                raise_if_diverged(fetched, config.train.max_consecutive_skips)
+            every = config.eval.every
+            if sums_fn is not None and ((every and step % every == 0) or (is_last and config.eval.final)):
+                values["eval_loss"] = run_eval()
+                t_last = time.perf_counter()  # eval time is not training throughput
+            if values:
+                writer.write(step, values)
+                last.update(values)
+                progress.update(step, last)
+            if (config.checkpoint.every and step % config.checkpoint.every == 0) or is_last or stopping:
+                ckpt.save(step, {"trainable": trainable, "opt_state": opt_state},
+                          {"step": step, "data_state": it.get_state(), "config": config.to_dict()},
+                          eval_loss=values.get("eval_loss"))
+            if stopping:
+                _say(f"stop requested: saved step {step}, exiting")
+                break
+    progress.close()
+    ckpt.close()
+    it.close()
+    writer.close()
+    if main_process:
+        metrics_lib.plot_losses(workdir)
+    return {"step": step, **last, "peak_flops": peak, "peak_source": peak_source}
+
+
+class _progress:
+    """A tqdm bar on process 0: step, loss, tokens/s, ETA."""
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.pos = start
+
+    def update(self, step: int, values: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.pos)
+        self.pos = step
+        post = {"loss": f"{values['loss']:.4f}", "tok/s": f"{values['tokens_per_s']:.0f}"}
+        if "eval_loss" in values:
+            post["eval"] = f"{values['eval_loss']:.4f}"
+        self.bar.set_postfix(post)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
