@@ -139,8 +139,8 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     eos = np.atleast_1d(np.asarray(eos_ids if eos_ids is not None else (), np.int32))
-    if eos.size == 0:
-        eos = np.asarray([-1], np.int32)  # matches nothing
+    eos = np.pad(eos, (0, -(-max(eos.size, 1) // 4) * 4 - eos.size), constant_values=-1)  # -1 matches nothing;
+    # padded to a multiple of 4 so a different number of EOS ids rarely means a new compile
     batch = left_pad(prompts, pad_id)
     graphdef, state = nnx.split(model)
     greedy = temperature == 0.0
