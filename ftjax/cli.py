@@ -52,3 +52,48 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             sys.exit(2)
 
     return wrapped
+
+
+def run_app(main: Callable[[list[str]], None]) -> None:
+    """absl's app.run, with flag errors (a misspelled config key above all) as one line naming the fix."""
+    from absl import app
+
+    app.run(run_main(main), flags_parser=_parse_flags)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except Exception as e:  # absl and ml_collections raise several types, with long messages
+        print(f"error: {_explain(e, argv)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _explain(error: Exception, argv: list[str]) -> str:
+    """Name the misspelled config key and the closest valid one; else the first line that says why."""
+    from ftjax.config import default_config, flat_keys, unknown_key_message
+
+    valid = set(flat_keys(default_config()))
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg.split("=", 1)[0][len("--config."):]
+            if key not in valid:
+                return unknown_key_message(default_config(), key)
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    why = next((ln for ln in lines if "Errno" in ln or "Error" in ln), lines[0] if lines else type(error).__name__)
+    return f"{lines[0]} ({why})" if lines and why != lines[0] else why
+
+
+def config_from_flags(name: str = "config"):
+    """The --config ConfigDict; a config file that failed to load becomes one line."""
+    from ftjax.errors import ConfigError
+
+    try:
+        config = getattr(FLAGS, name)
+        list(config.keys())  # config_flags defers load errors until first use
+        return config
+    except OSError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        path = next((ln for ln in lines if ln.endswith(".py")), "?")
+        why = next((ln for ln in lines if ln.startswith("[Errno") or "Error" in ln), lines[-1] if lines else "")
+        raise ConfigError(f"--{name}={path}: could not load ({why})") from None
