@@ -222,3 +222,13 @@ def test_chat_generate_matches_transformers(pair):
     expected = [tok.decode(trim(r, eos), skip_special_tokens=True) for r in ref]
     assert replies == expected
     assert sum(bool(r.strip()) for r in replies) >= 2
+
+
+def test_greedy_on_eight_device_mesh_matches_one_device(pair, prompts, greedy, tmp_path):
+    """The same weights loaded sharded (fsdp 4 x tensor 2) generate the same tokens."""
+    from ftjax.sharding import make_mesh
+
+    folder = save(pair[0], tmp_path)
+    sharded = load_hf(folder, mesh=make_mesh(1, 4, 2))
+    assert len(sharded.embed_tokens[...].addressable_shards) == 8
+    np.testing.assert_array_equal(generate_tokens(sharded, prompts, max_new_tokens=N_NEW, pad_id=0), greedy)
