@@ -66,7 +66,7 @@ def test_mask_covers_exactly_assistant_tokens(tmp_path, template, loss_on):
     seen = set()
     for r in range(len(rows)):
         (e,) = rows.row_items(r)
-        line = int(rows.examples.sources[e].rsplit(":", 1)[1])
+        line = int(rows.examples.lines[e])
         seen.add(line)
         ids, mask = expected(tok, recs[line - 1]["messages"], eot, loss_on, trim)
         b = rows.batch([r])
@@ -83,7 +83,7 @@ def test_prompt_completion_and_text_masks(tmp_path):
     recs = [{"prompt": "Name a colour.", "completion": "Green."}, {"text": "Plain text for pre-training."}]
     path = write_jsonl(tmp_path / "mixed.jsonl", recs)
     rows = build_datasets(data_config(path, seq_len=128, packing=False), tok).train
-    by_line = {int(rows.examples.sources[rows.row_items(r)[0]].rsplit(":", 1)[1]): rows.batch([r])
+    by_line = {int(rows.examples.lines[rows.row_items(r)[0]]): rows.batch([r])
                for r in range(len(rows))}
     # prompt/completion is rendered as a user/assistant chat: only the completion + <|im_end|> are trained
     msgs = [{"role": "user", "content": recs[0]["prompt"]}, {"role": "assistant", "content": recs[0]["completion"]}]

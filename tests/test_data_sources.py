@@ -21,7 +21,7 @@ def _build(train, **data):
 
 
 def _source_files(rows):
-    return [str(rows.examples.sources[e]).rsplit(":", 1)[0] for e in rows.items]
+    return [rows.examples.source(e).rsplit(":", 1)[0] for e in rows.items]
 
 
 def test_mixture_syntax_and_weights(tmp_path):
@@ -37,7 +37,7 @@ def test_mixture_syntax_and_weights(tmp_path):
     data = _build(f"{a}:1,{b}:1", packing=False)  # b is repeated to fill half, a subsampled to 20 of 30
     files = _source_files(data.train)
     assert files.count(a) == 20 and files.count(b) == 20
-    lines_a = {str(data.train.examples.sources[e]) for e, f in zip(data.train.items, files) if f == a}
+    lines_a = {data.train.examples.source(e) for e, f in zip(data.train.items, files) if f == a}
     assert len(lines_a) == 20  # subsampled without repeats
     assert [s["examples"] for s in data.summary.sources] == [20, 20]
     with pytest.raises(DataError, match="names a file twice"):
@@ -48,16 +48,16 @@ def test_held_out_eval_by_seed_and_duplicates(tmp_path):
     recs = [chat(i) for i in range(40)]
     path = write_jsonl(tmp_path / "a.jsonl", recs)
     data = _build(path, eval_fraction=0.25)
-    train_src = set(data.train.examples.sources[data.train.items])
-    eval_src = set(data.eval.examples.sources[data.eval.items])
+    train_src = {data.train.examples.source(e) for e in data.train.items}
+    eval_src = {data.eval.examples.source(e) for e in data.eval.items}
     assert len(train_src) == 30 and len(eval_src) == 10 and not train_src & eval_src
     assert data.summary.duplicates_train_eval == 0
     again = _build(path, eval_fraction=0.25)
-    assert set(again.eval.examples.sources[again.eval.items]) == eval_src  # same seed, same split
+    assert {again.eval.examples.source(e) for e in again.eval.items} == eval_src  # same seed, same split
     c = data_config(path, seq_len=256, eval_fraction=0.25)
     c.seed = 1
     other = build_datasets(c, smollm2_tokenizer())
-    assert set(other.eval.examples.sources[other.eval.items]) != eval_src
+    assert {other.eval.examples.source(e) for e in other.eval.items} != eval_src
     # a separate eval file that repeats 3 train records exactly (and one twice within itself)
     ev = write_jsonl(tmp_path / "eval.jsonl", [recs[0], recs[5], recs[7], chat(500), chat(501), recs[5]])
     summary = _build(path, eval=ev).summary
@@ -104,7 +104,7 @@ def test_tokenized_once_then_read_from_the_cache(tmp_path):
 
     clear_memory()
     again = build_datasets(data_config(path, seq_len=256, cache_dir=cache), NoTemplateCalls(smollm2_tokenizer()))
-    for f in ("ids", "trained", "starts", "lengths", "digests", "sources"):
+    for f in ("ids", "trained", "starts", "lengths", "digests", "origin", "lines", "origins"):
         np.testing.assert_array_equal(getattr(again.train.examples, f), getattr(first.train.examples, f))
     np.testing.assert_array_equal(again.train.items, first.train.items)
     write_jsonl(path, [chat(i, turns=2) for i in range(21)])  # changed data: a new cache entry
@@ -125,7 +125,8 @@ def test_tfds_builder_roundtrip_without_tensorflow(tmp_path):
     from_tfds = build_datasets(c, smollm2_tokenizer())
     from_jsonl = build_datasets(data_config(train, seq_len=256, eval=ev), smollm2_tokenizer())
     for a, b in ((from_tfds.train, from_jsonl.train), (from_tfds.eval, from_jsonl.eval)):
-        assert list(a.examples.sources) == list(b.examples.sources)  # original file:line kept, same order
+        assert [a.examples.source(e) for e in range(len(a.examples))] == \
+            [b.examples.source(e) for e in range(len(b.examples))]  # original file:line kept, same order
         np.testing.assert_array_equal(a.examples.ids, b.examples.ids)
         np.testing.assert_array_equal(a.examples.trained, b.examples.trained)
     assert "tfds:jsonl_records/train" in from_tfds.summary.fingerprints

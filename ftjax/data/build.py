@@ -110,7 +110,7 @@ def _check_vocab(examples: Examples, vocab_size: int | None) -> None:
     if not len(bad):
         return
     ex = int(np.searchsorted(examples.starts, bad[0], side="right") - 1)
-    raise DataError(f"{examples.sources[ex]}: token id {int(examples.ids[bad[0]])} is outside the model's "
+    raise DataError(f"{examples.source(ex)}: token id {int(examples.ids[bad[0]])} is outside the model's "
                     f"vocabulary (size {vocab_size}); the tokenizer does not match the model")
 
 
@@ -122,7 +122,7 @@ def _fit(examples: Examples, d: Any, dropped: collections.Counter, first: dict) 
     if over.any():
         k = int(np.flatnonzero(over)[0])
         if d.overlong == "error":
-            raise DataError(f"{examples.sources[k]}: example has {int(examples.lengths[k])} tokens, more than "
+            raise DataError(f"{examples.source(k)}: example has {int(examples.lengths[k])} tokens, more than "
                             f"data.seq_len={seq_len} (+1 for the shifted target) allows; set data.overlong=drop "
                             f"or truncate, or raise data.seq_len")
         if d.overlong == "truncate":
@@ -130,12 +130,12 @@ def _fit(examples: Examples, d: Any, dropped: collections.Counter, first: dict) 
             truncated = int(over.sum())
         else:
             dropped[OVERLONG] += int(over.sum())
-            first.setdefault(OVERLONG, str(examples.sources[k]))
+            first.setdefault(OVERLONG, examples.source(k))
             examples = examples.take(np.flatnonzero(~over))
-    empty = examples.trained_targets() == 0
+    empty = examples.trained_targets() <= 0  # also examples of fewer than 2 tokens
     if empty.any():
         dropped[NO_TRAINED] += int(empty.sum())
-        first.setdefault(NO_TRAINED, str(examples.sources[np.flatnonzero(empty)[0]]))
+        first.setdefault(NO_TRAINED, examples.source(int(np.flatnonzero(empty)[0])))
         examples = examples.take(np.flatnonzero(~empty))
     return examples, truncated
 

@@ -71,7 +71,7 @@ def iter_tfds(name: str, split: str, data_dir: str | None, fields: Fields) -> It
     for lo in range(0, len(src), _READ_CHUNK):
         keys = list(range(lo, min(len(src), lo + _READ_CHUNK)))
         for k, ex in zip(keys, src.__getitems__(keys)):
-            yield _as_record(ex, f"tfds:{name}/{split}[{k}]", fields)
+            yield _as_record(ex, f"tfds:{name}/{split}:{k + 1}", fields)  # record number, from 1
 
 
 def read_tfds(name: str, split: str, data_dir: str | None, fields: Fields, on_bad_record: str = "error") -> ReadResult:

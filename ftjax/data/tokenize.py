@@ -90,6 +90,8 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, loss_on: str = "
     tokenizer defines them, with EOS appended and trained)."""
     if loss_on not in LOSS_ON:
         raise DataError(f"data.loss_on={loss_on!r} is not one of {', '.join(LOSS_ON)}")
+    if not getattr(tokenizer, "is_fast", True):
+        raise DataError("the tokenizer must be a fast (Rust) tokenizer: the loss mask needs character offsets")
     eos = tokenizer.eos_token_id
     ids = []
     for lo in range(0, len(records), _CHUNK):
@@ -107,6 +109,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, loss_on: str = "
                     t, m = np.append(t, np.int32(eos)), np.append(m, True)
                 ids.append((lo + k, t, m))
     ids.sort(key=lambda x: x[0])
+    origin, lines, origins = Examples.locate([r.source for r in records])
     lengths = np.array([len(t) for _, t, _ in ids], np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(ids) else lengths
     return Examples(
@@ -115,5 +118,5 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, loss_on: str = "
         starts=starts,
         lengths=lengths,
         digests=np.array([_digest(r) for r in records], np.uint64),
-        sources=np.array([r.source for r in records]) if records else np.zeros(0, str),
+        origin=origin, lines=lines, origins=origins,
     )
