@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from ftjax.data.packing import BATCH_KEYS, Rows
+from ftjax.data.packing import Rows
 from ftjax.errors import DataError
 
 STATE_VERSION = 1
@@ -121,4 +121,4 @@ def eval_iterator(rows: Rows, batch_size: int, *, process_index: int | None = No
         yield to_global(batch, sharding, batch_size) if sharding is not None else batch
 
 
-__all__ = ["BATCH_KEYS", "TrainIterator", "eval_iterator", "to_global", "train_iterator"]
+__all__ = ["TrainIterator", "eval_iterator", "to_global", "train_iterator"]

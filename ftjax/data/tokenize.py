@@ -93,7 +93,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, loss_on: str = "
     if not getattr(tokenizer, "is_fast", True):
         raise DataError("the tokenizer must be a fast (Rust) tokenizer: the loss mask needs character offsets")
     eos = tokenizer.eos_token_id
-    ids = []
+    encoded = []  # (record index, ids, trained)
     for lo in range(0, len(records), _CHUNK):
         chunk = records[lo:lo + _CHUNK]
         plans = [_plan(tokenizer, r, loss_on) for r in chunk]
@@ -107,14 +107,14 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, loss_on: str = "
                 m = _mask(np.asarray(offs, np.int64).reshape(-1, 2), plans[k][1])
                 if raw and eos is not None and (not len(t) or t[-1] != eos):
                     t, m = np.append(t, np.int32(eos)), np.append(m, True)
-                ids.append((lo + k, t, m))
-    ids.sort(key=lambda x: x[0])
+                encoded.append((lo + k, t, m))
+    encoded.sort(key=lambda x: x[0])
     origin, lines, origins = Examples.locate([r.source for r in records])
-    lengths = np.array([len(t) for _, t, _ in ids], np.int64)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(ids) else lengths
+    lengths = np.array([len(t) for _, t, _ in encoded], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if encoded else lengths
     return Examples(
-        ids=np.concatenate([t for _, t, _ in ids]).astype(np.int32) if ids else np.zeros(0, np.int32),
-        trained=np.concatenate([m for _, _, m in ids]) if ids else np.zeros(0, bool),
+        ids=np.concatenate([t for _, t, _ in encoded]).astype(np.int32) if encoded else np.zeros(0, np.int32),
+        trained=np.concatenate([m for _, _, m in encoded]) if encoded else np.zeros(0, bool),
         starts=starts,
         lengths=lengths,
         digests=np.array([_digest(r) for r in records], np.uint64),
