@@ -7,11 +7,14 @@ The expected mask is derived independently of ftjax.data: the ids come from tran
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
 from data_helpers import chat, data_config, llama3_style_tokenizer, smollm2_tokenizer, write_jsonl
 from ftjax.data import build_datasets
+from ftjax.errors import DataError
 
 # tokenizer, end-of-turn token, whether the template trims the reply's whitespace
 TEMPLATES = {"smollm2": (smollm2_tokenizer, "<|im_end|>", False), "llama3": (llama3_style_tokenizer, "<|eot_id|>", True)}
@@ -95,3 +98,21 @@ def test_prompt_completion_and_text_masks(tmp_path):
     np.testing.assert_array_equal(b["input_ids"][0, :len(text_ids) - 1], text_ids[:-1])
     np.testing.assert_array_equal(b["targets"][0, :len(text_ids) - 1], text_ids[1:])
     assert b["loss_weights"][0].sum() == len(text_ids) - 1
+
+
+def test_template_that_rewrites_earlier_turns_is_refused_with_a_way_out(tmp_path):
+    tok = copy.deepcopy(smollm2_tokenizer())
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "{% if loop.last and m['role'] == 'assistant' %} [final]{% endif %}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = write_jsonl(tmp_path / "chats.jsonl", [chat(0, turns=1), chat(1, turns=2)])
+    with pytest.raises(DataError, match=rf"^{path}:2: the chat template does not render this conversation turn by "
+                                        rf"turn.*data.loss_on=last_assistant"):
+        build_datasets(data_config(path, seq_len=256), tok)
+    rows = build_datasets(data_config(path, seq_len=256, packing=False, loss_on="last_assistant"), tok).train
+    for r in range(len(rows)):
+        (e,) = rows.row_items(r)
+        b = rows.batch([r])
+        trained = b["targets"][0][b["loss_weights"][0] > 0]
+        reply = chat(int(rows.examples.lines[e]) - 1, turns=int(rows.examples.lines[e]))["messages"][-1]["content"]
+        assert tok.decode(trained) == f"{reply} [final]<|im_end|>"

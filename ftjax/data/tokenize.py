@@ -5,7 +5,8 @@ are those the template adds after `render(turns[:i], add_generation_prompt=True)
 `render(turns[:i+1])` (trailing whitespace excluded). That covers the reply and the template's own
 end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `</s>`...), so the model learns to stop, and works for
 any template that renders a conversation turn by turn. Tokens are then trained where their character
-offset falls in such a span.
+offset falls in such a span. A template that renders earlier turns differently once later ones follow
+(e.g. Qwen3 dropping reasoning) is refused with a message, unless data.loss_on is last_assistant or all.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def chat_spans(tokenizer: Any, record: Record, loss_on: str) -> tuple[str, list[
                 raise DataError(
                     f"{record.source}: the chat template does not render this conversation turn by turn (the text "
                     f"up to assistant turn {i} is not a prefix of the whole), so the assistant tokens cannot be "
-                    f"located; use data.loss_on=all or a template that renders turns in order")
+                    f"located; use data.loss_on=last_assistant (the final reply only) or data.loss_on=all")
             spans.append((len(before), len(upto.rstrip())))
         return full, spans
     except DataError:
