@@ -95,41 +95,46 @@ def _generate(graphdef, state, input_ids, segment_ids, positions, lengths, eos_i
     """Prefill then a while_loop of one-token decode steps; returns tokens [B, N] (and logits [B, N, V])."""
     model = nnx.merge(graphdef, state)
     b, p = input_ids.shape
-    cache = KVCache.empty(model.config, b, p + max_new_tokens)
+    cache = KVCache.empty(model.config, b, p + max_new_tokens - 1)  # the last token is never fed back
     logits, cache = model.decode(input_ids, positions, segment_ids, cache)
     last = logits[:, -1]
     vocab = last.shape[-1]
     sample = functools.partial(_sample, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     all_logits = jnp.zeros((b, max_new_tokens, vocab), jnp.float32) if return_logits else None
-    done = jnp.zeros((b,), bool)
     ones = jnp.ones((b, 1), jnp.int32)
 
-    def cond(carry):
-        step, _, _, done, *_ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        step, tokens, all_logits, done, last, cache = carry
+    def emit(step, last, tokens, all_logits, done):
+        """Choose token `step` from `last` logits (pad for finished rows) and record it."""
         token = sample(last, jax.random.fold_in(key, step), temperature, top_p)
         token = jnp.where(done, pad_id, token)
         tokens = tokens.at[:, step].set(token)
         if return_logits:
             all_logits = all_logits.at[:, step].set(last)
         done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
-        # The next step's logits; on the final step this is one decode more than needed (cache has room).
-        pos = (lengths + step)[:, None]
-        logits, cache = model.decode(token[:, None], pos, ones, cache)
-        return step + 1, tokens, all_logits, done, logits[:, -1], cache
+        return token, tokens, all_logits, done
 
-    carry = (jnp.zeros((), jnp.int32), tokens, all_logits, done, last, cache)
-    _, tokens, all_logits, *_ = jax.lax.while_loop(cond, body, carry)
+    def cond(carry):
+        step, _, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, token, tokens, all_logits, done, cache = carry
+        pos = (lengths + step - 1)[:, None]  # the previous token's position
+        logits, cache = model.decode(token[:, None], pos, ones, cache)
+        token, tokens, all_logits, done = emit(step, logits[:, -1], tokens, all_logits, done)
+        return step + 1, token, tokens, all_logits, done, cache
+
+    token, tokens, all_logits, done = emit(0, last, tokens, all_logits, jnp.zeros((b,), bool))
+    carry = (jnp.ones((), jnp.int32), token, tokens, all_logits, done, cache)
+    _, _, tokens, all_logits, *_ = jax.lax.while_loop(cond, body, carry)
     return tokens, all_logits
 
 
 def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                     eos_ids: int | Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, seed: int = 0, return_logits: bool = False):
+                    top_p: float = 1.0, top_k: int = 0, seed: int = 0, return_logits: bool = False
+                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Token-level batched generation (the API eval uses).
 
     Returns int32 [B, max_new_tokens]: each row's new tokens, its EOS included, then `pad_id`.
