@@ -135,7 +135,8 @@ def test_eos_stopping_matches_transformers(pair, prompts, greedy):
         stop = hits[0] if hits else N_NEW - 1
         np.testing.assert_array_equal(row[:stop + 1], greedy[i, :stop + 1])
         assert np.all(row[stop + 1:] == 0)
-        assert trim(row, eos) == list(greedy[i, :stop]) if hits else True
+        if hits:
+            assert trim(row, eos) == [int(t) for t in greedy[i, :stop]]
     assert np.all(out[0, 4:] == 0)
     # every row finished early: the loop stops, the rest is padding
     out = generate_tokens(pair[1], prompts, max_new_tokens=N_NEW, eos_ids=list(greedy[:, 0]), pad_id=0)
