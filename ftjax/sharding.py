@@ -125,7 +125,8 @@ def batch_sharding(mesh: Mesh, rules: dict | None = None) -> NamedSharding:
 def batch_shards(mesh: Mesh, rules: dict | None = None) -> int:
     """How many ways the batch dimension is split (rows must divide by it)."""
     spec = batch_sharding(mesh, rules).spec[0]
-    return 1 if spec is None else int(np.prod([mesh.shape[a] for a in spec]))
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("ftjax_mesh", default=None)

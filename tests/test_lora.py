@@ -43,6 +43,11 @@ def test_zero_b_reproduces_base_logits_exactly(ids):
     # dropout acts on the adapter's input only: with B = 0 the output is still the base output
     drop = apply_lora(tiny_model(), 4, 8.0, dropout=0.5, rngs=nnx.Rngs(1))
     np.testing.assert_array_equal(np.asarray(drop(ids, rng=jax.random.key(3))), np.asarray(base))
+    # with a non-zero B, dropout changes the output only when an rng is passed (training)
+    randomize_b(drop)
+    eval_out, train_out = drop(ids), drop(ids, rng=jax.random.key(3))
+    assert np.abs(np.asarray(train_out - eval_out)).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(drop(ids, rng=jax.random.key(3))), np.asarray(train_out))
 
 
 def test_adapter_params_are_stacked_lora_params_with_axes():

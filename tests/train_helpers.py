@@ -7,8 +7,8 @@ from flax import nnx
 
 from ftjax.models.llama import Llama, ModelConfig
 
-# hidden 32 and vocab 64 divide by fsdp=8; heads (32), kv (16) and mlp (64) divide by tensor=2.
-TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+# hidden 32 and vocab 96 divide by fsdp=8; heads (32), kv (16) and mlp (64) divide by tensor=2.
+TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                    num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=128)
 
 
