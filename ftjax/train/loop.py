@@ -8,14 +8,13 @@ finish the current step, save, and return normally.
 
 from __future__ import annotations
 
-import json
+import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from ftjax import config as config_lib
 from ftjax import data as data_lib
@@ -23,6 +22,7 @@ from ftjax import metrics as metrics_lib
 from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError
+from ftjax.provenance import base_identity, check_same
 from ftjax.sharding import batch_sharding, batch_shards
 from ftjax.train.eval_loss import eval_loss, make_eval_loss
 from ftjax.train.optimizer import raise_if_diverged
@@ -61,6 +61,13 @@ class _StopRequest:
         return False
 
 
+def _inject_fault(step: int) -> None:
+    """Fault injection for the crash/preemption tests: FTJAX_FAULT=kill@N or term@N signals this process."""
+    fault = os.environ.get("FTJAX_FAULT", "")
+    if "@" in fault and int(fault.split("@")[1]) == step:
+        os.kill(os.getpid(), signal.SIGKILL if fault.startswith("kill") else signal.SIGTERM)
+
+
 def check_batch_fits(config, mesh) -> None:
     """The global batch must split over grad_accum micro-batches and the mesh's batch shards."""
     shards = batch_shards(mesh)
@@ -76,8 +83,12 @@ def _say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def run(config, workdir: str | Path) -> dict[str, Any]:
-    """Train (or resume) per `config` in `workdir`; returns the final metrics."""
+def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, Any]:
+    """Train (or resume) per `config` in `workdir`; returns the final metrics.
+
+    `until` stops after that step as a preemption would (save, return): tests use it to split a
+    run in two without changing its schedule.
+    """
     config_lib.validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -100,11 +111,15 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
     sharding = batch_sharding(mesh)
     it = data_lib.train_iterator(data.train, config.train.batch_size, seed=config.seed, sharding=sharding,
                                  prefetch=config.data.prefetch)
+    provenance = {"base": base_identity(config.model.path), "data": data.summary.fingerprints}
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, keep_best=data.eval is not None)
     start = 0
     latest = ckpt.latest_step()
     trainable, opt_state = state.trainable, state.opt_state
     if latest is not None:
+        recorded = ckpt.read_meta(latest).get("provenance", {})
+        check_same(recorded.get("base", {}), provenance["base"], "base model")
+        check_same(recorded.get("data", {}), provenance["data"], "training data")
         restored, meta = ckpt.restore(latest, {"trainable": trainable, "opt_state": opt_state})
         trainable, opt_state = restored["trainable"], restored["opt_state"]
         it.set_state(meta["data_state"])
@@ -136,9 +151,10 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
             batch = next(it)
             rng = jax.random.fold_in(base_key, step)
             trainable, opt_state, metrics = step_fn(trainable, opt_state, state.frozen, batch, rng)
+            _inject_fault(step)
             steps_since += 1
             is_last = step == config.train.steps
-            stopping = stop.should_stop(step)
+            stopping = stop.should_stop(step) or step == until
             values: dict[str, Any] = {}
             if step % config.train.log_every == 0 or is_last or stopping:
                 fetched = jax.device_get(metrics)
@@ -160,7 +176,8 @@ def run(config, workdir: str | Path) -> dict[str, Any]:
                 progress.update(step, last)
             if (config.checkpoint.every and step % config.checkpoint.every == 0) or is_last or stopping:
                 ckpt.save(step, {"trainable": trainable, "opt_state": opt_state},
-                          {"step": step, "data_state": it.get_state(), "config": config.to_dict()},
+                          {"step": step, "data_state": it.get_state(), "config": config.to_dict(),
+                           "provenance": provenance},
                           eval_loss=values.get("eval_loss"))
             if stopping:
                 _say(f"stop requested: saved step {step}, exiting")

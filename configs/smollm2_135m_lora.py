@@ -1,0 +1,30 @@
+"""LoRA on SmolLM2-135M-Instruct, CPU default: the demo task (person sentence -> JSON).
+
+  python scripts/train.py --config=configs/smollm2_135m_lora.py --workdir=runs/smollm2_lora
+
+On a 2-core CPU it runs in about ten minutes and takes the task's exact-match accuracy on the
+held-out split from near 0% (base model) to well above 80% (see README for measured figures).
+"""
+
+from ftjax.config import default_config
+from ftjax.tasks import person_json
+
+
+def get_config():
+    c = default_config()
+    c.model.path = "smollm2-135m-instruct"
+    c.method = "lora"
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.data.train, c.data.eval = person_json.files(n_train=3000, n_eval=200)
+    c.data.seq_len = 128
+    c.train.batch_size = 8
+    c.train.steps = 120
+    c.train.log_every = 10
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 10
+    c.optim.schedule = "cosine"
+    c.checkpoint.every = 50
+    c.eval.every = 60
+    c.eval.max_examples = 100
+    return c

@@ -1,0 +1,41 @@
+"""Shared helpers for tests that run the training loop on configs/tiny_test.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import struct
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str = "tiny_test"):
+    """A configs/NAME.py recipe's get_config(), unlocked for test overrides."""
+    spec = importlib.util.spec_from_file_location(f"configs.{name}", ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def metrics(workdir) -> list[dict]:
+    """Every line of metrics.jsonl, in order (repeated steps kept)."""
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} read from the TFRecord event files (no TensorFlow needed)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted((Path(workdir) / "tensorboard").glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            record = data[pos + 12:pos + 12 + length]
+            pos += 12 + length + 4
+            event = event_pb2.Event.FromString(record)
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
