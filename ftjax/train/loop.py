@@ -25,6 +25,7 @@ from ftjax.errors import ConfigError
 from ftjax.provenance import base_identity, check_same
 from ftjax.sharding import batch_sharding, batch_shards
 from ftjax.train.eval_loss import eval_loss, make_eval_loss
+from ftjax.train.memory import check_fits
 from ftjax.train.optimizer import raise_if_diverged
 from ftjax.train.setup import build_state, mesh_from_config
 from ftjax.train.state import state_size
@@ -100,6 +101,7 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     model_cfg = model_config(config.model.path)
     data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size)
     _say(data.summary.format())
+    _say(check_fits(config, model_cfg, mesh))  # stops here, before loading or compiling, if it cannot fit
 
     setup = build_state(config, mesh)
     state = setup.state

@@ -1,0 +1,86 @@
+"""Per-device memory estimate before anything is compiled: params, optimizer state, activations.
+
+Activations use the per-layer count of Korthikanti et al. (2022) for a pre-norm decoder,
+s·b·h·(34 + 5·a·s/h) bytes in 16-bit per layer, scaled to the compute dtype; with full remat
+only each layer's input is kept, plus one layer's worth during its recomputation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from ftjax.errors import ConfigError
+from ftjax.lora import apply_lora, trainable_filter
+from ftjax.models.llama import Llama, ModelConfig
+from ftjax.sharding import batch_shards, state_shardings
+from ftjax.train.optimizer import make_optimizer
+
+GIB = 1024**3
+
+
+def _device_bytes(abstract_state, mesh: Mesh, dtype=None) -> int:
+    """Bytes one device holds of a sharded state (dtype overrides the leaves' own)."""
+    shardings = jax.tree.leaves(state_shardings(abstract_state, mesh))
+    leaves = jax.tree.leaves(abstract_state)
+    total = 0
+    for leaf, sharding in zip(leaves, shardings):
+        itemsize = jnp.dtype(dtype or leaf.dtype).itemsize
+        total += int(np.prod(sharding.shard_shape(leaf.shape))) * itemsize
+    return total
+
+
+def device_capacity() -> tuple[int, str]:
+    """(bytes usable per device, where that number came from)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]), "device memory"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram // max(jax.local_device_count(), 1), "host RAM / local devices"
+
+
+def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
+    """Bytes per device for the trainable + frozen params, optimizer state and activations."""
+    model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                                  remat=config.model.remat)
+
+    def build():
+        model = Llama(model_cfg, rngs=nnx.Rngs(0))
+        if config.method == "lora":
+            apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
+                       rngs=nnx.Rngs(0))
+        return model
+
+    _, trainable, frozen = nnx.split(nnx.eval_shape(build), trainable_filter(config.method), ...)
+    opt = jax.eval_shape(make_optimizer(config.optim, config.train.steps).tx.init, trainable)
+    rows = config.train.batch_size // config.train.grad_accum // batch_shards(mesh)
+    t, d, cfg = config.data.seq_len, model_cfg.hidden_size, model_cfg
+    scale = jnp.dtype(config.model.dtype).itemsize / 2
+    tensor = mesh.shape["tensor"]
+    per_layer = t * rows * d * (34 + 5 * cfg.num_heads * t / d) * scale / tensor
+    if config.model.remat == "full":
+        acts = cfg.num_layers * t * rows * d * 2 * scale + per_layer
+    else:
+        acts = cfg.num_layers * per_layer
+    acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3  # logits chunk, fp32, fwd+bwd
+    frozen_dtype = config.train.frozen_dtype
+    return {"trainable": _device_bytes(trainable, mesh), "frozen": _device_bytes(frozen, mesh, frozen_dtype),
+            "opt_state": _device_bytes(opt, mesh), "activations": int(acts)}
+
+
+def check_fits(config, model_cfg: ModelConfig, mesh: Mesh) -> str:
+    """One line describing the estimate; ConfigError when it exceeds the device's memory."""
+    parts = estimate(config, model_cfg, mesh)
+    total = sum(parts.values())
+    capacity, source = device_capacity()
+    line = ("memory per device (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in parts.items())
+            + f"; total {total / GIB:.2f} GiB of {capacity / GIB:.1f} GiB ({source})")
+    if total > 0.95 * capacity:
+        raise ConfigError(f"{line}: does not fit; use model.remat=full, a larger mesh.fsdp, "
+                          "train.grad_accum or a smaller train.batch_size")
+    return line
