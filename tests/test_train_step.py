@@ -138,9 +138,9 @@ def test_chunked_cross_entropy_equals_unchunked(batch):
         s, total = chunked_cross_entropy(lambda x: x @ w, h, targets, weights, chunk)
         return s / total
 
-    want, want_g = jax.value_and_grad(full, argnums=(0, 1))(h, w)
+    want, want_g = jax.jit(jax.value_and_grad(full, argnums=(0, 1)))(h, w)
     for chunk in (5, 4):  # a ragged last chunk, even chunks
-        got, got_g = jax.value_and_grad(chunked, argnums=(0, 1))(h, w, chunk)
+        got, got_g = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)), static_argnums=2)(h, w, chunk)
         np.testing.assert_allclose(got, want, rtol=LOSS_RTOL)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=LOSS_RTOL), got_g, want_g)
     # no value as large as the whole [B, T, V] logits exists in the forward or backward pass
@@ -149,7 +149,7 @@ def test_chunked_cross_entropy_equals_unchunked(batch):
     assert max_logits_size(jax.make_jaxpr(jax.grad(full))(h, w).jaxpr) == b * t * v
     # closed form: uniform logits give log(V) per token
     uniform = lambda x: jnp.zeros(x.shape[:2] + (v,), jnp.float32)
-    s, total = chunked_cross_entropy(uniform, h, targets, weights, 4)
+    s, total = jax.jit(lambda h: chunked_cross_entropy(uniform, h, targets, weights, 4))(h)
     np.testing.assert_allclose(s / total, np.log(v), rtol=LOSS_RTOL)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -89,12 +90,25 @@ def place_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
     """
     graphdef, shardings = _shardings(model, tx, mesh, trainable, rules)
     _, t, f = split(model, trainable)
-    t = jax.device_put(t, shardings.trainable)
-    f = jax.device_put(f, shardings.frozen)
+    t, f = _put_state(t, shardings.trainable), _put_state(f, shardings.frozen)
     if frozen_dtype is not None:
         f = jax.jit(lambda f: cast_floats(f, frozen_dtype), out_shardings=shardings.frozen)(f)
     o = jax.jit(tx.init, out_shardings=shardings.opt_state)(t)
     return TrainState(graphdef, t, f, o, shardings)
+
+
+def _put_state(state: nnx.State, shardings: Any) -> nnx.State:
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(lambda v, s: v.replace(_put(v.get_value(), s)), state, shardings, is_leaf=is_var)
+
+
+def _put(x: Any, sharding: Any) -> jax.Array:
+    """Move one array into its sharding; a process-local array (fresh adapters, the same on every
+    host) goes to a multi-host sharding through the host, slice by slice."""
+    if sharding.is_fully_addressable or not getattr(x, "is_fully_addressable", True):
+        return jax.device_put(x, sharding)
+    local = np.asarray(x)
+    return jax.make_array_from_callback(local.shape, sharding, lambda index: local[index])
 
 
 def state_size(tree: Any) -> tuple[int, int]:
