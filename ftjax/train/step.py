@@ -51,8 +51,9 @@ def check_batch(batch: dict, grad_accum: int, shards: int) -> None:
 class TrainStep:
     """The jitted step plus `traces`, a count of how often Python traced it (compile-once check).
 
-    `grad_hook` (tests only) transforms the accumulated gradients before the optimizer, e.g. to
-    inject a NaN.
+    `batch` holds global [B, T] arrays laid out as `self.batch_sharding` (host numpy works on one
+    process; on several, build them with `jax.make_array_from_process_local_data`). `grad_hook`
+    (tests only) transforms the accumulated gradients before the optimizer, e.g. to inject a NaN.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, optimizer: Optimizer, mesh: Mesh, shardings: StateShardings, *,
@@ -108,8 +109,7 @@ class TrainStep:
             (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), (micro, rngs))
             if self.grad_hook is not None:
                 grads = self.grad_hook(grads)
-            guard = opt_state
-            lr = self.optimizer.schedule(guard.applied)
+            lr = self.optimizer.schedule(opt_state.applied)  # the lr this update uses
             updates, opt_state = self.optimizer.tx.update(grads, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
             metrics = {
