@@ -72,7 +72,22 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.checkpoint = dict(every=0, keep=2)
-    c.eval = dict(every=0, final=True, max_examples=200)
+    c.eval = dict(
+        every=0,
+        final=True,
+        max_examples=200,
+        # scores of greedy replies on the eval split, comma-separated: exact | json_valid | contains | regex |
+        # regex:PATTERN (last) | a task scorer such as person_json (see ftjax/evaluation/scorers.py)
+        metric="exact",
+        few_shot=3,  # k train examples as prior chat turns for the prompted baseline; 0 = no prompted baseline
+    )
+    c.forget = dict(
+        retain=config_dict.placeholder(str),  # retain-set JSONL; empty = the bundled general prompts
+        max_new_tokens=64,  # length of the base model's replies to the retain prompts
+        replay_fraction=0.0,  # fraction of training examples drawn from the retain prompts + their replies
+        kl_weight=0.0,  # weight of KL(base || tuned) on retain batches, added to the loss
+        l2_weight=0.0,  # weight of sum ||W - W_base||^2 (method=full only)
+    )
     c.lock()
     return c
 
@@ -137,6 +152,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.lora.rank must be >= 1, got {c.lora.rank}")
     _check_training_ranges(c)
     _check_data_ranges(c)
+    _check_eval_forget(c)
     return c
 
 
@@ -166,3 +182,23 @@ def _check_data_ranges(c: ml_collections.ConfigDict) -> None:
     for key, ok, want in checks:
         if not ok:
             raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
+
+
+def _check_eval_forget(c: ml_collections.ConfigDict) -> None:
+    """eval.metric must name known scorers; forget.* weights and fractions must be in range."""
+    from ftjax.evaluation.scorers import make_scorer
+
+    make_scorer(c.eval.metric)  # ConfigError naming the unknown metric
+    checks = [
+        ("eval.few_shot", c.eval.few_shot >= 0, "be >= 0"),
+        ("forget.max_new_tokens", c.forget.max_new_tokens >= 1, "be >= 1"),
+        ("forget.replay_fraction", 0.0 <= c.forget.replay_fraction < 1.0, "be in [0, 1)"),
+        ("forget.kl_weight", c.forget.kl_weight >= 0, "be >= 0"),
+        ("forget.l2_weight", c.forget.l2_weight >= 0, "be >= 0"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
+    if c.forget.l2_weight > 0 and c.method != "full":
+        raise ConfigError("config.forget.l2_weight applies to method=full (W - W_base); with LoRA use "
+                          "forget.kl_weight or forget.replay_fraction")
