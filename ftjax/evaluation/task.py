@@ -1,0 +1,107 @@
+"""Task evaluation by generation: batched greedy replies to the eval prompts, scored against the references.
+
+Also the teacher-forced loss of the references (`eval_loss`, mean NLL per reference token, the end-of-turn
+token included, exactly the tokens the data pipeline trains on with loss_on=last_assistant), so base,
+prompted and fine-tuned models are compared on the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+from flax import nnx
+
+from ftjax.data.records import Record
+from ftjax.data.tokenize import tokenize_records
+from ftjax.evaluation.conversations import Turns, as_messages, as_record, few_shot_turns, split_reply
+from ftjax.evaluation.scorers import make_scorer
+from ftjax.evaluation.token_stats import TokenSums, teacher_forced
+from ftjax.generate import encode_chat, generate_tokens, stop_ids, trim
+
+
+@dataclasses.dataclass
+class TaskResult:
+    """Mean scores over the examples, the reference loss, and each example's reply and scores."""
+
+    scores: dict[str, float]
+    eval_loss: float | None
+    n: int
+    replies: list[str]
+    per_example: list[dict[str, float]]
+    prompts: list[Turns]
+    references: list[str]
+
+    def sample(self, i: int = 0) -> dict[str, Any]:
+        """One example as the report shows it: the last prompt turn, the reference and the reply."""
+        return {"prompt": self.prompts[i][-1][1], "expected": self.references[i], "reply": self.replies[i],
+                "scores": self.per_example[i]}
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TaskResult":
+        prompts = [tuple(tuple(t) for t in p) for p in d["prompts"]]
+        return cls(**{**d, "prompts": prompts})
+
+
+def generate_replies(model: nnx.Module, tokenizer: Any, prompts: Sequence[Turns], *, max_new_tokens: int,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy replies, `batch_size` prompts at a time (sorted by length; the last batch padded by repeats,
+    so every batch has the same shape and one compile per length bucket serves the whole eval)."""
+    ids = [encode_chat(tokenizer, as_messages(p)) for p in prompts]
+    eos = stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    replies: list[str] = [""] * len(ids)
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        batch = [ids[i] for i in idx]
+        batch += [batch[-1]] * (batch_size - len(batch)) if len(order) > batch_size else []
+        tokens = generate_tokens(model, batch, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
+        for i, row in zip(idx, tokens):
+            replies[i] = tokenizer.decode(trim(row, eos), skip_special_tokens=True)
+    return replies
+
+
+def reference_sequences(tokenizer: Any, prompts: Sequence[Turns], references: Sequence[str]
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, trained) of each prompt + reference, trained on the reference turn only (as the pipeline does)."""
+    records = [Record(f"eval:{i}", "chat", tuple(p) + (("assistant", r),))
+               for i, (p, r) in enumerate(zip(prompts, references))]
+    ex = tokenize_records(records, tokenizer, loss_on="last_assistant")
+    return [ex.tokens(i) for i in range(len(ex))]
+
+
+def default_max_new_tokens(tokenizer: Any, references: Sequence[str], margin: int = 16) -> int:
+    """Longest reference in tokens plus a margin: enough for any exact answer, and bounded cost."""
+    lengths = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references]
+    return max(lengths, default=0) + margin
+
+
+def evaluate_task(model: nnx.Module, tokenizer: Any, records: Sequence[Any], metric: str = "exact", *,
+                  max_examples: int = 200, shots: Sequence[Record] = (), batch_size: int = 16,
+                  max_new_tokens: int | None = None, with_loss: bool = True) -> TaskResult:
+    """Score greedy replies to the first `max_examples` eval records by `metric` (see scorers.py).
+
+    `shots` (train records, see `pick_shots`) are prepended as earlier chat turns: the few-shot prompted
+    baseline. `max_new_tokens` defaults to the longest reference + 16 tokens.
+    """
+    recs = [as_record(r, f"eval:{i}") for i, r in enumerate(records[:max_examples] if max_examples else records)]
+    if not recs:
+        raise ValueError("evaluate_task needs at least one eval record")
+    pairs = [split_reply(r) for r in recs]
+    prompts = [few_shot_turns(p, shots) for p, _ in pairs]
+    references = [ref for _, ref in pairs]
+    budget = max_new_tokens or default_max_new_tokens(tokenizer, references)
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
+    score = make_scorer(metric)
+    per_example = [score(reply, ref) for reply, ref in zip(replies, references)]
+    means = {k: float(np.mean([s[k] for s in per_example])) for k in per_example[0]}
+    loss = None
+    if with_loss:
+        sums = teacher_forced(model, reference_sequences(tokenizer, prompts, references))
+        loss = TokenSums.mean(sums.nll, sums.tokens)
+    return TaskResult(means, loss, len(recs), replies, per_example, prompts, references)
