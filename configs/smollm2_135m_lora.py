@@ -19,12 +19,12 @@ def get_config():
     c.data.train, c.data.eval = person_json.files(n_train=3000, n_eval=200)
     c.data.seq_len = 128
     c.train.batch_size = 8
-    c.train.steps = 120
+    c.train.steps = 40
     c.train.log_every = 10
     c.optim.lr = 2e-3
-    c.optim.warmup_steps = 10
+    c.optim.warmup_steps = 5
     c.optim.schedule = "cosine"
-    c.checkpoint.every = 50
-    c.eval.every = 60
+    c.checkpoint.every = 20
+    c.eval.every = 20
     c.eval.max_examples = 100
     return c
