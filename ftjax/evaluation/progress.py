@@ -1,0 +1,74 @@
+"""Task score and forgetting over training steps: the metric names the loop logs, and their plot.
+
+Names in metrics.jsonl (logged every `eval.every` steps and at the end):
+    task_<score>   each eval.metric score of the model being trained, e.g. task_exact, task_json_valid
+    kl_to_base     KL(base ‖ model) per reply token on the retain set
+    retain_nll     the model's NLL on the base's retain replies (retain_nll_finetuned at that step)
+    qa_accuracy    general-question accuracy of the model at that step
+and every logged step, when the regularizers are on: kl_reg, l2_reg (the terms' values before weighting).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ftjax.metrics import read_metrics
+
+TASK_PREFIX = "task_"
+FORGETTING_NAMES = ("kl_to_base", "retain_nll", "qa_accuracy")
+REGULARIZER_NAMES = ("kl_reg", "l2_reg")
+PLOT_NAME = "progress.png"
+
+
+def tracking_metrics(task: Any = None, forgetting: Any = None) -> dict[str, float]:
+    """The values to log at an eval step, from a `TaskResult` and a `ForgettingResult` (either may be None)."""
+    out: dict[str, float] = {}
+    if task is not None:
+        out.update({f"{TASK_PREFIX}{k}": float(v) for k, v in task.scores.items()})
+    if forgetting is not None:
+        m = forgetting.metrics
+        for name, key in (("kl_to_base", "kl_to_base"), ("retain_nll", "retain_nll_finetuned"),
+                          ("qa_accuracy", "qa_accuracy_finetuned")):
+            if m.get(key) is not None:
+                out[name] = float(m[key])
+    return out
+
+
+def plot_progress(workdir: str | os.PathLike) -> Path | None:
+    """progress.png: task scores (left) and kl_to_base / retain_nll (right) per step; None with nothing to plot."""
+    records = read_metrics(workdir)
+    task_names = sorted({k for r in records for k in r if k.startswith(TASK_PREFIX)})
+    series = lambda name: [(r["step"], r[name]) for r in records if r.get(name) is not None]
+    if not task_names and not series("kl_to_base"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in task_names + (["qa_accuracy"] if series("qa_accuracy") else []):
+        left.plot(*zip(*series(name)), "o-", label=name)
+    left.set_ylim(-0.02, 1.02)
+    left.set(xlabel="step", ylabel="score", title="task score / general QA")
+    handles = []
+    for name, ax in (("kl_to_base", right), ("retain_nll", right.twinx())):
+        points = series(name)
+        if points:
+            red = name == "kl_to_base"
+            handles += ax.plot(*zip(*points), "s-" if red else "^--", color="tab:red" if red else "tab:gray",
+                               label=name)
+            ax.set_ylabel(name)
+    right.set(xlabel="step", title="forgetting (retain set)")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(loc="best")
+    if handles:
+        right.legend(handles=handles, loc="best")
+    out = Path(workdir) / PLOT_NAME
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,73 @@
+"""Replay data against forgetting: the retain prompts with replies to keep, as training JSONL and batches.
+
+A retain item's reply is the user's own when their retain file gives one, else the base model's greedy
+reply. `replay_mixture` mixes the file into `data.train` at `forget.replay_fraction` of the examples;
+`retain_iterator` gives batches of it for the KL-to-base regularizer (the same shape as train batches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftjax.data import train_iterator
+from ftjax.data.mixture import parse_sources
+from ftjax.data.packing import make_rows
+from ftjax.data.records import Fields, read_file
+from ftjax.data.tokenize import tokenize_records
+from ftjax.errors import ConfigError, DataError
+from ftjax.evaluation.conversations import as_messages
+from ftjax.evaluation.forgetting import BaseReplies
+
+REPLAY_NAME = "replay.jsonl"
+
+
+def write_replay_file(path: str | os.PathLike, replies: BaseReplies) -> str:
+    """JSONL chat records {"messages": prompt turns + the reply to keep}, written atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for item, base_reply in zip(replies.items, replies.replies):
+        reply = item.reply if item.reply is not None else base_reply
+        if not reply.strip():
+            continue  # an empty reply cannot be trained on (the pipeline would refuse the record)
+        msgs = as_messages(item.prompt) + [{"role": "assistant", "content": reply}]
+        lines.append(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    if not lines:
+        raise DataError("replay: every retain reply is empty; nothing to replay")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def replay_mixture(train_spec: str, replay_path: str, fraction: float) -> str:
+    """`data.train` with the replay file making up `fraction` of each pass (the other weights keep their ratios)."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"forget.replay_fraction must be in (0, 1) to mix replay data, got {fraction}")
+    sources = parse_sources(train_spec)
+    total = sum(s.weight for s in sources)
+    parts = [f"{s.path}:{(1.0 - fraction) * s.weight / total:.6g}" for s in sources]
+    return ",".join(parts + [f"{replay_path}:{fraction:.6g}"])
+
+
+def retain_iterator(replay_path: str, tokenizer: Any, *, seq_len: int, batch_size: int, seed: int,
+                    packing: bool = True, sharding: Any = None, prefetch: int = 2):
+    """Endless shuffled batches of the replay file (reply tokens weighted), for the KL-to-base term.
+
+    Examples longer than seq_len+1 tokens are cut to fit (only the KL on their first tokens is measured).
+    """
+    records = read_file(replay_path, Fields()).records
+    ex = tokenize_records(records, tokenizer, loss_on="last_assistant")
+    ex = ex.with_lengths(np.minimum(ex.lengths, seq_len + 1))
+    keep = np.nonzero(ex.lengths >= 2)[0]
+    ex = ex.take(keep)
+    order = np.random.default_rng([seed, 0x72657461]).permutation(len(ex))
+    rows = make_rows(ex, seq_len, packing, order)
+    return train_iterator(rows, batch_size, seed=seed, sharding=sharding, prefetch=prefetch)

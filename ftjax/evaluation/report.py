@@ -1,0 +1,156 @@
+"""The before/after report: WORKDIR/report.json, report.md and a printed table.
+
+report.json is nested JSON whose dotted paths are the contract (DESIGN.md):
+
+    task.base.<metric>, task.prompted.<metric>, task.finetuned.<metric>   (<metric>: each eval.metric score)
+    task.base.eval_loss, task.prompted.eval_loss, task.finetuned.eval_loss
+    forgetting.kl_to_base, forgetting.retain_nll_base, forgetting.retain_nll_finetuned,
+    forgetting.qa_accuracy_base, forgetting.qa_accuracy_finetuned
+    samples.{base,prompted,finetuned}: {prompt, expected, reply, scores}; samples.qa: [{question, answer,
+        base, finetuned}]
+    meta: {step, model, method, metric, few_shot, task_examples, retain_prompts, retain_tokens, qa_questions}
+
+`task` and `forgetting` hold only those entries (a value is null where it was not measured), so a
+dashboard may read every `task.<which>.<name>` as a number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MODELS = ("base", "prompted", "finetuned")
+FORGETTING_KEYS = ("kl_to_base", "retain_nll_base", "retain_nll_finetuned")
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+def contract_keys(report: dict) -> list[str]:
+    """Every dotted key of the report's `task` and `forgetting` sections."""
+    keys = []
+    for which, scores in report.get("task", {}).items():
+        keys += [f"task.{which}.{name}" for name in scores]
+    keys += [f"forgetting.{name}" for name in report.get("forgetting", {})]
+    return keys
+
+
+def check_report(report: dict, metrics: list[str]) -> None:
+    """Raise ValueError naming the first contract key the report lacks."""
+    want = [f"task.{w}.{m}" for w in MODELS for m in [*metrics, "eval_loss"]]
+    want += [f"forgetting.{k}" for k in FORGETTING_KEYS]
+    have = set(contract_keys(report))
+    missing = [k for k in want if k not in have]
+    if missing:
+        raise ValueError(f"report lacks contract key(s): {', '.join(missing)}")
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
+
+
+def _task_rows(report: dict) -> list[list[str]]:
+    task = report.get("task", {})
+    names = [n for n in task.get("finetuned", task.get("base", {})) if n != "eval_loss"]
+    rows = [[n] + [_fmt(task.get(w, {}).get(n), pct=True) for w in MODELS] for n in names]
+    rows.append(["eval loss"] + [_fmt(task.get(w, {}).get("eval_loss")) for w in MODELS])
+    return rows
+
+
+def _forget_rows(report: dict) -> list[list[str]]:
+    f = report.get("forgetting", {})
+    return [["retain NLL (base's replies)", _fmt(f.get("retain_nll_base")), _fmt(f.get("retain_nll_finetuned"))],
+            ["KL(base ‖ model), per token", _fmt(0.0 if f.get("kl_to_base") is not None else None),
+             _fmt(f.get("kl_to_base"))],
+            ["general QA accuracy", _fmt(f.get("qa_accuracy_base"), True), _fmt(f.get("qa_accuracy_finetuned"), True)]]
+
+
+def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
+    if markdown:
+        return "\n".join([f"| {line(header)} |", "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                         + [f"| {line(r)} |" for r in rows])
+    return "\n".join([line(header), "-+-".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def format_tables(report: dict, markdown: bool = False) -> str:
+    """The task table (base / prompted / fine-tuned) and the forgetting table (base / fine-tuned)."""
+    k = report.get("meta", {}).get("few_shot", "k")
+    task = _table(["task", "base (0-shot)", f"base ({k}-shot)", "fine-tuned"], _task_rows(report), markdown)
+    forget = _table(["general behaviour", "base", "fine-tuned"], _forget_rows(report), markdown)
+    return f"{task}\n\n{forget}"
+
+
+def _cell(text: Any) -> str:
+    """Text safe inside a markdown table cell."""
+    return "" if text is None else " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _markdown(report: dict) -> str:
+    meta = report.get("meta", {})
+    out = [f"# Fine-tuning report (step {meta.get('step', '?')})", "",
+           f"Model `{meta.get('model', '?')}`, method `{meta.get('method', '?')}`; task metric `{meta.get('metric')}` on "
+           f"{meta.get('task_examples', '?')} eval examples; retain set: {meta.get('retain_prompts', '?')} prompts "
+           f"({meta.get('retain_tokens', '?')} reply tokens) with {meta.get('qa_questions', '?')} known answers.", "",
+           format_tables(report, markdown=True), "", "## Sample replies", ""]
+    for which, s in report.get("samples", {}).items():
+        if which == "qa" or not s:
+            continue
+        out += [f"**{which}**", "", f"- prompt: {s['prompt']!r}", f"- expected: {s['expected']!r}",
+                f"- reply: {s['reply']!r}", ""]
+    qa = report.get("samples", {}).get("qa") or []
+    if qa:
+        out += ["## General questions", "", "| question | answer | base | fine-tuned |", "|---|---|---|---|"]
+        out += [f"| {_cell(q['question'])} | {_cell(q['answer'])} | {_cell(q['base'])} | {_cell(q.get('finetuned'))} |"
+                for q in qa]
+    return "\n".join(out).replace("\r", " ") + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(workdir: str | os.PathLike, report: dict, *, echo: bool = True) -> dict:
+    """Write report.json and report.md into `workdir` (process 0 only) and print the tables."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(workdir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _atomic_write(workdir / REPORT_MD, _markdown(report))
+    if echo:
+        print(format_tables(report), flush=True)
+    return report
+
+
+def build_report(task: dict[str, Any], forgetting: Any = None, base_replies: Any = None, *,
+                 meta: dict | None = None) -> dict:
+    """The report from `TaskResult`s by model name ("base", "prompted", "finetuned") and a `ForgettingResult`
+    (with the `BaseReplies` it was measured on, for counts and QA samples)."""
+    report: dict[str, Any] = {"task": {}, "forgetting": {}, "samples": {}, "meta": dict(meta or {})}
+    for which in MODELS:
+        result = task.get(which)
+        if result is None:
+            continue
+        report["task"][which] = {**result.scores, "eval_loss": result.eval_loss}
+        report["samples"][which] = result.sample(0)
+        report["meta"].setdefault("task_examples", result.n)
+    if forgetting is not None:
+        report["forgetting"] = dict(forgetting.metrics)
+    if base_replies is not None:
+        report["meta"].update(retain_prompts=len(base_replies.items),
+                              retain_tokens=int(sum(len(r) for r in base_replies.reply_ids)))
+        asked = [i for i, it in enumerate(base_replies.items) if it.answer]
+        report["meta"]["qa_questions"] = len(asked)
+        tuned = forgetting.qa_replies if forgetting is not None else []
+        report["samples"]["qa"] = [
+            {"question": base_replies.items[i].prompt[-1][1], "answer": base_replies.items[i].answer,
+             "base": base_replies.replies[i], **({"finetuned": tuned[j]} if j < len(tuned) else {})}
+            for j, i in enumerate(asked)]
+    return report

@@ -1,0 +1,149 @@
+"""`Evaluation`: what the training loop and scripts/eval.py call, with the unchanging parts cached in the workdir.
+
+    ev = Evaluation(config, tokenizer, workdir)          # reads eval/train records and the retain set
+    ev.prepare(base)                                     # base replies to the retain prompts (cached)
+    config.data.train = ev.replay_spec() or config.data.train   # forget.replay_fraction > 0 only
+    ev.baselines(base)                                   # base 0-shot and k-shot scores (cached)
+    logged = ev.track(model, base, step)                 # every eval.every: task_*, kl_to_base, ...
+    report = ev.report(model, base, step)                # at the end: report.json/.md, progress.png, table
+
+`base` is the base model, or None for a LoRA model (its adapters are switched off to get it).
+Every process computes the same numbers; only the one with `write` (process 0) writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from ftjax.data.mixture import parse_sources
+from ftjax.evaluation.base import base_view
+from ftjax.evaluation.conversations import load_records, pick_shots
+from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
+from ftjax.evaluation.progress import plot_progress, tracking_metrics
+from ftjax.evaluation.replay import REPLAY_NAME, replay_mixture, write_replay_file
+from ftjax.evaluation.report import build_report, write_report
+from ftjax.evaluation.retain import load_retain
+from ftjax.evaluation.task import TaskResult, evaluate_task
+
+BASELINES_NAME = "baselines.json"
+
+
+def _process_zero() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+class Evaluation:
+    """Task generation scores, baselines and forgetting metrics for one run (see the module docstring)."""
+
+    def __init__(self, config: Any, tokenizer: Any, workdir: str | os.PathLike, *, write: bool | None = None):
+        self.config, self.tokenizer, self.workdir = config, tokenizer, Path(workdir)
+        self.write = _process_zero() if write is None else write
+        self.records = load_records(config.data.eval) if config.data.eval else []
+        self.shots = []
+        if self.records and config.eval.few_shot > 0 and config.data.train:
+            first = parse_sources(config.data.train)[0].path  # the task's own data, never the replay file
+            self.shots = pick_shots(load_records(first), config.eval.few_shot, seed=config.seed)
+        self.retain = load_retain(config.forget.retain)
+        self.replies: BaseReplies | None = None
+        self._tracked: tuple[int, TaskResult | None, ForgettingResult] | None = None
+
+    @property
+    def has_task(self) -> bool:
+        """Generation scores need eval records from a file (data.eval)."""
+        return bool(self.records)
+
+    def _base(self, model: nnx.Module, base: nnx.Module | None) -> nnx.Module:
+        return base_view(model) if base is None else base
+
+    def _task(self, model: nnx.Module, shots=(), with_loss: bool = True) -> TaskResult:
+        c = self.config
+        return evaluate_task(model, self.tokenizer, self.records, c.eval.metric, max_examples=c.eval.max_examples,
+                             shots=shots, with_loss=with_loss)
+
+    def model_id(self) -> str:
+        c = self.config
+        return f"{c.model.path}|{c.model.dtype}|{c.model.param_dtype}|{c.train.frozen_dtype}"
+
+    def prepare(self, base: nnx.Module) -> BaseReplies:
+        """The base model's greedy replies to the retain prompts (generated once, cached in the workdir)."""
+        if self.replies is None:
+            self.replies = base_replies(base, self.tokenizer, self.retain,
+                                        max_new_tokens=self.config.forget.max_new_tokens,
+                                        cache=self.workdir / CACHE_NAME, model_id=self.model_id(), write=self.write)
+        return self.replies
+
+    def replay_spec(self) -> str | None:
+        """`data.train` with the replay file mixed in at forget.replay_fraction (None when replay is off).
+
+        Call after `prepare`; the file (WORKDIR/replay.jsonl) is written by process 0 and read by all, so
+        multi-host runs need a shared workdir (as checkpoints already do).
+        """
+        fraction = self.config.forget.replay_fraction
+        if not fraction:
+            return None
+        if self.replies is None:
+            raise RuntimeError("call Evaluation.prepare(base) before replay_spec()")
+        path = self.workdir / REPLAY_NAME
+        if self.write:
+            write_replay_file(path, self.replies)
+        return replay_mixture(self.config.data.train, str(path), fraction)
+
+    def baselines(self, base: nnx.Module) -> dict[str, TaskResult]:
+        """Base zero-shot and k-shot prompted results on the eval split (cached in baselines.json)."""
+        if not self.has_task:
+            return {}
+        path = self.workdir / BASELINES_NAME
+        key = {"model": self.model_id(), "metric": self.config.eval.metric, "few_shot": len(self.shots),
+               "max_examples": self.config.eval.max_examples, "eval": self.config.data.eval}
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                return {k: TaskResult.from_json(v) for k, v in saved["results"].items()}
+        out = {"base": self._task(base)}
+        if self.shots:
+            out["prompted"] = self._task(base, self.shots)
+        if self.write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "results": {k: v.to_json() for k, v in out.items()}}))
+            os.replace(tmp, path)
+        return out
+
+    def track(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1) -> dict[str, float]:
+        """The metrics to log at an eval step: task_<score> for each eval.metric score, kl_to_base,
+        retain_nll, qa_accuracy (see progress.py)."""
+        base = self._base(model, base)
+        replies = self.prepare(base)
+        task = self._task(model) if self.has_task else None
+        forget = forgetting_metrics(model, base, self.tokenizer, replies)
+        self._tracked = (step, task, forget)
+        return tracking_metrics(task, forget)
+
+    def report(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1, *,
+               extra_meta: dict | None = None) -> dict:
+        """The before/after report (written on process 0: report.json, report.md, progress.png; printed)."""
+        base = self._base(model, base)
+        replies = self.prepare(base)
+        if self._tracked is not None and self._tracked[0] == step and step >= 0:
+            _, task, forget = self._tracked  # already measured at this step by track()
+        else:
+            task = self._task(model) if self.has_task else None
+            forget = forgetting_metrics(model, base, self.tokenizer, replies)
+        results = dict(self.baselines(base))
+        if task is not None:
+            results["finetuned"] = task
+        c = self.config
+        meta = {"step": step, "model": c.model.path, "method": c.method, "metric": c.eval.metric,
+                "few_shot": len(self.shots), **(extra_meta or {})}
+        report = build_report(results, forget, replies, meta=meta)
+        if self.write:
+            write_report(self.workdir, report)
+            plot_progress(self.workdir)
+        return report

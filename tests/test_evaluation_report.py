@@ -1,0 +1,135 @@
+"""The report: an Evaluation over a tiny LoRA run writes report.json with the contract keys, report.md and
+progress.png; baselines and base replies are cached; the replay file feeds the data pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from ftjax.config import default_config
+from ftjax.data.mixture import parse_sources
+from ftjax.data.records import Fields, read_file
+from ftjax.data.tokenize import tokenize_records
+from ftjax.evaluation.forgetting import CACHE_NAME
+from ftjax.evaluation.progress import PLOT_NAME, plot_progress
+from ftjax.evaluation.replay import replay_mixture
+from ftjax.evaluation.report import check_report, contract_keys, format_tables
+from ftjax.evaluation.run import BASELINES_NAME, Evaluation
+from ftjax.lora import apply_lora
+from ftjax.models.llama import Llama
+from hf_helpers import tiny_tokenizer
+from train_helpers import TINY
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def chat(user, reply):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    c = default_config()
+    c.model.path = "tiny-test"
+    c.data.train = write_jsonl(tmp_path / "train.jsonl", [chat(f"w{i} w{i + 1}", f"w{i + 2}") for i in range(10, 30)])
+    c.data.eval = write_jsonl(tmp_path / "eval.jsonl", [chat(f"w{i} w{i + 3}", f"w{i + 4} w{i + 5}")
+                                                         for i in range(40, 46)])
+    c.forget.retain = write_jsonl(tmp_path / "retain.jsonl", [
+        {"prompt": "w60 w61"}, {"prompt": "w62", "answer": "w63|w64"},
+        {"messages": [{"role": "user", "content": "w65"}, {"role": "assistant", "content": "w66 w67"}]}])
+    c.forget.max_new_tokens = 5
+    c.forget.replay_fraction = 0.25
+    c.eval.metric = "exact,contains"
+    c.eval.few_shot = 2
+    c.eval.max_examples = 4
+    return c
+
+
+def lora_model():
+    model = apply_lora(Llama(TINY.replace(vocab_size=128), rngs=nnx.Rngs(0)), 4, 8.0, rngs=nnx.Rngs(1))
+    for path, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.LoRAParam) and path[-1] == "lora_b":
+            var[...] = 0.3 * np.random.default_rng(len(path)).standard_normal(var[...].shape).astype(np.float32)
+    return model
+
+
+def test_evaluation_writes_the_report(run_config, tmp_path):
+    workdir = tmp_path / "run"
+    tok = tiny_tokenizer()
+    model = lora_model()
+    ev = Evaluation(run_config, tok, workdir, write=True)
+    assert ev.has_task and len(ev.shots) == 2
+    from ftjax.evaluation.base import base_view
+
+    replies = ev.prepare(base_view(model))
+    assert (workdir / CACHE_NAME).is_file() and len(replies.items) == 3
+
+    spec = ev.replay_spec()
+    sources = parse_sources(spec)
+    assert [s.path for s in sources] == [run_config.data.train, str(workdir / "replay.jsonl")]
+    assert sources[1].weight == pytest.approx(0.25) and sources[0].weight == pytest.approx(0.75)
+    records = read_file(sources[1].path, Fields()).records
+    assert records[2].messages[-1] == ("assistant", "w66 w67")  # the user's own reply is replayed as given
+    assert [r.messages[-1][1] for r in records[:2]] == [r for r in replies.replies[:2] if r.strip()]
+    assert tokenize_records(records, tok, loss_on="last_assistant").trained.any()
+
+    logged = ev.track(model, None, step=4)
+    assert set(logged) == {"task_exact", "task_contains", "kl_to_base", "retain_nll", "qa_accuracy"}
+    assert logged["kl_to_base"] > 0
+    (workdir / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.0, **logged, "kl_to_base": 0.01}) + "\n"
+                                           + json.dumps({"step": 4, "loss": 0.5, **logged}) + "\n")
+    report = ev.report(model, None, step=4)
+
+    check_report(report, ["exact", "contains"])
+    saved = json.loads((workdir / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(contract_keys(saved)) == {
+        *(f"task.{w}.{m}" for w in ("base", "prompted", "finetuned") for m in ("exact", "contains", "eval_loss")),
+        "forgetting.kl_to_base", "forgetting.retain_nll_base", "forgetting.retain_nll_finetuned",
+        "forgetting.qa_accuracy_base", "forgetting.qa_accuracy_finetuned"}
+    assert saved["forgetting"]["kl_to_base"] == pytest.approx(logged["kl_to_base"])  # the step-4 measurement
+    assert saved["task"]["finetuned"]["exact"] == logged["task_exact"]
+    assert set(saved["samples"]) == {"base", "prompted", "finetuned", "qa"}
+    assert saved["meta"]["few_shot"] == 2 and saved["meta"]["task_examples"] == 4
+    md = (workdir / "report.md").read_text()
+    assert "| fine-tuned" in md and "KL(base ‖ model)" in md
+    assert (workdir / PLOT_NAME).is_file() and (workdir / BASELINES_NAME).is_file()
+
+    # The base's figures are cached: a second Evaluation reads them instead of generating.
+    cached = json.loads((workdir / BASELINES_NAME).read_text())
+    cached["results"]["base"]["scores"]["exact"] = 0.123
+    (workdir / BASELINES_NAME).write_text(json.dumps(cached))
+    again = Evaluation(run_config, tok, workdir, write=True).baselines(base_view(model))
+    assert again["base"].scores["exact"] == 0.123
+
+
+def test_report_contract_and_tables():
+    report = {"task": {w: {"exact": 0.5, "eval_loss": 1.0} for w in ("base", "prompted", "finetuned")},
+              "forgetting": {"kl_to_base": 0.2, "retain_nll_base": 0.3, "retain_nll_finetuned": 0.6},
+              "meta": {"few_shot": 3}}
+    check_report(report, ["exact"])
+    with pytest.raises(ValueError, match="task.finetuned.json_valid"):
+        check_report(report, ["exact", "json_valid"])
+    text = format_tables(report)
+    assert "base (3-shot)" in text and "50.0%" in text and "0.2000" in text
+
+
+def test_replay_mixture_keeps_ratios():
+    spec = replay_mixture("a.jsonl:3,b.jsonl:1", "r.jsonl", 0.2)
+    got = {s.path: s.weight for s in parse_sources(spec)}
+    assert got == pytest.approx({"a.jsonl": 0.6, "b.jsonl": 0.2, "r.jsonl": 0.2})
+
+
+def test_progress_plot_needs_tracked_metrics(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    assert plot_progress(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 1.0, "task_exact": s / 10, "kl_to_base": s / 100, "retain_nll": 1 + s / 10})
+        + "\n" for s in (2, 4, 6)))
+    assert plot_progress(tmp_path) == tmp_path / PLOT_NAME
