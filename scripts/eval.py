@@ -1,0 +1,73 @@
+"""Evaluate a run: task scores vs the base (zero-shot and few-shot) and forgetting; writes WORKDIR/report.json.
+
+  python scripts/eval.py --workdir=DIR                      # the run in DIR (its config.json, latest checkpoint)
+  python scripts/eval.py --workdir=DIR --metric=person_json --few_shot=5 --max_examples=100
+  python scripts/eval.py --workdir=OUT --config=configs/NAME.py --model=MERGED_HF_DIR   # any model vs the
+                                                            # config's base model (config.model.path)
+
+Writes WORKDIR/report.json, report.md and progress.png, and prints the before/after table. The base
+model's replies to the retain prompts and its task baselines are cached in the workdir, so a second
+evaluation only measures the tuned model. Multi-host: the same command on every process with
+--coordinator_address/--num_processes/--process_id; process 0 writes.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ftjax import cli
+
+config_flags.DEFINE_config_file("config", None, "Recipe (default: WORKDIR/config.json of the run).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "The training workdir (read, and where the report goes).")
+flags.DEFINE_string("model", None, "Evaluate this model (HF folder, .gguf, name) instead of the workdir's "
+                    "checkpoint, against the config's base model.")
+flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_string("metric", None, "Override eval.metric (e.g. exact,json_valid or person_json).")
+flags.DEFINE_integer("few_shot", None, "Override eval.few_shot (k train examples in the prompted baseline).")
+flags.DEFINE_integer("max_examples", None, "Override eval.max_examples.")
+flags.DEFINE_string("eval_data", None, "Override data.eval (JSONL of chat or prompt/completion records).")
+flags.DEFINE_string("retain", None, "Override forget.retain (retain-set JSONL; empty = bundled).")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+_OVERRIDES = (("metric", "eval.metric"), ("few_shot", "eval.few_shot"), ("max_examples", "eval.max_examples"),
+              ("eval_data", "data.eval"), ("retain", "forget.retain"))
+
+
+def _config():
+    from ftjax import config as config_lib
+    from ftjax.evaluation.workdir import config_from_workdir
+
+    config = cli.config_from_flags() if FLAGS["config"].present else config_from_workdir(FLAGS.workdir)
+    for flag, key in _OVERRIDES:
+        value = getattr(FLAGS, flag)
+        if value is not None:
+            group, name = key.split(".")
+            config[group][name] = value
+    return config_lib.validate(config)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.init_distributed()
+    config = _config()
+    from ftjax.api import load_model, load_tokenizer
+    from ftjax.evaluation.run import Evaluation
+    from ftjax.evaluation.workdir import load_run
+    from ftjax.train.setup import mesh_from_config
+
+    mesh = mesh_from_config(config)
+    if FLAGS.model:
+        kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh)
+        model, base, step = load_model(FLAGS.model, **kw), load_model(config.model.path, **kw), FLAGS.step or 0
+        tokenizer = load_tokenizer(config.model.path)
+    else:
+        run = load_run(FLAGS.workdir, config, mesh, FLAGS.step)
+        model, base, step, tokenizer = run.model, run.base, run.step, run.tokenizer
+    Evaluation(config, tokenizer, FLAGS.workdir).report(
+        model, base, step, extra_meta={"evaluated": FLAGS.model or f"{FLAGS.workdir} step {step}"})
+
+
+if __name__ == "__main__":
+    cli.run_app(main)
