@@ -1,0 +1,183 @@
+"""Train-step throughput with honest MFU: what `scripts/benchmark.py` and `benchmarks/compare_hf.py` time.
+
+The batch is random (exactly batch × seq_len tokens, loss on every position) and placed on the
+devices once, so only the jitted step is timed. The step is compiled ahead of time (compile time
+measured apart), then each timed step is dispatched and blocked on; nothing else syncs with the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from ftjax import metrics as metrics_lib
+from ftjax.sharding import make_mesh
+from ftjax.train.setup import build_state
+from ftjax.train.state import state_size
+from ftjax.train.step import BATCH_KEYS, make_train_step
+
+FLOP_FORMULAS = {
+    "full": "6*P + 6*L*N*H*T (P: matmul params incl. head; causal attention fwd+bwd)",
+    "lora": "4*P_frozen + 6*P_lora + 6*L*N*H*T (no weight gradients for frozen weights)",
+}
+
+
+def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A full batch with one segment per row and a random target at every position (weight 1)."""
+    rng = np.random.default_rng(seed)
+    return dict(input_ids=rng.integers(0, vocab, (batch, seq_len), dtype=np.int32),
+                targets=rng.integers(0, vocab, (batch, seq_len), dtype=np.int32),
+                loss_weights=np.ones((batch, seq_len), np.float32),
+                segment_ids=np.ones((batch, seq_len), np.int32),
+                positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)))
+
+
+def peak_memory_bytes() -> tuple[int, str]:
+    """(peak bytes, source): the device allocator's peak where the backend reports it, else peak RSS."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (ru_maxrss)"
+
+
+def machine() -> dict[str, Any]:
+    """Where a figure was measured; the load average says how busy the machine was."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+@dataclasses.dataclass
+class Bench:
+    """A compiled step with its state and batch on the devices; `run(n)` times n more steps."""
+
+    config: Any
+    model_cfg: Any
+    compiled: Any
+    trainable: Any
+    opt_state: Any
+    frozen: Any
+    batch: dict
+    rng: jax.Array
+    n_trainable: int
+    devices: int
+    compile_s: float
+    build_s: float
+
+    def run(self, n: int) -> list[float]:
+        """Seconds per step for n steps, each dispatched then blocked on (the only host sync)."""
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.trainable, self.opt_state, metrics = self.compiled(self.trainable, self.opt_state, self.frozen,
+                                                                     self.batch, self.rng)
+            jax.block_until_ready((self.trainable, self.opt_state, metrics))
+            times.append(time.perf_counter() - t0)
+        self.last_loss = float(metrics["loss"])
+        return times
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.train.batch_size * self.config.data.seq_len
+
+    def flops_per_token(self) -> float:
+        lora = self.n_trainable if self.config.method == "lora" else 0
+        return metrics_lib.flops_per_token(self.model_cfg, self.config.data.seq_len, self.config.method, lora)
+
+
+def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
+    """Build the state from `config` (model, adapters, optimizer), place a random batch, compile the step."""
+    t0 = time.perf_counter()
+    devs = list(devices) if devices is not None else None
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devs)
+    setup = build_state(config, mesh)
+    state = setup.state
+    step = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,
+                           loss_chunk=config.train.loss_chunk)
+    cfg = setup.model_config
+    host = random_batch(config.train.batch_size, config.data.seq_len, cfg.vocab_size, config.seed)
+    batch = {k: jax.device_put(host[k], step.batch_sharding) for k in BATCH_KEYS}
+    rng = jax.random.key(config.seed)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = step._jitted.lower(state.trainable, state.opt_state, state.frozen, batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+    return Bench(config, cfg, compiled, state.trainable, state.opt_state, state.frozen, batch, rng,
+                 state_size(state.trainable)[1], mesh.size, compile_s, build_s)
+
+
+def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -> dict[str, Any]:
+    """The JSON record: throughput, MFU against `peak` per device, memory, and what was run where."""
+    c, cfg = bench.config, bench.model_cfg
+    step_s = statistics.median(times)
+    tokens_per_s = bench.tokens_per_step / step_s
+    fpt = bench.flops_per_token()
+    mem, mem_source = peak_memory_bytes()
+    return {
+        "tokens_per_s": tokens_per_s,
+        "trained_tokens_per_s": tokens_per_s,  # every position carries loss in the benchmark batch
+        "step_time_s": step_s,
+        "step_times_s": times,
+        "compile_s": bench.compile_s,
+        "build_s": bench.build_s,
+        "mfu": tokens_per_s * fpt / (peak * bench.devices),
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "flops_per_token": fpt,
+        "flops_formula": FLOP_FORMULAS[c.method],
+        "matmul_params": metrics_lib.matmul_params(cfg),
+        "trainable_params": bench.n_trainable,
+        "peak_memory_bytes": mem,
+        "peak_memory_source": mem_source,
+        "final_loss": getattr(bench, "last_loss", None),
+        "method": c.method,
+        "model": {"path": c.model.path, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+                  "intermediate": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
+                  "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "dtype": c.model.dtype,
+                  "frozen_dtype": c.train.frozen_dtype, "remat": c.model.remat, "attention": c.model.attention},
+        "lora": {"rank": c.lora.rank, "alpha": c.lora.alpha, "targets": c.lora.targets} if c.method == "lora" else None,
+        "optimizer": c.optim.name,
+        "batch": c.train.batch_size,
+        "seq_len": c.data.seq_len,
+        "grad_accum": c.train.grad_accum,
+        "loss_chunk": c.train.loss_chunk,
+        "devices": bench.devices,
+        "device_kind": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "jax_version": jax.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
+
+
+def run_benchmark(config, steps: int = 5, warmup: int = 2, devices: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Prepare, warm up, time `steps` steps and measure the peak in the same process; the JSON record."""
+    bench = prepare(config, devices)
+    bench.run(warmup)
+    times = bench.run(steps)
+    peak, source = metrics_lib.peak_flops(config.model.dtype)
+    return summarize(bench, times, peak, source)
+
+
+def smollm2_config(method: str = "lora", batch: int = 4, seq_len: int = 256):
+    """The comparison's setting: SmolLM2-135M from the GGUF, fp32, LoRA r=16/alpha=32 on all 7 projections."""
+    from ftjax.config import LORA_TARGETS, default_config
+
+    c = default_config()
+    c.model.path = "smollm2-135m-instruct"
+    c.method = method
+    c.lora.rank, c.lora.alpha, c.lora.targets = 16, 32.0, LORA_TARGETS
+    c.data.seq_len = seq_len
+    c.train.batch_size = batch
+    c.mesh.data = 1
+    return c
+
