@@ -29,9 +29,9 @@ from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import as_messages
 from ftjax.evaluation.retain import RetainItem, item_json
 from ftjax.evaluation.scorers import contains_answer
-from ftjax.evaluation.task import generate_replies
+from ftjax.evaluation.task import generate_replies, generate_rows
 from ftjax.evaluation.token_stats import TokenSums, teacher_forced
-from ftjax.generate import encode_chat, generate_tokens, stop_ids
+from ftjax.generate import encode_chat
 
 CACHE_NAME = "retain_replies.json"
 CACHE_VERSION = 1
@@ -59,18 +59,11 @@ class BaseReplies:
 def _generate_base(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem], max_new_tokens: int,
                    batch_size: int) -> BaseReplies:
     prompt_ids = [encode_chat(tokenizer, as_messages(it.prompt)) for it in items]
-    eos = stop_ids(base, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    reply_ids: list[list[int]] = [[] for _ in items]
-    order = sorted(range(len(items)), key=lambda i: len(prompt_ids[i]))
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo:lo + batch_size]
-        rows = generate_tokens(base, [prompt_ids[i] for i in idx], max_new_tokens=max_new_tokens, eos_ids=eos,
-                               pad_id=pad)
-        for i, row in zip(idx, rows):
-            row = [int(t) for t in row]
-            stop = next((k for k, t in enumerate(row) if t in eos), None)
-            reply_ids[i] = row if stop is None else row[:stop + 1]
+    rows, eos = generate_rows(base, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    reply_ids = []
+    for row in rows:
+        stop = next((k for k, t in enumerate(row) if t in eos), None)
+        reply_ids.append(row if stop is None else row[:stop + 1])
     replies = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in reply_ids]
     return BaseReplies(list(items), prompt_ids, reply_ids, replies, max_new_tokens)
 
@@ -81,7 +74,7 @@ def _identity(tokenizer: Any, items: Sequence[RetainItem], max_new_tokens: int, 
 
 
 def base_replies(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem], *, max_new_tokens: int = 64,
-                 batch_size: int = 16, cache: str | os.PathLike | None = None, model_id: str = "",
+                 batch_size: int = 64, cache: str | os.PathLike | None = None, model_id: str = "",
                  write: bool = True) -> BaseReplies:
     """The base model's greedy replies, read from `cache` when it was made for the same model id,
     tokenizer, prompts and length; otherwise generated and (when `write`, i.e. on process 0) cached."""
@@ -120,7 +113,7 @@ class ForgettingResult:
 
 
 def forgetting_metrics(model: nnx.Module, base: nnx.Module | None, tokenizer: Any, replies: BaseReplies, *,
-                       qa: bool = True, batch_size: int = 8) -> ForgettingResult:
+                       qa: bool = True, batch_size: int = 16) -> ForgettingResult:
     """KL(base ‖ tuned) and both NLLs on the base's replies (one pass), and QA accuracy before/after.
 
     `base=None` means `model` is a LoRA model and its base is itself with the adapters detached (no copy);
@@ -140,6 +133,6 @@ def forgetting_metrics(model: nnx.Module, base: nnx.Module | None, tokenizer: An
     qa_replies: list[str] = []
     if qa and asked:
         qa_replies = generate_replies(model, tokenizer, [replies.items[i].prompt for i in asked],
-                                      max_new_tokens=replies.max_new_tokens, batch_size=len(asked))
+                                      max_new_tokens=replies.max_new_tokens)
         metrics["qa_accuracy_finetuned"] = qa_accuracy(qa_replies, answers)
     return ForgettingResult(metrics, qa_replies, sums)

@@ -17,7 +17,7 @@ from ftjax.data.records import Record
 from ftjax.data.tokenize import tokenize_records
 from ftjax.evaluation.conversations import Turns, as_messages, as_record, few_shot_turns, split_reply
 from ftjax.evaluation.scorers import make_scorer
-from ftjax.evaluation.token_stats import TokenSums, teacher_forced
+from ftjax.evaluation.token_stats import TokenSums, even_batches, teacher_forced
 from ftjax.generate import encode_chat, generate_tokens, stop_ids, trim
 
 
@@ -47,23 +47,34 @@ class TaskResult:
         return cls(**{**d, "prompts": prompts})
 
 
-def generate_replies(model: nnx.Module, tokenizer: Any, prompts: Sequence[Turns], *, max_new_tokens: int,
-                     batch_size: int = 16) -> list[str]:
-    """Greedy replies, `batch_size` prompts at a time (sorted by length; the last batch padded by repeats,
-    so every batch has the same shape and one compile per length bucket serves the whole eval)."""
-    ids = [encode_chat(tokenizer, as_messages(p)) for p in prompts]
+def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], *, max_new_tokens: int,
+                  batch_size: int = 64) -> tuple[list[list[int]], list[int]]:
+    """Greedy new tokens per prompt (EOS and padding included, `max_new_tokens` each) and the stop ids.
+
+    Prompts are sorted by length and split into equal batches (the last padded by repeats), so one compile
+    per length bucket serves a whole eval; large batches pay off on CPU, where decoding reads every weight
+    once per step whatever the batch.
+    """
     eos = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    replies: list[str] = [""] * len(ids)
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo:lo + batch_size]
-        batch = [ids[i] for i in idx]
-        batch += [batch[-1]] * (batch_size - len(batch)) if len(order) > batch_size else []
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    batches = even_batches(order, batch_size)
+    rows: list[list[int]] = [[] for _ in prompt_ids]
+    for idx in batches:
+        batch = [prompt_ids[i] for i in idx]
+        batch += [batch[-1]] * (len(batches[0]) - len(batch))
         tokens = generate_tokens(model, batch, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
         for i, row in zip(idx, tokens):
-            replies[i] = tokenizer.decode(trim(row, eos), skip_special_tokens=True)
-    return replies
+            rows[i] = [int(t) for t in row]
+    return rows, eos
+
+
+def generate_replies(model: nnx.Module, tokenizer: Any, prompts: Sequence[Turns], *, max_new_tokens: int,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy replies as text (up to the first EOS) to chat prompts."""
+    ids = [encode_chat(tokenizer, as_messages(p)) for p in prompts]
+    rows, eos = generate_rows(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [tokenizer.decode(trim(row, eos), skip_special_tokens=True) for row in rows]
 
 
 def reference_sequences(tokenizer: Any, prompts: Sequence[Turns], references: Sequence[str]
@@ -82,7 +93,7 @@ def default_max_new_tokens(tokenizer: Any, references: Sequence[str], margin: in
 
 
 def evaluate_task(model: nnx.Module, tokenizer: Any, records: Sequence[Any], metric: str = "exact", *,
-                  max_examples: int = 200, shots: Sequence[Record] = (), batch_size: int = 16,
+                  max_examples: int = 200, shots: Sequence[Record] = (), batch_size: int = 64,
                   max_new_tokens: int | None = None, with_loss: bool = True) -> TaskResult:
     """Score greedy replies to the first `max_examples` eval records by `metric` (see scorers.py).
 

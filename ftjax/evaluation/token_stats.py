@@ -80,6 +80,17 @@ def _sums(graphdef, state, base_graphdef, base_state, input_ids, targets, weight
     return _chunked(h, hb, model.logits, base_logits_fn, targets, weights, chunk)
 
 
+def even_batches(order: Sequence[int], max_batch: int) -> list[list[int]]:
+    """`order` in the fewest batches of at most `max_batch` rows, equal sizes but a possibly shorter last one
+    (callers pad it to the first's size, so one shape serves all with as few padding rows as possible)."""
+    n = len(order)
+    if n == 0:
+        return []
+    count = -(-n // max(1, max_batch))
+    size = -(-n // count)
+    return [list(order[lo:lo + size]) for lo in range(0, n, size)]
+
+
 def _batch(seqs: Sequence[tuple[np.ndarray, np.ndarray]], rows: int, length: int) -> dict[str, np.ndarray]:
     """Right-padded rows (segment 0 on padding); missing rows are all padding with zero weight."""
     out = {k: np.zeros((rows, length), np.float32 if k == "weights" else np.int32)
@@ -94,11 +105,11 @@ def _batch(seqs: Sequence[tuple[np.ndarray, np.ndarray]], rows: int, length: int
 
 
 def teacher_forced(model: nnx.Module, sequences: Sequences, *, base: nnx.Module | None = None,
-                   batch_size: int = 8, chunk: int = 64) -> TokenSums:
+                   batch_size: int = 16, chunk: int = 64) -> TokenSums:
     """Per-sequence NLL sums of `model` (and the base's NLL and KL(base ‖ model) when `base` is given).
 
-    Sequences are sorted by length and batched `batch_size` at a time, padded to a length bucket, so a
-    whole eval compiles a handful of shapes at most.
+    Sequences are sorted by length and split into equal batches of at most `batch_size` (the last padded
+    with empty rows), each padded to a length bucket, so a whole eval compiles a handful of shapes.
     """
     n = len(sequences)
     if any(len(ids) < 2 for ids, _ in sequences):
@@ -107,12 +118,13 @@ def teacher_forced(model: nnx.Module, sequences: Sequences, *, base: nnx.Module 
     base_graphdef, base_state = nnx.split(base) if base is not None else (None, None)
     out = {k: np.zeros(n, np.float64) for k in ("nll", "base_nll", "kl", "tokens")}
     order = sorted(range(n), key=lambda i: len(sequences[i][0]))
-    for lo in range(0, n, batch_size):
-        idx = order[lo:lo + batch_size]
+    batches = even_batches(order, batch_size)
+    rows = len(batches[0]) if batches else 0
+    for idx in batches:
         longest = max(len(sequences[i][0]) - 1 for i in idx)
         length = -(-bucket_length(longest) // chunk) * chunk if longest > chunk else bucket_length(longest)
         c = min(chunk, length)
-        b = _batch([sequences[i] for i in idx], batch_size, length)
+        b = _batch([sequences[i] for i in idx], rows, length)
         nll, base_nll, kl = jax.device_get(_sums(
             graphdef, state, base_graphdef, base_state, b["input_ids"], b["targets"], b["weights"],
             b["segment_ids"], b["positions"], chunk=c))
