@@ -133,3 +133,27 @@ def test_progress_plot_needs_tracked_metrics(tmp_path):
         json.dumps({"step": s, "loss": 1.0, "task_exact": s / 10, "kl_to_base": s / 100, "retain_nll": 1 + s / 10})
         + "\n" for s in (2, 4, 6)))
     assert plot_progress(tmp_path) == tmp_path / PLOT_NAME
+
+
+def test_retain_batches_weight_only_the_replies(tmp_path):
+    """The KL term's batches: prompt + reply rows in the train-step layout, weighted on the reply tokens
+    (the end-of-turn token included) and nowhere else."""
+    from ftjax.evaluation.forgetting import BaseReplies
+    from ftjax.evaluation.replay import retain_iterator, write_replay_file
+    from ftjax.evaluation.retain import RetainItem
+
+    tok = tiny_tokenizer()
+    items = [RetainItem((("user", f"w{i} w{i + 1}"),)) for i in range(1, 7)]
+    replies = BaseReplies(items, [], [], [f"w{i + 50} w{i + 51} w{i + 52}" for i in range(1, 7)], 8)
+    path = write_replay_file(tmp_path / "replay.jsonl", replies)
+    it = retain_iterator(path, tok, seq_len=32, batch_size=2, seed=0, prefetch=0)
+    try:
+        batch = next(it)
+    finally:
+        it.close()
+    assert batch["input_ids"].shape == (2, 32)
+    want = {f"w{i + 50} w{i + 51} w{i + 52} <|im_end|>" for i in range(1, 7)}
+    for row in range(2):
+        for seg in set(batch["segment_ids"][row].tolist()) - {0}:
+            on = (batch["segment_ids"][row] == seg) & (batch["loss_weights"][row] > 0)
+            assert tok.decode(batch["targets"][row][on]) in want

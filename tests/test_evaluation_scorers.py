@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ftjax.errors import ConfigError
@@ -71,3 +73,23 @@ def test_bad_metrics_are_config_errors(metric, fragment):
 ])
 def test_contains_answer(reply, answer, want):
     assert contains_answer(reply, answer) == want
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("eval.metric", "bleu", "unknown metric 'bleu'"),
+    ("eval.few_shot", -1, "eval.few_shot must be >= 0"),
+    ("forget.replay_fraction", 1.0, "forget.replay_fraction must be in [0, 1)"),
+    ("forget.kl_weight", -0.1, "forget.kl_weight must be >= 0"),
+    ("forget.l2_weight", 0.1, "forget.l2_weight applies to method=full"),
+])
+def test_eval_and_forget_config_checks(key, value, fragment):
+    from ftjax import config as config_lib
+
+    c = config_lib.default_config()
+    group, name = key.split(".")
+    c[group][name] = value
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        config_lib.validate(c)
+    c.method = "full"
+    if key == "forget.l2_weight":
+        config_lib.validate(c)  # L2-to-base is for full fine-tuning

@@ -74,7 +74,7 @@ def _identity(tokenizer: Any, items: Sequence[RetainItem], max_new_tokens: int, 
 
 
 def base_replies(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem], *, max_new_tokens: int = 64,
-                 batch_size: int = 64, cache: str | os.PathLike | None = None, model_id: str = "",
+                 batch_size: int = 32, cache: str | os.PathLike | None = None, model_id: str = "",
                  write: bool = True) -> BaseReplies:
     """The base model's greedy replies, read from `cache` when it was made for the same model id,
     tokenizer, prompts and length; otherwise generated and (when `write`, i.e. on process 0) cached."""

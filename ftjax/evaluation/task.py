@@ -48,12 +48,12 @@ class TaskResult:
 
 
 def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], *, max_new_tokens: int,
-                  batch_size: int = 64) -> tuple[list[list[int]], list[int]]:
+                  batch_size: int = 32) -> tuple[list[list[int]], list[int]]:
     """Greedy new tokens per prompt (EOS and padding included, `max_new_tokens` each) and the stop ids.
 
     Prompts are sorted by length and split into equal batches (the last padded by repeats), so one compile
-    per length bucket serves a whole eval; large batches pay off on CPU, where decoding reads every weight
-    once per step whatever the batch.
+    per length bucket serves a whole eval. The batch is bounded because the prefill's logits are
+    [batch, prompt bucket, vocab] fp32.
     """
     eos = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
@@ -70,7 +70,7 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
 
 
 def generate_replies(model: nnx.Module, tokenizer: Any, prompts: Sequence[Turns], *, max_new_tokens: int,
-                     batch_size: int = 64) -> list[str]:
+                     batch_size: int = 32) -> list[str]:
     """Greedy replies as text (up to the first EOS) to chat prompts."""
     ids = [encode_chat(tokenizer, as_messages(p)) for p in prompts]
     rows, eos = generate_rows(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -93,7 +93,7 @@ def default_max_new_tokens(tokenizer: Any, references: Sequence[str], margin: in
 
 
 def evaluate_task(model: nnx.Module, tokenizer: Any, records: Sequence[Any], metric: str = "exact", *,
-                  max_examples: int = 200, shots: Sequence[Record] = (), batch_size: int = 64,
+                  max_examples: int = 200, shots: Sequence[Record] = (), batch_size: int = 32,
                   max_new_tokens: int | None = None, with_loss: bool = True) -> TaskResult:
     """Score greedy replies to the first `max_examples` eval records by `metric` (see scorers.py).
 
