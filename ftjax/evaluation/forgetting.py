@@ -27,6 +27,7 @@ from flax import nnx
 from ftjax.data.fingerprint import tokenizer_fingerprint
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import as_messages
+from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.retain import RetainItem, item_json
 from ftjax.evaluation.scorers import contains_answer
 from ftjax.evaluation.task import generate_replies, generate_rows
@@ -77,15 +78,15 @@ def base_replies(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem], 
                  batch_size: int = 32, cache: str | os.PathLike | None = None, model_id: str = "",
                  write: bool = True) -> BaseReplies:
     """The base model's greedy replies, read from `cache` when it was made for the same model id,
-    tokenizer, prompts and length; otherwise generated and (when `write`, i.e. on process 0) cached."""
+    tokenizer, prompts and length (on every process); otherwise generated and (when `write`, i.e. on
+    process 0) cached."""
     ident = _identity(tokenizer, items, max_new_tokens, model_id)
     path = Path(cache) if cache else None
-    if path is not None and path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("identity") == ident:
-            rows = saved["replies"]
-            return BaseReplies(list(items), [r["prompt_ids"] for r in rows], [r["reply_ids"] for r in rows],
-                               [r["reply"] for r in rows], max_new_tokens)
+    saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    if everywhere(saved.get("identity") == ident):
+        rows = saved["replies"]
+        return BaseReplies(list(items), [r["prompt_ids"] for r in rows], [r["reply_ids"] for r in rows],
+                           [r["reply"] for r in rows], max_new_tokens)
     out = _generate_base(base, tokenizer, items, max_new_tokens, batch_size)
     if path is not None and write:
         rows = [{"prompt_ids": p, "reply_ids": r, "reply": t}

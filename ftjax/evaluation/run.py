@@ -21,9 +21,11 @@ from typing import Any
 from flax import nnx
 
 from ftjax.data.mixture import parse_sources
+from ftjax.data.records import Fields
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import load_records, pick_shots
 from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
+from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.progress import plot_progress, tracking_metrics
 from ftjax.evaluation.replay import REPLAY_NAME, replay_mixture, write_replay_file
 from ftjax.evaluation.report import build_report, write_report
@@ -45,11 +47,13 @@ class Evaluation:
     def __init__(self, config: Any, tokenizer: Any, workdir: str | os.PathLike, *, write: bool | None = None):
         self.config, self.tokenizer, self.workdir = config, tokenizer, Path(workdir)
         self.write = _process_zero() if write is None else write
-        self.records = load_records(config.data.eval) if config.data.eval else []
+        d = config.data
+        fields = Fields(d.messages_field, d.prompt_field, d.completion_field, d.text_field)
+        self.records = load_records(d.eval, fields) if d.eval else []
         self.shots = []
-        if self.records and config.eval.few_shot > 0 and config.data.train:
-            first = parse_sources(config.data.train)[0].path  # the task's own data, never the replay file
-            self.shots = pick_shots(load_records(first), config.eval.few_shot, seed=config.seed)
+        if self.records and config.eval.few_shot > 0 and d.train:
+            first = parse_sources(d.train)[0].path  # the task's own data, never the replay file
+            self.shots = pick_shots(load_records(first, fields), config.eval.few_shot, seed=config.seed)
         self.retain = load_retain(config.forget.retain)
         self.replies: BaseReplies | None = None
         self._tracked: tuple[int, TaskResult | None, ForgettingResult] | None = None
@@ -102,10 +106,9 @@ class Evaluation:
         path = self.workdir / BASELINES_NAME
         key = {"model": self.model_id(), "metric": self.config.eval.metric, "few_shot": len(self.shots),
                "max_examples": self.config.eval.max_examples, "eval": self.config.data.eval}
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("key") == key:
-                return {k: TaskResult.from_json(v) for k, v in saved["results"].items()}
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if everywhere(saved.get("key") == key):
+            return {k: TaskResult.from_json(v) for k, v in saved["results"].items()}
         out = {"base": self._task(base)}
         if self.shots:
             out["prompted"] = self._task(base, self.shots)
