@@ -3,6 +3,7 @@
     ev = Evaluation(config, tokenizer, workdir)          # reads eval/train records and the retain set
     ev.prepare(base)                                     # base replies to the retain prompts (cached)
     config.data.train = ev.replay_spec() or config.data.train   # forget.replay_fraction > 0 only
+    retain = retain_iterator(ev.replay_file(), ...)      # forget.kl_weight > 0 only: the KL term's batches
     ev.baselines(base)                                   # base 0-shot and k-shot scores (cached)
     logged = ev.track(model, base, step)                 # every eval.every: task_*, kl_to_base, ...
     report = ev.report(model, base, step)                # at the end: report.json/.md, progress.png, table
@@ -83,21 +84,22 @@ class Evaluation:
                                         cache=self.workdir / CACHE_NAME, model_id=self.model_id(), write=self.write)
         return self.replies
 
-    def replay_spec(self) -> str | None:
-        """`data.train` with the replay file mixed in at forget.replay_fraction (None when replay is off).
+    def replay_file(self) -> str:
+        """WORKDIR/replay.jsonl: the retain prompts with the replies to keep, for replay and the KL term.
 
-        Call after `prepare`; the file (WORKDIR/replay.jsonl) is written by process 0 and read by all, so
-        multi-host runs need a shared workdir (as checkpoints already do).
+        Call after `prepare`. Every process writes it (identical bytes, atomic rename), so hosts need no
+        barrier and a workdir that is not shared works too.
         """
+        if self.replies is None:
+            raise RuntimeError("call Evaluation.prepare(base) before replay_file()")
+        return write_replay_file(self.workdir / REPLAY_NAME, self.replies)
+
+    def replay_spec(self) -> str | None:
+        """`data.train` with the replay file mixed in at forget.replay_fraction (None when replay is off)."""
         fraction = self.config.forget.replay_fraction
         if not fraction:
             return None
-        if self.replies is None:
-            raise RuntimeError("call Evaluation.prepare(base) before replay_spec()")
-        path = self.workdir / REPLAY_NAME
-        if self.write:
-            write_replay_file(path, self.replies)
-        return replay_mixture(self.config.data.train, str(path), fraction)
+        return replay_mixture(self.config.data.train, self.replay_file(), fraction)
 
     def baselines(self, base: nnx.Module) -> dict[str, TaskResult]:
         """Base zero-shot and k-shot prompted results on the eval split (cached in baselines.json)."""
