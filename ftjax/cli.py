@@ -17,22 +17,67 @@ flags.DEFINE_integer("init_timeout", 300, "Seconds to wait for all processes to 
 
 
 def init_distributed() -> None:
-    """Join the multi-host run when asked; on CPU use gloo collectives. One line on a time-out."""
+    """Join the multi-host run when there is one (flags, or JAX's cluster detection on SLURM / TPU VMs).
+
+    A rendezvous first (ftjax.distributed) so that a process that does not join within
+    --init_timeout is named in one line on every other process; on CPU, gloo collectives.
+    """
+    from ftjax.distributed import rendezvous
+    from ftjax.errors import StartupError
+
+    given = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        resolved = _cluster_params(*given, timeout_s=FLAGS.init_timeout)
+    except ImportError:  # JAX moved its private cluster detection: initialize() still detects, unnamed errors
+        _initialize_jax(*given)
+        return
+    if resolved is None:
+        if given == (None, None, None):
+            return  # one process
+        raise StartupError("--coordinator_address, --num_processes and --process_id go together (or leave all "
+                           "three empty for JAX's cluster detection on TPU VMs and SLURM)")
+    if resolved[1] == 1:
+        return
+    rendezvous(*resolved, FLAGS.init_timeout)
+    _initialize_jax(*resolved)
+
+
+def _cluster_params(address: str | None, num_processes: int | None, process_id: int | None,
+                    timeout_s: int) -> tuple[str, int, int] | None:
+    """The three multi-host settings, unset ones filled in as jax.distributed.initialize would; None if unknown."""
+    import os
+
+    address = address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if None in (address, num_processes, process_id):
+        # JAX's cluster detection (SLURM, TPU VMs, Open MPI, Kubernetes): the code initialize() itself runs.
+        from jax._src.clusters import ClusterEnv
+
+        address, num_processes, process_id, _ = ClusterEnv.auto_detect_unset_distributed_params(
+            address, num_processes, process_id, None, None, timeout_s)
+    if None in (address, num_processes, process_id):
+        return None
+    return str(address), int(num_processes), int(process_id)
+
+
+def _initialize_jax(address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """jax.distributed.initialize with gloo CPU collectives; its long errors as one line."""
     import jax
 
-    if FLAGS.num_processes is None and FLAGS.coordinator_address is None:
-        return
+    from ftjax.errors import StartupError
+
     if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+        jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id,
                                    initialization_timeout=FLAGS.init_timeout)
+    except ValueError as e:
+        if (address, num_processes, process_id) == (None, None, None) and "coordinator_address" in str(e):
+            return  # no cluster found: one process
+        raise StartupError(f"could not start the multi-host run: {str(e).splitlines()[0]}") from None
     except Exception as e:  # JAX's message is long; say what matters
-        who = f"process {FLAGS.process_id}" if FLAGS.process_id is not None else "this process"
-        raise SystemExit(
-            f"error: {who} could not join the run at {FLAGS.coordinator_address} with "
-            f"{FLAGS.num_processes} processes within {FLAGS.init_timeout}s: {str(e).splitlines()[0]}")
+        who = f"process {process_id}" if process_id is not None else "this process"
+        raise StartupError(f"{who} could not join the run at {address} with {num_processes} processes: "
+                           f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
 
 
 def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:

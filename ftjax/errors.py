@@ -15,3 +15,7 @@ class LoadError(FtjaxError):
 
 class DataError(FtjaxError):
     """Training or eval data is malformed (the message names file:line)."""
+
+
+class StartupError(FtjaxError):
+    """A multi-host run could not start (the message names the process that did not join)."""
