@@ -47,13 +47,18 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if jax.process_count() > 1:
+            # A stop seen by one host must stop every host at the same step (the save is collective):
+            # hand it to JAX's preemption notifier, which agrees on that step with all of them.
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.requested = True
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(step)
         return self.requested
 
     def __exit__(self, *exc):
@@ -63,10 +68,11 @@ class _StopRequest:
 
 
 def _inject_fault(step: int) -> None:
-    """Fault injection for the crash/preemption tests: FTJAX_FAULT=kill@N or term@N signals this process."""
+    """Fault injection for the crash/preemption tests: FTJAX_FAULT=kill@N, term@N or int@N signals this process."""
     fault = os.environ.get("FTJAX_FAULT", "")
     if "@" in fault and int(fault.split("@")[1]) == step:
-        os.kill(os.getpid(), signal.SIGKILL if fault.startswith("kill") else signal.SIGTERM)
+        kinds = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+        os.kill(os.getpid(), kinds[fault.split("@")[0]])
 
 
 def check_batch_fits(config, mesh) -> None:
