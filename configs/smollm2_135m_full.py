@@ -1,0 +1,31 @@
+"""Full fine-tuning of SmolLM2-135M-Instruct on CPU: the demo task (person sentence -> JSON), every weight trained.
+
+  python scripts/train.py --config=configs/smollm2_135m_full.py --workdir=runs/smollm2_full
+  python scripts/eval.py --workdir=runs/smollm2_full            # before/after table, report.json
+
+Same data and schedule as smollm2_135m_lora.py, with a 20x lower peak learning rate: every weight
+moves (embeddings included), so the step must be small. Measured on a 2-core CPU: MEASURED.
+"""
+
+from ftjax.config import default_config
+from ftjax.tasks import person_json
+
+
+def get_config():
+    c = default_config()
+    c.model.path = "smollm2-135m-instruct"
+    c.method = "full"
+    c.data.train, c.data.eval = person_json.files(n_train=3000, n_eval=200)
+    c.data.seq_len = 128
+    c.train.batch_size = 8
+    c.train.steps = 40
+    c.train.log_every = 10
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 5
+    c.optim.schedule = "cosine"
+    c.optim.weight_decay = 0.01
+    c.checkpoint.every = 20
+    c.checkpoint.keep = 1  # a full checkpoint is ~1.6 GB (fp32 weights + Adam moments)
+    c.eval.every = 20
+    c.eval.max_examples = 100
+    return c

@@ -1,0 +1,129 @@
+"""Every recipe in configs/ loads, validates and can be overridden from the command line; bad flags fail in one line.
+
+The bad-flag runs start scripts/train.py with JAX_LOG_COMPILES=1, so any compilation before the
+error would add lines to stderr: one line on stderr proves it failed before compiling.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+from ftjax.config import default_config, flat_keys, get, validate
+from loop_helpers import ROOT
+
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+# DESIGN.md, "The contract users rely on": config keys users set from their launch scripts.
+CONTRACT_KEYS = (
+    "model.path", "method", "seed", "lora.rank", "lora.alpha", "lora.targets", "data.train", "data.eval",
+    "data.seq_len", "data.packing", "data.overlong", "train.batch_size", "train.steps", "train.grad_accum",
+    "train.log_every", "train.frozen_dtype", "optim.name", "optim.lr", "mesh.data", "mesh.fsdp", "mesh.tensor",
+    "checkpoint.every", "checkpoint.keep", "eval.every", "eval.final", "eval.max_examples",
+)
+
+
+def _get_config(path: Path) -> ConfigDict:
+    spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _field_type(c: ConfigDict, key: str) -> type:
+    """The declared type of a leaf (a placeholder's type when its value is None)."""
+    parent, _, leaf = key.rpartition(".")
+    return (get(c, parent) if parent else c).get_type(leaf)
+
+
+def _other_value(value, kind: type) -> str:
+    """A command-line string for a value of `kind` that differs from `value`."""
+    if kind is bool:
+        return str(not value).lower()
+    if kind is int:
+        return str(value + 3 if value != -3 else 5)
+    if kind is float:
+        return repr(value + 0.25)
+    if kind is str:
+        return f"{value or ''}x"
+    raise AssertionError(f"unexpected config type {kind}")
+
+
+def test_the_recipes_are_all_here():
+    names = {p.stem for p in CONFIGS}
+    assert {"tiny_test", "smollm2_135m_lora", "smollm2_135m_full", "llama3_8b_lora", "llama3_70b_lora_fsdp",
+            "qwen3_8b_lora"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_is_locked_valid_and_documents_its_command(path):
+    c = _get_config(path)
+    assert c.is_locked
+    validate(c)
+    defaults = default_config()
+    assert sorted(flat_keys(c)) == sorted(flat_keys(defaults))  # a recipe overrides keys, it adds none
+    for key in CONTRACT_KEYS:
+        kind = _field_type(defaults, key)
+        assert kind in (bool, int, float, str), (key, kind)
+        assert _field_type(c, key) is kind, key  # the recipe kept the key's type
+    overridden = [k for k in flat_keys(c) if get(c, k) != get(defaults, k)]
+    assert len(overridden) <= 36, overridden  # "a recipe overrides a few dozen at most"
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    assert f"scripts/train.py --config=configs/{path.name}" in doc  # the launch command is in the docstring
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_key_can_be_set_from_the_command_line(path):
+    c = _get_config(path)
+    argv, expected = [], {}
+    for key in flat_keys(c):
+        kind = _field_type(c, key)
+        text = _other_value(get(c, key), kind)
+        argv.append(f"--config.{key}={text}")
+        expected[key] = kind(text) if kind is not bool else text == "true"
+    argv = ["train.py", f"--config={path}", *argv]
+    fv = flags.FlagValues()
+    # sys_argv: config_flags defines a flag for each override it finds there (as scripts/train.py does)
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    parsed = fv.config
+    assert parsed.is_locked
+    for key, want in expected.items():
+        got = get(parsed, key)
+        assert type(got) is type(want) and got == want, (key, got, want)
+
+
+def _train(tmp_path: Path, *flag_args: str, devices: int = 4) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "JAX_LOG_COMPILES": "1"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"--config={ROOT / 'configs' / 'tiny_test.py'}",
+           f"--workdir={tmp_path / 'run'}", *flag_args]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return proc, time.perf_counter() - t
+
+
+@pytest.mark.parametrize("flag_args, message", [
+    (["--config.lora.rnak=3"], "error: unknown config key 'lora.rnak'; did you mean 'lora.rank'?"),
+    (["--config.data.train=missing.jsonl"], "missing.jsonl"),
+    (["--config.mesh.data=3"], "error: mesh data=3 fsdp=1 tensor=1 does not divide the 4 available devices"),
+    (["--config.mesh.data=2", "--config.mesh.fsdp=4"], "error: mesh data=2 fsdp=4 tensor=1 does not divide the 4 "
+     "available devices"),
+], ids=["misspelled-key", "missing-data", "mesh-not-dividing", "mesh-too-big"])
+def test_bad_flags_fail_in_one_line_before_compiling(tmp_path, flag_args, message):
+    proc, seconds = _train(tmp_path, *flag_args)
+    print(f"{' '.join(flag_args)}: exit {proc.returncode} after {seconds:.1f} s")  # a figure, not a timed test
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines[:5]
+    assert proc.stdout == ""
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
