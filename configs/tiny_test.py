@@ -24,6 +24,9 @@ def get_config():
     c.optim.lr = 1e-2
     c.optim.warmup_steps = 1
     c.checkpoint.every = 4
-    c.eval.every = 4
+    c.eval.every = 0  # eval loss, task scores and forgetting at the end (eval.final)
     c.eval.max_examples = 8
+    c.eval.metric = "person_json"
+    c.eval.few_shot = 1
+    c.forget.max_new_tokens = 8
     return c

@@ -17,8 +17,9 @@ from loop_helpers import ROOT, load_config, metrics, tensorboard_scalars
 STEPS = 8
 
 
-def _config(**train):
+def _config(final_eval: bool = False, **train):
     c = load_config()
+    c.eval.final = final_eval  # the report is checked once, on the straight run
     c.train.grad_accum = 2
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2  # 8 simulated devices, every kind of axis
     for k, v in train.items():
@@ -41,7 +42,7 @@ def _final_trainable(workdir):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    result = run(_config(), workdir)
+    result = run(_config(final_eval=True), workdir)
     return workdir, result
 
 
@@ -61,6 +62,14 @@ def test_records_hold_the_runs_values(straight):
         for key in ("loss", "lr", "grad_norm", "eval_loss"):
             if key in r:
                 assert tb[key][r["step"]] == pytest.approx(r[key], rel=1e-6)
+    import json
+
+    report = json.loads((workdir / "report.json").read_text())
+    for which in ("base", "prompted", "finetuned"):
+        assert {"exact", "json_valid", "eval_loss"} <= set(report["task"][which])
+    assert report["task"]["finetuned"]["eval_loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-4)
+    assert {"kl_to_base", "retain_nll_base", "retain_nll_finetuned"} <= set(report["forgetting"])
+    assert report["forgetting"]["kl_to_base"] > 0
     png = (workdir / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
@@ -97,7 +106,7 @@ def _train_subprocess(workdir, fault: str, *flags: str) -> subprocess.CompletedP
     env = {**os.environ, "FTJAX_FAULT": fault}
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_test.py"),
            f"--workdir={workdir}", "--config.train.grad_accum=2", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-           "--config.mesh.tensor=2", *flags]
+           "--config.mesh.tensor=2", "--config.eval.final=false", *flags]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 from ftjax import config as config_lib
 from ftjax import data as data_lib
@@ -73,6 +75,22 @@ def _inject_fault(step: int) -> None:
     if "@" in fault and int(fault.split("@")[1]) == step:
         kinds = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
         os.kill(os.getpid(), kinds[fault.split("@")[0]])
+
+
+def _evaluation(config, tokenizer, workdir: Path, state):
+    """Task scores, baselines and forgetting (ftjax.evaluation) when the run has eval data.
+
+    The base model is the LoRA model with adapters detached (no copy: base=None), or for full
+    fine-tuning a copy of the initial weights taken before the first (donating) step.
+    """
+    if not config.data.eval or not (config.eval.final or config.eval.every):
+        return None, None
+    from ftjax.evaluation.run import Evaluation
+
+    base = None
+    if config.method == "full":
+        base = nnx.merge(state.graphdef, jax.tree.map(jnp.copy, state.trainable), state.frozen)
+    return Evaluation(config, tokenizer, workdir), base
 
 
 def check_batch_fits(config, mesh) -> None:
@@ -137,6 +155,11 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     sums_fn = make_eval_loss(state.graphdef, config.train.loss_chunk) if data.eval is not None else None
+    evaluation, base = _evaluation(config, tokenizer, workdir, state)
+    unsupported = [k for k in ("replay_fraction", "kl_weight", "l2_weight") if config.forget[k]]
+    if unsupported:
+        raise ConfigError(f"forget.{unsupported[0]} is not wired into the train step yet (see ftjax/train/"
+                          "regularizers.py); leave it at 0")
 
     def run_eval() -> float:
         batches = data_lib.eval_iterator(data.eval, config.train.batch_size, sharding=sharding)
@@ -154,6 +177,11 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     progress = _progress(start, config.train.steps, main_process)
     t_last, steps_since = time.perf_counter(), 0
     step = start
+
+    def state_model():
+        """The current model (shares the arrays; used between steps only)."""
+        return nnx.merge(state.graphdef, trainable, state.frozen)
+
     with _StopRequest() as stop:
         for step in range(start + 1, config.train.steps + 1):
             batch = next(it)
@@ -177,6 +205,8 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
             every = config.eval.every
             if sums_fn is not None and ((every and step % every == 0) or (is_last and config.eval.final)):
                 values["eval_loss"] = run_eval()
+                if evaluation is not None and every and step % every == 0:
+                    values.update(evaluation.track(state_model(), base, step))
                 t_last = time.perf_counter()  # eval time is not training throughput
             if values:
                 writer.write(step, values)
@@ -191,7 +221,10 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
                 _say(f"stop requested: saved step {step}, exiting")
                 break
     progress.close()
-    ckpt.close()
+    ckpt.close()  # the final save is complete before the (long) report
+    if evaluation is not None and config.eval.final and step == config.train.steps:
+        report = evaluation.report(state_model(), base, step)
+        last["report"] = report
     it.close()
     writer.close()
     if main_process:
