@@ -30,6 +30,25 @@ def _dtype_name(dtype) -> str:
         raise LoadError(f"unknown dtype {dtype!r} (use e.g. 'float32' or 'bfloat16')") from None
 
 
+def is_workdir(path: Path) -> bool:
+    """A training workdir: checkpoints/ and ftjax's run config (which, unlike an HF config, has `method`)."""
+    import json
+
+    cfg = path / "config.json"
+    if not ((path / "checkpoints").is_dir() and cfg.is_file()):
+        return False
+    try:
+        return "method" in json.loads(cfg.read_text())
+    except ValueError:
+        return False
+
+
+def _run_config(path: Path):
+    from ftjax.evaluation.workdir import config_from_workdir
+
+    return config_from_workdir(path)
+
+
 def resolve(path_or_name: str | Path) -> tuple[str, Path]:
     """('gguf' | 'hf', path) for a model name, a .gguf file or an HF folder."""
     s = str(path_or_name)
@@ -45,7 +64,7 @@ def resolve(path_or_name: str | Path) -> tuple[str, Path]:
             raise LoadError(f"{p}: GGUF file not found")
         return "gguf", p
     if p.is_dir():
-        return "hf", p
+        return ("workdir" if is_workdir(p) else "hf"), p
     raise LoadError(f"{s}: not a model folder, a .gguf file, or a known name ({', '.join(KNOWN_NAMES)})")
 
 
@@ -60,6 +79,10 @@ def load_model(path_or_name: str | Path = DEFAULT_MODEL, dtype="float32", *, par
     pdt = _dtype_name(param_dtype) if param_dtype is not None else dt
     if kind == "tiny":
         return _tiny_model(dt, pdt, mesh, rules, **overrides)
+    if kind == "workdir":  # base + trained weights of the latest checkpoint (LoRA adapters attached)
+        from ftjax.evaluation.workdir import load_run
+
+        return load_run(path, mesh=mesh, with_base=False).model
     if kind == "hf":
         from ftjax.interop.hf import load_hf
 
@@ -81,6 +104,8 @@ def model_config(path_or_name: str | Path = DEFAULT_MODEL, dtype="float32"):
     dt = _dtype_name(dtype)
     if kind == "tiny":
         return tiny_config(dt)
+    if kind == "workdir":
+        return model_config(_run_config(path).model.path, dtype)
     from ftjax.models.registry import config_from_hf
 
     if kind == "hf":
@@ -97,6 +122,8 @@ def load_tokenizer(path_or_name: str | Path = DEFAULT_MODEL):
     kind, path = resolve(path_or_name)
     if kind == "tiny":
         return load_tokenizer(DEFAULT_MODEL)
+    if kind == "workdir":
+        return load_tokenizer(_run_config(path).model.path)
     if kind == "gguf":
         from ftjax.interop.gguf_tokenizer import gguf_tokenizer
 

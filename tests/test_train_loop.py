@@ -128,3 +128,19 @@ def test_sigkill_then_resume_ends_at_the_same_loss(straight, tmp_path):
     assert f"resumed from step {latest}" in proc.stdout
     final = [r for r in metrics(tmp_path) if "loss" in r][-1]
     assert final["step"] == STEPS and final["loss"] == result["loss"]
+
+
+def test_load_model_reads_a_workdir(straight):
+    import ftjax
+    from flax import nnx
+
+    from ftjax.train.setup import build_state, mesh_from_config
+
+    workdir, _ = straight
+    step, trainable = _final_trainable(workdir)
+    c = _config()
+    setup = build_state(c, mesh_from_config(c))
+    by_hand = nnx.merge(setup.state.graphdef, trainable, setup.state.frozen)
+    ids = np.array([[1, 5, 9, 200, 3000]])
+    np.testing.assert_array_equal(np.asarray(ftjax.load_model(workdir)(ids)), np.asarray(by_hand(ids)))
+    assert ftjax.load_tokenizer(workdir).vocab_size == ftjax.load_tokenizer("tiny-random-llama").vocab_size

@@ -48,7 +48,8 @@ def config_from_workdir(workdir: str | Path) -> Any:
     return c
 
 
-def load_run(workdir: str | Path, config: Any = None, mesh: Any = None, step: int | None = None) -> LoadedRun:
+def load_run(workdir: str | Path, config: Any = None, mesh: Any = None, step: int | None = None, *,
+             with_base: bool = True) -> LoadedRun:
     """The workdir's model at `step` (default: the latest checkpoint), built and sharded like training did."""
     from ftjax.api import load_model, load_tokenizer
     from ftjax.checkpoint import Checkpoints
@@ -66,7 +67,7 @@ def load_run(workdir: str | Path, config: Any = None, mesh: Any = None, step: in
     ckpt.close()
     model = nnx.merge(state.graphdef, restored["trainable"], state.frozen)
     base = None
-    if config.method == "full":
+    if config.method == "full" and with_base:
         base = load_model(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                           mesh=mesh)
     return LoadedRun(config, model, base, load_tokenizer(config.model.path), int(step))
