@@ -17,7 +17,45 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def summarize_trace(folder: str, top: int) -> None:
+def dot_flops(hlo_text: str) -> dict[str, float]:
+    """FLOPs of every op (fusion or plain dot) that holds a dot, by instruction name, from optimized HLO."""
+    import re
+
+    comp_flops: dict[str, float] = {}
+    current = None
+    shape_of: dict[str, list[int]] = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"^%?(\S+) .*\{$", line) if not line.startswith(" ") else None
+        if m:
+            current = m.group(1)
+            shape_of = {}
+            for pm in re.finditer(r"(\S+): [a-z0-9]+\[([0-9,]*)\]", line):
+                shape_of[pm.group(1)] = [int(x) for x in pm.group(2).split(",") if x]
+            continue
+        im = re.match(r"\s+(?:ROOT )?%(\S+) = [a-z0-9]+\[([0-9,]*)\]\S* (\w[\w-]*)\((.*)", line)
+        if not im:
+            continue
+        name, shape, op, rest = im.group(1), [int(x) for x in im.group(2).split(",") if x], im.group(3), im.group(4)
+        shape_of[name] = shape
+        if op == "dot":
+            lhs = re.match(r"%(\S+?)[,)]", rest).group(1)
+            cm = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+            k = 1
+            for d in (cm.group(1).split(",") if cm and cm.group(1) else []):
+                k *= shape_of.get(lhs, [1] * 8)[int(d)]
+            flops = 2.0 * k
+            for d in shape:
+                flops *= d
+            comp_flops[current] = comp_flops.get(current, 0.0) + flops
+            comp_flops["%" + name] = flops
+        elif op == "fusion":
+            cm = re.search(r"calls=%(\S+?)[,\s]", rest)
+            if cm and cm.group(1) in comp_flops:
+                comp_flops["%" + name] = comp_flops[cm.group(1)]
+    return {k[1:]: v for k, v in comp_flops.items() if k.startswith("%")}
+
+
+def summarize_trace(folder: str, top: int, flops: dict[str, float] | None = None) -> None:
     """Self time (own duration less nested events) summed by op name over all threads of the trace."""
     import glob
 
@@ -47,8 +85,14 @@ def summarize_trace(folder: str, top: int) -> None:
     print("threads' ThunkExecutor time:", {k[-12:]: round(v, 2) for k, v in busy.items()})
     rows = sorted(self_s.items(), key=lambda kv: -kv[1])
     total = sum(v for k, v in self_s.items() if not k.startswith("$"))
+    flops = flops or {}
+    dot_s = sum(v for k, v in self_s.items() if k in flops)
+    dot_f = sum(flops[k] * count[k] for k in self_s if k in flops)
+    print(f"ops {total:.3f}s; ops with dots {dot_s:.3f}s at {dot_f / max(dot_s, 1e-9) / 1e9:.0f} GFLOP/s "
+          f"({dot_f / 1e9:.0f} GFLOP)")
     for name, secs in rows[:top]:
-        print(f"{secs:8.3f}s {100 * secs / total:5.1f}% {count[name]:6d}x  {name[:110]}")
+        rate = f"{flops[name] * count[name] / secs / 1e9:6.0f} GFLOP/s" if name in flops and secs > 0 else " " * 14
+        print(f"{secs:8.3f}s {100 * secs / total:5.1f}% {count[name]:6d}x {rate} {name[:100]}")
 
 
 def main() -> None:
@@ -81,7 +125,7 @@ def main() -> None:
     with jax.profiler.trace(folder):
         times = bench.run(1)
     print("traced step", times, "trace in", folder)
-    summarize_trace(folder, args.top)
+    summarize_trace(folder, args.top, dot_flops(bench.compiled.as_text()))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
         path=DEFAULT_MODEL,
         dtype="float32",  # compute dtype
         param_dtype="float32",
-        remat="none",  # none | full | dots
+        remat="minimal",  # minimal (save projection outputs, recompute the rest) | none | full | dots
         attention="xla",  # xla | cudnn
     )
     c.lora = dict(rank=16, alpha=32.0, dropout=0.0, targets=LORA_TARGETS, rslora=False)
@@ -112,7 +112,7 @@ def unknown_key_message(c: ml_collections.ConfigDict, key: str) -> str:
 
 _CHOICES = {
     "method": ("lora", "full"),
-    "model.remat": ("none", "full", "dots"),
+    "model.remat": ("minimal", "none", "full", "dots"),
     "model.attention": ("xla", "cudnn"),
     "data.overlong": ("drop", "truncate", "error"),
     "data.on_bad_record": ("error", "skip"),

@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.errors import ConfigError
 from ftjax.models.layers import Linear
@@ -48,7 +49,7 @@ class LoRA(nnx.Module):
             keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
         a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-        return (x @ a) @ b * jnp.asarray(self.scale, x.dtype)
+        return checkpoint_name(x @ a, "lora_hidden") @ b * jnp.asarray(self.scale, x.dtype)
 
     def delta(self) -> jax.Array:
         """scale · A @ B in fp32, the kernel-shaped update that merging adds."""

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.sharding import constrain
 
@@ -54,12 +55,16 @@ class Linear(nnx.Module):
         self.lora: nnx.Module | None = None
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        y = jnp.einsum("...d,df->...f", x, self.kernel[...].astype(self.dtype))
+        # Rows flattened to 2-D: the weight gradient is then one plain [in, rows] x [rows, out] GEMM;
+        # with [B, T] rows XLA CPU transposes the activations for it (a slow copy every layer).
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ self.kernel[...].astype(self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
-            y = y + self.lora(x, rng).astype(y.dtype)
-        return y
+            y = y + self.lora(x2, rng).astype(y.dtype)
+        return y.reshape(*lead, y.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +122,11 @@ def attention_mask(q_segment_bt, q_slot_bt, kv_segment_bs, kv_slot_bs, sliding_w
     return mask[:, None, :, :]
 
 
+def causal_blocks(t: int, block: int = 128) -> int:
+    """Query blocks for causal block skipping: blocks of `block` tokens when they tile the sequence."""
+    return t // block if t % block == 0 and t >= 2 * block else 1
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Static attention shape settings taken from the model config."""
@@ -162,14 +172,27 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, sin, cos), ("batch", "length", "act_heads", None))
         k = constrain(apply_rope(k, sin, cos), ("batch", "length", "act_kv", None))
         v = constrain(v, ("batch", "length", "act_kv", None))
-        return q, k, v
+        return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
 
-    def attend(self, q_btnh, k_bskh, v_bskh, mask, o_rng=None) -> jax.Array:
-        """Masked softmax attention and the output projection."""
+    def attend(self, q_btnh, k_bskh, v_bskh, mask, o_rng=None, *, causal: bool = False) -> jax.Array:
+        """Masked softmax attention and the output projection.
+
+        `causal` (query i and key i are the same slot and the mask is causal, as in training) lets the
+        XLA path skip key blocks that lie wholly after a query block: ~1/4 less attention work at 2 blocks.
+        """
         b, t = q_btnh.shape[:2]
         impl = None if self.cfg.implementation == "xla" else self.cfg.implementation
-        out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, implementation=impl)
-        return self.o_proj(out.reshape(b, t, -1), o_rng)
+        blocks = causal_blocks(t) if causal and impl is None and k_bskh.shape[1] == t else 1
+        if blocks == 1:
+            out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, implementation=impl)
+        else:
+            size = t // blocks
+            out = jnp.concatenate([
+                jax.nn.dot_product_attention(q_btnh[:, i * size:(i + 1) * size], k_bskh[:, :(i + 1) * size],
+                                             v_bskh[:, :(i + 1) * size],
+                                             mask=mask[:, :, i * size:(i + 1) * size, :(i + 1) * size])
+                for i in range(blocks)], axis=1)
+        return self.o_proj(checkpoint_name(out.reshape(b, t, -1), "attn_context"), o_rng)
 
 
 class MLP(nnx.Module):
@@ -183,6 +206,7 @@ class MLP(nnx.Module):
         self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x_btd: jax.Array, rngs=(None, None, None)) -> jax.Array:
-        h = jax.nn.silu(self.gate_proj(x_btd, rngs[0])) * self.up_proj(x_btd, rngs[1])
+        gate = checkpoint_name(self.gate_proj(x_btd, rngs[0]), "mlp_gate")
+        h = jax.nn.silu(gate) * checkpoint_name(self.up_proj(x_btd, rngs[1]), "mlp_up")
         h = constrain(h, ("batch", "length", "act_mlp"))
         return self.down_proj(h, rngs[2])

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models.layers import (MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, attention_mask,
                                  rope_inv_freq, rope_sin_cos)
@@ -21,6 +22,11 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Saves the projections' outputs and the residual stream only (names set in layers.py and lora.py);
+    # recomputes norms, rope, attention scores/softmax and the SwiGLU product in the backward pass:
+    # a fraction of the activation memory of "none" for ~3% more FLOPs, and faster on CPU.
+    "minimal": jax.checkpoint_policies.save_only_these_names(
+        "query", "key", "value", "attn_context", "resid_mid", "mlp_gate", "mlp_up", "lora_hidden"),
 }
 
 
@@ -48,7 +54,7 @@ class ModelConfig:
     model_type: str = "llama"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots
+    remat: str = "none"  # none | minimal | full | dots
     attention: str = "xla"  # xla | cudnn
     extra: tuple = ()  # HF config items kept for export (hashable pairs)
 
@@ -98,7 +104,9 @@ class DecoderLayer(nnx.Module):
             k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             k, v, kv = k_cache, v_cache, (k_cache, v_cache)
-        x_btd = x_btd + self.self_attn.attend(q, k, v, mask, rngs[3])
+        # Without a cache, query i and key i are the same slot and the mask is causal by slot.
+        attn = self.self_attn.attend(q, k, v, mask, rngs[3], causal=kv is None)
+        x_btd = checkpoint_name(x_btd + attn, "resid_mid")
         h = self.post_attention_layernorm(x_btd)
         x_btd = x_btd + self.mlp(h, rngs[4:7])
         return constrain(x_btd, ("batch", "length", "act_embed")), kv
@@ -160,6 +168,14 @@ class Llama(nnx.Module):
             out = jnp.einsum("btd,dv->btv", h_btd.astype(dt), w, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "act_vocab"))
 
+    def head_weight(self) -> tuple[jax.Array, bool]:
+        """The output head's weight in the compute dtype, and whether it is [V, D] (tied) or [D, V]:
+        what a fused loss needs to do the head's matmuls itself."""
+        dt = jnp.dtype(self.config.dtype)
+        if self.lm_head is None:
+            return self.embed_tokens[...].astype(dt), True
+        return self.lm_head.kernel[...].astype(dt), False
+
     def _masks(self, q_segments, q_slots, kv_segments, kv_slots) -> tuple:
         """(full causal mask, sliding-window mask or None), both [B, 1, T, S]."""
         full = attention_mask(q_segments, q_slots, kv_segments, kv_slots, None)
@@ -183,8 +199,7 @@ class Llama(nnx.Module):
             x, new_kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask, layer_kv, index, layer_rng)
             return x, new_kv
 
-        policy = REMAT_POLICIES[cfg.remat]
         if cfg.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layer_kv = None if kv is None else (kv[0], kv[1])
         return jax.lax.scan(body, x, (state, layer_kv, layer_rngs, sliding))

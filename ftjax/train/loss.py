@@ -1,15 +1,21 @@
 """Token-weighted cross-entropy computed chunk by chunk over the sequence.
 
-Only one chunk's fp32 logits [B, chunk, V] exist at a time, forward and backward: each chunk's
-logits are rematerialized in the backward pass (`jax.checkpoint`) instead of being kept.
+Only one chunk's fp32 logits [B, chunk, V] exist at a time, forward and backward. The generic
+`chunked_cross_entropy` (any logits function) rematerializes each chunk's logits in the backward
+pass (`jax.checkpoint`); `fused_cross_entropy` (a linear head, what the train step uses) computes
+the head's gradients in the forward pass instead, so the logits are computed once.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from ftjax.sharding import constrain
 
 
 def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
@@ -49,3 +55,76 @@ def chunked_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], h_btd: ja
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_nbcd, targets_nbc, weights_nbc))
     return total, jnp.sum(weights_bt)
+
+
+def fused_cross_entropy(h_btd: jax.Array, w: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array, chunk: int,
+                        *, vocab_major: bool) -> tuple[jax.Array, jax.Array]:
+    """Like `chunked_cross_entropy` for a linear head `w` ([V, D] if vocab_major, else [D, V]), with the
+    head's backward done in the forward pass, chunk by chunk: softmax - onehot gives dlogits at once,
+    so dh (and dw, only when w is differentiated) are computed there and the logits are never
+    recomputed nor kept. h and w come in the compute dtype; logits and their gradients are fp32."""
+    b, t, d = h_btd.shape
+    chunk = max(1, min(chunk, t))
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
+        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
+        weights_bt = jnp.pad(weights_bt, ((0, 0), (0, pad)))
+    weights_bt = weights_bt.astype(jnp.float32)
+    split = lambda x: x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    total = _fused_ce(split(h_btd), w, split(targets_bt), split(weights_bt), vocab_major)
+    return total, jnp.sum(weights_bt)
+
+
+def _head_logits(h_bcd: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
+    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+    return constrain(jnp.einsum(spec, h_bcd, w, preferred_element_type=jnp.float32), ("batch", "length", "act_vocab"))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_ce(h_nbcd, w, targets_nbc, weights_nbc, vocab_major):
+    def body(total, xs):
+        h, tg, wt = xs
+        ce = token_cross_entropy(_head_logits(h, w, vocab_major), tg)
+        return total + jnp.sum(jnp.where(wt != 0, ce * wt, 0.0)), None
+
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_nbcd, targets_nbc, weights_nbc))[0]
+
+
+def _fused_ce_fwd(h_nbcd, w, targets_nbc, weights_nbc, vocab_major):
+    need_dw = w.perturbed  # LoRA: the head is frozen, so its weight gradient is never computed
+    h_nbcd, w, targets_nbc, weights_nbc = (x.value for x in (h_nbcd, w, targets_nbc, weights_nbc))
+    dt = h_nbcd.dtype
+
+    def body(carry, xs):
+        total, dw = carry
+        h, tg, wt = xs
+        logits = _head_logits(h, w, vocab_major)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        idx = tg[..., None].astype(jnp.int32)
+        picked = jnp.take_along_axis(logits, idx, axis=-1, mode="clip")[..., 0]
+        total = total + jnp.sum(jnp.where(wt != 0, (lse - picked) * wt, 0.0))  # NaN weights still propagate
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == idx
+        scale = jnp.where(wt != 0, wt, 0.0)[..., None]
+        dlogits = (scale * (jnp.exp(logits - lse[..., None]) - onehot)).astype(dt)
+        dh = jnp.einsum("bcv,vd->bcd" if vocab_major else "bcv,dv->bcd", dlogits, w,
+                        preferred_element_type=jnp.float32).astype(dt)
+        if need_dw:
+            spec = "bcv,bcd->vd" if vocab_major else "bcd,bcv->dv"
+            args = (dlogits, h) if vocab_major else (h, dlogits)
+            dw = dw + jnp.einsum(spec, *args, preferred_element_type=jnp.float32)
+        return (total, dw), dh
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if need_dw else None
+    (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), (h_nbcd, targets_nbc, weights_nbc))
+    return total, (dh, None if dw is None else dw.astype(w.dtype))
+
+
+def _fused_ce_bwd(vocab_major, res, g):
+    dh, dw = res
+    g = jnp.zeros((), jnp.float32) if isinstance(g, SymbolicZero) else g
+    return (g.astype(dh.dtype) * dh, None if dw is None else g.astype(dw.dtype) * dw, None, None)
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd, symbolic_zeros=True)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax.errors import ConfigError
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards
-from ftjax.train.loss import chunked_cross_entropy
+from ftjax.train.loss import chunked_cross_entropy, fused_cross_entropy
 from ftjax.train.optimizer import Optimizer
 from ftjax.train.state import StateShardings
 
@@ -83,8 +83,13 @@ class TrainStep:
         """This micro-batch's share of the global mean loss: sum(w · CE) / total weight."""
         model = nnx.merge(self.graphdef, trainable, frozen)
         h = model.hidden(micro["input_ids"], micro["positions"], micro["segment_ids"], rng=rng)
-        loss_sum, _ = chunked_cross_entropy(model.logits, h, micro["targets"], micro["loss_weights"],
-                                            self.loss_chunk)
+        if hasattr(model, "head_weight"):  # the head's matmuls fused with the loss: no logits recompute
+            w, vocab_major = model.head_weight()
+            loss_sum, _ = fused_cross_entropy(h.astype(w.dtype), w, micro["targets"], micro["loss_weights"],
+                                              self.loss_chunk, vocab_major=vocab_major)
+        else:
+            loss_sum, _ = chunked_cross_entropy(model.logits, h, micro["targets"], micro["loss_weights"],
+                                                self.loss_chunk)
         return loss_sum / total_weight
 
     def _step(self, trainable, opt_state, frozen, batch, rng):
