@@ -50,7 +50,7 @@ def _run_config(path: Path):
 
 
 def resolve(path_or_name: str | Path) -> tuple[str, Path]:
-    """('gguf' | 'hf', path) for a model name, a .gguf file or an HF folder."""
+    """('tiny' | 'gguf' | 'hf' | 'workdir', path) for a model name, a .gguf file, an HF folder or a workdir."""
     s = str(path_or_name)
     if s.lower() == TINY_MODEL:
         return "tiny", Path(s)
@@ -72,17 +72,20 @@ def load_model(path_or_name: str | Path = DEFAULT_MODEL, dtype="float32", *, par
                mesh: Mesh | None = None, rules: dict | None = None, **overrides):
     """A model with `model(input_ids) -> logits [batch, length, vocab]`, sharded on `mesh` if given.
 
-    `overrides` set ModelConfig fields such as remat="full" or attention="cudnn".
+    `overrides` set ModelConfig fields such as remat="full" or attention="cudnn". A training workdir
+    gives its best checkpoint (lowest eval loss, else the latest) over the recorded base, in the run's
+    own dtypes, LoRA adapters attached (`ftjax.lora.merged` folds them in); another step:
+    `ftjax.train.trained.load_trained(workdir, step)`.
     """
     kind, path = resolve(path_or_name)
     dt = _dtype_name(dtype)
     pdt = _dtype_name(param_dtype) if param_dtype is not None else dt
     if kind == "tiny":
         return _tiny_model(dt, pdt, mesh, rules, **overrides)
-    if kind == "workdir":  # base + trained weights of the latest checkpoint (LoRA adapters attached)
-        from ftjax.evaluation.workdir import load_run
+    if kind == "workdir":  # base + trained weights of the best checkpoint (LoRA adapters attached)
+        from ftjax.train.trained import load_trained
 
-        return load_run(path, mesh=mesh, with_base=False).model
+        return load_trained(path, mesh=mesh).model
     if kind == "hf":
         from ftjax.interop.hf import load_hf
 

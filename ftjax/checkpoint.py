@@ -33,7 +33,9 @@ class Checkpoints:
     """WORKDIR/checkpoints/<step>/{state, meta}; `state` is any pytree of (sharded) arrays."""
 
     def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, keep_best: bool = False,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
+        """`read_only` for readers of a workdir (export, load_model): they must not clean up the temporary
+        folder of a save that a running training job is writing."""
         self.directory = Path(workdir).absolute() / "checkpoints"
         keepers: list[Any] = [policies.LatestN(n=max(keep, 1))]
         if keep_best:
@@ -42,8 +44,9 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=async_save,
             preservation_policy=policies.AnyPreservationPolicy(keepers),
-            cleanup_tmp_directories=True,
-            create=True,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
             # best_fn makes Orbax write each step's metrics, which best_step() reads back.
             best_fn=(lambda m: m["eval_loss"]) if keep_best else None,
             best_mode="min",

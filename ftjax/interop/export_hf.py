@@ -1,0 +1,152 @@
+"""ftjax model -> HF folder (config.json, safetensors shards, tokenizer, generation_config.json).
+
+LoRA adapters are folded in tensor by tensor (W + scale·A·B in fp32), and every tensor is cut,
+cast and transposed on the devices and fetched alone, so neither a merged copy of the model nor
+the whole model on one device ever exists. Multi-host: every process takes part in each gather,
+process 0 writes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ftjax.errors import ConfigError
+from ftjax.interop import gather
+from ftjax.interop.hf_config import export_config, generation_config, read_json
+from ftjax.interop.safetensors_writer import TensorPlan, parse_size, plan_shards, write_safetensors
+from ftjax.models.layers import Linear
+from ftjax.models.registry import hf_tensor_name, is_stacked
+
+INDEX = "model.safetensors.index.json"
+
+
+def dtype_name(dtype: Any) -> str:
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        raise ConfigError(f"unknown dtype {dtype!r} (use e.g. 'float32' or 'bfloat16')") from None
+
+
+def source_configs(path_or_name: str | Path) -> tuple[dict | None, dict | None]:
+    """(config.json dict, generation_config.json dict) of a base model, where it has them: an HF folder's
+    own files, a GGUF's derived config, a workdir's base; None for the built-in random tiny model."""
+    from ftjax import api
+
+    kind, path = api.resolve(path_or_name)
+    if kind == "hf":
+        from ftjax.interop.hf import read_config
+
+        return read_config(path), read_json(path / "generation_config.json")
+    if kind == "gguf":
+        from ftjax.interop.gguf import read_gguf_config
+
+        return read_gguf_config(path), None
+    if kind == "workdir":
+        from ftjax.evaluation.workdir import config_from_workdir
+
+        return source_configs(config_from_workdir(path).model.path)
+    return None, None
+
+
+def _adapters(model: nnx.Module) -> dict[tuple, Any]:
+    """kernel path -> the LoRA module attached to that linear."""
+    return {tuple(path) + ("kernel",): node.lora for path, node in nnx.iter_graph(model)
+            if isinstance(node, Linear) and node.lora is not None}
+
+
+def _plan(path: tuple, value: jax.Array, lora: Any, layer: int | None, dtype: str) -> TensorPlan:
+    name, transpose = hf_tensor_name(path, layer)
+    shape = tuple(value.shape[1:] if layer is not None else value.shape)
+    shape = shape[::-1] if transpose else shape
+    if lora is None:
+        fetch = functools.partial(gather.tensor, value, layer, dtype, transpose)
+    else:
+        fetch = functools.partial(gather.merged_tensor, value, lora.lora_a[...], lora.lora_b[...], lora.scale,
+                                  layer, dtype, transpose)
+    return TensorPlan(name, shape, np.dtype(dtype), fetch)
+
+
+def hf_tensor_plans(model: nnx.Module, dtype: str) -> list[TensorPlan]:
+    """Every HF tensor of the (merged) model in HF order: embeddings, layer by layer, final norm, head.
+
+    Tied embeddings have no lm_head param, hence no lm_head.weight.
+    """
+    params = nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
+    adapters = _adapters(model)
+    stacked = [(tuple(p), v) for p, v in params if is_stacked(tuple(p))]
+    single = [(tuple(p), v) for p, v in params if not is_stacked(tuple(p))]
+    order = lambda pv: (pv[0] != ("embed_tokens",), pv[0][0] == "lm_head")  # noqa: E731
+    single.sort(key=order)
+    plans = [_plan(p, v[...], adapters.get(p), None, dtype) for p, v in single if p == ("embed_tokens",)]
+    n_layers = model.config.num_layers
+    for i in range(n_layers):
+        plans += [_plan(p, v[...], adapters.get(p), i, dtype) for p, v in stacked]
+    plans += [_plan(p, v[...], adapters.get(p), None, dtype) for p, v in single if p != ("embed_tokens",)]
+    return plans
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _clear_old_weights(out: Path) -> None:
+    """Shards of an earlier export into the same folder would be picked up with the new ones."""
+    for f in list(out.glob("model*.safetensors")) + [out / INDEX]:
+        if f.exists():
+            f.unlink()
+
+
+def export_hf(model: nnx.Module, out: str | Path, *, source: str | Path | None = None, tokenizer: Any = None,
+              dtype: Any = None, max_shard_size: str | int = "5GB") -> Path:
+    """Write `model` (LoRA merged) as an HF folder that transformers and vLLM load.
+
+    `source` is the base model's path or name: its config.json (or GGUF-derived config), generation
+    config and, unless `tokenizer` is given, its tokenizer are carried over. `dtype` defaults to the
+    dtype the weights are held in (fp32 stays fp32; a run with bf16 frozen weights exports bf16).
+    """
+    cfg = model.config
+    dtype = dtype_name(dtype if dtype is not None else model.embed_tokens[...].dtype)
+    out = Path(out)
+    main = jax.process_index() == 0
+    src_config, src_generation = source_configs(source) if source is not None else (None, None)
+    if tokenizer is None and source is not None:
+        from ftjax.api import load_tokenizer
+
+        tokenizer = load_tokenizer(source)
+    shards = plan_shards(hf_tensor_plans(model, dtype), parse_size(max_shard_size))
+    names = _shard_names(len(shards))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_old_weights(out)
+    for fname, shard in zip(names, shards):
+        write_safetensors(out / fname, shard, write=main)
+    if main:
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s)},
+                     "weight_map": {t.name: fname for fname, s in zip(names, shards) for t in s}}
+            (out / INDEX).write_text(json.dumps(index, indent=2))
+        config = export_config(cfg, src_config, dtype, tokenizer)
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (out / "generation_config.json").write_text(json.dumps(generation_config(config, src_generation), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+    _barrier("ftjax_export_hf")
+    return out
+
+
+def _barrier(name: str) -> None:
+    """Every host returns only once process 0 has written the folder."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,54 @@
+"""One tensor at a time from a sharded model to the host: the building block of every export.
+
+A whole model is never gathered: each parameter (each layer's slice of a stacked one) is cut
+out, cast and transposed on the devices, then fetched alone, so host memory holds one tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value of one array on this host (all processes must call it for a multi-host array)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
+def _slice(x: jax.Array, layer: jax.Array | None, *, dtype: str, transpose: bool) -> jax.Array:
+    if layer is not None:
+        x = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+    x = x.astype(dtype)
+    return x.T if transpose else x
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "dtype", "transpose"))
+def _merged_slice(kernel: jax.Array, a: jax.Array, b: jax.Array, layer: jax.Array | None, *, scale: float,
+                  dtype: str, transpose: bool) -> jax.Array:
+    """W + scale·A·B for one layer, in fp32 (what `ftjax.lora.merge_lora` computes), then cast."""
+    if layer is not None:
+        kernel, a, b = (jax.lax.dynamic_index_in_dim(t, layer, keepdims=False) for t in (kernel, a, b))
+    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    w = (kernel.astype(jnp.float32) + scale * delta).astype(dtype)
+    return w.T if transpose else w
+
+
+def tensor(x: jax.Array, layer: int | None, dtype: str, transpose: bool = False) -> np.ndarray:
+    """Layer `layer` of a stacked param (or the whole param when None), cast and maybe transposed."""
+    idx = None if layer is None else np.int32(layer)  # host scalar: replicated on every process
+    return to_host(_slice(x, idx, dtype=dtype, transpose=transpose))
+
+
+def merged_tensor(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, layer: int | None, dtype: str,
+                  transpose: bool = False) -> np.ndarray:
+    """One layer's kernel with its LoRA update folded in, cast and maybe transposed."""
+    idx = None if layer is None else np.int32(layer)  # host scalar: replicated on every process
+    return to_host(_merged_slice(kernel, a, b, idx, scale=float(scale), dtype=dtype, transpose=transpose))

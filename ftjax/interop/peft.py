@@ -1,0 +1,127 @@
+"""PEFT adapter format: ftjax LoRA adapters <-> adapter_config.json + adapter_model.safetensors.
+
+PEFT names each factor `base_model.model.<HF module>.lora_A.weight` [r, in] and `lora_B.weight`
+[out, r] (torch Linear layout, the transpose of ftjax's A [in, r] / B [r, out]); its scale is
+lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, the same as `ftjax.lora.LoRA.scale`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ftjax.errors import ConfigError, LoadError
+from ftjax.interop import gather
+from ftjax.interop.safetensors_writer import TensorPlan, write_safetensors
+from ftjax.lora import LoRA, apply_lora, linears
+from ftjax.models.registry import hf_tensor_name
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapters(model: nnx.Module) -> list[tuple[tuple[str, ...], LoRA]]:
+    """(linear path, adapter) for every linear that carries a LoRA adapter."""
+    return [(tuple(path.split(".")), linear.lora) for path, linear in linears(model) if linear.lora is not None]
+
+
+def module_name(path: tuple[str, ...], layer: int | None) -> str:
+    """The HF module name of a linear (`model.layers.3.self_attn.q_proj`)."""
+    return hf_tensor_name(path + ("kernel",), layer)[0].removesuffix(".weight")
+
+
+def _shared(found: list[tuple[tuple[str, ...], LoRA]], attr: str) -> Any:
+    values = {getattr(lora, attr) for _, lora in found}
+    if len(values) > 1:
+        raise ConfigError(f"the adapters differ in {attr} ({sorted(values)}); one PEFT LoraConfig needs one value")
+    return values.pop()
+
+
+def adapter_config(model: nnx.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+    """The LoraConfig PEFT needs to rebuild these adapters (targets by module name, as PEFT matches them)."""
+    found = adapters(model)
+    if not found:
+        raise ConfigError("the model has no LoRA adapters to export (a full fine-tuning run exports with "
+                          "--format=hf)")
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": _shared(found, "rank"), "lora_alpha": _shared(found, "alpha"), "use_rslora": _shared(found, "rslora"),
+        "lora_dropout": _shared(found, "dropout"), "target_modules": sorted({p[-1] for p, _ in found}),
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def _plans(found: list[tuple[tuple[str, ...], LoRA]], num_layers: int, dtype: str | None) -> list[TensorPlan]:
+    plans = []
+    for path, lora in found:
+        a, b = lora.lora_a[...], lora.lora_b[...]
+        stacked = a.ndim == 3
+        for layer in range(num_layers) if stacked else [None]:
+            name = PREFIX + module_name(path, layer)
+            for which, x in (("lora_A", a), ("lora_B", b)):
+                dt = dtype or x.dtype.name
+                shape = tuple(x.shape[-2:])[::-1]
+                fetch = functools.partial(gather.tensor, x, layer, dt, True)
+                plans.append(TensorPlan(f"{name}.{which}.weight", shape, np.dtype(dt), fetch))
+    return sorted(plans, key=lambda t: t.name)
+
+
+def export_peft(model: nnx.Module, out: str | Path, *, base_model_name_or_path: str | None = None,
+                dtype: Any = None) -> Path:
+    """Write the model's adapters as a PEFT folder that `PeftModel.from_pretrained(hf_base, out)` loads."""
+    from ftjax.interop.export_hf import _barrier, dtype_name
+
+    config = adapter_config(model, base_model_name_or_path)
+    found = adapters(model)
+    plans = _plans(found, model.config.num_layers, dtype_name(dtype) if dtype is not None else None)
+    out = Path(out)
+    main = jax.process_index() == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / WEIGHTS, plans, write=main)
+    if main:
+        (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    _barrier("ftjax_export_peft")
+    return out
+
+
+def load_peft(model: nnx.Module, folder: str | Path, *, seed: int = 0) -> nnx.Module:
+    """Attach the PEFT LoRA adapter in `folder` to a loaded base `model`, in place; returns the model."""
+    from ftjax.interop.safetensors_reader import SafetensorsFile
+
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
+        raise LoadError(f"{folder}: not a PEFT adapter folder (needs {CONFIG} and {WEIGHTS})")
+    cfg = json.loads((folder / CONFIG).read_text())
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise LoadError(f"{folder / CONFIG}: only plain LoRA adapters (no DoRA, no per-module rank/alpha) load")
+    targets = cfg["target_modules"]
+    targets = targets.split(",") if isinstance(targets, str) else list(targets)
+    apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), targets=targets, dropout=float(cfg["lora_dropout"]),
+               rslora=bool(cfg.get("use_rslora", False)), rngs=nnx.Rngs(seed))
+    weights = SafetensorsFile(folder / WEIGHTS)
+    names = set(weights.keys())
+    for path, lora in adapters(model):
+        for which, var in (("lora_A", lora.lora_a), ("lora_B", lora.lora_b)):
+            stacked = var[...].ndim == 3
+            layers = range(model.config.num_layers) if stacked else [None]
+            parts = []
+            for layer in layers:
+                name = f"{PREFIX}{module_name(path, layer)}.{which}.weight"
+                if name not in names:
+                    raise LoadError(f"{folder / WEIGHTS}: tensor {name} is missing")
+                parts.append(np.asarray(weights.array(name), np.float32).T)
+            value = np.stack(parts) if stacked else parts[0]
+            if value.shape != var[...].shape:
+                raise LoadError(f"{folder / WEIGHTS}: {which} of {'.'.join(path)} stacks to {value.shape} "
+                                f"in ftjax layout, expected {var[...].shape}")
+            var[...] = jax.device_put(jnp.asarray(value, var[...].dtype), var[...].sharding)
+    return model
