@@ -92,10 +92,34 @@ def _restore(ckpt: Checkpoints, step: int, target: nnx.State) -> nnx.State:
     return ckpt.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["trainable"]
 
 
+def _base(config, mesh: Mesh | None) -> nnx.Module:
+    """The base as training built it; for full fine-tuning only its shapes (every weight is in the checkpoint)."""
+    from ftjax import api
+    from ftjax.models.registry import MODEL_CLASSES
+
+    if config.method != "full":
+        return api.load_model(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+                              mesh=mesh, attention=config.model.attention)
+    cfg = api.model_config(config.model.path, config.model.dtype).replace(
+        param_dtype=config.model.param_dtype, attention=config.model.attention)
+    return nnx.eval_shape(lambda: MODEL_CLASSES[cfg.model_type](cfg, rngs=nnx.Rngs(0)))
+
+
+def _structure(config, base: nnx.Module) -> nnx.Module:
+    """The trained model's structure, abstract: the base with adapters attached (no adapter is initialized)."""
+    if config.method != "lora":
+        return base
+
+    def attach(model: nnx.Module) -> nnx.Module:
+        return apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
+                          dropout=config.lora.dropout, rslora=config.lora.rslora, rngs=nnx.Rngs(config.seed))
+
+    return nnx.eval_shape(attach, base)
+
+
 def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: Mesh | None = None) -> TrainedRun:
     """The run in `workdir` at `step` ('best' by default, as export takes it), sharded on `mesh`
     (default: the training mesh if it fits the devices here, else one device)."""
-    from ftjax import api
     from ftjax.evaluation.workdir import config_from_workdir
 
     config = config_from_workdir(workdir)
@@ -103,14 +127,15 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
     try:
         chosen = select_step(ckpt, step, workdir)
-        model = api.load_model(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                               mesh=mesh, attention=config.model.attention)
-        if config.method == "lora":
-            apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
-                       dropout=config.lora.dropout, rslora=config.lora.rslora, rngs=nnx.Rngs(config.seed))
-        graphdef, trainable, frozen = nnx.split(model, trainable_filter(config.method), ...)
+        base = _base(config, mesh)
+        graphdef, trainable, frozen = nnx.split(_structure(config, base), trainable_filter(config.method), ...)
         restored = _restore(ckpt, chosen, _target(trainable, mesh))
     finally:
         ckpt.close()
+    if config.method == "lora":
+        frozen = nnx.state(base)  # the real base weights, where `frozen` holds only their shapes
+    elif jax.tree.leaves(frozen):
+        raise LoadError(f"{workdir}: the model has state outside its parameters; a full fine-tuning checkpoint "
+                        "does not hold it")
     frozen_dtype = None if config.train.frozen_dtype == config.model.param_dtype else config.train.frozen_dtype
     return TrainedRun(config, nnx.merge(graphdef, restored, cast_floats(frozen, frozen_dtype)), chosen)

@@ -1,0 +1,56 @@
+"""Export a trained run: `python scripts/export.py --workdir=DIR --format=hf|peft --out=DIR`.
+
+  --format=hf    the merged model as an HF folder (config.json, safetensors shards, tokenizer,
+                 generation_config.json) for transformers / vLLM, in the dtype it was trained in
+  --format=peft  the LoRA adapter (adapter_config.json + adapter_model.safetensors) for
+                 peft.PeftModel.from_pretrained(base, DIR)
+
+Takes the best checkpoint (lowest eval loss, else the latest) unless --step says otherwise.
+Tensors are fetched one at a time from the sharded model; multi-host: the same command on every
+process, process 0 writes.
+"""
+
+from absl import app, flags
+
+from ftjax import cli
+
+flags.DEFINE_string("workdir", None, "The training workdir to export.")
+flags.DEFINE_enum("format", "hf", ["hf", "peft"], "hf: merged HF model folder; peft: LoRA adapter folder.")
+flags.DEFINE_string("out", None, "Output folder.")
+flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step number.")
+flags.DEFINE_string("dtype", None, "Dtype of the written weights (default: as trained, e.g. float32 stays float32).")
+flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard for --format=hf (e.g. 5GB, 500MB).")
+flags.mark_flags_as_required(["workdir", "out"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.init_distributed()
+    import jax
+
+    from ftjax.errors import ConfigError
+    from ftjax.evaluation.workdir import config_from_workdir
+    from ftjax.train.trained import load_trained
+
+    config = config_from_workdir(FLAGS.workdir)
+    if FLAGS.format == "peft" and config.method != "lora":
+        raise ConfigError(f"{FLAGS.workdir}: --format=peft needs a LoRA run, this one is method={config.method} "
+                          "(export it with --format=hf)")
+    run = load_trained(FLAGS.workdir, FLAGS.step)
+    if FLAGS.format == "hf":
+        from ftjax.interop.export_hf import export_hf
+
+        out = export_hf(run.model, FLAGS.out, source=run.config.model.path, dtype=FLAGS.dtype,
+                        max_shard_size=FLAGS.max_shard_size)
+    else:
+        from ftjax.interop.peft import export_peft
+
+        out = export_peft(run.model, FLAGS.out, base_model_name_or_path=run.config.model.path, dtype=FLAGS.dtype)
+    if jax.process_index() == 0:
+        print(f"exported step {run.step} of {FLAGS.workdir} as {FLAGS.format} to {out}")
+
+
+if __name__ == "__main__":
+    cli.run_app(main)

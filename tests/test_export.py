@@ -1,0 +1,282 @@
+"""Export back to the ecosystem: merged HF folders load in transformers and ftjax, PEFT adapters load in PEFT,
+training workdirs load as models, LoRA checkpoints hold only the adapters. fp32 throughout."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import ftjax
+from ftjax.checkpoint import Checkpoints
+from ftjax.errors import ConfigError, LoadError
+from ftjax.interop.export_hf import export_hf
+from ftjax.interop.peft import export_peft, load_peft
+from ftjax.lora import apply_lora, linears, merged
+from hf_helpers import MODEL_TOL, hf_logits, jax_logits, max_diff, random_ids, tiny_hf, tiny_tokenizer
+from loop_helpers import ROOT, load_config
+
+LORA_MARGIN = 1e-2  # adapters with non-zero B move the logits by far more than this
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _randomize_b(model, seed: int, std: float = 0.2):
+    """Non-zero LoRA B (a fresh adapter has B = 0, which would make every comparison trivial)."""
+    rng = np.random.default_rng(seed)
+    for _, linear in linears(model):
+        if linear.lora is not None:
+            b = linear.lora.lora_b
+            b[...] = jax.numpy.asarray(rng.normal(0.0, std, b[...].shape), b[...].dtype)
+    return model
+
+
+def _tuned(folder, *, rslora=False, targets=TARGETS, seed=1):
+    model = ftjax.load_model(folder)
+    apply_lora(model, 4, 8.0, targets=targets, rslora=rslora, rngs=nnx.Rngs(seed))
+    return _randomize_b(model, seed)
+
+
+def _hf(folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A random transformers Llama (untied head) with its tokenizer, saved as an HF folder."""
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    tiny_hf("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return random_ids(2, 12, seed=3)
+
+
+# --- HF export ---
+
+def test_hf_export_loads_in_transformers_with_ftjax_logits(tiny_folder, ids, tmp_path):
+    model = _tuned(tiny_folder)
+    ours = jax_logits(model, ids)
+    out = export_hf(model, tmp_path / "out", source=tiny_folder, max_shard_size="100KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((out / s).is_file() for s in shards)
+    assert sorted(p.name for p in out.glob("model*.safetensors")) == shards
+    theirs = hf_logits(_hf(out), ids)
+    assert max_diff(theirs, ours) <= MODEL_TOL
+    assert max_diff(theirs, hf_logits(_hf(tiny_folder), ids)) > LORA_MARGIN  # the adapters were folded in
+    assert set(index["weight_map"]) == set(_hf(tiny_folder).state_dict())  # every tensor, untied head included
+
+
+def test_hf_export_carries_config_tokenizer_and_generation_config(tiny_folder, tmp_path):
+    out = export_hf(_tuned(tiny_folder), tmp_path / "out", source=tiny_folder, dtype="bfloat16")
+    source = json.loads((tiny_folder / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    kept = {k: v for k, v in source.items() if k not in ("dtype", "torch_dtype", "architectures")}
+    assert {k: config[k] for k in kept} == kept
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (source["bos_token_id"], source["eos_token_id"])
+    ref, got = tiny_tokenizer(), ftjax.load_tokenizer(out)
+    messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+    assert got.apply_chat_template(messages) == ref.apply_chat_template(messages)
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"BF16"}
+
+
+def test_exported_folder_loads_back_into_ftjax_identically(tiny_folder, ids, tmp_path):
+    model = merged(_tuned(tiny_folder))
+    out = export_hf(model, tmp_path / "out", source=tiny_folder, max_shard_size="100KB")
+    back = ftjax.load_model(out)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(back))):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+    np.testing.assert_array_equal(jax_logits(back, ids), jax_logits(model, ids))
+
+
+# --- PEFT export ---
+
+@pytest.mark.parametrize("rslora,targets", [(False, TARGETS), (True, "q_proj,v_proj,down_proj")])
+def test_peft_export_loads_in_peft_with_ftjax_logits(tiny_folder, ids, tmp_path, rslora, targets):
+    from peft import PeftModel
+
+    model = _tuned(tiny_folder, rslora=rslora, targets=targets)
+    out = export_peft(model, tmp_path / "adapter", base_model_name_or_path=str(tiny_folder))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 8.0, rslora)
+    assert config["target_modules"] == sorted(targets.split(","))
+    base = _hf(tiny_folder)
+    base_logits = hf_logits(base, ids)
+    theirs = hf_logits(PeftModel.from_pretrained(base, str(out)).eval(), ids)
+    ours = jax_logits(model, ids)
+    assert max_diff(theirs, ours) <= MODEL_TOL
+    assert max_diff(theirs, base_logits) > LORA_MARGIN
+
+
+def test_peft_adapter_reads_back_into_ftjax(tiny_folder, ids, tmp_path):
+    model = _tuned(tiny_folder, rslora=True)
+    out = export_peft(model, tmp_path / "adapter")
+    back = load_peft(ftjax.load_model(tiny_folder), out)
+    np.testing.assert_array_equal(jax_logits(back, ids), jax_logits(model, ids))
+    with pytest.raises(LoadError, match="not a PEFT adapter folder"):
+        load_peft(ftjax.load_model(tiny_folder), tmp_path)
+
+
+# --- training workdirs ---
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A short LoRA run of configs/tiny_test.py (no eval data): checkpoints at steps 1 and 2."""
+    from ftjax.train.loop import run
+
+    c = load_config()
+    c.train.steps, c.checkpoint.every, c.data.eval, c.model.remat = 2, 1, "", "none"
+    workdir = tmp_path_factory.mktemp("run")
+    run(c, workdir)
+    return workdir
+
+
+RUN_IDS = np.array([[1, 5, 9, 200, 3000, 17]])
+
+
+@pytest.fixture(scope="module")
+def workdir_logits(workdir):
+    """ftjax.load_model(WORKDIR)'s logits (the best checkpoint: the latest, as the run has no eval loss)."""
+    return jax_logits(ftjax.load_model(workdir), RUN_IDS)
+
+
+def _checkpoint_state(workdir, step):
+    return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def test_lora_checkpoint_holds_no_base_weights(workdir):
+    tree = ocp.PyTreeCheckpointHandler().metadata(workdir / "checkpoints" / "2" / "state").tree
+    leaves = [(tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in p), m)
+              for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    arrays = [p for p, m in leaves if len(m.shape) > 0]  # scalars: step counts of the optimizer
+    assert {p[0] for p in arrays} == {"trainable", "opt_state"}
+    assert all({"lora_a", "lora_b"} & set(p) for p in arrays), [p for p in arrays if "lora" not in p]
+    saved = sum(int(np.prod(m.shape)) for _, m in leaves)
+    base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(ftjax.load_model("tiny-random-llama"))))
+    assert saved < base / 50  # adapters and their optimizer moments only
+
+
+def test_load_model_of_a_workdir_equals_merging_the_checkpoint_by_hand(workdir, workdir_logits):
+    c = load_config()
+    raw = _checkpoint_state(workdir, 2)["trainable"]
+    model = ftjax.load_model("tiny-random-llama")
+    base_logits = jax_logits(model, RUN_IDS)
+    scale = c.lora.alpha / c.lora.rank
+    for path, linear in linears(model):
+        node = raw
+        for key in path.split("."):
+            node = node[key]
+        a, b = (np.asarray(node["lora"][k]["value"], np.float64) for k in ("lora_a", "lora_b"))
+        kernel = np.asarray(linear.kernel[...], np.float64)
+        linear.kernel[...] = jax.numpy.asarray(kernel + scale * np.einsum("lir,lro->lio", a, b), np.float32)
+    assert max_diff(workdir_logits, jax_logits(model, RUN_IDS)) <= MODEL_TOL
+    assert max_diff(workdir_logits, base_logits) > LORA_MARGIN
+    assert ftjax.load_tokenizer(workdir).chat_template == ftjax.load_tokenizer("tiny-random-llama").chat_template
+
+
+def test_full_fine_tuning_workdir_loads_from_its_checkpoint(tmp_path):
+    """A full run's checkpoint holds every weight: the model comes from it alone, and exports as HF."""
+    model = ftjax.load_model("tiny-random-llama")
+    model.norm.scale[...] = model.norm.scale[...] * 1.5  # "trained": differs from the base
+    _, trainable, _ = nnx.split(model, nnx.Param, ...)
+    ckpt = Checkpoints(tmp_path, async_save=False)
+    ckpt.save(5, {"trainable": trainable, "opt_state": {"count": np.zeros((), np.int32)}}, {"step": 5})
+    ckpt.close()
+    c = load_config()
+    c.method = "full"
+    (tmp_path / "config.json").write_text(c.to_json_best_effort())
+    loaded = ftjax.load_model(tmp_path)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(loaded))):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+    with pytest.raises(ConfigError, match="no LoRA adapters"):
+        export_peft(loaded, tmp_path / "adapter")
+    out = export_hf(loaded, tmp_path / "hf")  # no source: config.json built from the ModelConfig
+    assert max_diff(hf_logits(_hf(out), RUN_IDS), jax_logits(model, RUN_IDS)) <= MODEL_TOL
+
+
+def test_checkpoint_choice_best_latest_or_a_step(tmp_path):
+    from ftjax.train.trained import select_step
+
+    ckpt = Checkpoints(tmp_path, keep=5, keep_best=True, async_save=False)
+    for step, loss in ((1, 3.0), (2, 1.0), (3, 2.0)):
+        ckpt.save(step, {"x": np.zeros(2)}, {"step": step}, eval_loss=loss)
+    ckpt.close()
+    ckpt = Checkpoints(tmp_path, read_only=True)
+    assert [select_step(ckpt, s, tmp_path) for s in ("best", None, "latest", 1, "3")] == [2, 2, 3, 1, 3]
+    with pytest.raises(LoadError, match="no checkpoint at step 7"):
+        select_step(ckpt, 7, tmp_path)
+    ckpt.close()
+
+
+def _export_script(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+def test_export_script_writes_an_hf_folder_of_the_run(workdir, workdir_logits, tmp_path):
+    out = tmp_path / "hf"
+    proc = _export_script(f"--workdir={workdir}", "--format=hf", f"--out={out}", "--step=latest")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"exported step 2 of {workdir} as hf" in proc.stdout
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()  # tied embeddings
+    assert max_diff(hf_logits(_hf(out), RUN_IDS), workdir_logits) <= MODEL_TOL
+
+
+def test_export_script_refuses_peft_for_full_fine_tuning(tmp_path):
+    c = load_config()
+    c.method = "full"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text(c.to_json_best_effort())
+    proc = _export_script(f"--workdir={tmp_path}", "--format=peft", f"--out={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--format=peft needs a LoRA run" in lines[0] and "--format=hf" in lines[0]
+
+
+# --- SmolLM2, from its GGUF ---
+
+@pytest.mark.slow
+def test_smollm2_exports_load_in_peft_and_transformers(smollm2_gguf_path, hf_smollm2, tmp_path):
+    import torch
+    from peft import PeftModel
+
+    model = ftjax.load_model(smollm2_gguf_path)
+    apply_lora(model, 8, 16.0, targets="q_proj,v_proj,down_proj", rngs=nnx.Rngs(0))
+    _randomize_b(model, 0, std=0.05)
+    ids = np.array([[1, 504, 3458, 314, 260, 3575, 30]])
+    ours = jax_logits(model, ids)
+
+    adapter = export_peft(model, tmp_path / "adapter", base_model_name_or_path=str(smollm2_gguf_path))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf_smollm2), str(adapter)).eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.as_tensor(ids)).logits.numpy()
+    del peft_model
+    assert max_diff(theirs, ours) <= MODEL_TOL
+    assert max_diff(theirs, hf_logits(hf_smollm2, ids)) > LORA_MARGIN
+
+    # The HF folder holds the merged weights, so it is compared with ftjax running those same weights:
+    # merging alone moves SmolLM2's logits (|max| ~30) by ~1e-4 in fp32, in ftjax as in any framework.
+    out = export_hf(model, tmp_path / "hf", source=smollm2_gguf_path)
+    assert max_diff(hf_logits(_hf(out), ids), jax_logits(merged(model), ids)) <= MODEL_TOL
+    assert ftjax.load_tokenizer(out).chat_template == ftjax.load_tokenizer(smollm2_gguf_path).chat_template
