@@ -99,22 +99,27 @@ def _fused_ce_fwd(h_nbcd, w, targets_nbc, weights_nbc, vocab_major):
 
     def body(carry, xs):
         total, dw = carry
-        h, tg, wt = xs
-        logits = _head_logits(h, w, vocab_major)
+        h_bcd, tg, wt = xs
+        b, c, d = h_bcd.shape
+        # Rows flattened: the head's weight gradient is then one GEMM over a single contracting axis
+        # (XLA CPU transposes the whole [rows, V] dlogits for a two-axis contraction).
+        h, tg, wt = h_bcd.reshape(b * c, d), tg.reshape(b * c), wt.reshape(b * c)
+        logits = jnp.einsum("rd,vd->rv" if vocab_major else "rd,dv->rv", h, w, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "act_vocab"))  # rows keep the batch's sharding (b major)
         lse = jax.nn.logsumexp(logits, axis=-1)
         idx = tg[..., None].astype(jnp.int32)
         picked = jnp.take_along_axis(logits, idx, axis=-1, mode="clip")[..., 0]
         total = total + jnp.sum(jnp.where(wt != 0, (lse - picked) * wt, 0.0))  # NaN weights still propagate
-        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == idx
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == idx
         scale = jnp.where(wt != 0, wt, 0.0)[..., None]
         dlogits = (scale * (jnp.exp(logits - lse[..., None]) - onehot)).astype(dt)
-        dh = jnp.einsum("bcv,vd->bcd" if vocab_major else "bcv,dv->bcd", dlogits, w,
+        dh = jnp.einsum("rv,vd->rd" if vocab_major else "rv,dv->rd", dlogits, w,
                         preferred_element_type=jnp.float32).astype(dt)
         if need_dw:
-            spec = "bcv,bcd->vd" if vocab_major else "bcd,bcv->dv"
+            spec = "rv,rd->vd" if vocab_major else "rd,rv->dv"
             args = (dlogits, h) if vocab_major else (h, dlogits)
             dw = dw + jnp.einsum(spec, *args, preferred_element_type=jnp.float32)
-        return (total, dw), dh
+        return (total, dw), dh.reshape(b, c, d)
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if need_dw else None
     (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), (h_nbcd, targets_nbc, weights_nbc))
