@@ -4,7 +4,10 @@
   python scripts/eval.py --workdir=runs/smollm2_full            # before/after table, report.json
 
 Same data and schedule as smollm2_135m_lora.py, with a 20x lower peak learning rate: every weight
-moves (embeddings included), so the step must be small. Measured on a 2-core CPU: MEASURED.
+moves (embeddings included), so the step must be small. Measured on a 2-core CPU shared with
+other jobs: 20 min wall for the 40 steps with two evals; train loss 0.0099 at step 10 and 0.0006
+at step 40; eval loss (assistant tokens of the 200 held-out examples) 0.0084 at step 20 and
+0.0048 at step 40. A checkpoint (fp32 weights + Adam moments) is ~1.4 GB.
 """
 
 from ftjax.config import default_config
@@ -25,7 +28,7 @@ def get_config():
     c.optim.schedule = "cosine"
     c.optim.weight_decay = 0.01
     c.checkpoint.every = 20
-    c.checkpoint.keep = 1  # a full checkpoint is ~1.6 GB (fp32 weights + Adam moments)
+    c.checkpoint.keep = 1  # a full checkpoint is ~1.4 GB (fp32 weights + Adam moments)
     c.eval.every = 0  # task scores + forgetting once, at the end (generation is the costly part on CPU)
     c.eval.max_examples = 50
     c.eval.metric = "person_json"
