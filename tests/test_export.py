@@ -18,7 +18,7 @@ from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.export_hf import export_hf
 from ftjax.interop.peft import export_peft, load_peft
 from ftjax.lora import apply_lora, linears, merged
-from hf_helpers import MODEL_TOL, hf_logits, jax_logits, max_diff, random_ids, tiny_hf, tiny_tokenizer
+from hf_helpers import FAMILIES, MODEL_TOL, TINY, hf_logits, jax_logits, max_diff, random_ids, tiny_hf, tiny_tokenizer
 from loop_helpers import ROOT, load_config
 
 LORA_MARGIN = 1e-2  # adapters with non-zero B move the logits by far more than this
@@ -105,6 +105,31 @@ def test_exported_folder_loads_back_into_ftjax_identically(tiny_folder, ids, tmp
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(back))):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
     np.testing.assert_array_equal(jax_logits(back, ids), jax_logits(model, ids))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_hf_export_of_other_families(family, tmp_path):
+    """Biases (qwen2, tied head) and q/k norms (qwen3) go out under transformers' names."""
+    model_type, overrides = FAMILIES[family]
+    source = tmp_path / "source"
+    tiny_hf(model_type, **overrides).save_pretrained(source)
+    model = _tuned(source, targets="q_proj,v_proj,up_proj")
+    ids = random_ids(1, 8)
+    out = export_hf(model, tmp_path / "out", source=source)
+    assert max_diff(hf_logits(_hf(out), ids), jax_logits(model, ids)) <= MODEL_TOL
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_config_built_from_a_model_config_maps_back_to_it(family):
+    """Models without an HF source (the built-in tiny one) get a config.json that reads back the same."""
+    from transformers import AutoConfig
+
+    from ftjax.interop.hf_config import config_from_model
+    from ftjax.models.registry import config_from_hf
+
+    model_type, overrides = FAMILIES[family]
+    cfg = config_from_hf(AutoConfig.for_model(model_type, **{**TINY, **overrides}).to_dict())
+    assert config_from_hf(config_from_model(cfg)).replace(extra=()) == cfg.replace(extra=())
 
 
 # --- PEFT export ---

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, LoadError
 from ftjax.interop import gather
 from ftjax.interop.hf_config import export_config, generation_config, read_json
 from ftjax.interop.safetensors_writer import TensorPlan, parse_size, plan_shards, write_safetensors
@@ -54,6 +54,18 @@ def source_configs(path_or_name: str | Path) -> tuple[dict | None, dict | None]:
 
         return source_configs(config_from_workdir(path).model.path)
     return None, None
+
+
+def _source_tokenizer(source: str | Path) -> Any:
+    """The base's tokenizer, or None for a weights-only HF folder (the export is then weights-only too)."""
+    from ftjax.api import load_tokenizer
+
+    try:
+        return load_tokenizer(source)
+    except LoadError as e:
+        if "no tokenizer.json" not in str(e):
+            raise
+        return None
 
 
 def _adapters(model: nnx.Module) -> dict[tuple, Any]:
@@ -120,9 +132,7 @@ def export_hf(model: nnx.Module, out: str | Path, *, source: str | Path | None =
     main = jax.process_index() == 0
     src_config, src_generation = source_configs(source) if source is not None else (None, None)
     if tokenizer is None and source is not None:
-        from ftjax.api import load_tokenizer
-
-        tokenizer = load_tokenizer(source)
+        tokenizer = _source_tokenizer(source)
     shards = plan_shards(hf_tensor_plans(model, dtype), parse_size(max_shard_size))
     names = _shard_names(len(shards))
     if main:
