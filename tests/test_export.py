@@ -184,6 +184,7 @@ def workdir_logits(workdir):
 
 
 def _checkpoint_state(workdir, step):
+    """The raw saved tree (nested dicts of arrays), read without a target."""
     return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
 
 
@@ -199,6 +200,7 @@ def test_lora_checkpoint_holds_no_base_weights(workdir):
     assert saved < base / 50  # adapters and their optimizer moments only
 
 
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")
 def test_load_model_of_a_workdir_equals_merging_the_checkpoint_by_hand(workdir, workdir_logits):
     c = load_config()
     raw = _checkpoint_state(workdir, 2)["trainable"]
