@@ -106,13 +106,19 @@ def _fused_ce_fwd(h_nbcd, w, targets_nbc, weights_nbc, vocab_major):
         h, tg, wt = h_bcd.reshape(b * c, d), tg.reshape(b * c), wt.reshape(b * c)
         logits = jnp.einsum("rd,vd->rv" if vocab_major else "rd,dv->rv", h, w, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "act_vocab"))  # rows keep the batch's sharding (b major)
-        lse = jax.nn.logsumexp(logits, axis=-1)
+        # One exp pass serves both the log-sum-exp and the softmax; the row sums are a matrix-vector
+        # product (faster than XLA CPU's reduction over a [rows, V] array).
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - m)
+        ones = jnp.ones((e.shape[-1],), e.dtype)
+        sums = jnp.dot(e, ones, precision=jax.lax.Precision.HIGHEST)[:, None]  # fp32 sums on TPU/GPU too
+        lse = (m + jnp.log(sums))[:, 0]
         idx = tg[..., None].astype(jnp.int32)
         picked = jnp.take_along_axis(logits, idx, axis=-1, mode="clip")[..., 0]
         total = total + jnp.sum(jnp.where(wt != 0, (lse - picked) * wt, 0.0))  # NaN weights still propagate
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == idx
         scale = jnp.where(wt != 0, wt, 0.0)[..., None]
-        dlogits = (scale * (jnp.exp(logits - lse[..., None]) - onehot)).astype(dt)
+        dlogits = (scale * (e / sums - onehot)).astype(dt)
         dh = jnp.einsum("rv,vd->rd" if vocab_major else "rv,dv->rd", dlogits, w,
                         preferred_element_type=jnp.float32).astype(dt)
         if need_dw:
