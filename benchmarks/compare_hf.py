@@ -195,10 +195,11 @@ def compare(method: str, args) -> dict:
     return res
 
 
-def data_figure() -> str | None:
-    """The data pipeline's tokens/s (small run of benchmarks/data_throughput.py), or None if it fails."""
+def data_figure(consumed: float) -> str | None:
+    """The data pipeline's tokens/s (small run of benchmarks/data_throughput.py, its default 512-token
+    rows: generated chats overflow 256) against what the train step consumes; None if it fails."""
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "data_throughput.py"), "--records", "800",
-           "--seq_len", "256", "--batch_size", "4"]
+           "--consumed", f"{consumed:.0f}"]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT).stdout
     except Exception:
@@ -240,7 +241,8 @@ def main() -> None:
               f"{h['matmul_peak_flops'] / 1e9:.0f} GFLOP/s | load avg {r['load_avg']['median']:.2f} "
               f"(min {r['load_avg']['min']:.2f}, max {r['load_avg']['max']:.2f})", flush=True)
     if args.data:
-        fig = data_figure()
+        first = next(iter(record["results"].values()), None)
+        fig = data_figure(first["ftjax"]["tokens_per_s"] if first else 300.0)
         record["data_pipeline"] = fig
         print("data pipeline:\n" + (fig or "(not measured)"))
     if args.out:
