@@ -107,6 +107,26 @@ def test_exported_folder_loads_back_into_ftjax_identically(tiny_folder, ids, tmp
     np.testing.assert_array_equal(jax_logits(back, ids), jax_logits(model, ids))
 
 
+def test_export_of_a_sharded_model_equals_the_unsharded_export(tiny_folder, tmp_path):
+    """fsdp x tensor sharded adapters and base export tensor by tensor to the same bytes as one device."""
+    from safetensors.numpy import load_file
+
+    from ftjax.sharding import make_mesh, state_shardings
+
+    model = _tuned(tiny_folder)
+    plain = load_file(export_hf(model, tmp_path / "plain", source=tiny_folder) / "model.safetensors")
+    graphdef, state = nnx.split(model)
+    mesh = make_mesh(data=1, fsdp=4, tensor=2)
+    sharded_state = jax.device_put(state, state_shardings(state, mesh))
+    assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(sharded_state))
+    out = export_hf(nnx.merge(graphdef, sharded_state), tmp_path / "sharded", source=tiny_folder)
+    sharded = load_file(out / "model.safetensors")
+    assert sharded.keys() == plain.keys()
+    for name in plain:
+        np.testing.assert_array_equal(sharded[name], plain[name], err_msg=name)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_hf_export_of_other_families(family, tmp_path):
     """Biases (qwen2, tied head) and q/k norms (qwen3) go out under transformers' names."""

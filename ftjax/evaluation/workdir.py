@@ -57,7 +57,7 @@ def load_run(workdir: str | Path, config: Any = None, mesh: Any = None, step: in
 
     config = config if config is not None else config_from_workdir(workdir)
     mesh = mesh if mesh is not None else mesh_from_config(config)
-    ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False)
+    ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
     step = step if step is not None else ckpt.latest_step()
     if step is None:
         raise LoadError(f"{workdir}: no complete checkpoint to evaluate")
