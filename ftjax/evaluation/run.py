@@ -14,8 +14,10 @@ Every process computes the same numbers; only the one with `write` (process 0) w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,15 @@ def _process_zero() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+@contextlib.contextmanager
+def _phase(what: str):
+    """One line per costly evaluation phase on process 0 ("eval: ... 41 s"): generation on CPU takes minutes."""
+    start = time.perf_counter()
+    yield
+    if _process_zero():
+        print(f"eval: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 class Evaluation:
@@ -67,10 +78,12 @@ class Evaluation:
     def _base(self, model: nnx.Module, base: nnx.Module | None) -> nnx.Module:
         return base_view(model) if base is None else base
 
-    def _task(self, model: nnx.Module, shots=(), with_loss: bool = True) -> TaskResult:
+    def _task(self, model: nnx.Module, shots=(), with_loss: bool = True, which: str = "model") -> TaskResult:
         c = self.config
-        return evaluate_task(model, self.tokenizer, self.records, c.eval.metric, max_examples=c.eval.max_examples,
-                             shots=shots, with_loss=with_loss)
+        n = min(len(self.records), c.eval.max_examples) if c.eval.max_examples else len(self.records)
+        with _phase(f"{which} on {n} eval examples" + (f", {len(shots)}-shot" if shots else "")):
+            return evaluate_task(model, self.tokenizer, self.records, c.eval.metric,
+                                 max_examples=c.eval.max_examples, shots=shots, with_loss=with_loss)
 
     def model_id(self) -> str:
         c = self.config
@@ -79,9 +92,11 @@ class Evaluation:
     def prepare(self, base: nnx.Module) -> BaseReplies:
         """The base model's greedy replies to the retain prompts (generated once, cached in the workdir)."""
         if self.replies is None:
-            self.replies = base_replies(base, self.tokenizer, self.retain,
-                                        max_new_tokens=self.config.forget.max_new_tokens,
-                                        cache=self.workdir / CACHE_NAME, model_id=self.model_id(), write=self.write)
+            with _phase(f"base replies to {len(self.retain)} retain prompts"):
+                self.replies = base_replies(base, self.tokenizer, self.retain,
+                                            max_new_tokens=self.config.forget.max_new_tokens,
+                                            cache=self.workdir / CACHE_NAME, model_id=self.model_id(),
+                                            write=self.write)
         return self.replies
 
     def replay_file(self) -> str:
@@ -111,9 +126,9 @@ class Evaluation:
         saved = json.loads(path.read_text()) if path.is_file() else {}
         if everywhere(saved.get("key") == key):
             return {k: TaskResult.from_json(v) for k, v in saved["results"].items()}
-        out = {"base": self._task(base)}
+        out = {"base": self._task(base, which="base model")}
         if self.shots:
-            out["prompted"] = self._task(base, self.shots)
+            out["prompted"] = self._task(base, self.shots, which="base model prompted")
         if self.write:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -139,8 +154,9 @@ class Evaluation:
         if self._tracked is not None and self._tracked[0] == step and step >= 0:
             _, task, forget = self._tracked  # already measured at this step by track()
         else:
-            task = self._task(model) if self.has_task else None
-            forget = forgetting_metrics(model, base, self.tokenizer, replies)
+            task = self._task(model, which="fine-tuned model") if self.has_task else None
+            with _phase("forgetting metrics"):
+                forget = forgetting_metrics(model, base, self.tokenizer, replies)
         results = dict(self.baselines(base))
         if task is not None:
             results["finetuned"] = task
