@@ -59,7 +59,7 @@ def lora_model():
     return model
 
 
-def test_evaluation_writes_the_report(run_config, tmp_path):
+def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     workdir = tmp_path / "run"
     tok = tiny_tokenizer()
     model = lora_model()
@@ -84,7 +84,11 @@ def test_evaluation_writes_the_report(run_config, tmp_path):
     assert logged["kl_to_base"] > 0
     (workdir / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.0, **logged, "kl_to_base": 0.01}) + "\n"
                                            + json.dumps({"step": 4, "loss": 0.5, **logged}) + "\n")
+    capsys.readouterr()
     report = ev.report(model, None, step=4)
+    printed = capsys.readouterr().out
+    for which in ("base", "prompted", "finetuned"):  # the tables, then one sample reply from each model
+        assert f"  {which}:" in printed and repr(report["samples"][which]["reply"])[:40] in printed
 
     check_report(report, ["exact", "contains"])
     saved = json.loads((workdir / "report.json").read_text())

@@ -86,6 +86,19 @@ def format_tables(report: dict, markdown: bool = False) -> str:
     return f"{task}\n\n{forget}"
 
 
+def format_samples(report: dict, width: int = 160) -> str:
+    """One sample reply from each model on the same eval prompt, for the printed report."""
+    samples = {w: s for w, s in report.get("samples", {}).items() if w != "qa" and s}
+    if not samples:
+        return ""
+    first = next(iter(samples.values()))
+    clip = lambda t: (t if len(t) <= width else t[:width - 3] + "...")
+    prompt = " ".join(str(first["prompt"]).split())
+    lines = [f"sample prompt: {clip(prompt)}", f"  expected:   {clip(repr(first['expected']))}"]
+    lines += [f"  {which + ':':11} {clip(repr(' '.join(str(s['reply']).split())))}" for which, s in samples.items()]
+    return "\n".join(lines)
+
+
 def _cell(text: Any) -> str:
     """Text safe inside a markdown table cell."""
     return "" if text is None else " ".join(str(text).split()).replace("|", "\\|")
@@ -125,7 +138,8 @@ def write_report(workdir: str | os.PathLike, report: dict, *, echo: bool = True)
     _atomic_write(workdir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     _atomic_write(workdir / REPORT_MD, _markdown(report))
     if echo:
-        print(format_tables(report), flush=True)
+        samples = format_samples(report)
+        print(format_tables(report) + (f"\n\n{samples}" if samples else ""), flush=True)
     return report
 
 
