@@ -56,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
         frozen_dtype="float32",  # float32 | bfloat16 | float16: dtype of the frozen (non-trained) weights
         max_consecutive_skips=5,  # stop after this many steps in a row with NaN/Inf gradients
         loss_chunk=512,  # tokens per sequence chunk of the cross-entropy (bounds fp32 logits memory)
+        early_stop_patience=0,  # stop after this many evals (eval.every) without a lower eval loss; 0 = never
     )
     c.optim = dict(
         name="adamw",  # adamw | sgd | adafactor | lion
@@ -143,6 +144,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "train.max_consecutive_skips", "train.loss_chunk"):
         if get(c, key) < 1:
             raise ConfigError(f"config.{key} must be >= 1, got {get(c, key)}")
+    if c.train.early_stop_patience < 0:
+        raise ConfigError(f"config.train.early_stop_patience must be >= 0, got {c.train.early_stop_patience}")
+    if c.train.early_stop_patience and not (c.eval.every and c.data.eval):
+        raise ConfigError("config.train.early_stop_patience needs periodic eval losses: set eval.every and data.eval")
     if c.train.batch_size % c.train.grad_accum:
         raise ConfigError(
             f"config.train.batch_size={c.train.batch_size} is not divisible by "
