@@ -166,6 +166,28 @@ def test_only_process_0_prints_and_both_save_one_checkpoint(runs):
         assert got == pytest.approx(_losses(root / name)[STEPS]["eval_loss"], rel=RTOL), name
 
 
+def test_two_processes_export_what_one_process_exports(runs, tmp_path):
+    """scripts/export.py on both hosts of the 2-process run (fsdp-sharded across them, gathered tensor by
+    tensor; process 0 writes) gives the bytes one process writes from the same workdir."""
+    from safetensors.numpy import load_file
+
+    root, _ = runs
+    export = [sys.executable, str(ROOT / "scripts" / "export.py"), f"--workdir={root / 'two'}", "--format=hf"]
+    port = _free_port()
+    with _jobs(300) as (jobs, start):
+        for i in range(2):
+            start(f"export{i}", [*export, f"--out={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{port}",
+                                 "--num_processes=2", f"--process_id={i}"], _env(2), tmp_path)
+        start("export_single", [*export, f"--out={tmp_path / 'one'}"], _env(4), tmp_path)
+    for job in jobs:
+        assert job.proc.returncode == 0, job.tail()
+    assert "exported step" in jobs[0].stdout() and "exported step" not in jobs[1].stdout()
+    two, one = (load_file(tmp_path / name / "model.safetensors") for name in ("two", "one"))
+    assert two.keys() == one.keys() and len(one) > 5
+    for name in one:
+        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+
+
 def test_a_stop_on_one_host_stops_all_at_one_step_and_resumes_exactly(runs, tmp_path):
     """SIGINT to process 1 only: JAX's preemption sync point picks a step for both; resume ends on the same losses."""
     root, _ = runs
