@@ -1,9 +1,10 @@
-"""LoRA on SmolLM2-135M-Instruct, CPU default: the demo task (person sentence -> JSON).
+"""LoRA on SmolLM2-135M-Instruct, CPU default: the demo task (person sentence -> JSON); what `bin/demo` runs.
 
   python scripts/train.py --config=configs/smollm2_135m_lora.py --workdir=runs/smollm2_lora
 
-On a 2-core CPU it runs in about ten minutes and takes the task's exact-match accuracy on the
-held-out split from near 0% (base model) to well above 80% (see README for measured figures).
+Measured on the 2-core CPU machine (2026-11-28): 40 steps in 4 min 35 s (~190 tokens/s), the report in
+5 min; exact match on 50 held-out examples 0% (base) / 54% (base, 2-shot) -> 98% (fine-tuned), eval loss
+0.52 -> 0.012. The high learning rate costs general behaviour (KL to base 0.31 per token, QA 55% -> 20%).
 """
 
 from ftjax.config import default_config
