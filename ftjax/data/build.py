@@ -1,8 +1,8 @@
 """From `config.data` and a tokenizer to train/eval rows and a summary, with every check done up front.
 
 Order: read + validate every record (file:line errors) -> tokenize once (cached) -> vocab check ->
-eval split -> overlong policy -> dropped-fraction check -> mixture -> packing -> summary. Nothing here
-touches a model or a device, so bad data stops the run before any compute.
+eval split -> overlong policy -> dropped-fraction check -> mixture (+ replay) -> packing -> summary. Nothing
+here touches a model or a device, so bad data stops the run before any compute.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from ftjax.data.examples import Examples
 from ftjax.data.fingerprint import digest_key, file_fingerprint, tokenizer_fingerprint
-from ftjax.data.mixture import mixture_indices, parse_sources
+from ftjax.data.mixture import mixture_indices, parse_sources, replay_indices
 from ftjax.data.packing import Rows, make_rows
 from ftjax.data.records import Fields, ReadResult, read_file
 from ftjax.data.summary import DataSummary
@@ -148,10 +148,25 @@ def _hold_out(examples: Examples, fraction: float, seed: int, k: int) -> tuple[n
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
-def build_datasets(config: Any, tokenizer: Any, *, vocab_size: int | None = None) -> Datasets:
+REPLAY_LABEL = "replay"
+
+
+def _replay_examples(path: str, d: Any, tokenizer: Any, tok_fp: str) -> tuple[_Source, Examples]:
+    """The replay file (retain prompts + replies to keep), cut to seq_len+1 tokens; examples without a
+    trained token are left out."""
+    src = _load(dict(kind="file", path=path), 1.0, d, tokenizer, tok_fp)
+    ex = src.examples.with_lengths(np.minimum(src.examples.lengths, int(d.seq_len) + 1))
+    return src, ex.take(np.flatnonzero(ex.trained_targets() > 0))
+
+
+def build_datasets(config: Any, tokenizer: Any, *, vocab_size: int | None = None,
+                   replay: tuple[str, float] | None = None) -> Datasets:
     """Train and eval rows from `config.data` (and `config.seed`), checked before any compute.
 
     `vocab_size` is the model's; token ids at or above it are an error. Raises DataError naming file:line.
+    `replay=(path, fraction)` adds that JSONL's examples to make up `fraction` of the training examples
+    (every task example kept; `ftjax.data.mixture.replay_indices`); its fingerprint, with the fraction, joins
+    `summary.fingerprints["replay"]` so a resume with other replay data or another fraction is refused.
     """
     d, seed = config.data, int(config.seed)
     tok_fp = tokenizer_fingerprint(tokenizer)
@@ -199,6 +214,13 @@ def build_datasets(config: Any, tokenizer: Any, *, vocab_size: int | None = None
     train = Examples.concat([p.take(i) for p, i in zip(train_parts, idx)])
     if not len(train):
         raise DataError("no training examples are left after validation and the overlong policy")
+    n_task = len(train)
+    if replay is not None:
+        rep_src, rep = _replay_examples(replay[0], d, tokenizer, tok_fp)
+        _check_vocab(rep, vocab_size)
+        rep_idx = replay_indices(n_task, len(rep), float(replay[1]), seed)
+        train = Examples.concat([train, rep.take(rep_idx)])
+        summary.fingerprints[REPLAY_LABEL] = {**rep_src.fingerprint, "fraction": float(replay[1])}
     order = np.random.default_rng([seed, 0x7061636B]).permutation(len(train))
     train_rows = make_rows(train, int(d.seq_len), bool(d.packing), order)
     eval_rows = make_rows(eval_examples, int(d.seq_len), bool(d.packing)) if eval_examples is not None and len(
@@ -215,4 +237,7 @@ def build_datasets(config: Any, tokenizer: Any, *, vocab_size: int | None = None
     summary.packing_efficiency = train_rows.efficiency()
     summary.sources = [dict(path=s.label, weight=s.weight, records=s.read.total, examples=int(len(i)))
                        for s, i in zip(sources, idx)]
+    if replay is not None:
+        summary.sources.append(dict(path=rep_src.label, weight=float(replay[1]), records=rep_src.read.total,
+                                    examples=len(train) - n_task))
     return Datasets(train_rows, eval_rows, summary)

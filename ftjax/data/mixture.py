@@ -5,6 +5,8 @@ when it parses as a number; weights are relative and need not sum to 1; an entry
 counts 1). Meaning: one pass over the mixture has as many examples as all sources together, and
 source i fills the fraction w_i / sum(w) of it; a source smaller than its share is repeated, a larger
 one subsampled, in a fixed order drawn from the seed. With one source every example is used once.
+Replay (forget.replay_fraction, `replay_indices`) differs: every task example is kept and retain examples
+are added, repeated as needed, to make up that fraction of the pass.
 """
 
 from __future__ import annotations
@@ -76,3 +78,15 @@ def mixture_indices(sizes: list[int], weights: list[float], seed: int) -> list[n
         reps = -(-count // size) if size else 0
         out.append(np.tile(perm, reps)[:count].astype(np.int64))
     return out
+
+
+def replay_indices(n_task: int, n_replay: int, fraction: float, seed: int) -> np.ndarray:
+    """Indices of the replay examples that join a pass of `n_task` task examples (all kept) so that they
+    make up `fraction` of it: round(fraction / (1 - fraction) · n_task) of them, repeated as needed."""
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"forget.replay_fraction must be in (0, 1), got {fraction}")
+    if not n_replay:
+        raise DataError("replay: the retain set has no usable examples to replay")
+    count = max(1, int(round(fraction / (1.0 - fraction) * n_task)))
+    perm = np.random.default_rng([seed, 0x7265706C]).permutation(n_replay)
+    return np.tile(perm, -(-count // n_replay))[:count].astype(np.int64)

@@ -1,8 +1,9 @@
 """Replay data against forgetting: the retain prompts with replies to keep, as training JSONL and batches.
 
 A retain item's reply is the user's own when their retain file gives one, else the base model's greedy
-reply. `replay_mixture` mixes the file into `data.train` at `forget.replay_fraction` of the examples;
-`retain_iterator` gives batches of it for the KL-to-base regularizer (the same shape as train batches).
+reply. `replay_mixture` mixes the file into `data.train` at `forget.replay_fraction` of the examples (the
+training loop instead passes it to `build_datasets(replay=...)`, which keeps every task example);
+`reply_iterator` gives batches of the base's own reply tokens for the KL-to-base term (train-batch shape).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ftjax.data import train_iterator
+from ftjax.data.examples import Examples
 from ftjax.data.mixture import parse_sources
 from ftjax.data.packing import make_rows
 from ftjax.data.records import Fields, read_file
@@ -59,15 +61,38 @@ def replay_mixture(train_spec: str, replay_path: str, fraction: float) -> str:
 
 def retain_iterator(replay_path: str, tokenizer: Any, *, seq_len: int, batch_size: int, seed: int,
                     packing: bool = True, sharding: Any = None, prefetch: int = 2):
-    """Endless shuffled batches of the replay file (reply tokens weighted), for the KL-to-base term.
+    """Endless shuffled batches of the replay file (reply tokens weighted), the same shape as train batches.
 
     Examples longer than seq_len+1 tokens are cut to fit (only the KL on their first tokens is measured).
     """
     records = read_file(replay_path, Fields()).records
     ex = tokenize_records(records, tokenizer, loss_on="last_assistant")
+    return _batches(ex, replay_path, seq_len=seq_len, batch_size=batch_size, seed=seed, packing=packing,
+                    sharding=sharding, prefetch=prefetch)
+
+
+def reply_iterator(replies: BaseReplies, *, seq_len: int, batch_size: int, seed: int, packing: bool = True,
+                   sharding: Any = None, prefetch: int = 2):
+    """Endless shuffled batches of the retain prompts + the base model's own reply tokens (weighted), for the
+    KL-to-base term: the very positions `forgetting.kl_to_base` measures, token ids exactly as generated."""
+    seqs = replies.sequences()
+    lengths = np.asarray([len(ids) for ids, _ in seqs], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    n = len(seqs)
+    ex = Examples(np.concatenate([ids for ids, _ in seqs]).astype(np.int32),
+                  np.concatenate([t for _, t in seqs]).astype(bool), starts, lengths, np.zeros(n, np.uint64),
+                  np.zeros(n, np.int32), np.arange(1, n + 1, dtype=np.int64), np.asarray(["retain replies"]))
+    return _batches(ex, "the base model's retain replies", seq_len=seq_len, batch_size=batch_size, seed=seed,
+                    packing=packing, sharding=sharding, prefetch=prefetch)
+
+
+def _batches(ex: Examples, what: str, *, seq_len: int, batch_size: int, seed: int, packing: bool, sharding: Any,
+             prefetch: int):
     ex = ex.with_lengths(np.minimum(ex.lengths, seq_len + 1))
-    keep = np.nonzero(ex.lengths >= 2)[0]
-    ex = ex.take(keep)
+    ex = ex.take(np.flatnonzero(ex.trained_targets() > 0))  # a reply cut off entirely has nothing to measure
+    if not len(ex):
+        raise DataError(f"forget.kl_weight needs retain data: no reply tokens of {what} fit in "
+                        f"data.seq_len={seq_len}")
     order = np.random.default_rng([seed, 0x72657461]).permutation(len(ex))
     rows = make_rows(ex, seq_len, packing, order)
     return train_iterator(rows, batch_size, seed=seed, sharding=sharding, prefetch=prefetch)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ftjax import config as config_lib
@@ -26,6 +25,7 @@ from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError
 from ftjax.provenance import base_identity, check_same
 from ftjax.sharding import batch_sharding, batch_shards
+from ftjax.train import forget
 from ftjax.train.eval_loss import eval_loss, make_eval_loss
 from ftjax.train.memory import check_fits
 from ftjax.train.optimizer import raise_if_diverged
@@ -77,19 +77,23 @@ def _inject_fault(step: int) -> None:
         os.kill(os.getpid(), kinds[fault.split("@")[0]])
 
 
-def _evaluation(config, tokenizer, workdir: Path, state):
+def _evaluating(config) -> bool:
+    return bool(config.data.eval) and bool(config.eval.final or config.eval.every)
+
+
+def _evaluation(config, tokenizer, workdir: Path, state, base_trainable):
     """Task scores, baselines and forgetting (ftjax.evaluation) when the run has eval data.
 
     The base model is the LoRA model with adapters detached (no copy: base=None), or for full
-    fine-tuning a copy of the initial weights taken before the first (donating) step.
+    fine-tuning the copy of the initial weights taken before the first (donating) step.
     """
-    if not config.data.eval or not (config.eval.final or config.eval.every):
+    if not _evaluating(config):
         return None, None
     from ftjax.evaluation.run import Evaluation
 
     base = None
     if config.method == "full":
-        base = nnx.merge(state.graphdef, jax.tree.map(jnp.copy, state.trainable), state.frozen)
+        base = nnx.merge(state.graphdef, base_trainable, state.frozen)
     return Evaluation(config, tokenizer, workdir), base
 
 
@@ -124,7 +128,8 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     tokenizer = load_tokenizer(config.model.path)
     model_cfg = model_config(config.model.path)
     data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size)
-    _say(data.summary.format())
+    if not config.forget.replay_fraction:
+        _say(data.summary.format())
     _say(check_fits(config, model_cfg, mesh))  # stops here, before loading or compiling, if it cannot fit
 
     setup = build_state(config, mesh)
@@ -132,12 +137,25 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     n_trainable = state_size(state.trainable)[1]
     _say(f"{config.method}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}")
 
+    # Forgetting control: the step-0 copy (full fine-tuning), then the retain data (base replies, cached).
+    base_trainable = forget.base_copy(state) if forget.wants_base_copy(config, _evaluating(config)) else None
+    evaluation, base = _evaluation(config, tokenizer, workdir, state, base_trainable)
+    retain = forget.retain_data(config, tokenizer, workdir, evaluation, state, base_trainable)
+    if config.forget.replay_fraction:
+        data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size,
+                                       replay=(retain.replay_path, config.forget.replay_fraction))
+        _say(data.summary.format())
+    regularized = config.forget.kl_weight > 0 or config.forget.l2_weight > 0
+    step_base = base_trainable if config.method == "full" and regularized else None
     step_fn = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,
-                              loss_chunk=config.train.loss_chunk)
+                              loss_chunk=config.train.loss_chunk, kl_weight=config.forget.kl_weight,
+                              l2_weight=config.forget.l2_weight, with_base=step_base is not None)
     sharding = batch_sharding(mesh)
     it = data_lib.train_iterator(data.train, config.train.batch_size, seed=config.seed, sharding=sharding,
                                  prefetch=config.data.prefetch)
-    provenance = {"base": base_identity(config.model.path), "data": data.summary.fingerprints}
+    retain_it = forget.retain_batches(config, retain, sharding)
+    provenance = {"base": base_identity(config.model.path),
+                  "data": {**data.summary.fingerprints, **forget.retain_fingerprint(config, retain)}}
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, keep_best=data.eval is not None)
     start = 0
     latest = ckpt.latest_step()
@@ -149,17 +167,14 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
         restored, meta = ckpt.restore(latest, {"trainable": trainable, "opt_state": opt_state})
         trainable, opt_state = restored["trainable"], restored["opt_state"]
         it.set_state(meta["data_state"])
+        if retain_it is not None:
+            retain_it.set_state(meta["retain_state"])
         start = latest
         _say(f"resumed from step {latest}")
     if main_process:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     sums_fn = make_eval_loss(state.graphdef, config.train.loss_chunk) if data.eval is not None else None
-    evaluation, base = _evaluation(config, tokenizer, workdir, state)
-    unsupported = [k for k in ("replay_fraction", "kl_weight", "l2_weight") if config.forget[k]]
-    if unsupported:
-        raise ConfigError(f"forget.{unsupported[0]} is not wired into the train step yet (see ftjax/train/"
-                          "regularizers.py); leave it at 0")
 
     def run_eval() -> float:
         batches = data_lib.eval_iterator(data.eval, config.train.batch_size, sharding=sharding)
@@ -185,8 +200,10 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     with _StopRequest() as stop:
         for step in range(start + 1, config.train.steps + 1):
             batch = next(it)
+            retain_batch = next(retain_it) if retain_it is not None else None
             rng = jax.random.fold_in(base_key, step)
-            trainable, opt_state, metrics = step_fn(trainable, opt_state, state.frozen, batch, rng)
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, state.frozen, batch, rng, step_base,
+                                                    retain_batch)
             _inject_fault(step)
             steps_since += 1
             is_last = step == config.train.steps
@@ -201,6 +218,7 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
                           "grad_norm": float(fetched["grad_norm"]), "tokens_per_s": tps,
                           "mfu": tps * flops_token / peak_total, "trained_tokens": int(fetched["tokens"]),
                           "skipped_steps": int(fetched["skipped"])}
+                values.update({k: float(fetched[k]) for k in ("kl_reg", "l2_reg", "loss_total") if k in fetched})
                 raise_if_diverged(fetched, config.train.max_consecutive_skips)
             every = config.eval.every
             if sums_fn is not None and ((every and step % every == 0) or (is_last and config.eval.final)):
@@ -213,9 +231,11 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
                 last.update(values)
                 progress.update(step, last)
             if (config.checkpoint.every and step % config.checkpoint.every == 0) or is_last or stopping:
-                ckpt.save(step, {"trainable": trainable, "opt_state": opt_state},
-                          {"step": step, "data_state": it.get_state(), "config": config.to_dict(),
-                           "provenance": provenance},
+                meta = {"step": step, "data_state": it.get_state(), "config": config.to_dict(),
+                        "provenance": provenance}
+                if retain_it is not None:
+                    meta["retain_state"] = retain_it.get_state()
+                ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, meta,
                           eval_loss=values.get("eval_loss"))
             if stopping:
                 _say(f"stop requested: saved step {step}, exiting")
@@ -226,6 +246,8 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
         report = evaluation.report(state_model(), base, step)
         last["report"] = report
     it.close()
+    if retain_it is not None:
+        retain_it.close()
     writer.close()
     if main_process:
         metrics_lib.plot_losses(workdir)

@@ -3,6 +3,8 @@
 Activations use the per-layer count of Korthikanti et al. (2022) for a pre-norm decoder,
 s·b·h·(34 + 5·a·s/h) bytes in 16-bit per layer, scaled to the compute dtype; with full remat
 only each layer's input is kept, plus one layer's worth during its recomputation.
+Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
+trainable weights (`base_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
 """
 
 from __future__ import annotations
@@ -68,9 +70,14 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     else:
         acts = cfg.num_layers * per_layer
     acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3  # logits chunk, fp32, fwd+bwd
+    if config.forget.kl_weight:
+        acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
     frozen_dtype = config.train.frozen_dtype
-    return {"trainable": _device_bytes(trainable, mesh), "frozen": _device_bytes(frozen, mesh, frozen_dtype),
-            "opt_state": _device_bytes(opt, mesh), "activations": int(acts)}
+    out = {"trainable": _device_bytes(trainable, mesh), "frozen": _device_bytes(frozen, mesh, frozen_dtype),
+           "opt_state": _device_bytes(opt, mesh), "activations": int(acts)}
+    if config.method == "full" and (config.forget.kl_weight or config.forget.l2_weight):
+        out["base_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
+    return out
 
 
 def check_fits(config, model_cfg: ModelConfig, mesh: Mesh) -> str:

@@ -1,0 +1,42 @@
+"""The README forgetting experiment: SmolLM2-135M-Instruct fully fine-tuned on the demo task (person sentence
+-> JSON) at a high learning rate, so that it drifts from its base; then the same run with each control.
+
+  python scripts/train.py --config=configs/smollm2_135m_forgetting.py --workdir=runs/forget_none
+  python scripts/train.py --config=configs/smollm2_135m_forgetting.py --workdir=runs/forget_replay \\
+      --config.forget.replay_fraction=0.25
+  python scripts/train.py --config=configs/smollm2_135m_forgetting.py --workdir=runs/forget_kl \\
+      --config.forget.kl_weight=1.0
+
+Each run writes WORKDIR/report.json: compare `forgetting.kl_to_base` (the aim: at least halved by each
+control) at `task.finetuned.person_json` within 5 points. Same seed and task data in all three; the base's
+replies to the 60 bundled retain prompts are generated once per workdir (the controls train on them, so
+the forgetting figures are measured on the prompts the controls saw). `forget.l2_weight` (Σ‖W − W_base‖²)
+is the third knob for full fine-tuning. Not yet measured here (expect roughly 20-30 min per run on a 2-core CPU).
+"""
+
+from ftjax.config import default_config
+from ftjax.tasks import person_json
+
+
+def get_config():
+    c = default_config()
+    c.model.path = "smollm2-135m-instruct"
+    c.method = "full"
+    c.data.train, c.data.eval = person_json.files(n_train=3000, n_eval=200)
+    c.data.seq_len = 128
+    c.train.batch_size = 8
+    c.train.steps = 40
+    c.train.log_every = 5
+    c.optim.lr = 1e-3  # 10x smollm2_135m_full.py: high enough that the plain run forgets
+    c.optim.warmup_steps = 5
+    c.optim.schedule = "cosine"
+    c.checkpoint.every = 0  # only the final checkpoint (~1.4 GB: fp32 weights + Adam moments)
+    c.checkpoint.keep = 1
+    c.eval.every = 0  # task scores and forgetting once, at the end (eval.final)
+    c.eval.final = True
+    c.eval.max_examples = 50
+    c.eval.metric = "person_json"
+    c.eval.few_shot = 2
+    c.forget.replay_fraction = 0.0  # --config.forget.replay_fraction=0.25: a quarter of the examples replayed
+    c.forget.kl_weight = 0.0  # --config.forget.kl_weight=1.0: KL(base ‖ tuned) on the base's own replies
+    return c
