@@ -79,7 +79,7 @@ class Bench:
         for _ in range(n):
             t0, c0 = time.perf_counter(), time.process_time()
             self.trainable, self.opt_state, metrics = self.compiled(self.trainable, self.opt_state, self.frozen,
-                                                                     self.batch, self.rng)
+                                                                     self.batch, self.rng, None, None)
             jax.block_until_ready((self.trainable, self.opt_state, metrics))
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
@@ -111,7 +111,7 @@ def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
     rng = jax.random.key(config.seed)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compiled = step._jitted.lower(state.trainable, state.opt_state, state.frozen, batch, rng).compile()
+    compiled = step._jitted.lower(state.trainable, state.opt_state, state.frozen, batch, rng, None, None).compile()
     compile_s = time.perf_counter() - t0
     return Bench(config, cfg, compiled, state.trainable, state.opt_state, state.frozen, batch, rng,
                  state_size(state.trainable)[1], mesh.size, compile_s, build_s)
