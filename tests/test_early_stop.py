@@ -1,4 +1,5 @@
-"""Early stopping: the tracker's rule, its round trip through checkpoint metadata, and the config checks."""
+"""Early stopping: the tracker's rule, its round trip through checkpoint metadata, the config checks, and the
+training loop stopping, saving and resuming by it (eval losses scripted, so the stop step is known)."""
 
 import math
 
@@ -45,3 +46,84 @@ def test_patience_needs_periodic_eval():
     c.train.early_stop_patience = -1
     with pytest.raises(ConfigError, match="early_stop_patience must be >= 0"):
         validate(c)
+
+
+# Scripted eval losses at steps 1, 2, 3, ...: the best is step 2; with patience 2, steps 3 and 4 bring no new
+# best, so the run stops after step 4 of 8.
+SCRIPT = [2.0, 1.5, 1.6, 1.7, 1.0, 1.0, 1.0, 1.0]
+STOP, BEST = 4, 2
+
+
+def _loop_config(final: bool = False):
+    from loop_helpers import load_config
+
+    c = load_config()
+    c.eval.every = 1
+    c.eval.final = final
+    c.train.log_every = 3  # the stop step (4) is not a logging step: it must be logged all the same
+    c.train.early_stop_patience = 2
+    c.checkpoint.every = 1  # every step saved: the best (step 2) is kept beside the latest
+    return c
+
+
+class _Script:
+    """Hands out SCRIPT in order, one loss per eval, across the runs of one test."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return SCRIPT[self.calls - 1]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """The loop's eval loss replaced by SCRIPT; task tracking skipped and the final report only recorded (their
+    cost and contents are tested in test_train_loop and test_evaluation_*, not here)."""
+    from ftjax.evaluation.run import Evaluation
+    from ftjax.train import loop
+
+    script = _Script()
+    script.reported_steps = []
+    monkeypatch.setattr(loop, "eval_loss", script)
+    monkeypatch.setattr(Evaluation, "track", lambda self, *a, **k: {})
+    monkeypatch.setattr(Evaluation, "report", lambda self, model, base, step: script.reported_steps.append(step))
+    return script
+
+
+def test_the_loop_stops_saves_logs_and_reports_at_the_stop_step(scripted, tmp_path, capsys):
+    from ftjax.checkpoint import Checkpoints
+    from ftjax.train.loop import run
+    from loop_helpers import metrics
+
+    result = run(_loop_config(final=True), tmp_path)
+    out = capsys.readouterr().out
+    assert result["step"] == STOP and result["stopped_early"]
+    assert f"early stopping: no lower eval loss in 2 evals (best 1.5000); saved step {STOP}" in out
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [3, STOP]
+    assert [r["eval_loss"] for r in records if "eval_loss" in r] == SCRIPT[:STOP]
+    ckpt = Checkpoints(tmp_path, keep_best=True)
+    assert ckpt.latest_step() == STOP and ckpt.best_step() == BEST
+    assert ckpt.read_meta(STOP)["early_stop"] == {"best": 1.5, "since_best": 2}
+    ckpt.close()
+    assert scripted.reported_steps == [STOP]  # the final report runs on an early-stopped run too
+
+
+def test_a_resumed_run_stops_where_a_straight_run_does(scripted, tmp_path, capsys):
+    from ftjax.checkpoint import Checkpoints
+    from ftjax.train.loop import run
+
+    run(_loop_config(), tmp_path, until=3)  # saved with one eval since the best
+    assert scripted.calls == 3  # the resumed run's first eval is step 4's
+    capsys.readouterr()
+    result = run(_loop_config(), tmp_path)
+    assert "resumed from step 3" in capsys.readouterr().out
+    assert result["step"] == STOP and result["stopped_early"]
+    again = run(_loop_config(), tmp_path)  # an early-stopped run does not train on when started again
+    assert "early stopping had ended this run" in capsys.readouterr().out
+    assert again["step"] == STOP
+    ckpt = Checkpoints(tmp_path)
+    assert ckpt.latest_step() == STOP
+    ckpt.close()

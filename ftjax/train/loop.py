@@ -3,7 +3,8 @@
 Data flows once: host batches -> sharded global batch -> one jitted step; metrics are fetched
 every `train.log_every` steps (and at the last step). Checkpoints every `checkpoint.every` steps
 and at the end; a workdir with checkpoints resumes from the latest complete one. SIGTERM/SIGINT
-finish the current step, save, and return normally.
+finish the current step, save, and return normally. With `train.early_stop_patience`, the run ends
+(saved, reported) after that many periodic evals without a lower eval loss.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ftjax.errors import ConfigError
 from ftjax.provenance import base_identity, check_same
 from ftjax.sharding import batch_sharding, batch_shards
 from ftjax.train import forget
+from ftjax.train.early_stop import EarlyStop
 from ftjax.train.eval_loss import eval_loss, make_eval_loss
 from ftjax.train.memory import check_fits
 from ftjax.train.optimizer import raise_if_diverged
@@ -158,6 +160,7 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
                   "data": {**data.summary.fingerprints, **forget.retain_fingerprint(config, retain)}}
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, keep_best=data.eval is not None)
     start = 0
+    early, stopped_early = EarlyStop(config.train.early_stop_patience), False
     latest = ckpt.latest_step()
     trainable, opt_state = state.trainable, state.opt_state
     if latest is not None:
@@ -169,8 +172,10 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
         it.set_state(meta["data_state"])
         if retain_it is not None:
             retain_it.set_state(meta["retain_state"])
+        early = EarlyStop.from_state(config.train.early_stop_patience, meta.get("early_stop"))
+        stopped_early = bool(meta.get("stopped_early"))
         start = latest
-        _say(f"resumed from step {latest}")
+        _say(f"resumed from step {latest}" + (" (early stopping had ended this run)" if stopped_early else ""))
     if main_process:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
@@ -197,8 +202,23 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
         """The current model (shares the arrays; used between steps only)."""
         return nnx.merge(state.graphdef, trainable, state.frozen)
 
+    def fetch(metrics, now: float) -> dict[str, Any]:
+        """The step's metrics on the host (one sync), with throughput since the last fetch."""
+        nonlocal t_last, steps_since
+        fetched = jax.device_get(metrics)
+        tps = steps_since * tokens_per_step / (now - t_last)
+        t_last, steps_since = now, 0
+        values = {"loss": float(fetched["loss"]), "lr": float(fetched["lr"]),
+                  "grad_norm": float(fetched["grad_norm"]), "tokens_per_s": tps,
+                  "mfu": tps * flops_token / peak_total, "trained_tokens": int(fetched["tokens"]),
+                  "skipped_steps": int(fetched["skipped"])}
+        values.update({k: float(fetched[k]) for k in ("kl_reg", "l2_reg", "loss_total") if k in fetched})
+        raise_if_diverged(fetched, config.train.max_consecutive_skips)
+        return values
+
+    last_step = start if stopped_early else config.train.steps
     with _StopRequest() as stop:
-        for step in range(start + 1, config.train.steps + 1):
+        for step in range(start + 1, last_step + 1):
             batch = next(it)
             retain_batch = next(retain_it) if retain_it is not None else None
             rng = jax.random.fold_in(base_key, step)
@@ -210,20 +230,17 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
             stopping = stop.should_stop(step) or step == until
             values: dict[str, Any] = {}
             if step % config.train.log_every == 0 or is_last or stopping:
-                fetched = jax.device_get(metrics)
-                now = time.perf_counter()
-                tps = steps_since * tokens_per_step / (now - t_last)
-                t_last, steps_since = now, 0
-                values = {"loss": float(fetched["loss"]), "lr": float(fetched["lr"]),
-                          "grad_norm": float(fetched["grad_norm"]), "tokens_per_s": tps,
-                          "mfu": tps * flops_token / peak_total, "trained_tokens": int(fetched["tokens"]),
-                          "skipped_steps": int(fetched["skipped"])}
-                values.update({k: float(fetched[k]) for k in ("kl_reg", "l2_reg", "loss_total") if k in fetched})
-                raise_if_diverged(fetched, config.train.max_consecutive_skips)
+                values = fetch(metrics, time.perf_counter())
             every = config.eval.every
-            if sums_fn is not None and ((every and step % every == 0) or (is_last and config.eval.final)):
+            periodic = bool(every) and step % every == 0
+            if sums_fn is not None and (periodic or (is_last and config.eval.final)):
+                t_eval = time.perf_counter()
                 values["eval_loss"] = run_eval()
-                if evaluation is not None and every and step % every == 0:
+                if periodic and early.update(values["eval_loss"]) and not is_last:
+                    stopped_early = stopping = True
+                    if "loss" not in values:  # the last step is always logged
+                        values.update(fetch(metrics, t_eval))
+                if evaluation is not None and periodic:
                     values.update(evaluation.track(state_model(), base, step))
                 t_last = time.perf_counter()  # eval time is not training throughput
             if values:
@@ -232,17 +249,21 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
                 progress.update(step, last)
             if (config.checkpoint.every and step % config.checkpoint.every == 0) or is_last or stopping:
                 meta = {"step": step, "data_state": it.get_state(), "config": config.to_dict(),
-                        "provenance": provenance}
+                        "provenance": provenance, "early_stop": early.state(), "stopped_early": stopped_early}
                 if retain_it is not None:
                     meta["retain_state"] = retain_it.get_state()
                 ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, meta,
                           eval_loss=values.get("eval_loss"))
+            if stopped_early:
+                _say(f"early stopping: no lower eval loss in {early.patience} evals "
+                     f"(best {early.best:.4f}); saved step {step}")
+                break
             if stopping:
                 _say(f"stop requested: saved step {step}, exiting")
                 break
     progress.close()
     ckpt.close()  # the final save is complete before the (long) report
-    if evaluation is not None and config.eval.final and step == config.train.steps:
+    if evaluation is not None and config.eval.final and (step == config.train.steps or stopped_early):
         report = evaluation.report(state_model(), base, step)
         last["report"] = report
     it.close()
@@ -251,7 +272,7 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     writer.close()
     if main_process:
         metrics_lib.plot_losses(workdir)
-    return {"step": step, **last, "peak_flops": peak, "peak_source": peak_source}
+    return {"step": step, **last, "stopped_early": stopped_early, "peak_flops": peak, "peak_source": peak_source}
 
 
 class _progress:
@@ -270,9 +291,8 @@ class _progress:
             return
         self.bar.update(step - self.pos)
         self.pos = step
-        post = {"loss": f"{values['loss']:.4f}", "tok/s": f"{values['tokens_per_s']:.0f}"}
-        if "eval_loss" in values:
-            post["eval"] = f"{values['eval_loss']:.4f}"
+        shown = {"loss": ("loss", ".4f"), "tok/s": ("tokens_per_s", ".0f"), "eval": ("eval_loss", ".4f")}
+        post = {name: format(values[key], spec) for name, (key, spec) in shown.items() if key in values}
         self.bar.set_postfix(post)
 
     def close(self) -> None:
