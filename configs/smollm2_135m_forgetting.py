@@ -8,10 +8,10 @@
       --config.forget.kl_weight=1.0
 
 Each run writes WORKDIR/report.json: compare `forgetting.kl_to_base` (the aim: at least halved by each
-control) at `task.finetuned.person_json` within 5 points. Same seed and task data in all three; the base's
-replies to the 60 bundled retain prompts are generated once per workdir (the controls train on them, so
-the forgetting figures are measured on the prompts the controls saw). `forget.l2_weight` (Σ‖W − W_base‖²)
-is the third knob for full fine-tuning. Not yet measured here (expect roughly 20-30 min per run on a 2-core CPU).
+control) at `task.finetuned.person_json` within 5 points. Same seed and task data in all three. The controls
+train on the base's replies to the 50 bundled control prompts; forgetting is measured on the 60 bundled
+retain prompts, which no run trains on (out of sample). `forget.l2_weight` (Σ‖W − W_base‖²) is the third
+knob for full fine-tuning.
 """
 
 from ftjax.config import default_config

@@ -83,10 +83,14 @@ def default_config() -> ml_collections.ConfigDict:
         few_shot=3,  # k train examples as prior chat turns for the prompted baseline; 0 = no prompted baseline
     )
     c.forget = dict(
-        retain=config_dict.placeholder(str),  # retain-set JSONL; empty = the bundled general prompts
+        retain=config_dict.placeholder(str),  # retain-set JSONL forgetting is measured on; empty = bundled prompts
+        # prompts (JSONL, same format) that replay and the KL term train on; empty = the bundled control set,
+        # disjoint from the bundled retain set (forgetting measured out of sample). Give forget.retain's own
+        # path to replay the user's replies there (then the figures are in-sample).
+        control=config_dict.placeholder(str),
         max_new_tokens=64,  # length of the base model's replies to the retain prompts
-        replay_fraction=0.0,  # fraction of training examples drawn from the retain prompts + their replies
-        kl_weight=0.0,  # weight of KL(base || tuned) on retain batches, added to the loss
+        replay_fraction=0.0,  # fraction of training examples drawn from the control prompts + their replies
+        kl_weight=0.0,  # weight of KL(base || tuned) on batches of control prompts + base replies, added to the loss
         l2_weight=0.0,  # weight of sum ||W - W_base||^2 (method=full only)
     )
     c.lock()

@@ -141,10 +141,10 @@ def test_bad_forget_values_are_config_errors():
         validate(c)
 
 
-def retain_file(path, n=16):
+def retain_file(path, n=16, start=0):
     """A retain set with the user's own replies (the tiny random model's greedy replies are only newlines)."""
     with open(path, "w") as f:
-        for i, item in enumerate(load_retain()[:n]):
+        for i, item in enumerate(load_retain()[start:start + n], start):
             reply = f"Sure. Here is a plain answer, number {i}, in a few short words."
             f.write(json.dumps({"prompt": item.prompt[0][1], "completion": reply}) + "\n")
     return str(path)
@@ -192,7 +192,8 @@ def forget_config(tmp_path, *, kl: float, final_eval: bool):
     c.optim.lr = 5e-2
     c.train.steps = 6
     c.checkpoint.every = 3
-    c.forget.retain = retain_file(tmp_path / "retain.jsonl")
+    c.forget.retain = retain_file(tmp_path / "retain.jsonl")  # measured on these
+    c.forget.control = retain_file(tmp_path / "control.jsonl", start=16)  # trained on other prompts
     c.forget.replay_fraction = 0.25
     c.forget.kl_weight = kl
     c.eval.final = final_eval

@@ -1,6 +1,8 @@
 """The retain set: general prompts whose answers fine-tuning should not change, some with known answers.
 
-Bundled: `retain.jsonl` (40 general instructions, 20 general-knowledge questions). A user's own file
+Bundled: `retain.jsonl` (40 general instructions, 20 general-knowledge questions), on which forgetting is
+measured, and `control.jsonl` (50 other general prompts), which the controls (replay, KL) train on, so that
+the forgetting figures are measured on prompts the controls never saw. A user's own file
 (`forget.retain`) is JSONL with, per line, `{"prompt": ..., "answer": ...optional}` or
 `{"messages": [...]}`: a conversation ending with a user turn, or with an assistant turn that is then the
 user's own reply for replay (`{"prompt", "completion"}` likewise). `answer` may list alternatives as
@@ -17,6 +19,7 @@ from ftjax.data.records import iter_json
 from ftjax.errors import DataError
 
 BUNDLED = Path(__file__).with_name("retain.jsonl")
+CONTROL_BUNDLED = Path(__file__).with_name("control.jsonl")
 Turns = tuple[tuple[str, str], ...]
 
 
@@ -57,14 +60,14 @@ def _item(obj: dict, source: str) -> RetainItem:
     return RetainItem((("user", prompt),), answer, reply, source)
 
 
-def load_retain(path: str | None = None) -> list[RetainItem]:
-    """The retain set from `path`, or the bundled one when `path` is empty."""
-    p = Path(path) if path else BUNDLED
+def load_retain(path: str | None = None, *, default: Path = BUNDLED, key: str = "forget.retain") -> list[RetainItem]:
+    """The retain set from `path`, or the bundled `default` when `path` is empty (`key` names the setting)."""
+    p = Path(path) if path else default
     if not p.is_file():
-        raise DataError(f"forget.retain: file not found: {p}")
+        raise DataError(f"{key}: file not found: {p}")
     items = [_item(obj, f"{p}:{line}") for line, obj in iter_json(str(p))]
     if not items:
-        raise DataError(f"forget.retain: {p} holds no records")
+        raise DataError(f"{key}: {p} holds no records")
     return items
 
 

@@ -2,8 +2,6 @@
 
     ev = Evaluation(config, tokenizer, workdir)          # reads eval/train records and the retain set
     ev.prepare(base)                                     # base replies to the retain prompts (cached)
-    config.data.train = ev.replay_spec() or config.data.train   # forget.replay_fraction > 0 only
-    retain = retain_iterator(ev.replay_file(), ...)      # forget.kl_weight > 0 only: the KL term's batches
     ev.baselines(base)                                   # base 0-shot and k-shot scores (cached)
     logged = ev.track(model, base, step)                 # every eval.every: task_*, kl_to_base, ...
     report = ev.report(model, base, step)                # at the end: report.json/.md, progress.png, table
@@ -53,6 +51,11 @@ def _phase(what: str):
         print(f"eval: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
+def model_id(c: Any) -> str:
+    """What makes two runs' base models the same (the key of cached base replies and baselines)."""
+    return f"{c.model.path}|{c.model.dtype}|{c.model.param_dtype}|{c.train.frozen_dtype}"
+
+
 class Evaluation:
     """Task generation scores, baselines and forgetting metrics for one run (see the module docstring)."""
 
@@ -86,8 +89,7 @@ class Evaluation:
                                  max_examples=c.eval.max_examples, shots=shots, with_loss=with_loss)
 
     def model_id(self) -> str:
-        c = self.config
-        return f"{c.model.path}|{c.model.dtype}|{c.model.param_dtype}|{c.train.frozen_dtype}"
+        return model_id(self.config)
 
     def prepare(self, base: nnx.Module) -> BaseReplies:
         """The base model's greedy replies to the retain prompts (generated once, cached in the workdir)."""

@@ -1,10 +1,11 @@
 """Forgetting control in the loop: the step-0 base copy the regularizers pull toward, and the retain data.
 
-The retain data: the base model's greedy replies to the retain prompts, generated once before the first
-step and cached in the workdir (a resumed run reads the same tokens). Replay mixes `WORKDIR/replay.jsonl`
-(those prompts with the user's own replies where the retain file gives them, else the base's) into the
-training data; the KL term reads the base's reply tokens from its own iterator, checkpointed like the
-train iterator. Forgetting is then measured on the same prompts the controls use (in-sample).
+The control data: the base model's greedy replies to the control prompts (`forget.control`, by default
+the bundled set disjoint from the retain prompts forgetting is measured on), generated once before the first
+step and cached in the workdir (a resumed run reads the same tokens). Replay mixes
+`WORKDIR/control_replay.jsonl` (those prompts with the user's own replies where the file gives them, else the
+base's) into the training data; the KL term reads the base's reply tokens from its own iterator,
+checkpointed like the train iterator.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax.evaluation.forgetting import BaseReplies
+from ftjax.evaluation.forgetting import BaseReplies, base_replies
 
 
 def wants_base_copy(config, evaluating: bool) -> bool:
@@ -44,25 +46,37 @@ def base_model(config, state, base_trainable) -> nnx.Module:
     return nnx.merge(state.graphdef, state.trainable if base_trainable is None else base_trainable, state.frozen)
 
 
+CONTROL_CACHE = "control_replies.json"
+CONTROL_REPLAY = "control_replay.jsonl"
+
+
 @dataclasses.dataclass
 class RetainData:
-    """The base model's replies to the retain prompts (the KL term's batches) and the replay file, if any."""
+    """The base model's replies to the control prompts (the KL term's batches) and the replay file, if any."""
 
     replies: BaseReplies
     replay_path: str | None
 
 
-def retain_data(config, tokenizer, workdir: Path, evaluation, state, base_trainable) -> RetainData | None:
+def retain_data(config, tokenizer, workdir: Path, state, base_trainable) -> RetainData | None:
     """What replay and the KL term need (None when neither is on); generation happens here, once per workdir."""
+    from ftjax.evaluation.replay import write_replay_file
+    from ftjax.evaluation.retain import CONTROL_BUNDLED, load_retain
+    from ftjax.evaluation.run import model_id
+
     f = config.forget
     if not (f.replay_fraction > 0 or f.kl_weight > 0):
         return None
-    if evaluation is None:
-        from ftjax.evaluation.run import Evaluation
-
-        evaluation = Evaluation(config, tokenizer, workdir)
-    replies = evaluation.prepare(base_model(config, state, base_trainable))
-    return RetainData(replies, evaluation.replay_file() if f.replay_fraction > 0 else None)
+    items = load_retain(f.control, default=CONTROL_BUNDLED, key="forget.control")
+    start = time.perf_counter()
+    replies = base_replies(base_model(config, state, base_trainable), tokenizer, items,
+                           max_new_tokens=f.max_new_tokens, cache=workdir / CONTROL_CACHE,
+                           model_id=model_id(config), write=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        print(f"forget: base replies to {len(items)} control prompts ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+    replay = write_replay_file(workdir / CONTROL_REPLAY, replies) if f.replay_fraction > 0 else None
+    return RetainData(replies, replay)
 
 
 def retain_batches(config, retain: RetainData | None, sharding):

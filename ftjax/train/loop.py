@@ -139,10 +139,10 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     n_trainable = state_size(state.trainable)[1]
     _say(f"{config.method}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}")
 
-    # Forgetting control: the step-0 copy (full fine-tuning), then the retain data (base replies, cached).
+    # Forgetting control: the step-0 copy (full fine-tuning), then the control data (base replies, cached).
     base_trainable = forget.base_copy(state) if forget.wants_base_copy(config, _evaluating(config)) else None
     evaluation, base = _evaluation(config, tokenizer, workdir, state, base_trainable)
-    retain = forget.retain_data(config, tokenizer, workdir, evaluation, state, base_trainable)
+    retain = forget.retain_data(config, tokenizer, workdir, state, base_trainable)
     if config.forget.replay_fraction:
         data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size,
                                        replay=(retain.replay_path, config.forget.replay_fraction))
