@@ -44,3 +44,26 @@ def test_a_run_that_cannot_fit_stops_with_one_line():
     c.data.seq_len = 8192
     with pytest.raises(ConfigError, match="does not fit"):
         check_fits(c, tiny_config(), make_mesh(data=8, fsdp=1, tensor=1))
+
+
+def test_remat_policies_keep_what_they_save():
+    """Activations per policy against the hand count: none keeps every layer's intermediates; full,
+    minimal and dots keep their saved values per layer plus one layer's intermediates."""
+    import jax
+
+    c = load_config()
+    cfg = tiny_config()
+    mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    acts = {}
+    for policy in ("none", "full", "minimal", "dots"):
+        c.model.remat = policy
+        acts[policy] = estimate(c, cfg, mesh)["activations"]
+    d, t, rows = cfg.hidden_size, c.data.seq_len, c.train.batch_size // c.train.grad_accum
+    q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    layer = t * rows * d * (34 + 5 * cfg.num_heads * t / d) * 2  # fp32: twice the 16-bit count
+    logits = rows * min(c.train.loss_chunk, t) * cfg.vocab_size * 4 * 3
+    minimal = 3 * d + q + 2 * kv + 2 * i + c.lora.rank * 7
+    assert acts["none"] == int(cfg.num_layers * layer + logits)
+    assert acts["full"] == int(cfg.num_layers * t * rows * d * 4 + layer + logits)
+    assert acts["minimal"] == int(cfg.num_layers * t * rows * minimal * 4 + layer + logits)
+    assert acts["full"] < acts["minimal"] < acts["dots"] < acts["none"]

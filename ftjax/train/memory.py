@@ -1,8 +1,9 @@
 """Per-device memory estimate before anything is compiled: params, optimizer state, activations.
 
 Activations use the per-layer count of Korthikanti et al. (2022) for a pre-norm decoder,
-s·b·h·(34 + 5·a·s/h) bytes in 16-bit per layer, scaled to the compute dtype; with full remat
-only each layer's input is kept, plus one layer's worth during its recomputation.
+s·b·h·(34 + 5·a·s/h) bytes in 16-bit per layer, scaled to the compute dtype, without remat; with a remat
+policy each layer keeps only what the policy saves (`saved_widths`), plus one layer's worth during its
+recomputation.
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
 trainable weights (`base_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
 """
@@ -46,6 +47,18 @@ def device_capacity() -> tuple[int, str]:
     return ram // max(jax.local_device_count(), 1), "host RAM / local devices"
 
 
+def saved_widths(config, cfg: ModelConfig) -> dict[str, int]:
+    """Per remat policy, the values per token one layer keeps for the backward pass (models/llama.py's
+    REMAT_POLICIES): the layer input always; `minimal` adds its named projection outputs and residual
+    (and the LoRA hidden states), `dots` every matmul output."""
+    d, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    targets = config.lora.targets
+    targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
+    lora = config.lora.rank * len(targets) if config.method == "lora" else 0
+    minimal = d + (q + 2 * kv) + d + d + 2 * i + lora  # input, q/k/v, attn_context, resid_mid, gate, up
+    return {"full": d, "minimal": minimal, "dots": minimal + 2 * d}  # dots: + o_proj and down outputs
+
+
 def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     """Bytes per device for the trainable + frozen params, optimizer state and activations."""
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
@@ -65,10 +78,11 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     scale = jnp.dtype(config.model.dtype).itemsize / 2
     tensor = mesh.shape["tensor"]
     per_layer = t * rows * d * (34 + 5 * cfg.num_heads * t / d) * scale / tensor
-    if config.model.remat == "full":
-        acts = cfg.num_layers * t * rows * d * 2 * scale + per_layer
-    else:
+    saved = saved_widths(config, cfg).get(config.model.remat)
+    if saved is None:  # remat=none: every intermediate of every layer lives until the backward pass
         acts = cfg.num_layers * per_layer
+    else:  # the saved tensors of every layer, plus one layer's worth during its recomputation
+        acts = cfg.num_layers * t * rows * saved * 2 * scale / tensor + per_layer
     acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3  # logits chunk, fp32, fwd+bwd
     if config.forget.kl_weight:
         acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
