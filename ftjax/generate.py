@@ -96,7 +96,7 @@ def _generate(graphdef, state, input_ids, segment_ids, positions, lengths, eos_i
     model = nnx.merge(graphdef, state)
     b, p = input_ids.shape
     cache = KVCache.empty(model.config, b, p + max_new_tokens - 1)  # the last token is never fed back
-    logits, cache = model.decode(input_ids, positions, segment_ids, cache)
+    logits, cache = model.decode(input_ids, positions, segment_ids, cache, last_only=True)
     last = logits[:, -1]
     vocab = last.shape[-1]
     sample = functools.partial(_sample, greedy=greedy, top_k=top_k, use_top_p=use_top_p)

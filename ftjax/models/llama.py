@@ -140,8 +140,10 @@ class Llama(nnx.Module):
         h, _ = self._run_layers(self.embed(input_ids), positions, masks, None, None, rng)
         return self.norm(h)
 
-    def decode(self, input_ids, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Run new tokens [B, t] against the cache; returns logits [B, t, V] and the updated cache."""
+    def decode(self, input_ids, positions, segment_ids, cache: KVCache, *, last_only: bool = False
+               ) -> tuple[jax.Array, KVCache]:
+        """Run new tokens [B, t] against the cache; returns logits [B, t, V] (or [B, 1, V] of the last token
+        with `last_only`: a prefill needs no more) and the updated cache."""
         b, t = input_ids.shape
         s = cache.segment_ids.shape[1]
         q_slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -151,6 +153,8 @@ class Llama(nnx.Module):
         masks = tuple(None if m is None else m & filled
                       for m in self._masks(segment_ids, q_slots, kv_segments, kv_slots))
         h, (k, v) = self._run_layers(self.embed(input_ids), positions, masks, (cache.k, cache.v), cache.index, None)
+        if last_only:
+            h = h[:, -1:]
         return self.logits(self.norm(h)), KVCache(k, v, kv_segments, cache.index + t)
 
     def embed(self, input_ids) -> jax.Array:
