@@ -72,7 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
         momentum=0.9,  # sgd; 0 = plain SGD
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
-    c.checkpoint = dict(every=0, keep=2)
+    # keep: the latest N checkpoints; keep_best: with eval data, also the one with the lowest eval loss
+    c.checkpoint = dict(every=0, keep=2, keep_best=True)
     c.eval = dict(
         every=0,
         final=True,

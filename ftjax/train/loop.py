@@ -158,7 +158,8 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     retain_it = forget.retain_batches(config, retain, sharding)
     provenance = {"base": base_identity(config.model.path),
                   "data": {**data.summary.fingerprints, **forget.retain_fingerprint(config, retain)}}
-    ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, keep_best=data.eval is not None)
+    keep_best = config.checkpoint.keep_best and data.eval is not None
+    ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, keep_best=keep_best)
     start = 0
     early, stopped_early = EarlyStop(config.train.early_stop_patience), False
     latest = ckpt.latest_step()
