@@ -12,6 +12,9 @@ control) at `task.finetuned.person_json` within 5 points. Same seed and task dat
 train on the base's replies to the 50 bundled control prompts; forgetting is measured on the 60 bundled
 retain prompts, which no run trains on (out of sample). `forget.l2_weight` (Σ‖W − W_base‖²) is the third
 knob for full fine-tuning.
+
+Measured on the 2-core CPU (2026-11-29, README "Forgetting"): no control 100% exact, KL 2.47; replay 0.25
+92%, KL 1.56; replay 0.5 94%, KL 1.63; kl_weight 1.0 96%, KL 0.62 (each run 16-20 min incl. the report).
 """
 
 from ftjax.config import default_config
