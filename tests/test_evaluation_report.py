@@ -70,7 +70,9 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     replies = ev.prepare(base_view(model))
     assert (workdir / CACHE_NAME).is_file() and len(replies.items) == 3
 
-    spec = ev.replay_spec()
+    from ftjax.evaluation.replay import replay_mixture, write_replay_file
+
+    spec = replay_mixture(run_config.data.train, write_replay_file(workdir / "replay.jsonl", replies), 0.25)
     sources = parse_sources(spec)
     assert [s.path for s in sources] == [run_config.data.train, str(workdir / "replay.jsonl")]
     assert sources[1].weight == pytest.approx(0.25) and sources[0].weight == pytest.approx(0.75)

@@ -28,7 +28,6 @@ from ftjax.evaluation.conversations import load_records, pick_shots
 from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
 from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.progress import plot_progress, tracking_metrics
-from ftjax.evaluation.replay import REPLAY_NAME, replay_mixture, write_replay_file
 from ftjax.evaluation.report import build_report, write_report
 from ftjax.evaluation.retain import load_retain
 from ftjax.evaluation.task import TaskResult, evaluate_task
@@ -100,23 +99,6 @@ class Evaluation:
                                             cache=self.workdir / CACHE_NAME, model_id=self.model_id(),
                                             write=self.write)
         return self.replies
-
-    def replay_file(self) -> str:
-        """WORKDIR/replay.jsonl: the retain prompts with the replies to keep, for replay and the KL term.
-
-        Call after `prepare`. Every process writes it (identical bytes, atomic rename), so hosts need no
-        barrier and a workdir that is not shared works too.
-        """
-        if self.replies is None:
-            raise RuntimeError("call Evaluation.prepare(base) before replay_file()")
-        return write_replay_file(self.workdir / REPLAY_NAME, self.replies)
-
-    def replay_spec(self) -> str | None:
-        """`data.train` with the replay file mixed in at forget.replay_fraction (None when replay is off)."""
-        fraction = self.config.forget.replay_fraction
-        if not fraction:
-            return None
-        return replay_mixture(self.config.data.train, self.replay_file(), fraction)
 
     def baselines(self, base: nnx.Module) -> dict[str, TaskResult]:
         """Base zero-shot and k-shot prompted results on the eval split (cached in baselines.json)."""
