@@ -91,6 +91,10 @@ def default_config() -> ml_collections.ConfigDict:
         control=config_dict.placeholder(str),
         max_new_tokens=64,  # length of the base model's replies to the retain prompts
         replay_fraction=0.0,  # fraction of training examples drawn from the control prompts + their replies
+        # replay replies are the base model's samples at this temperature (1.0: training on them minimises
+        # KL(base || tuned) in expectation); 0 = its greedy reply, the mode only
+        replay_temperature=1.0,
+        replay_samples=4,  # sampled replies per control prompt (1 with temperature 0)
         kl_weight=0.0,  # weight of KL(base || tuned) on batches of control prompts + base replies, added to the loss
         l2_weight=0.0,  # weight of sum ||W - W_base||^2 (method=full only)
     )
@@ -203,12 +207,17 @@ def _check_eval_forget(c: ml_collections.ConfigDict) -> None:
         ("eval.few_shot", c.eval.few_shot >= 0, "be >= 0"),
         ("forget.max_new_tokens", c.forget.max_new_tokens >= 1, "be >= 1"),
         ("forget.replay_fraction", 0.0 <= c.forget.replay_fraction < 1.0, "be in [0, 1)"),
+        ("forget.replay_temperature", c.forget.replay_temperature >= 0, "be >= 0"),
+        ("forget.replay_samples", c.forget.replay_samples >= 1, "be >= 1"),
         ("forget.kl_weight", c.forget.kl_weight >= 0, "be >= 0"),
         ("forget.l2_weight", c.forget.l2_weight >= 0, "be >= 0"),
     ]
     for key, ok, want in checks:
         if not ok:
             raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
+    if c.forget.replay_temperature == 0 and c.forget.replay_samples > 1:
+        raise ConfigError("config.forget.replay_samples > 1 needs forget.replay_temperature > 0: greedy replies "
+                          f"are all the same (got replay_samples={c.forget.replay_samples})")
     if c.forget.l2_weight > 0 and c.method != "full":
         raise ConfigError("config.forget.l2_weight applies to method=full (W - W_base); with LoRA use "
                           "forget.kl_weight or forget.replay_fraction")

@@ -164,3 +164,26 @@ def test_bundled_retain_set():
     assert len(items) - len(qa) >= 40 and len(qa) >= 20
     assert len({it.prompt for it in items}) == len(items)
     assert all(it.prompt[-1][0] == "user" and it.prompt[-1][1].strip() for it in items)
+
+
+def test_sampled_base_replies(tmp_path):
+    """Replay's samples: `samples` replies per prompt (items repeated in order), fixed by the seed and cached
+    under their own identity; a near-zero temperature gives the greedy replies (the sampler's limit)."""
+    tok = tiny_tokenizer()
+    base = model(0)
+    greedy = base_replies(base, tok, ITEMS, max_new_tokens=6)
+    kw = dict(max_new_tokens=6, temperature=1.0, samples=3)
+    first = base_replies(base, tok, ITEMS, seed=1, cache=tmp_path / "s.json", model_id="m", **kw)
+    assert first.items == [it for it in ITEMS for _ in range(3)]
+    assert first.prompt_ids == [p for p in greedy.prompt_ids for _ in range(3)]
+    assert base_replies(base, tok, ITEMS, seed=1, **kw).reply_ids == first.reply_ids  # the seed fixes them
+    assert base_replies(base, tok, ITEMS, seed=2, **kw).reply_ids != first.reply_ids
+    assert first.reply_ids != [r for r in greedy.reply_ids for _ in range(3)]
+    for i in range(len(ITEMS)):  # three draws of a near-uniform random model: not all the same
+        assert len({tuple(r) for r in first.reply_ids[3 * i:3 * i + 3]}) > 1
+    cached = base_replies(model(5), tok, ITEMS, seed=1, cache=tmp_path / "s.json", model_id="m", **kw)
+    assert cached.reply_ids == first.reply_ids
+    cold = base_replies(base, tok, ITEMS, max_new_tokens=6, temperature=1e-4, samples=2)
+    assert cold.reply_ids == [r for r in greedy.reply_ids for _ in range(2)]
+    with pytest.raises(ValueError, match="greedy"):
+        base_replies(base, tok, ITEMS, max_new_tokens=6, samples=2)

@@ -4,6 +4,7 @@ issue's acceptance (the KL term lowers the measured kl_to_base of a real run; re
 from __future__ import annotations
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -129,12 +130,17 @@ def test_bad_forget_values_are_config_errors():
     from ftjax.config import validate
 
     for key, value, match in [("kl_weight", -1.0, "kl_weight"), ("l2_weight", -0.1, "l2_weight"),
-                              ("replay_fraction", 1.0, "replay_fraction")]:
+                              ("replay_fraction", 1.0, "replay_fraction"), ("replay_samples", 0, "replay_samples"),
+                              ("replay_temperature", -1.0, "replay_temperature")]:
         c = load_config()
         c.method = "full"
         c.forget[key] = value
         with pytest.raises(ConfigError, match=match):
             validate(c)
+    c = load_config()
+    c.forget.replay_temperature = 0.0  # greedy: every "sample" the same reply
+    with pytest.raises(ConfigError, match="replay_samples > 1"):
+        validate(c)
     c = load_config()
     c.forget.l2_weight = 0.1  # LoRA: Σ‖adapters‖² would be weight decay toward a random A, not the base
     with pytest.raises(ConfigError, match="method=full"):
@@ -231,3 +237,34 @@ def test_resume_is_exact_with_replay_and_kl(runs, tmp_path):
     split = [r for r in metrics(tmp_path / "split") if "loss" in r]
     for key in ("loss", "kl_reg", "grad_norm"):
         assert [r[key] for r in split] == [r[key] for r in straight], key
+
+
+def test_replay_file_holds_base_samples_and_own_replies(tmp_path):
+    """Replay trains on `replay_samples` base samples per prompt without a reply of the user's, and on the
+    user's own replies as many times; no greedy replies are made when the KL term is off."""
+    from ftjax.evaluation.conversations import as_messages
+
+    c = load_config()
+    c.forget.replay_fraction, c.forget.replay_samples, c.forget.max_new_tokens = 0.25, 3, 8
+    control = tmp_path / "control.jsonl"
+    own = load_retain(retain_file(tmp_path / "own.jsonl", n=2))
+    asked = load_retain()[20:24]
+    with open(control, "w") as f:
+        f.write((tmp_path / "own.jsonl").read_text())
+        f.writelines(json.dumps({"prompt": it.prompt[0][1]}) + "\n" for it in asked)
+    c.forget.control = str(control)
+    workdir = tmp_path / "run"
+    from ftjax.api import load_model
+
+    tuned = apply_lora(load_model(c.model.path), 4, 8.0, rngs=nnx.Rngs(1))  # the run's model at step 0
+    state = types.SimpleNamespace(model=lambda: tuned)
+    data = forget.retain_data(c, load_tokenizer(c.model.path), workdir, state, None)
+    assert data.replies is None and not (workdir / forget.CONTROL_CACHE).exists()
+    samples = json.loads((workdir / forget.CONTROL_SAMPLES).read_text())
+    assert samples["identity"]["temperature"] == 1.0 and samples["identity"]["samples"] == 3
+    sampled = [(as_messages(it.prompt), row["reply"])
+               for it, row in zip([it for it in asked for _ in range(3)], samples["replies"])]
+    mine = [(as_messages(it.prompt), it.reply) for it in own for _ in range(3)]
+    want = [(m + [{"role": "assistant", "content": r}]) for m, r in sampled + mine if r.strip()]
+    got = [json.loads(line)["messages"] for line in open(data.replay_path)]
+    assert got == want and len(got) > len(mine)

@@ -40,7 +40,8 @@ CACHE_VERSION = 1
 
 @dataclasses.dataclass
 class BaseReplies:
-    """The base model's own greedy replies to the retain prompts, as token ids and text."""
+    """The base model's own replies to retain (or control) prompts, as token ids and text: greedy for the
+    forgetting metrics and the KL term, sampled for replay."""
 
     items: list[RetainItem]
     prompt_ids: list[list[int]]
@@ -58,9 +59,10 @@ class BaseReplies:
 
 
 def _generate_base(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem], max_new_tokens: int,
-                   batch_size: int) -> BaseReplies:
+                   batch_size: int, temperature: float = 0.0, seed: int = 0) -> BaseReplies:
     prompt_ids = [encode_chat(tokenizer, as_messages(it.prompt)) for it in items]
-    rows, eos = generate_rows(base, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rows, eos = generate_rows(base, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              temperature=temperature, seed=seed)
     reply_ids = []
     for row in rows:
         stop = next((k for k, t in enumerate(row) if t in eos), None)
@@ -69,25 +71,30 @@ def _generate_base(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem]
     return BaseReplies(list(items), prompt_ids, reply_ids, replies, max_new_tokens)
 
 
-def _identity(tokenizer: Any, items: Sequence[RetainItem], max_new_tokens: int, model_id: str) -> dict:
+def _identity(tokenizer: Any, items: Sequence[RetainItem], max_new_tokens: int, model_id: str,
+              sampling: dict) -> dict:
     return {"version": CACHE_VERSION, "model": model_id, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "max_new_tokens": int(max_new_tokens), "prompts": [item_json(it) for it in items]}
+            "max_new_tokens": int(max_new_tokens), "prompts": [item_json(it) for it in items], **sampling}
 
 
 def base_replies(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem], *, max_new_tokens: int = 64,
                  batch_size: int = 32, cache: str | os.PathLike | None = None, model_id: str = "",
-                 write: bool = True) -> BaseReplies:
-    """The base model's greedy replies, read from `cache` when it was made for the same model id,
-    tokenizer, prompts and length (on every process); otherwise generated and (when `write`, i.e. on
-    process 0) cached."""
-    ident = _identity(tokenizer, items, max_new_tokens, model_id)
+                 write: bool = True, temperature: float = 0.0, samples: int = 1, seed: int = 0) -> BaseReplies:
+    """The base model's replies: greedy, or `samples` per prompt drawn at `temperature` (items repeated, in
+    order). Read from `cache` when it was made for the same model id, tokenizer, prompts, length and
+    sampling (on every process); otherwise generated and (when `write`, i.e. on process 0) cached."""
+    if samples < 1 or temperature < 0 or (temperature == 0 and samples > 1):
+        raise ValueError(f"base_replies: {samples} samples at temperature {temperature}: greedy gives one reply")
+    items = [it for it in items for _ in range(samples)]
+    sampling = {"temperature": float(temperature), "samples": int(samples), "seed": int(seed)} if temperature else {}
+    ident = _identity(tokenizer, items, max_new_tokens, model_id, sampling)
     path = Path(cache) if cache else None
     saved = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     if everywhere(saved.get("identity") == ident):
         rows = saved["replies"]
         return BaseReplies(list(items), [r["prompt_ids"] for r in rows], [r["reply_ids"] for r in rows],
                            [r["reply"] for r in rows], max_new_tokens)
-    out = _generate_base(base, tokenizer, items, max_new_tokens, batch_size)
+    out = _generate_base(base, tokenizer, items, max_new_tokens, batch_size, temperature, seed)
     if path is not None and write:
         rows = [{"prompt_ids": p, "reply_ids": r, "reply": t}
                 for p, r, t in zip(out.prompt_ids, out.reply_ids, out.replies)]

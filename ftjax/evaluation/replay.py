@@ -1,8 +1,9 @@
 """Replay data against forgetting: the retain prompts with replies to keep, as training JSONL and batches.
 
-A retain item's reply is the user's own when their retain file gives one, else the base model's greedy
-reply. `replay_mixture` mixes the file into `data.train` at `forget.replay_fraction` of the examples (the
-training loop instead passes it to `build_datasets(replay=...)`, which keeps every task example);
+A retain item's reply is the user's own when their retain file gives one, else the base model's (sampled
+at `forget.replay_temperature`, or greedy). `replay_mixture` mixes the file into `data.train` at
+`forget.replay_fraction` of the examples (the training loop instead passes it to
+`build_datasets(replay=...)`, which keeps every task example);
 `reply_iterator` gives batches of the base's own reply tokens for the KL-to-base term (train-batch shape).
 """
 
@@ -12,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -25,16 +26,21 @@ from ftjax.data.tokenize import tokenize_records
 from ftjax.errors import ConfigError, DataError
 from ftjax.evaluation.conversations import as_messages
 from ftjax.evaluation.forgetting import BaseReplies
+from ftjax.evaluation.retain import RetainItem
 
 REPLAY_NAME = "replay.jsonl"
 
 
-def write_replay_file(path: str | os.PathLike, replies: BaseReplies) -> str:
-    """JSONL chat records {"messages": prompt turns + the reply to keep}, written atomically; returns the path."""
+def write_replay_file(path: str | os.PathLike, replies: BaseReplies, own: Sequence[RetainItem] = ()) -> str:
+    """JSONL chat records {"messages": prompt turns + the reply to keep}, written atomically; returns the path.
+
+    Each item of `replies` keeps the user's own reply when it has one, else the base's; the items of `own`
+    (with user replies, not generated for) are added as they are."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
-    for item, base_reply in zip(replies.items, replies.replies):
+    pairs = list(zip(replies.items, replies.replies)) + [(item, "") for item in own]
+    for item, base_reply in pairs:
         reply = item.reply if item.reply is not None else base_reply
         if not reply.strip():
             continue  # an empty reply cannot be trained on (the pipeline would refuse the record)

@@ -48,8 +48,9 @@ class TaskResult:
 
 
 def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[int]], *, max_new_tokens: int,
-                  batch_size: int = 32) -> tuple[list[list[int]], list[int]]:
-    """Greedy new tokens per prompt (EOS and padding included, `max_new_tokens` each) and the stop ids.
+                  batch_size: int = 32, temperature: float = 0.0, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """New tokens per prompt (EOS and padding included, `max_new_tokens` each) and the stop ids: greedy, or
+    sampled at `temperature` (each batch with its own key from `seed`).
 
     Prompts are sorted by length and split into equal batches (the last padded by repeats), so one compile
     per length bucket serves a whole eval. The batch is bounded because the prefill's logits are
@@ -60,10 +61,11 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batches = even_batches(order, batch_size)
     rows: list[list[int]] = [[] for _ in prompt_ids]
-    for idx in batches:
+    for k, idx in enumerate(batches):
         batch = [prompt_ids[i] for i in idx]
         batch += [batch[-1]] * (len(batches[0]) - len(batch))
-        tokens = generate_tokens(model, batch, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad)
+        tokens = generate_tokens(model, batch, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad,
+                                 temperature=temperature, seed=(seed * 100_003 + k) % 2**31)
         for i, row in zip(idx, tokens):
             rows[i] = [int(t) for t in row]
     return rows, eos

@@ -1,11 +1,14 @@
 """Forgetting control in the loop: the step-0 base copy the regularizers pull toward, and the retain data.
 
-The control data: the base model's greedy replies to the control prompts (`forget.control`, by default
-the bundled set disjoint from the retain prompts forgetting is measured on), generated once before the first
-step and cached in the workdir (a resumed run reads the same tokens). Replay mixes
-`WORKDIR/control_replay.jsonl` (those prompts with the user's own replies where the file gives them, else the
-base's) into the training data; the KL term reads the base's reply tokens from its own iterator,
-checkpointed like the train iterator.
+The control data: the base model's replies to the control prompts (`forget.control`, by default the bundled
+set disjoint from the retain prompts forgetting is measured on), generated once before the first step and
+cached in the workdir (a resumed run reads the same tokens). Replay mixes `WORKDIR/control_replay.jsonl`
+into the training data: those prompts with the user's own replies where the file gives them, else
+`forget.replay_samples` replies sampled from the base at `forget.replay_temperature`. Cross-entropy on
+samples of the base is, in expectation, KL(base ‖ tuned) plus a constant, the very quantity forgetting is
+measured by; on the base's greedy reply it only pulls toward the mode (measured: KL barely moves, README
+"Forgetting"). The KL term reads the base's greedy reply tokens from its own iterator, checkpointed like the
+train iterator.
 """
 
 from __future__ import annotations
@@ -47,15 +50,16 @@ def base_model(config, state, base_trainable) -> nnx.Module:
 
 
 CONTROL_CACHE = "control_replies.json"
+CONTROL_SAMPLES = "control_samples.json"
 CONTROL_REPLAY = "control_replay.jsonl"
 
 
 @dataclasses.dataclass
 class RetainData:
-    """The base model's replies to the control prompts (the KL term's batches) and the replay file, if any."""
+    """The base model's greedy replies to the control prompts (the KL term's batches) and the replay file."""
 
-    replies: BaseReplies
-    replay_path: str | None
+    replies: BaseReplies | None  # None without forget.kl_weight
+    replay_path: str | None  # None without forget.replay_fraction
 
 
 def retain_data(config, tokenizer, workdir: Path, state, base_trainable) -> RetainData | None:
@@ -68,15 +72,33 @@ def retain_data(config, tokenizer, workdir: Path, state, base_trainable) -> Reta
     if not (f.replay_fraction > 0 or f.kl_weight > 0):
         return None
     items = load_retain(f.control, default=CONTROL_BUNDLED, key="forget.control")
-    start = time.perf_counter()
-    replies = base_replies(base_model(config, state, base_trainable), tokenizer, items,
-                           max_new_tokens=f.max_new_tokens, cache=workdir / CONTROL_CACHE,
-                           model_id=model_id(config), write=jax.process_index() == 0)
-    if jax.process_index() == 0:
-        print(f"forget: base replies to {len(items)} control prompts ({time.perf_counter() - start:.0f} s)",
-              flush=True)
-    replay = write_replay_file(workdir / CONTROL_REPLAY, replies) if f.replay_fraction > 0 else None
-    return RetainData(replies, replay)
+    base = base_model(config, state, base_trainable)
+    main = jax.process_index() == 0
+
+    def generate(todo, cache, what, **sampling):
+        start = time.perf_counter()
+        out = base_replies(base, tokenizer, todo, max_new_tokens=f.max_new_tokens, cache=workdir / cache,
+                           model_id=model_id(config), write=main, **sampling)
+        if main:
+            print(f"forget: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+        return out
+
+    greedy = (generate(items, CONTROL_CACHE, f"base greedy replies to {len(items)} control prompts")
+              if f.kl_weight > 0 or (f.replay_fraction > 0 and f.replay_temperature == 0) else None)
+    replay = None
+    if f.replay_fraction > 0:
+        if f.replay_temperature == 0:
+            replay = write_replay_file(workdir / CONTROL_REPLAY, greedy)
+        else:
+            todo = [it for it in items if it.reply is None]
+            reps = f.replay_samples if todo else 1  # every prompt weighs the same in the replay file
+            own = [it for it in items if it.reply is not None for _ in range(reps)]
+            sampled = (generate(todo, CONTROL_SAMPLES, f"{f.replay_samples} base samples at temperature "
+                                f"{f.replay_temperature:g} for each of {len(todo)} control prompts",
+                                temperature=f.replay_temperature, samples=f.replay_samples, seed=config.seed)
+                       if todo else BaseReplies([], [], [], [], f.max_new_tokens))
+            replay = write_replay_file(workdir / CONTROL_REPLAY, sampled, own)
+    return RetainData(greedy, replay)
 
 
 def retain_batches(config, retain: RetainData | None, sharding):
