@@ -116,3 +116,48 @@ def test_template_that_rewrites_earlier_turns_is_refused_with_a_way_out(tmp_path
         trained = b["targets"][0][b["loss_weights"][0] > 0]
         reply = chat(int(rows.examples.lines[e]) - 1, turns=int(rows.examples.lines[e]))["messages"][-1]["content"]
         assert tok.decode(trained) == f"{reply} [final]<|im_end|>"
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_unfinished_reply_trains_no_end_of_turn(tmp_path, template):
+    """`"unfinished": true` (a reply a token budget cut): the same ids, the same mask minus the final
+    end-of-turn token; earlier turns keep theirs."""
+    make_tok, eot, trim = TEMPLATES[template]
+    tok = make_tok()
+    rec = chat(3, turns=2, system=True)
+    path = write_jsonl(tmp_path / "chats.jsonl", [rec, {**rec, "unfinished": True}])
+    rows = build_datasets(data_config(path, seq_len=256, packing=False), tok, vocab_size=len(tok)).train
+    ids, mask = expected(tok, rec["messages"], eot, "assistant", trim)
+    last_eot = max(k for k, t in enumerate(ids) if t == tok.convert_tokens_to_ids(eot) and mask[k])
+    mask[last_eot] = False
+    by_line = {int(rows.examples.lines[rows.row_items(r)[0]]): rows.batch([r]) for r in range(len(rows))}
+    n = len(ids) - 1
+    np.testing.assert_array_equal(by_line[2]["input_ids"][0, :n], ids[:-1])
+    np.testing.assert_array_equal(by_line[2]["loss_weights"][0, :n], mask[1:].astype(np.float32))
+    assert by_line[1]["loss_weights"][0].sum() == by_line[2]["loss_weights"][0].sum() + 1
+
+
+def test_unfinished_completion_without_template_gets_no_eos(tmp_path):
+    """Raw prompt/completion (no chat template): EOS is appended and trained, unless the reply is unfinished."""
+    tok = copy.deepcopy(smollm2_tokenizer())
+    tok.chat_template = None
+    rec = {"prompt": "Count:", "completion": " one two three four"}
+    path = write_jsonl(tmp_path / "raw.jsonl", [rec, {**rec, "unfinished": True}])
+    rows = build_datasets(data_config(path, seq_len=64, packing=False), tok).train
+    by_line = {int(rows.examples.lines[rows.row_items(r)[0]]): rows.batch([r]) for r in range(len(rows))}
+    want = tok(rec["prompt"] + rec["completion"])["input_ids"]
+    for line, extra in ((1, [tok.eos_token_id]), (2, [])):
+        b, ids = by_line[line], want + extra
+        np.testing.assert_array_equal(b["targets"][0, :len(ids) - 1], ids[1:])
+        assert not b["segment_ids"][0, len(ids) - 1:].any()
+        trained = b["targets"][0][b["loss_weights"][0] > 0]
+        assert tok.decode(trained) == rec["completion"] + (tok.eos_token if extra else "")
+
+
+def test_unfinished_must_be_a_boolean_on_a_reply(tmp_path):
+    tok = smollm2_tokenizer()
+    for rec, match in (({**chat(0, turns=1), "unfinished": "yes"}, "'unfinished' is a str"),
+                       ({"text": "Plain.", "unfinished": True}, "applies to a reply")):
+        path = write_jsonl(tmp_path / "bad.jsonl", [rec])
+        with pytest.raises(DataError, match=match):
+            build_datasets(data_config(path, seq_len=64), tok)

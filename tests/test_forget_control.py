@@ -262,9 +262,11 @@ def test_replay_file_holds_base_samples_and_own_replies(tmp_path):
     assert data.replies is None and not (workdir / forget.CONTROL_CACHE).exists()
     samples = json.loads((workdir / forget.CONTROL_SAMPLES).read_text())
     assert samples["identity"]["temperature"] == 1.0 and samples["identity"]["samples"] == 3
-    sampled = [(as_messages(it.prompt), row["reply"])
+    sampled = [(as_messages(it.prompt), row["reply"], row["unfinished"])
                for it, row in zip([it for it in asked for _ in range(3)], samples["replies"])]
-    mine = [(as_messages(it.prompt), it.reply) for it in own for _ in range(3)]
-    want = [(m + [{"role": "assistant", "content": r}]) for m, r in sampled + mine if r.strip()]
-    got = [json.loads(line)["messages"] for line in open(data.replay_path)]
+    mine = [(as_messages(it.prompt), it.reply, False) for it in own for _ in range(3)]
+    want = [{"messages": m + [{"role": "assistant", "content": r}], **({"unfinished": True} if cut else {})}
+            for m, r, cut in sampled + mine if r.strip()]
+    got = [json.loads(line) for line in open(data.replay_path)]
     assert got == want and len(got) > len(mine)
+    assert any(r.get("unfinished") for r in got)  # 8 tokens of a random model: cut before any EOS

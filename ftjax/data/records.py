@@ -26,6 +26,9 @@ EMPTY_ASSISTANT = "empty assistant content"
 EMPTY_TEXT = "empty text"
 
 
+UNFINISHED = "unfinished"  # record key: the final reply was cut short
+
+
 @dataclasses.dataclass(frozen=True)
 class Fields:
     """Names of the record fields (configurable: `data.messages_field` etc.)."""
@@ -44,10 +47,14 @@ class Record:
     kind: str
     messages: tuple[tuple[str, str], ...] = ()  # (role, content); for "completion": (user, assistant)
     text: str = ""
+    # the final reply was cut short (`"unfinished": true`, e.g. by a generation budget): its end-of-turn
+    # token is not trained, so the model does not learn to stop where the cut fell
+    unfinished: bool = False
 
     def canonical(self) -> str:
         """A stable string of the content (for exact-duplicate detection and hashing)."""
-        return json.dumps([self.kind, self.messages, self.text], ensure_ascii=False)
+        return json.dumps([self.kind, self.messages, self.text] + ([True] if self.unfinished else []),
+                          ensure_ascii=False)
 
 
 class BadRecord(Exception):
@@ -126,8 +133,14 @@ def validate(obj: Any, source: str, fields: Fields) -> Record:
     """The record in normal form, or BadRecord saying what is wrong with it."""
     if not isinstance(obj, dict):
         raise BadRecord(WRONG_TYPE, f"record is a JSON {type(obj).__name__}, expected an object")
+    unfinished = obj.get(UNFINISHED, False) if isinstance(obj, dict) else False
+    if not isinstance(unfinished, bool):
+        raise BadRecord(WRONG_TYPE, f"'{UNFINISHED}' is a {type(unfinished).__name__}, expected true or false")
+    if unfinished and fields.text in obj and fields.messages not in obj and fields.prompt not in obj:
+        raise BadRecord(WRONG_TYPE, f"'{UNFINISHED}' applies to a reply (messages or prompt/completion), "
+                                    f"not to '{fields.text}' records")
     if fields.messages in obj:
-        return Record(source, "chat", _messages(obj[fields.messages], fields.messages))
+        return Record(source, "chat", _messages(obj[fields.messages], fields.messages), unfinished=unfinished)
     if fields.prompt in obj or fields.completion in obj:
         missing = [k for k in (fields.prompt, fields.completion) if k not in obj]
         if missing:
@@ -138,7 +151,7 @@ def validate(obj: Any, source: str, fields: Fields) -> Record:
                 raise BadRecord(WRONG_TYPE, f"'{k}' is a {type(v).__name__}, expected a string")
         if not completion.strip():
             raise BadRecord(EMPTY_ASSISTANT, f"'{fields.completion}' is empty")
-        return Record(source, "completion", (("user", prompt), ("assistant", completion)))
+        return Record(source, "completion", (("user", prompt), ("assistant", completion)), unfinished=unfinished)
     if fields.text in obj:
         text = obj[fields.text]
         if not isinstance(text, str):

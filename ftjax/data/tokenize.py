@@ -5,7 +5,8 @@ are those the template adds after `render(turns[:i], add_generation_prompt=True)
 `render(turns[:i+1])` (trailing whitespace excluded). That covers the reply and the template's own
 end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `</s>`...), so the model learns to stop, and works for
 any template that renders a conversation turn by turn. Tokens are then trained where their character
-offset falls in such a span. A template that renders earlier turns differently once later ones follow
+offset falls in such a span. A record marked `"unfinished"` (its final reply was cut short) trains that
+reply without its end-of-turn token. A template that renders earlier turns differently once later ones follow
 (e.g. Qwen3 dropping reasoning) is refused with a message, unless data.loss_on is last_assistant or all.
 """
 
@@ -48,6 +49,14 @@ def chat_spans(tokenizer: Any, record: Record, loss_on: str) -> tuple[str, list[
                     f"up to assistant turn {i} is not a prefix of the whole), so the assistant tokens cannot be "
                     f"located; use data.loss_on=last_assistant (the final reply only) or data.loss_on=all")
             spans.append((len(before), len(upto.rstrip())))
+        if record.unfinished and turns and turns[-1] == len(record.messages) - 1:
+            start = spans[-1][0]
+            reply = record.messages[-1][1].rstrip()
+            at = full.find(reply, start)
+            if at < 0:
+                raise DataError(f"{record.source}: 'unfinished': the chat template does not render the final reply "
+                                f"verbatim, so its end-of-turn tokens cannot be told apart")
+            spans[-1] = (start, at + len(reply))  # the reply only: its end-of-turn token is not trained
         return full, spans
     except DataError:
         raise
@@ -106,7 +115,7 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, loss_on: str = "
             for k, tok_ids, offs in zip(which, enc["input_ids"], enc["offset_mapping"]):
                 t = np.asarray(tok_ids, np.int32)
                 m = _mask(np.asarray(offs, np.int64).reshape(-1, 2), plans[k][1])
-                if raw and eos is not None and (not len(t) or t[-1] != eos):
+                if raw and eos is not None and (not len(t) or t[-1] != eos) and not chunk[k].unfinished:
                     t, m = np.append(t, np.int32(eos)), np.append(m, True)
                 encoded.append((lo + k, t, m))
     encoded.sort(key=lambda x: x[0])

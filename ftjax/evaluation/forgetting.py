@@ -48,6 +48,10 @@ class BaseReplies:
     reply_ids: list[list[int]]  # EOS included when generated
     replies: list[str]
     max_new_tokens: int
+    unfinished: list[bool] = dataclasses.field(default_factory=list)  # [i]: cut by the budget, no EOS (empty: none)
+
+    def is_unfinished(self, i: int) -> bool:
+        return bool(self.unfinished) and self.unfinished[i]
 
     def sequences(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(ids, trained) per prompt: prompt + reply, measured on the reply tokens."""
@@ -63,12 +67,13 @@ def _generate_base(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem]
     prompt_ids = [encode_chat(tokenizer, as_messages(it.prompt)) for it in items]
     rows, eos = generate_rows(base, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               temperature=temperature, seed=seed)
-    reply_ids = []
+    reply_ids, unfinished = [], []
     for row in rows:
         stop = next((k for k, t in enumerate(row) if t in eos), None)
         reply_ids.append(row if stop is None else row[:stop + 1])
+        unfinished.append(stop is None)
     replies = [tokenizer.decode([t for t in r if t not in eos], skip_special_tokens=True) for r in reply_ids]
-    return BaseReplies(list(items), prompt_ids, reply_ids, replies, max_new_tokens)
+    return BaseReplies(list(items), prompt_ids, reply_ids, replies, max_new_tokens, unfinished)
 
 
 def _identity(tokenizer: Any, items: Sequence[RetainItem], max_new_tokens: int, model_id: str,
@@ -93,11 +98,11 @@ def base_replies(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem], 
     if everywhere(saved.get("identity") == ident):
         rows = saved["replies"]
         return BaseReplies(list(items), [r["prompt_ids"] for r in rows], [r["reply_ids"] for r in rows],
-                           [r["reply"] for r in rows], max_new_tokens)
+                           [r["reply"] for r in rows], max_new_tokens, [r.get("unfinished", False) for r in rows])
     out = _generate_base(base, tokenizer, items, max_new_tokens, batch_size, temperature, seed)
     if path is not None and write:
-        rows = [{"prompt_ids": p, "reply_ids": r, "reply": t}
-                for p, r, t in zip(out.prompt_ids, out.reply_ids, out.replies)]
+        rows = [{"prompt_ids": p, "reply_ids": r, "reply": t, "unfinished": u}
+                for p, r, t, u in zip(out.prompt_ids, out.reply_ids, out.replies, out.unfinished)]
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:

@@ -21,7 +21,7 @@ from ftjax.data import train_iterator
 from ftjax.data.examples import Examples
 from ftjax.data.mixture import parse_sources
 from ftjax.data.packing import make_rows
-from ftjax.data.records import Fields, read_file
+from ftjax.data.records import UNFINISHED, Fields, read_file
 from ftjax.data.tokenize import tokenize_records
 from ftjax.errors import ConfigError, DataError
 from ftjax.evaluation.conversations import as_messages
@@ -39,13 +39,15 @@ def write_replay_file(path: str | os.PathLike, replies: BaseReplies, own: Sequen
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
-    pairs = list(zip(replies.items, replies.replies)) + [(item, "") for item in own]
-    for item, base_reply in pairs:
+    pairs = [(item, r, replies.is_unfinished(i)) for i, (item, r) in enumerate(zip(replies.items, replies.replies))]
+    for item, base_reply, cut in pairs + [(item, "", False) for item in own]:
         reply = item.reply if item.reply is not None else base_reply
         if not reply.strip():
             continue  # an empty reply cannot be trained on (the pipeline would refuse the record)
         msgs = as_messages(item.prompt) + [{"role": "assistant", "content": reply}]
-        lines.append(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+        cut = cut and item.reply is None  # a base reply the token budget cut: its end-of-turn is not trained
+        lines.append(json.dumps({"messages": msgs, **({UNFINISHED: True} if cut else {})}, ensure_ascii=False)
+                     + "\n")
     if not lines:
         raise DataError("replay: every retain reply is empty; nothing to replay")
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
