@@ -35,7 +35,7 @@ from ftjax.evaluation.token_stats import TokenSums, teacher_forced
 from ftjax.generate import encode_chat
 
 CACHE_NAME = "retain_replies.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows record "unfinished" (cut by the budget)
 
 
 @dataclasses.dataclass
