@@ -80,6 +80,14 @@ class Checkpoints:
                                                                     META: ocp.args.JsonRestore()}))
         return out[STATE], out[META]
 
+    def restore_trainable(self, step: int, target: Any) -> Any:
+        """Only the checkpoint's `trainable` (its optimizer state stays on disk), into `target`'s shardings."""
+        abstract = jax.tree.map(_abstract, target)
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+        args = ocp.args.PyTreeRestore(item={"trainable": abstract}, restore_args={"trainable": restore_args},
+                                      partial_restore=True)
+        return self.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["trainable"]
+
     def read_meta(self, step: int) -> dict:
         """Only the JSON metadata of a checkpoint (config, data state, provenance)."""
         return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]

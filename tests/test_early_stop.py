@@ -3,11 +3,15 @@ training loop stopping, saving and resuming by it (eval losses scripted, so the 
 
 import math
 
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
 from ftjax.config import default_config, validate
 from ftjax.errors import ConfigError
 from ftjax.train.early_stop import EarlyStop
+from ftjax.train.trained import load_trained
 
 
 def test_stops_after_patience_evals_without_a_new_best():
@@ -88,7 +92,13 @@ def scripted(monkeypatch):
     script.reported_steps = []
     monkeypatch.setattr(loop, "eval_loss", script)
     monkeypatch.setattr(Evaluation, "track", lambda self, *a, **k: {})
-    monkeypatch.setattr(Evaluation, "report", lambda self, model, base, step: script.reported_steps.append(step))
+    script.reported = []
+
+    def report(self, model, base, step, extra_meta=None):
+        script.reported_steps.append(step)
+        script.reported.append((extra_meta, jax.device_get(nnx.state(model, nnx.LoRAParam))))
+
+    monkeypatch.setattr(Evaluation, "report", report)
     return script
 
 
@@ -108,7 +118,13 @@ def test_the_loop_stops_saves_logs_and_reports_at_the_stop_step(scripted, tmp_pa
     assert ckpt.latest_step() == STOP and ckpt.best_step() == BEST
     assert ckpt.read_meta(STOP)["early_stop"] == {"best": 1.5, "since_best": 2}
     ckpt.close()
-    assert scripted.reported_steps == [STOP]  # the final report runs on an early-stopped run too
+    # the final report runs on an early-stopped run too, on the best checkpoint's weights (what export takes)
+    assert scripted.reported_steps == [BEST] and scripted.reported[0][0] == {"final_step": STOP}
+    assert f"report: the best checkpoint, step {BEST} (lowest eval loss), not the final step {STOP}" in out
+    reported = jax.tree.leaves(scripted.reported[0][1])
+    for which, same in ((BEST, True), (STOP, False)):
+        saved = jax.tree.leaves(nnx.state(load_trained(tmp_path, which).model, nnx.LoRAParam))
+        assert all(np.array_equal(a, b) for a, b in zip(reported, saved)) == same, which
 
 
 def test_a_resumed_run_stops_where_a_straight_run_does(scripted, tmp_path, capsys):

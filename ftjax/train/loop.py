@@ -263,10 +263,18 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
                 _say(f"stop requested: saved step {step}, exiting")
                 break
     progress.close()
+    reporting = evaluation is not None and config.eval.final and (step == config.train.steps or stopped_early)
+    report_step = ckpt.best_step() if reporting and keep_best else step
     ckpt.close()  # the final save is complete before the (long) report
-    if evaluation is not None and config.eval.final and (step == config.train.steps or stopped_early):
-        report = evaluation.report(state_model(), base, step)
-        last["report"] = report
+    if reporting and report_step != step:  # the report describes the weights export takes: the best
+        reader = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
+        try:  # a reader of its own: the writer's handlers were registered for whole-state saves
+            trainable = reader.restore_trainable(report_step, trainable)
+        finally:
+            reader.close()
+        _say(f"report: the best checkpoint, step {report_step} (lowest eval loss), not the final step {step}")
+    if reporting:
+        last["report"] = evaluation.report(state_model(), base, report_step, extra_meta={"final_step": step})
     it.close()
     if retain_it is not None:
         retain_it.close()

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from ftjax.checkpoint import STATE, Checkpoints
+from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError, LoadError
 from ftjax.lora import apply_lora, trainable_filter
 from ftjax.sharding import state_shardings
@@ -84,14 +83,6 @@ def _target(trainable: nnx.State, mesh: Mesh | None) -> nnx.State:
     return jax.tree.map(spec, trainable, shardings, is_leaf=is_var)
 
 
-def _restore(ckpt: Checkpoints, step: int, target: nnx.State) -> nnx.State:
-    """The checkpoint's `trainable` alone (its optimizer state is left on disk)."""
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
-    args = ocp.args.PyTreeRestore(item={"trainable": target}, restore_args={"trainable": restore_args},
-                                  partial_restore=True)
-    return ckpt.manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]["trainable"]
-
-
 def _base(config, mesh: Mesh | None) -> nnx.Module:
     """The base as training built it; for full fine-tuning only its shapes (every weight is in the checkpoint)."""
     from ftjax import api
@@ -129,7 +120,7 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
         chosen = select_step(ckpt, step, workdir)
         base = _base(config, mesh)
         graphdef, trainable, frozen = nnx.split(_structure(config, base), trainable_filter(config.method), ...)
-        restored = _restore(ckpt, chosen, _target(trainable, mesh))
+        restored = ckpt.restore_trainable(chosen, _target(trainable, mesh))
     finally:
         ckpt.close()
     if config.method == "lora":
