@@ -158,7 +158,11 @@ class Llama(nnx.Module):
         return self.logits(self.norm(h)), KVCache(k, v, kv_segments, cache.index + t)
 
     def embed(self, input_ids) -> jax.Array:
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+        # the table's embed axis gathered first (as FSDP does for every weight): a lookup straight from the
+        # fsdp-sharded table leaves its rows split by feature, which XLA can only reshard to split-by-batch
+        # through a full rematerialization (it warns so on data x fsdp x tensor meshes)
+        table = constrain(self.embed_tokens[...], ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
         return constrain(x, ("batch", "length", "act_embed"))
 
     def logits(self, h_btd) -> jax.Array:
