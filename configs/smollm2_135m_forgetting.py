@@ -3,18 +3,21 @@
 
   python scripts/train.py --config=configs/smollm2_135m_forgetting.py --workdir=runs/forget_none
   python scripts/train.py --config=configs/smollm2_135m_forgetting.py --workdir=runs/forget_replay \\
-      --config.forget.replay_fraction=0.25
+      --config.forget.replay_fraction=0.5 --config.train.batch_size=16
   python scripts/train.py --config=configs/smollm2_135m_forgetting.py --workdir=runs/forget_kl \\
       --config.forget.kl_weight=1.0
 
 Each run writes WORKDIR/report.json: compare `forgetting.kl_to_base` (the aim: at least halved by each
-control) at `task.finetuned.person_json` within 5 points. Same seed and task data in all three. The controls
-train on the base's replies to the 50 bundled control prompts; forgetting is measured on the 60 bundled
-retain prompts, which no run trains on (out of sample). `forget.l2_weight` (Σ‖W − W_base‖²) is the third
-knob for full fine-tuning.
+control) at `task.finetuned.person_json` within 5 points. Same seed and the same 8 task rows per step in all
+three: the KL term adds its own batch of 8 retain rows, replay at 0.5 of a batch of 16 adds 8 replayed rows.
+The controls train on the base's replies to the 50 bundled control prompts (replay: 4 samples each at
+temperature 1; KL: the greedy reply's full distributions); forgetting is measured on the 60 bundled retain
+prompts, which no run trains on (out of sample). `forget.l2_weight` (Σ‖W − W_base‖²) is the third knob
+for full fine-tuning.
 
-Measured on the 2-core CPU (2026-11-29, README "Forgetting"): no control 100% exact, KL 2.47; replay 0.25
-92%, KL 1.56; replay 0.5 94%, KL 1.63; kl_weight 1.0 96%, KL 0.62 (each run 16-20 min incl. the report).
+Measured on the 2-core CPU (2026-11-29, README "Forgetting"): no control 100% exact, KL 2.47; replay
+96%, KL 0.95 (0.38x); kl_weight 1.0 96%, KL 0.62 (0.25x). 8-10 min per plain run, 15-20 min with a
+control (its step is about twice the work), plus 4 min once for replay's samples.
 """
 
 from ftjax.config import default_config
@@ -40,6 +43,6 @@ def get_config():
     c.eval.max_examples = 50
     c.eval.metric = "person_json"
     c.eval.few_shot = 2
-    c.forget.replay_fraction = 0.0  # --config.forget.replay_fraction=0.25: a quarter of the examples replayed
+    c.forget.replay_fraction = 0.0  # 0.5 with train.batch_size=16: 8 replayed rows beside the 8 task rows
     c.forget.kl_weight = 0.0  # --config.forget.kl_weight=1.0: KL(base ‖ tuned) on the base's own replies
     return c
