@@ -2,6 +2,10 @@
 median wall time of `generate_tokens` after a warm-up call, and per new token.
 
   .venv/bin/python benchmarks/generate_speed.py --batch=25 --prompt=200 --new=64 --repeats=3
+
+Measured 2026-11-29 on the 2-core CPU, defaults, --repeats=2, two code trees alternated (PYTHONPATH set to
+each; the editable install would otherwise import one tree twice): the KV cache as a scan carry written in
+place 36.9 / 38.1 s vs the cache through the scan's xs/ys 51.8 / 55.2 s (1.43x).
 """
 
 import argparse

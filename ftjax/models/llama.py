@@ -96,14 +96,22 @@ class DecoderLayer(nnx.Module):
                        param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x_btd, sin, cos, mask, kv=None, index=None, rng=None):
-        """Returns the new residual stream and this layer's (k, v) cache (None without a cache)."""
+        """Returns the new residual stream and the (k, v) caches (None without a cache).
+
+        `kv` = (k, v, layer): every layer's cache [L, B, S, K, H] and this layer's index. The new keys and
+        values are written into the stack in place (a scan carry), then this layer's slice is read: no
+        per-layer cache copy in and out of the scan (the decode step's main memory traffic on CPU).
+        """
         rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
         h = self.input_layernorm(x_btd)
         q, k, v = self.self_attn.project_qkv(h, sin, cos, rngs[0:3])
         if kv is not None:
-            k_cache = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            k, v, kv = k_cache, v_cache, (k_cache, v_cache)
+            k_all, v_all, layer = kv
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+            kv = (k_all, v_all)
         # Without a cache, query i and key i are the same slot and the mask is causal by slot.
         attn = self.self_attn.attend(q, k, v, mask, rngs[3], causal=kv is None)
         x_btd = checkpoint_name(x_btd + attn, "resid_mid")
@@ -201,13 +209,17 @@ class Llama(nnx.Module):
         if window_mask is not None:
             sliding = jnp.asarray(cfg.sliding_layers or (True,) * cfg.num_layers, dtype=bool)
 
-        def body(x, xs):
-            layer_state, layer_kv, layer_rng, layer_sliding = xs
+        def body(carry, xs):
+            x, caches = carry
+            layer_state, layer, layer_rng, layer_sliding = xs
             mask = full_mask if layer_sliding is None else jnp.where(layer_sliding, window_mask, full_mask)
-            x, new_kv = nnx.merge(graphdef, layer_state)(x, sin, cos, mask, layer_kv, index, layer_rng)
-            return x, new_kv
+            layer_kv = None if caches is None else (*caches, layer)
+            x, caches = nnx.merge(graphdef, layer_state)(x, sin, cos, mask, layer_kv, index, layer_rng)
+            return (x, caches), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        layer_kv = None if kv is None else (kv[0], kv[1])
-        return jax.lax.scan(body, x, (state, layer_kv, layer_rngs, sliding))
+        layers = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, caches), _ = jax.lax.scan(body, (x, None if kv is None else (kv[0], kv[1])),
+                                      (state, layers, layer_rngs, sliding))
+        return x, caches
