@@ -125,6 +125,8 @@ def test_unfinished_reply_trains_no_end_of_turn(tmp_path, template):
     make_tok, eot, trim = TEMPLATES[template]
     tok = make_tok()
     rec = chat(3, turns=2, system=True)
+    if trim:  # the template renders the reply trimmed: the span must still end where the reply does
+        rec["messages"][-1]["content"] = "  " + rec["messages"][-1]["content"] + " "
     path = write_jsonl(tmp_path / "chats.jsonl", [rec, {**rec, "unfinished": True}])
     rows = build_datasets(data_config(path, seq_len=256, packing=False), tok, vocab_size=len(tok)).train
     ids, mask = expected(tok, rec["messages"], eot, "assistant", trim)

@@ -51,7 +51,7 @@ def chat_spans(tokenizer: Any, record: Record, loss_on: str) -> tuple[str, list[
             spans.append((len(before), len(upto.rstrip())))
         if record.unfinished and turns and turns[-1] == len(record.messages) - 1:
             start = spans[-1][0]
-            reply = record.messages[-1][1].rstrip()
+            reply = record.messages[-1][1].strip()  # as a trimming template (Llama 3) renders it too
             at = full.find(reply, start)
             if at < 0:
                 raise DataError(f"{record.source}: 'unfinished': the chat template does not render the final reply "
