@@ -58,7 +58,7 @@ CONTROL_REPLAY = "control_replay.jsonl"
 class RetainData:
     """The base model's greedy replies to the control prompts (the KL term's batches) and the replay file."""
 
-    replies: BaseReplies | None  # None without forget.kl_weight
+    replies: BaseReplies | None  # greedy: for the KL term, or replay at temperature 0; else None
     replay_path: str | None  # None without forget.replay_fraction
 
 
