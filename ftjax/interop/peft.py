@@ -21,6 +21,7 @@ from ftjax.errors import ConfigError, LoadError
 from ftjax.interop import gather
 from ftjax.interop.safetensors_writer import TensorPlan, write_safetensors
 from ftjax.lora import LoRA, apply_lora, linears
+from ftjax.interop.smollm2 import DEFAULT_MODEL, default_gguf_path
 from ftjax.models.registry import hf_tensor_name
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -42,6 +43,22 @@ def _shared(found: list[tuple[tuple[str, ...], LoRA]], attr: str) -> Any:
     if len(values) > 1:
         raise ConfigError(f"the adapters differ in {attr} ({sorted(values)}); one PEFT LoraConfig needs one value")
     return values.pop()
+
+
+def base_reference(path_or_name: str | Path | None) -> tuple[str | None, str | None]:
+    """(base_model_name_or_path, gguf_file) that PEFT / transformers can load for a base: an HF folder's
+    absolute path; for a GGUF file (the default model included) the folder holding it and the file name,
+    to pass as `from_pretrained(folder, gguf_file=...)`. Anything else (a Hub id) is kept as given."""
+    if path_or_name is None:
+        return None, None
+    if str(path_or_name) == DEFAULT_MODEL:
+        path_or_name = default_gguf_path()
+    path = Path(path_or_name)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.resolve().parent), path.name
+    if path.is_dir():
+        return str(path.resolve()), None
+    return str(path_or_name), None
 
 
 def adapter_config(model: nnx.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
@@ -76,10 +93,15 @@ def _plans(found: list[tuple[tuple[str, ...], LoRA]], num_layers: int, dtype: st
 
 def export_peft(model: nnx.Module, out: str | Path, *, base_model_name_or_path: str | None = None,
                 dtype: Any = None) -> Path:
-    """Write the model's adapters as a PEFT folder that `PeftModel.from_pretrained(hf_base, out)` loads."""
+    """Write the model's adapters as a PEFT folder that `PeftModel.from_pretrained(hf_base, out)` loads.
+
+    `base_model_name_or_path` (an HF folder, a .gguf, ftjax's default-model name) is written as what PEFT can
+    load: `AutoPeftModelForCausalLM.from_pretrained(out)` works for an HF-folder base; for a GGUF base the
+    folder is recorded and the adapter's README.md gives the `gguf_file=` call."""
     from ftjax.interop.export_hf import _barrier, dtype_name
 
-    config = adapter_config(model, base_model_name_or_path)
+    base, gguf_file = base_reference(base_model_name_or_path)
+    config = adapter_config(model, base)
     found = adapters(model)
     plans = _plans(found, model.config.num_layers, dtype_name(dtype) if dtype is not None else None)
     out = Path(out)
@@ -89,8 +111,26 @@ def export_peft(model: nnx.Module, out: str | Path, *, base_model_name_or_path: 
     write_safetensors(out / WEIGHTS, plans, write=main)
     if main:
         (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        (out / "README.md").write_text(_model_card(base, gguf_file))
     _barrier("ftjax_export_peft")
     return out
+
+
+def _model_card(base: str | None, gguf_file: str | None) -> str:
+    """How to load this adapter, written beside it (PEFT's adapter_config.json cannot name a GGUF file)."""
+    if base is None:
+        return "# LoRA adapter exported by ftjax\n\nLoad with `PeftModel.from_pretrained(base_model, this_folder)`.\n"
+    if gguf_file is None:
+        load = ("from peft import AutoPeftModelForCausalLM\n"
+                "model = AutoPeftModelForCausalLM.from_pretrained(ADAPTER)\n")
+    else:
+        load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+                f"base = AutoModelForCausalLM.from_pretrained({base!r}, gguf_file={gguf_file!r})"
+                "  # dequantized by transformers\n"
+                "model = PeftModel.from_pretrained(base, ADAPTER)\n")
+    where = base + (f" (GGUF file {gguf_file})" if gguf_file else "")
+    return (f"# LoRA adapter exported by ftjax\n\nBase model: {where}\n\n```python\n"
+            f"ADAPTER = \"path/to/this/folder\"\n{load}```\n")
 
 
 def load_peft(model: nnx.Module, folder: str | Path, *, seed: int = 0) -> nnx.Module:
