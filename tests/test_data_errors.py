@@ -133,3 +133,29 @@ def test_encoding_missing_file_and_bad_weights(tmp_path):
     good = write_jsonl(tmp_path / "b.jsonl", [chat(0)])
     with pytest.raises(DataError, match="weight of .* must be a positive number"):
         _build(f"{good}:-1")
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda p: p.mkdir(), "is a directory, not a data file"),
+    (lambda p: p.write_text(""), "the file is empty"),
+    (lambda p: p.write_text("\n\n  \n"), "holds no records"),
+    (lambda p: p.write_text("[]"), "holds no records"),
+])
+def test_unusable_data_paths_fail_in_one_line_naming_the_path(tmp_path, make, reason):
+    path = tmp_path / "train.jsonl"
+    make(path)
+    with pytest.raises(DataError, match=rf"^{path}: {reason}"):
+        _build(path)
+
+
+def test_unreadable_data_file_fails_in_one_line_naming_the_path(tmp_path, monkeypatch):
+    import os
+
+    from ftjax.data import records
+
+    path = write_jsonl(tmp_path / "a.jsonl", [chat(i) for i in range(3)])
+    os.chmod(path, 0)
+    real_access = os.access  # root reads a mode-000 file anyway: deny as an ordinary user would be denied
+    monkeypatch.setattr(records.os, "access", lambda p, mode: False if str(p) == str(path) else real_access(p, mode))
+    with pytest.raises(DataError, match=rf"^{path}: not readable"):
+        _build(path)

@@ -17,7 +17,7 @@ from ftjax.data.examples import Examples
 from ftjax.data.fingerprint import digest_key, file_fingerprint, tokenizer_fingerprint
 from ftjax.data.mixture import mixture_indices, parse_sources, replay_indices
 from ftjax.data.packing import Rows, make_rows
-from ftjax.data.records import Fields, ReadResult, read_file
+from ftjax.data.records import Fields, ReadResult, check_data_file, read_file
 from ftjax.data.summary import DataSummary
 from ftjax.data.token_cache import cached_examples
 from ftjax.data.tokenize import tokenize_records
@@ -71,10 +71,8 @@ def _label(how: dict) -> str:
 
 def _fingerprint(how: dict) -> dict[str, Any]:
     if how["kind"] == "file":
-        try:
-            return file_fingerprint(how["path"])
-        except FileNotFoundError:
-            raise DataError(f"data file not found: {how['path']}") from None
+        check_data_file(how["path"])
+        return file_fingerprint(how["path"])
     from ftjax.data.tfds_source import tfds_fingerprint
 
     return tfds_fingerprint(how["name"], how["split"], how["data_dir"])

@@ -208,8 +208,25 @@ def collect(items: Iterable[tuple[str, Any]], fields: Fields, on_bad_record: str
     return out
 
 
+def check_data_file(path: str) -> None:
+    """A data path must be a readable, non-empty file: one line naming the path otherwise, before any work."""
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path}")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a data file (give a .jsonl or .json file; a prepared "
+                        "TFDS dataset goes in data.tfds_name)")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not a regular file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: not readable (permission denied)")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+
+
 def read_file(path: str, fields: Fields, on_bad_record: str = "error") -> ReadResult:
     """All records of one JSONL / JSON file, validated."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
-    return collect(((f"{path}:{line}", obj) for line, obj in iter_json(path)), fields, on_bad_record)
+    check_data_file(path)
+    result = collect(((f"{path}:{line}", obj) for line, obj in iter_json(path)), fields, on_bad_record)
+    if result.total == 0:
+        raise DataError(f"{path}: holds no records (only blank lines or an empty JSON array)")
+    return result
