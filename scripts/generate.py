@@ -47,13 +47,44 @@ def main(argv):
             print(f"user> {prompt}\nassistant> {reply}\n")
         print(f"generated in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     if FLAGS.interactive:
-        history: list[dict] = []
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            reply = generate(model, tokenizer, _conversation(line.strip(), history), **kw)
-            history += [{"role": "user", "content": line.strip()}, {"role": "assistant", "content": reply}]
-            print(f"assistant> {reply}", flush=True)
+        _chat(model, tokenizer, kw)
+
+
+def _read_message() -> str | None:
+    """One user message from stdin; a line ending in a backslash continues on the next. None: leave."""
+    lines = []
+    while True:
+        try:
+            line = input("you> " if not lines else "...> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+        if not lines and line.strip() in ("/exit", "/quit"):
+            return None
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            continue
+        lines.append(line)
+        return "\n".join(lines)
+
+
+def _chat(model, tokenizer, kw: dict) -> None:
+    """The interactive loop: the conversation is kept; /reset clears it; /exit, Ctrl-D or Ctrl-C leaves."""
+    from ftjax.generate import generate
+
+    print(f"chatting with {FLAGS.model}: type a message and press Enter (end a line with \\ to continue on the "
+          "next); /reset clears the conversation; /exit or Ctrl-D leaves.", flush=True)
+    history: list[dict] = []
+    while (message := _read_message()) is not None:
+        if not message.strip():
+            continue
+        if message.strip() == "/reset":
+            history = []
+            print("(conversation cleared)", flush=True)
+            continue
+        reply = generate(model, tokenizer, _conversation(message, history), **kw)
+        history += [{"role": "user", "content": message}, {"role": "assistant", "content": reply}]
+        print(f"assistant> {reply}", flush=True)
 
 
 if __name__ == "__main__":
