@@ -1,0 +1,105 @@
+"""Per-reply log-probs: the chunked token log-probs (head backward fused when the head is frozen) against plain
+autodiff of log_softmax, reply sums against numpy, and packed pairs against the same pairs unpacked."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ftjax.lora import apply_lora
+from ftjax.train.reply_logps import model_pair_logps, pair_logps, reply_sums, token_logps
+from train_helpers import TINY, tiny_model
+
+RTOL = 1e-5
+MODEL_TOL = 1e-4
+B, T, D, V = 3, 10, 8, 50
+
+
+@pytest.fixture(scope="module")
+def data():
+    kh, kw, kt, kg = jax.random.split(jax.random.key(0), 4)
+    return (jax.random.normal(kh, (B, T, D)), jax.random.normal(kw, (V, D)), jax.random.randint(kt, (B, T), 0, V),
+            jax.random.normal(kg, (B, T)))
+
+
+def _reference(h, w, targets, vocab_major):
+    logp = jax.nn.log_softmax(h @ (w.T if vocab_major else w), axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+@pytest.mark.parametrize("vocab_major", [True, False])
+@pytest.mark.parametrize("chunk", [4, 10, 64])  # ragged, one chunk, longer than T
+@pytest.mark.parametrize("head_trained", [True, False])
+def test_token_logps_and_gradients_match_autodiff(data, vocab_major, chunk, head_trained):
+    h, w_vd, targets, g = data
+    w = w_vd if vocab_major else w_vd.T
+    want = _reference(h, w, targets, vocab_major)
+    got = token_logps(h, w, targets, chunk, vocab_major=vocab_major)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL)
+    argnums = (0, 1) if head_trained else (0,)
+    f = lambda fn: lambda *a: jnp.sum(g * fn(*a))  # noqa: E731  a non-uniform cotangent
+    want_g = jax.grad(f(lambda h, w: _reference(h, w, targets, vocab_major)), argnums)(h, w)
+    got_g = jax.grad(f(lambda h, w: token_logps(h, w, targets, chunk, vocab_major=vocab_major)), argnums)(h, w)
+    for a, b in zip(got_g, want_g):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=RTOL)
+
+
+def test_reply_sums_and_pairs_match_numpy():
+    rng = np.random.default_rng(0)
+    logp = rng.normal(size=(2, 9)).astype(np.float32)
+    reply_ids = np.array([[0, 1, 1, 0, 2, 2, 2, 3, 4], [0, 0, 2, 1, 0, 0, 0, 0, 0]], np.int32)
+    sums, counts = reply_sums(jnp.asarray(logp), jnp.asarray(reply_ids), max_pairs=2)
+    for r in range(2):
+        for s in range(4):
+            np.testing.assert_allclose(sums[r, s], logp[r][reply_ids[r] == s + 1].sum(), rtol=RTOL)
+            assert counts[r, s] == (reply_ids[r] == s + 1).sum()
+    pairs, valid = pair_logps(jnp.asarray(logp), jnp.asarray(reply_ids), max_pairs=2)
+    assert valid.tolist() == [True, True, True, False]
+    np.testing.assert_allclose(pairs.rejected[2], logp[1, 2], rtol=RTOL)
+    np.testing.assert_allclose(pairs.chosen_tokens, [2, 1, 1, 0])
+
+
+def _pair_rows(pairs, seq_len, packed):
+    """Batch rows holding the (prompt, chosen, rejected) token lists: all pairs in one row, or one pair a row.
+    Each half is its own segment (prompt + reply), positions from 0; reply targets get reply ids 2k+1 / 2k+2."""
+    rows = [pairs] if packed else [[p] for p in pairs]
+    keys = ("input_ids", "targets", "segment_ids", "positions", "reply_ids")
+    out = {k: np.zeros((len(rows), seq_len), np.int32) for k in keys}
+    for r, row in enumerate(rows):
+        pos, seg = 0, 0
+        for k, (prompt, chosen, rejected) in enumerate(row):
+            for half, reply in enumerate((chosen, rejected)):
+                ids = prompt + reply
+                n = len(ids) - 1
+                seg += 1
+                sl = slice(pos, pos + n)
+                out["input_ids"][r, sl], out["targets"][r, sl] = ids[:-1], ids[1:]
+                out["segment_ids"][r, sl], out["positions"][r, sl] = seg, np.arange(n)
+                out["reply_ids"][r, pos + len(prompt) - 1:pos + n] = 2 * k + 1 + half
+                pos += n
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    model = tiny_model(0)
+    apply_lora(model, 4, 8.0, rngs=nnx.Rngs(1))
+    for path, p in nnx.iter_graph(model):
+        if isinstance(p, nnx.LoRAParam) and path[-1] == "lora_b":
+            p[...] = 0.1 * jax.random.normal(jax.random.key(len(path)), p[...].shape)
+    return model
+
+
+def test_packed_pairs_give_the_log_probs_of_unpacked_pairs(lora_model):
+    rng = np.random.default_rng(3)
+    ids = lambda n: rng.integers(3, TINY.vocab_size, n).tolist()  # noqa: E731
+    pairs = [(ids(4), ids(3), ids(5)), (ids(2), ids(6), ids(1)), (ids(5), ids(2), ids(2))]
+    packed, _ = model_pair_logps(lora_model, _pair_rows(pairs, 48, True), max_pairs=3, chunk=7)
+    alone, valid = model_pair_logps(lora_model, _pair_rows(pairs, 16, False), max_pairs=1, chunk=7)
+    assert bool(valid.all())
+    for a, b in zip(packed, alone):
+        np.testing.assert_allclose(a, b, rtol=MODEL_TOL, atol=MODEL_TOL)
+    np.testing.assert_array_equal(alone.chosen_tokens, [3, 6, 2])
