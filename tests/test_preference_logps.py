@@ -11,6 +11,7 @@ from flax import nnx
 
 from ftjax.lora import apply_lora
 from ftjax.train.reply_logps import model_pair_logps, pair_logps, reply_sums, token_logps
+from preference_helpers import pair_rows
 from train_helpers import TINY, tiny_model
 
 RTOL = 1e-5
@@ -62,27 +63,6 @@ def test_reply_sums_and_pairs_match_numpy():
     np.testing.assert_allclose(pairs.chosen_tokens, [2, 1, 1, 0])
 
 
-def _pair_rows(pairs, seq_len, packed):
-    """Batch rows holding the (prompt, chosen, rejected) token lists: all pairs in one row, or one pair a row.
-    Each half is its own segment (prompt + reply), positions from 0; reply targets get reply ids 2k+1 / 2k+2."""
-    rows = [pairs] if packed else [[p] for p in pairs]
-    keys = ("input_ids", "targets", "segment_ids", "positions", "reply_ids")
-    out = {k: np.zeros((len(rows), seq_len), np.int32) for k in keys}
-    for r, row in enumerate(rows):
-        pos, seg = 0, 0
-        for k, (prompt, chosen, rejected) in enumerate(row):
-            for half, reply in enumerate((chosen, rejected)):
-                ids = prompt + reply
-                n = len(ids) - 1
-                seg += 1
-                sl = slice(pos, pos + n)
-                out["input_ids"][r, sl], out["targets"][r, sl] = ids[:-1], ids[1:]
-                out["segment_ids"][r, sl], out["positions"][r, sl] = seg, np.arange(n)
-                out["reply_ids"][r, pos + len(prompt) - 1:pos + n] = 2 * k + 1 + half
-                pos += n
-    return {k: jnp.asarray(v) for k, v in out.items()}
-
-
 @pytest.fixture(scope="module")
 def lora_model():
     model = tiny_model(0)
@@ -97,8 +77,8 @@ def test_packed_pairs_give_the_log_probs_of_unpacked_pairs(lora_model):
     rng = np.random.default_rng(3)
     ids = lambda n: rng.integers(3, TINY.vocab_size, n).tolist()  # noqa: E731
     pairs = [(ids(4), ids(3), ids(5)), (ids(2), ids(6), ids(1)), (ids(5), ids(2), ids(2))]
-    packed, _ = model_pair_logps(lora_model, _pair_rows(pairs, 48, True), max_pairs=3, chunk=7)
-    alone, valid = model_pair_logps(lora_model, _pair_rows(pairs, 16, False), max_pairs=1, chunk=7)
+    packed, _ = model_pair_logps(lora_model, pair_rows(pairs, 48, True), max_pairs=3, chunk=7)
+    alone, valid = model_pair_logps(lora_model, pair_rows(pairs, 16, False), max_pairs=1, chunk=7)
     assert bool(valid.all())
     for a, b in zip(packed, alone):
         np.testing.assert_allclose(a, b, rtol=MODEL_TOL, atol=MODEL_TOL)
