@@ -171,3 +171,28 @@ def test_tfds_jsonl_records_read_like_the_file(tmp_path):
     from_tfds = read_pairs_tfds("jsonl_records", "train", data_dir)
     assert [p.chosen for p in from_tfds.records] == [p.chosen for p in read_pairs(path).records]
     assert [p.rejected for p in from_tfds.records] == [p.rejected for p in read_pairs(path).records]
+
+
+def test_build_from_config_splits_packs_and_loads_through_the_train_iterator(tmp_path):
+    from data_helpers import data_config
+    from ftjax.data import train_iterator
+    from ftjax.data.preference_build import build_preference_datasets
+
+    records = [_standard(i) for i in range(1, 30)] + [_conversational(40), {"prompt": "w1", "chosen": "w2"}]
+    path = write_jsonl(tmp_path / "p.jsonl", records)
+    with pytest.raises(DataError, match=r"p\.jsonl:31: record is missing 'rejected'"):
+        build_preference_datasets(data_config(path, seq_len=48), tiny_tokenizer())
+    c = data_config(path, seq_len=48, eval_fraction=0.2, on_bad_record="skip")
+    data = build_preference_datasets(c, tiny_tokenizer(), vocab_size=128)
+    s = data.summary
+    assert (s.records, s.dropped, s.train_examples + s.eval_examples) == (31, {MISSING_FIELDS: 1}, 30)
+    assert s.eval_examples == 6 and s.train_rows < s.train_examples  # pairs packed several to a row
+    train_pairs = {int(p) for r in range(len(data.train)) for p in data.train.row_items(r)}
+    assert train_pairs == set(range(s.train_examples))
+    it = train_iterator(data.train, 4, seed=0, prefetch=0)
+    batch = next(it)
+    assert batch["reply_ids"].shape == (4, 48) and batch["reply_ids"].max() <= 2 * data.train.max_pairs
+    chosen = (batch["reply_ids"] % 2 == 1)
+    np.testing.assert_array_equal(batch["loss_weights"] > 0, chosen)  # CE weights: the chosen replies only
+    with pytest.raises(DataError, match="vocabulary"):
+        build_preference_datasets(c, tiny_tokenizer(), vocab_size=50)
