@@ -83,3 +83,44 @@ def test_packed_pairs_give_the_log_probs_of_unpacked_pairs(lora_model):
     for a, b in zip(packed, alone):
         np.testing.assert_allclose(a, b, rtol=MODEL_TOL, atol=MODEL_TOL)
     np.testing.assert_array_equal(alone.chosen_tokens, [3, 6, 2])
+
+
+def test_preference_config_refuses_bad_hyper_parameters():
+    from ftjax.errors import ConfigError
+    from ftjax.train.preference import PreferenceConfig
+
+    for kw, msg in [(dict(objective="kto"), "not a preference objective"), (dict(objective="dpo", beta=0.0), "beta"),
+                    (dict(objective="dpo", label_smoothing=0.5), r"\[0, 0.5\)"),
+                    (dict(objective="ipo", label_smoothing=0.1), "not ipo")]:
+        with pytest.raises(ConfigError, match=msg):
+            PreferenceConfig(**kw)
+    assert PreferenceConfig("dpo").needs_reference and not PreferenceConfig("simpo").needs_reference
+
+
+def test_accuracy_compares_summed_or_averaged_log_probs_by_objective():
+    from ftjax.train.preference import PreferenceConfig, ReplyLogps, preference_accuracy
+
+    # chosen: sum -6 over 6 tokens (avg -1); rejected: sum -4 over 2 tokens (avg -2)
+    p = ReplyLogps(jnp.array([-6.0]), jnp.array([-4.0]), jnp.array([6.0]), jnp.array([2.0]))
+    assert float(preference_accuracy(PreferenceConfig("dpo"), p)[0]) == 0.0  # summed: -6 < -4
+    for objective in ("ipo", "orpo", "simpo"):
+        assert float(preference_accuracy(PreferenceConfig(objective), p)[0]) == 1.0  # per token: -1 > -2
+
+
+def test_micro_batch_sums_combine_into_the_whole_batch_mean(lora_model):
+    """Per-pair sums of two halves of a batch, divided by the global pair count, give the whole batch's mean."""
+    from ftjax.train.preference import PreferenceConfig, metric_means
+    from ftjax.train.preference_term import global_pairs, preference_sums
+
+    rng = np.random.default_rng(5)
+    ids = lambda n: rng.integers(3, TINY.vocab_size, n).tolist()  # noqa: E731
+    pairs = [(ids(3), ids(2 + k % 3), ids(1 + k % 2)) for k in range(4)]
+    batch = pair_rows(pairs, 16, packed=False)
+    cfg = PreferenceConfig("simpo", beta=2.0, gamma=0.3)
+    whole = preference_sums(cfg, lora_model, batch, 1, 8)
+    halves = [preference_sums(cfg, lora_model, {k: v[s] for k, v in batch.items()}, 1, 8)
+              for s in (slice(0, 1), slice(1, 4))]
+    combined = {k: halves[0][k] + halves[1][k] for k in whole}
+    assert float(global_pairs(batch)) == float(whole["pairs"]) == 4
+    for k, v in metric_means(whole).items():
+        np.testing.assert_allclose(metric_means(combined)[k], v, rtol=RTOL, atol=RTOL)

@@ -103,12 +103,14 @@ _token_logps.defvjp(_token_logps_fwd, _token_logps_bwd, symbolic_zeros=True)
 def reply_sums(logp_bt: jax.Array, reply_ids_bt: jax.Array, max_pairs: int) -> tuple[jax.Array, jax.Array]:
     """(Σ log p, token count) per reply slot [B, 2·max_pairs]: slot 2k is pair k's chosen reply, 2k+1 its
     rejected one; positions with reply id 0 (or beyond max_pairs) are left out."""
-    slots = 2 * max_pairs
-    ids = reply_ids_bt.astype(jnp.int32) - 1  # -1: not a reply token
-    onehot = (ids[..., None] == jnp.arange(slots, dtype=jnp.int32)).astype(jnp.float32)  # [B, T, slots]
-    logp = jnp.where(ids >= 0, logp_bt, 0.0)  # NaN-safe: padding positions contribute exactly 0
-    sums = jnp.einsum("bt,bts->bs", logp, onehot, precision=jax.lax.Precision.HIGHEST)
-    return sums, jnp.sum(onehot, axis=1)
+    b, slots = logp_bt.shape[0], 2 * max_pairs
+    ids = reply_ids_bt.astype(jnp.int32)
+    ids = jnp.where((ids > 0) & (ids <= slots), ids, 0)  # slot 0 of each row collects the non-reply positions
+    flat = (ids + (slots + 1) * jnp.arange(b, dtype=jnp.int32)[:, None]).reshape(-1)
+    logp = jnp.where(ids > 0, logp_bt, 0.0).reshape(-1)  # NaN-safe: other positions contribute exactly 0
+    sums = jax.ops.segment_sum(logp, flat, num_segments=b * (slots + 1)).reshape(b, slots + 1)
+    counts = jax.ops.segment_sum(jnp.ones_like(logp), flat, num_segments=b * (slots + 1)).reshape(b, slots + 1)
+    return sums[:, 1:], counts[:, 1:]
 
 
 def pair_logps(logp_bt: jax.Array, reply_ids_bt: jax.Array, max_pairs: int) -> tuple[ReplyLogps, jax.Array]:
