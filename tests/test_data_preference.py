@@ -196,3 +196,25 @@ def test_build_from_config_splits_packs_and_loads_through_the_train_iterator(tmp
     np.testing.assert_array_equal(batch["loss_weights"] > 0, chosen)  # CE weights: the chosen replies only
     with pytest.raises(DataError, match="vocabulary"):
         build_preference_datasets(c, tiny_tokenizer(), vocab_size=50)
+
+
+def test_reference_log_probs_computed_once_ride_the_batch_and_sum_back_per_reply():
+    import jax
+
+    from ftjax.train.preference_term import batch_reference, pair_reference_logps
+    from ftjax.train.reply_logps import model_pair_logps
+    from train_helpers import TINY, tiny_model
+
+    model = tiny_model(0, TINY.replace(vocab_size=128))
+    pairs = _pairs([_standard(i) for i in range(1, 8)])
+    rows = make_pair_rows(pairs, 64, packing=True)
+    reference = pair_reference_logps(model, rows, batch_size=2, chunk=16)
+    alone = make_pair_rows(pairs, 64, packing=False)
+    want, _ = model_pair_logps(model, alone.batch(np.arange(len(alone))), 1, chunk=16)
+    np.testing.assert_allclose(reference, np.stack([want.chosen, want.rejected], -1), rtol=1e-4, atol=1e-4)
+    batch = rows.with_reference(reference).batch(np.arange(len(rows)))
+    got = batch_reference({k: jax.numpy.asarray(v) for k, v in batch.items()}, rows.max_pairs)
+    live, _ = model_pair_logps(model, batch, rows.max_pairs, chunk=16)
+    for a, b in zip(got, live):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert np.all(reference < 0)  # every pair got its own (real, negative) log-probs

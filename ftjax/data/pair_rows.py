@@ -6,6 +6,10 @@ batch holds the train step's keys plus `reply_ids` (int32 [B, T]): the segment i
 reply token, 0 elsewhere, what `ftjax.train.reply_logps.pair_logps` sums by. `loss_weights` mark the chosen
 reply's targets only (the SFT / ORPO cross-entropy on the chosen reply). Pairs are packed best-fit decreasing on
 their positions, as `ftjax.data.packing` packs examples.
+
+With `reference` (per pair: the reference model's summed log-prob of the chosen and the rejected reply, computed
+once before full fine-tuning), batches also carry `ref_logps` (float32 [B, T]): each reply's reference log-prob
+at its first reply position, 0 elsewhere, so summing it by `reply_ids` gives the reference per reply.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ class PairRows:
     seq_len: int
     offsets: np.ndarray  # int64 [R+1]
     items: np.ndarray  # int64 [sum]
+    reference: np.ndarray | None = None  # float32 [pairs, 2]: reference log-probs (chosen, rejected) per pair
+
+    def with_reference(self, reference: np.ndarray) -> "PairRows":
+        """The same rows whose batches carry `ref_logps` from `reference` [pairs, 2]."""
+        reference = np.asarray(reference, np.float32)
+        if reference.shape != (len(self.pairs), 2):
+            raise ValueError(f"reference log-probs must be [{len(self.pairs)}, 2], got {reference.shape}")
+        return dataclasses.replace(self, reference=reference)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -43,7 +55,8 @@ class PairRows:
     def batch(self, rows: np.ndarray | list[int]) -> dict[str, np.ndarray]:
         """The rows as a preference batch; a row index < 0 gives an all-padding row."""
         b, t = len(rows), self.seq_len
-        out = {k: np.zeros((b, t), np.float32 if k == "loss_weights" else np.int32) for k in PREFERENCE_KEYS}
+        keys = PREFERENCE_KEYS + (("ref_logps",) if self.reference is not None else ())
+        out = {k: np.zeros((b, t), np.float32 if k in ("loss_weights", "ref_logps") else np.int32) for k in keys}
         ar = np.arange(t, dtype=np.int32)
         for j, r in enumerate(rows):
             if r < 0:
@@ -60,6 +73,8 @@ class PairRows:
                     out["positions"][j, pos:pos + n] = ar[:n]
                     out["reply_ids"][j, pos:pos + n] = np.where(trained, seg, 0)
                     out["loss_weights"][j, pos:pos + n] = trained if half == 0 else 0.0
+                    if self.reference is not None and trained.any():
+                        out["ref_logps"][j, pos + int(np.argmax(trained))] = self.reference[p, half]
                     pos += n
         return out
 
