@@ -218,3 +218,29 @@ def test_reference_log_probs_computed_once_ride_the_batch_and_sum_back_per_reply
     for a, b in zip(got, live):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert np.all(reference < 0)  # every pair got its own (real, negative) log-probs
+
+
+def test_conversational_halves_match_trl_tokenization_on_smollm2():
+    """TRL 1.16's DPO tokenization of conversational records (its `_prepare_dataset`, on a stub trainer): the
+    same prompt tokens, and ours trains its completion up to the end-of-turn token (TRL also trains the
+    template's newline after it)."""
+    import types
+
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    tok = smollm2_tokenizer()
+    records = [_conversational(i) for i in range(3)] + [_implicit(7)]
+    args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    theirs = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tok), Dataset.from_list(records[:3]), tok,
+                                         args, "train")
+    theirs = list(theirs) + list(DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tok),
+                                                             Dataset.from_list(records[3:]), tok, args, "train"))
+    for ex, halves in zip(theirs, _tokens(records, tok)):
+        for (ids, mask), completion in zip(halves, (ex["chosen_ids"], ex["rejected_ids"])):
+            while tok.decode(completion[-1:]).strip() == "":
+                completion = completion[:-1]
+            n = len(ex["prompt_ids"])
+            assert ids[:n + len(completion)].tolist() == ex["prompt_ids"] + completion
+            np.testing.assert_array_equal(np.flatnonzero(mask), n + np.arange(len(completion)))
