@@ -200,12 +200,7 @@ def build_datasets(config: Any, tokenizer: Any, *, vocab_size: int | None = None
         truncated += t
 
     summary.dropped, summary.first_dropped = dict(dropped), first
-    total = max(1, summary.records)
-    if summary.dropped_total / total > d.max_dropped_fraction:
-        reasons = ", ".join(f"{r}: {n} (first at {first.get(r, '?')})" for r, n in sorted(dropped.items()))
-        raise DataError(f"{summary.dropped_total} of {summary.records} records were dropped "
-                        f"({100 * summary.dropped_total / total:.1f}%), more than data.max_dropped_fraction="
-                        f"{d.max_dropped_fraction}: {reasons}")
+    summary.check_dropped(float(d.max_dropped_fraction))
     summary.truncated = truncated  # kept, cut to seq_len+1 tokens; not counted as dropped
 
     idx = mixture_indices([len(p) for p in train_parts], [s.weight for s in sources], seed)

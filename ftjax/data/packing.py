@@ -94,10 +94,15 @@ def make_rows(examples: Examples, seq_len: int, packing: bool, order: np.ndarray
     positions = examples.lengths - 1
     if positions.size and (positions.max() > seq_len or positions.min() < 1):
         raise ValueError("every example must have 2..seq_len+1 tokens before it is packed")
+    return Rows(examples, seq_len, *group_rows(positions, seq_len, packing, order))
+
+
+def group_rows(positions: np.ndarray, seq_len: int, packing: bool, order: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [R+1], items): items of `positions` each ≤ seq_len, best-fit packed or one a row (in `order`)."""
     if packing:
         groups = best_fit_rows(positions, seq_len, order)
     else:
-        groups = [[i] for i in (range(len(examples)) if order is None else np.asarray(order).tolist())]
+        groups = [[i] for i in (range(len(positions)) if order is None else np.asarray(order).tolist())]
     offsets = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(np.int64)
-    items = np.array([i for g in groups for i in g], np.int64)
-    return Rows(examples, seq_len, offsets, items)
+    return offsets, np.array([i for g in groups for i in g], np.int64)

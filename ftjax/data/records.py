@@ -11,7 +11,7 @@ import collections
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ftjax.errors import DataError
 
@@ -192,13 +192,16 @@ def _messages(msgs: Any, name: str) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
-def collect(items: Iterable[tuple[str, Any]], fields: Fields, on_bad_record: str) -> ReadResult:
-    """Validate (source, object) pairs: raise on the first bad one, or skip and count by reason."""
+def collect(items: Iterable[tuple[str, Any]], fields: Any, on_bad_record: str,
+            validator: Callable[[Any, str, Any], Any] | None = None) -> ReadResult:
+    """Validate (source, object) pairs with `validator` (default `validate`; preference pairs bring their own):
+    raise on the first bad one, or skip and count by reason."""
+    validator = validator or validate
     out = ReadResult([], 0, collections.Counter(), {})
     for source, obj in items:
         out.total += 1
         try:
-            out.records.append(validate(obj, source, fields))
+            out.records.append(validator(obj, source, fields))
         except BadRecord as e:
             if on_bad_record != "skip":
                 raise DataError(f"{source}: {e.detail} (set data.on_bad_record=skip to skip and count such "
@@ -223,10 +226,11 @@ def check_data_file(path: str) -> None:
         raise DataError(f"{path}: the file is empty")
 
 
-def read_file(path: str, fields: Fields, on_bad_record: str = "error") -> ReadResult:
-    """All records of one JSONL / JSON file, validated."""
+def read_file(path: str, fields: Any, on_bad_record: str = "error",
+              validator: Callable[[Any, str, Any], Any] | None = None) -> ReadResult:
+    """All records of one JSONL / JSON file, validated (by `validator`, as `collect`)."""
     check_data_file(path)
-    result = collect(((f"{path}:{line}", obj) for line, obj in iter_json(path)), fields, on_bad_record)
+    result = collect(((f"{path}:{line}", obj) for line, obj in iter_json(path)), fields, on_bad_record, validator)
     if result.total == 0:
         raise DataError(f"{path}: holds no records (only blank lines or an empty JSON array)")
     return result

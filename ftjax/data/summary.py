@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ftjax.errors import DataError
+
 
 @dataclasses.dataclass
 class DataSummary:
@@ -30,6 +32,16 @@ class DataSummary:
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
+
+    def check_dropped(self, max_fraction: float, what: str = "records") -> None:
+        """DataError when more than `max_fraction` (data.max_dropped_fraction) of the records was dropped."""
+        total = max(1, self.records)
+        if self.dropped_total / total > max_fraction:
+            reasons = ", ".join(f"{r}: {n} (first at {self.first_dropped.get(r, '?')})"
+                                for r, n in sorted(self.dropped.items()))
+            raise DataError(f"{self.dropped_total} of {self.records} {what} were dropped "
+                            f"({100 * self.dropped_total / total:.1f}%), more than data.max_dropped_fraction="
+                            f"{max_fraction}: {reasons}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the run record."""

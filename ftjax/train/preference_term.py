@@ -1,0 +1,74 @@
+"""The preference loss term of one micro-batch: policy (and reference) reply log-probs -> per-pair sums.
+
+The step divides `sums["loss"]` by the global batch's pair count (`global_pairs`), as it divides the
+cross-entropy sum by the global token weight, so micro-batches and shards combine into TRL's per-pair mean.
+The reference is the same graph merged with other trainables: all-zero adapters for a fresh LoRA adapter (the
+base, no second copy), the starting adapter when continuing one; under full fine-tuning, log-probs computed once
+before training (`pair_reference_logps`) and carried by the batch as `ref_logps` (`batch_reference`).
+ORPO and SimPO take none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ftjax.data.pair_rows import PairRows
+from ftjax.train.preference import PreferenceConfig, ReplyLogps, pair_losses, pair_sums
+from ftjax.train.reply_logps import model_pair_logps, pair_logps
+
+
+def reference_pair_logps(graphdef: nnx.GraphDef, reference_trainable: Any, frozen: Any, batch: dict,
+                         max_pairs: int, chunk: int) -> ReplyLogps:
+    """Reply log-probs of the reference (no dropout, no gradient)."""
+    model = nnx.merge(graphdef, jax.lax.stop_gradient(reference_trainable), frozen)
+    logps, _ = model_pair_logps(model, batch, max_pairs, chunk)
+    return jax.tree.map(jax.lax.stop_gradient, logps)
+
+
+def preference_sums(cfg: PreferenceConfig, model: nnx.Module, batch: dict, max_pairs: int, chunk: int = 512, *,
+                    reference: ReplyLogps | None = None, rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    """`pair_sums` of the configured objective on one micro-batch (`reference`: the reference's reply log-probs,
+    from `reference_pair_logps` or a cache; needed for DPO / IPO)."""
+    policy, valid = model_pair_logps(model, batch, max_pairs, chunk, rng=rng)
+    return pair_sums(pair_losses(cfg, policy, reference), valid)
+
+
+def global_pairs(batch: dict) -> jax.Array:
+    """Pairs in a global batch (rows' chosen-reply starts); an empty batch counts 1 (zero loss, not 0/0)."""
+    ids = batch["reply_ids"]
+    chosen = (ids > 0) & (ids % 2 == 1)
+    starts = chosen & jnp.concatenate([jnp.ones_like(chosen[:, :1]), ids[:, 1:] != ids[:, :-1]], axis=1)
+    return jnp.maximum(jnp.sum(starts.astype(jnp.float32)), 1.0)
+
+
+def batch_reference(batch: dict, max_pairs: int) -> ReplyLogps:
+    """The reference log-probs a batch carries (`ref_logps`, from `PairRows.with_reference`)."""
+    logps, _ = pair_logps(batch["ref_logps"], batch["reply_ids"], max_pairs)
+    return jax.tree.map(jax.lax.stop_gradient, logps)
+
+
+def pair_reference_logps(model: nnx.Module, rows: PairRows, batch_size: int, chunk: int = 512) -> np.ndarray:
+    """One pass of `model` (the reference) over every row: [pairs, 2] summed log-probs (chosen, rejected) per
+    pair, indexed as `rows.pairs`, for `rows.with_reference` (full fine-tuning: computed once, then cached)."""
+    graphdef, state = nnx.split(model)
+    max_pairs = rows.max_pairs
+
+    @jax.jit
+    def run(state, batch):
+        logps, _ = model_pair_logps(nnx.merge(graphdef, state), batch, max_pairs, chunk)
+        return jnp.stack([logps.chosen, logps.rejected], axis=-1)
+
+    out = np.zeros((len(rows.pairs), 2), np.float32)
+    for lo in range(0, len(rows), batch_size):
+        ids = np.arange(lo, lo + batch_size)
+        batch = rows.batch(np.where(ids < len(rows), ids, -1))  # a fixed shape: one compile
+        got = np.asarray(run(state, {k: jnp.asarray(v) for k, v in batch.items()})).reshape(batch_size, max_pairs, 2)
+        for j, r in enumerate(ids[ids < len(rows)]):
+            items = rows.row_items(int(r))
+            out[items] = got[j, :len(items)]
+    return out

@@ -1,0 +1,29 @@
+"""Preference batches from (prompt, chosen, rejected) token lists, as the data pipeline lays them out."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def pair_rows(pairs, seq_len: int, packed: bool) -> dict:
+    """All pairs in one row (packed) or one pair a row. Each half is its own segment (prompt + reply) with
+    positions from 0; reply targets carry reply ids 2k+1 (chosen) / 2k+2 (rejected), loss weight on chosen."""
+    rows = [pairs] if packed else [[p] for p in pairs]
+    keys = ("input_ids", "targets", "segment_ids", "positions", "reply_ids")
+    out = {k: np.zeros((len(rows), seq_len), np.int32) for k in keys}
+    out["loss_weights"] = np.zeros((len(rows), seq_len), np.float32)
+    for r, row in enumerate(rows):
+        pos, seg = 0, 0
+        for k, (prompt, chosen, rejected) in enumerate(row):
+            for half, reply in enumerate((chosen, rejected)):
+                ids = list(prompt) + list(reply)
+                n = len(ids) - 1
+                seg += 1
+                sl = slice(pos, pos + n)
+                out["input_ids"][r, sl], out["targets"][r, sl] = ids[:-1], ids[1:]
+                out["segment_ids"][r, sl], out["positions"][r, sl] = seg, np.arange(n)
+                out["reply_ids"][r, pos + len(prompt) - 1:pos + n] = 2 * k + 1 + half
+                out["loss_weights"][r, pos + len(prompt) - 1:pos + n] = 1.0 - half
+                pos += n
+    return {k: jnp.asarray(v) for k, v in out.items()}
