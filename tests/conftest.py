@@ -47,3 +47,9 @@ def hf_smollm2_tokenizer(smollm2_gguf_path):
 
     p = smollm2_gguf_path
     return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+@pytest.fixture(autouse=True)
+def _own_shared_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty $FTJAX_CACHE (base results shared across workdirs), never ~/.cache/ftjax."""
+    monkeypatch.setenv("FTJAX_CACHE", str(tmp_path_factory.mktemp("ftjax_cache")))

@@ -115,6 +115,39 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     assert again["base"].scores["exact"] == 0.123
 
 
+def test_base_results_are_shared_across_workdirs_by_content(run_config, tmp_path, monkeypatch, capsys):
+    """A second workdir on the same base and data reuses the base and few-shot results (identical); a changed
+    few-shot source file, seed or base content makes them be computed again."""
+    from ftjax.evaluation.base import base_view
+
+    base_file = tmp_path / "base.gguf"  # the base's identity is its files' content, not its path
+    base_file.write_bytes(b"weights v1")
+    run_config.model.path = str(base_file)
+    tok, model = tiny_tokenizer(), lora_model()
+    first = Evaluation(run_config, tok, tmp_path / "run1", write=True).baselines(base_view(model))
+    computed = []
+    real_task = Evaluation._task
+    monkeypatch.setattr(Evaluation, "_task", lambda self, *a, **k: computed.append(1) or real_task(self, *a, **k))
+    capsys.readouterr()
+    second = Evaluation(run_config, tok, tmp_path / "run2", write=True).baselines(base_view(model))
+    assert not computed and "results: cached ($FTJAX_CACHE)" in capsys.readouterr().out
+    assert {k: v.to_json() for k, v in second.items()} == {k: v.to_json() for k, v in first.items()}
+
+    def recomputed(workdir) -> bool:
+        computed.clear()
+        Evaluation(run_config, tok, workdir, write=True).baselines(base_view(model))
+        return len(computed) == 2  # base and prompted
+
+    with open(run_config.data.train, "a") as f:  # the few-shot source changes (same path)
+        f.write(json.dumps(chat("w90 w91", "w92")) + "\n")
+    assert recomputed(tmp_path / "run3")
+    run_config.seed = 7
+    assert recomputed(tmp_path / "run4")
+    base_file.write_bytes(b"weights v2")
+    assert recomputed(tmp_path / "run5")
+    assert not recomputed(tmp_path / "run6")  # and now that identity is cached in turn
+
+
 def test_report_contract_and_tables():
     report = {"task": {w: {"exact": 0.5, "eval_loss": 1.0} for w in ("base", "prompted", "finetuned")},
               "forgetting": {"kl_to_base": 0.2, "retain_nll_base": 0.3, "retain_nll_finetuned": 0.6},

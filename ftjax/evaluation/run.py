@@ -21,8 +21,10 @@ from typing import Any
 
 from flax import nnx
 
+from ftjax.data.fingerprint import tokenizer_fingerprint
 from ftjax.data.mixture import parse_sources
 from ftjax.data.records import Fields
+from ftjax.evaluation import shared_cache
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import load_records, pick_shots
 from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
@@ -39,6 +41,13 @@ def _process_zero() -> bool:
     import jax
 
     return jax.process_index() == 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -90,35 +99,77 @@ class Evaluation:
     def model_id(self) -> str:
         return model_id(self.config)
 
+    def _base_identity(self) -> dict[str, Any]:
+        """The base model by content (shared-cache key): weight files' hashes, dtypes, backend, template."""
+        import jax
+
+        c = self.config
+        dtypes = {"dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "frozen_dtype": c.train.frozen_dtype,
+                  "backend": jax.default_backend()}
+        return {"base": shared_cache.base_content_id(c.model.path, dtypes),
+                "template": tokenizer_fingerprint(self.tokenizer)}
+
     def prepare(self, base: nnx.Module) -> BaseReplies:
-        """The base model's greedy replies to the retain prompts (generated once, cached in the workdir)."""
+        """The base model's greedy replies to the retain prompts (generated once, cached in the workdir and
+        shared across workdirs in $FTJAX_CACHE)."""
         if self.replies is None:
-            with _phase(f"base replies to {len(self.retain)} retain prompts"):
+            path = self.workdir / CACHE_NAME
+            c = self.config
+            identity = {**self._base_identity(), "retain": shared_cache.data_content_id(c.forget.retain),
+                        "max_new_tokens": c.forget.max_new_tokens, "model_id": self.model_id()}
+            shared = shared_cache.lookup("retain_replies", identity) if not path.is_file() else None
+            if everywhere(shared is not None) and self.write:
+                _write_atomic(path, json.dumps(shared, ensure_ascii=False))
+            what = f"base replies to {len(self.retain)} retain prompts"
+            with _phase(what + (": cached ($FTJAX_CACHE)" if shared is not None else "")):
                 self.replies = base_replies(base, self.tokenizer, self.retain,
-                                            max_new_tokens=self.config.forget.max_new_tokens,
-                                            cache=self.workdir / CACHE_NAME, model_id=self.model_id(),
-                                            write=self.write)
+                                            max_new_tokens=c.forget.max_new_tokens, cache=path,
+                                            model_id=self.model_id(), write=self.write)
+            if self.write and shared is None and path.is_file():
+                shared_cache.store("retain_replies", identity, json.loads(path.read_text()))
         return self.replies
 
+    def baseline_identity(self) -> dict[str, Any]:
+        """What the base and few-shot task results depend on: base content, eval data content, few-shot
+        source content with its seed and k, example count, metric, decoding (greedy) and template."""
+        c = self.config
+        shots = None
+        if self.shots:
+            shots = {"source": shared_cache.data_content_id(parse_sources(c.data.train)[0].path),
+                     "seed": c.seed, "k": len(self.shots)}
+        return {**self._base_identity(), "eval": shared_cache.data_content_id(c.data.eval), "few_shot": shots,
+                "max_examples": c.eval.max_examples, "metric": c.eval.metric,
+                "decoding": "greedy; max_new_tokens = longest reference + 16"}
+
     def baselines(self, base: nnx.Module) -> dict[str, TaskResult]:
-        """Base zero-shot and k-shot prompted results on the eval split (cached in baselines.json)."""
+        """Base zero-shot and k-shot prompted results on the eval split (cached in baselines.json and in
+        $FTJAX_CACHE under `baseline_identity`, so another workdir on the same base and data reuses them)."""
         if not self.has_task:
             return {}
         path = self.workdir / BASELINES_NAME
-        key = {"model": self.model_id(), "metric": self.config.eval.metric, "few_shot": len(self.shots),
-               "max_examples": self.config.eval.max_examples, "eval": self.config.data.eval}
+        key = self.baseline_identity()
         saved = json.loads(path.read_text()) if path.is_file() else {}
         if everywhere(saved.get("key") == key):
+            self._say_cached("workdir")
             return {k: TaskResult.from_json(v) for k, v in saved["results"].items()}
-        out = {"base": self._task(base, which="base model")}
-        if self.shots:
-            out["prompted"] = self._task(base, self.shots, which="base model prompted")
+        results = shared_cache.lookup("baselines", key)
+        if everywhere(results is not None):
+            self._say_cached("$FTJAX_CACHE")
+        else:
+            out = {"base": self._task(base, which="base model")}
+            if self.shots:
+                out["prompted"] = self._task(base, self.shots, which="base model prompted")
+            results = {k: v.to_json() for k, v in out.items()}
+            if self.write:
+                shared_cache.store("baselines", key, results)
         if self.write:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"key": key, "results": {k: v.to_json() for k, v in out.items()}}))
-            os.replace(tmp, path)
-        return out
+            _write_atomic(path, json.dumps({"key": key, "results": results}))
+        return {k: TaskResult.from_json(v) for k, v in results.items()}
+
+    def _say_cached(self, where: str) -> None:
+        if self.write:
+            shots = f" and {len(self.shots)}-shot prompted" if self.shots else ""
+            print(f"eval: base model{shots} results: cached ({where})", flush=True)
 
     def track(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1) -> dict[str, float]:
         """The metrics to log at an eval step: task_<score> for each eval.metric score, kl_to_base,
