@@ -105,6 +105,14 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     assert saved["meta"]["few_shot"] == 2 and saved["meta"]["task_examples"] == 4
     md = (workdir / "report.md").read_text()
     assert "| fine-tuned" in md and "KL(base ‖ model)" in md
+    assert "Run: 100 steps, lr 0.0001, batch 8 x 512 tokens, LoRA rank 16; checkpoint: step 4." in md
+    from ftjax.evaluation.scorers import contains_answer
+
+    for q in saved["samples"]["qa"]:  # the QA rows mark exactly the replies QA accuracy counts
+        for which in ("base", "finetuned"):
+            assert q[f"{which}_correct"] == bool(contains_answer(q[which], q["answer"]))
+            cell = ("✓ " if q[f"{which}_correct"] else "") + " ".join(q[which].split()).replace("|", "\\|")
+            assert cell in md
     assert (workdir / PLOT_NAME).is_file() and (workdir / BASELINES_NAME).is_file()
 
     # The base's figures are cached: a second Evaluation reads them instead of generating.

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ftjax.evaluation.scorers import contains_answer
+
 MODELS = ("base", "prompted", "finetuned")
 FORGETTING_KEYS = ("kl_to_base", "retain_nll_base", "retain_nll_finetuned")
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -104,13 +106,36 @@ def _cell(text: Any) -> str:
     return "" if text is None else " ".join(str(text).split()).replace("|", "\\|")
 
 
+def _mark(q: dict, which: str) -> str:
+    """A QA reply cell, ✓ when it counted as correct."""
+    if which not in q:
+        return ""
+    return ("✓ " if q.get(f"{which}_correct") else "") + _cell(q[which])
+
+
+def _settings(meta: dict) -> list[str]:
+    """The run's settings line: steps, lr, batch, wall time and the checkpoint the figures are for."""
+    run = meta.get("run") or {}
+    if not run:
+        return []
+    parts = [f"{run['steps']} steps" if "steps" in run else None,
+             f"lr {run['lr']:g}" if "lr" in run else None,
+             f"batch {run['batch_size']} x {run['seq_len']} tokens" if "batch_size" in run else None,
+             f"LoRA rank {run['lora_rank']}" if run.get("lora_rank") else None,
+             f"wall time {run['wall_s'] / 60:.1f} min" if run.get("wall_s") is not None else None]
+    step, final = meta.get("step"), meta.get("final_step")
+    checkpoint = f"checkpoint: step {step}" + (f" (the best by eval loss; the run ended at step {final})"
+                                               if final is not None and final != step else "")
+    return ["Run: " + ", ".join(p for p in parts if p) + f"; {checkpoint}.", ""]
+
+
 def _markdown(report: dict) -> str:
     meta = report.get("meta", {})
     out = [f"# Fine-tuning report (step {meta.get('step', '?')})", "",
            f"Model `{meta.get('model', '?')}`, method `{meta.get('method', '?')}`; task metric `{meta.get('metric')}` on "
            f"{meta.get('task_examples', '?')} eval examples; retain set: {meta.get('retain_prompts', '?')} prompts "
            f"({meta.get('retain_tokens', '?')} reply tokens) with {meta.get('qa_questions', '?')} known answers.", "",
-           format_tables(report, markdown=True), "", "## Sample replies", ""]
+           *_settings(meta), format_tables(report, markdown=True), "", "## Sample replies", ""]
     for which, s in report.get("samples", {}).items():
         if which == "qa" or not s:
             continue
@@ -118,8 +143,9 @@ def _markdown(report: dict) -> str:
                 f"- reply: {s['reply']!r}", ""]
     qa = report.get("samples", {}).get("qa") or []
     if qa:
-        out += ["## General questions", "", "| question | answer | base | fine-tuned |", "|---|---|---|---|"]
-        out += [f"| {_cell(q['question'])} | {_cell(q['answer'])} | {_cell(q['base'])} | {_cell(q.get('finetuned'))} |"
+        out += ["## General questions", "", "✓: the reply contains the known answer (what QA accuracy counts).", "",
+                "| question | answer | base | fine-tuned |", "|---|---|---|---|"]
+        out += [f"| {_cell(q['question'])} | {_cell(q['answer'])} | {_mark(q, 'base')} | {_mark(q, 'finetuned')} |"
                 for q in qa]
     return "\n".join(out).replace("\r", " ") + "\n"
 
@@ -165,6 +191,10 @@ def build_report(task: dict[str, Any], forgetting: Any = None, base_replies: Any
         tuned = forgetting.qa_replies if forgetting is not None else []
         report["samples"]["qa"] = [
             {"question": base_replies.items[i].prompt[-1][1], "answer": base_replies.items[i].answer,
-             "base": base_replies.replies[i], **({"finetuned": tuned[j]} if j < len(tuned) else {})}
+             "base": base_replies.replies[i],
+             "base_correct": bool(contains_answer(base_replies.replies[i], base_replies.items[i].answer)),
+             **({"finetuned": tuned[j],
+                 "finetuned_correct": bool(contains_answer(tuned[j], base_replies.items[i].answer))}
+                if j < len(tuned) else {})}
             for j, i in enumerate(asked)]
     return report

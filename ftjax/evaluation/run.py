@@ -196,8 +196,12 @@ class Evaluation:
         if task is not None:
             results["finetuned"] = task
         c = self.config
+        run = {"steps": c.train.steps, "lr": c.optim.lr, "batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
+               "lora_rank": c.lora.rank if c.method == "lora" else None}
+        extra = dict(extra_meta or {})
+        run.update(extra.pop("run", {}))  # e.g. wall_s from the loop
         meta = {"step": step, "model": c.model.path, "method": c.method, "metric": c.eval.metric,
-                "few_shot": len(self.shots), **(extra_meta or {})}
+                "few_shot": len(self.shots), "run": run, **extra}
         report = build_report(results, forget, replies, meta=meta)
         if self.write:
             write_report(self.workdir, report)
