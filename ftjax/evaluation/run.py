@@ -52,11 +52,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def _phase(what: str):
-    """One line per costly evaluation phase on process 0 ("eval: ... 41 s"): generation on CPU takes minutes."""
+    """Costly evaluation phases announce themselves on process 0 when they start ("eval: ...") and say how
+    long they took when done: generation on a CPU takes minutes (progress inside: generation_progress)."""
     start = time.perf_counter()
+    if _process_zero():
+        print(f"eval: {what} ...", flush=True)
     yield
     if _process_zero():
-        print(f"eval: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"eval: {what}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def model_id(c: Any) -> str:

@@ -61,14 +61,25 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batches = even_batches(order, batch_size)
     rows: list[list[int]] = [[] for _ in prompt_ids]
-    for k, idx in enumerate(batches):
-        batch = [prompt_ids[i] for i in idx]
-        batch += [batch[-1]] * (len(batches[0]) - len(batch))
-        tokens = generate_tokens(model, batch, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad,
-                                 temperature=temperature, seed=(seed * 100_003 + k) % 2**31)
-        for i, row in zip(idx, tokens):
-            rows[i] = [int(t) for t in row]
+    with generation_progress(len(prompt_ids)) as bar:
+        for k, idx in enumerate(batches):
+            batch = [prompt_ids[i] for i in idx]
+            batch += [batch[-1]] * (len(batches[0]) - len(batch))
+            tokens = generate_tokens(model, batch, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad,
+                                     temperature=temperature, seed=(seed * 100_003 + k) % 2**31)
+            for i, row in zip(idx, tokens):
+                rows[i] = [int(t) for t in row]
+            bar.update(len(idx))
     return rows, eos
+
+
+def generation_progress(total: int):
+    """Prompts done / total with a rate, on process 0 (generation on a CPU takes minutes per phase)."""
+    import jax
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="prompt", desc="  generating", leave=False, dynamic_ncols=True, mininterval=2.0,
+                disable=jax.process_index() != 0 or total == 0)
 
 
 def generate_replies(model: nnx.Module, tokenizer: Any, prompts: Sequence[Turns], *, max_new_tokens: int,
