@@ -58,8 +58,12 @@ def _fmt(v: Any, pct: bool = False) -> str:
 def _task_rows(report: dict) -> list[list[str]]:
     task = report.get("task", {})
     names = [n for n in task.get("finetuned", task.get("base", {})) if n != "eval_loss"]
-    rows = [[n] + [_fmt(task.get(w, {}).get(n), pct=True) for w in MODELS] for n in names]
-    rows.append(["eval loss"] + [_fmt(task.get(w, {}).get("eval_loss")) for w in MODELS])
+    k = report.get("meta", {}).get("task_examples")
+    rows = [[f"{n} ({k} examples)" if k else n] + [_fmt(task.get(w, {}).get(n), pct=True) for w in MODELS]
+            for n in names]
+    n = report.get("meta", {}).get("eval_loss_examples")
+    rows.append([f"eval loss ({n} examples)" if n else "eval loss"] + [_fmt(task.get(w, {}).get("eval_loss"))
+                                                                      for w in MODELS])
     return rows
 
 
@@ -181,6 +185,8 @@ def build_report(task: dict[str, Any], forgetting: Any = None, base_replies: Any
         report["task"][which] = {**result.scores, "eval_loss": result.eval_loss}
         report["samples"][which] = result.sample(0)
         report["meta"].setdefault("task_examples", result.n)
+        if result.loss_n is not None:
+            report["meta"].setdefault("eval_loss_examples", result.loss_n)
     if forgetting is not None:
         report["forgetting"] = dict(forgetting.metrics)
     if base_replies is not None:

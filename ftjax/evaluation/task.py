@@ -32,6 +32,7 @@ class TaskResult:
     per_example: list[dict[str, float]]
     prompts: list[Turns]
     references: list[str]
+    loss_n: int | None = None  # examples behind eval_loss: every eval record, as the live eval (n: generated)
 
     def sample(self, i: int = 0) -> dict[str, Any]:
         """One example as the report shows it: the last prompt turn, the reference and the reply."""
@@ -108,15 +109,18 @@ def default_max_new_tokens(tokenizer: Any, references: Sequence[str], margin: in
 def evaluate_task(model: nnx.Module, tokenizer: Any, records: Sequence[Any], metric: str = "exact", *,
                   max_examples: int = 200, shots: Sequence[Record] = (), batch_size: int = 32,
                   max_new_tokens: int | None = None, with_loss: bool = True) -> TaskResult:
-    """Score greedy replies to the first `max_examples` eval records by `metric` (see scorers.py).
+    """Score greedy replies to the first `max_examples` eval records by `metric` (see scorers.py); the
+    reference loss is over every record, the examples the training loop's eval loss is measured on.
 
     `shots` (train records, see `pick_shots`) are prepended as earlier chat turns: the few-shot prompted
     baseline. `max_new_tokens` defaults to the longest reference + 16 tokens.
     """
-    recs = [as_record(r, f"eval:{i}") for i, r in enumerate(records[:max_examples] if max_examples else records)]
+    all_recs = [as_record(r, f"eval:{i}") for i, r in enumerate(records)]
+    recs = all_recs[:max_examples] if max_examples else all_recs
     if not recs:
         raise ValueError("evaluate_task needs at least one eval record")
-    pairs = [split_reply(r) for r in recs]
+    all_pairs = [split_reply(r) for r in all_recs]
+    pairs = all_pairs[:len(recs)]
     prompts = [few_shot_turns(p, shots) for p, _ in pairs]
     references = [ref for _, ref in pairs]
     budget = max_new_tokens or default_max_new_tokens(tokenizer, references)
@@ -126,6 +130,8 @@ def evaluate_task(model: nnx.Module, tokenizer: Any, records: Sequence[Any], met
     means = {k: float(np.mean([s[k] for s in per_example])) for k in per_example[0]}
     loss = None
     if with_loss:
-        sums = teacher_forced(model, reference_sequences(tokenizer, prompts, references))
+        all_prompts = [few_shot_turns(p, shots) for p, _ in all_pairs]
+        sums = teacher_forced(model, reference_sequences(tokenizer, all_prompts, [r for _, r in all_pairs]))
         loss = TokenSums.mean(sums.nll, sums.tokens)
-    return TaskResult(means, loss, len(recs), replies, per_example, prompts, references)
+    return TaskResult(means, loss, len(recs), replies, per_example, prompts, references,
+                      loss_n=len(all_recs) if with_loss else None)
