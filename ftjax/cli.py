@@ -14,6 +14,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for mul
 flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.DEFINE_integer("init_timeout", 300, "Seconds to wait for all processes to join.")
+flags.DEFINE_integer("stop_exit_code", None, "Exit code after a requested stop (SIGINT / SIGTERM) has saved what "
+                     "was done; default 130 for SIGINT, 143 for SIGTERM (0 for schedulers that want it).")
 
 
 def init_distributed() -> None:
@@ -90,11 +92,20 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
         logging.set_verbosity(logging.WARNING)  # JAX's backend probing is INFO noise for users
 
+        from ftjax import stop
+
         try:
-            main(argv)
+            with stop.listening():
+                main(argv)
         except FtjaxError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except stop.StopRequested as e:
+            print(f"{e}. To finish the job, run: {stop.resume_command()}", file=sys.stderr, flush=True)
+            sys.exit(stop.exit_code(e.signum, FLAGS.stop_exit_code))
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside any safe point
+            print(f"interrupted. To finish the job, run: {stop.resume_command()}", file=sys.stderr, flush=True)
+            sys.exit(FLAGS.stop_exit_code if FLAGS.stop_exit_code is not None else 130)
 
     return wrapped
 

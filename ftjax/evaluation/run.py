@@ -21,6 +21,7 @@ from typing import Any
 
 from flax import nnx
 
+from ftjax import stop
 from ftjax.data.fingerprint import tokenizer_fingerprint
 from ftjax.data.mixture import parse_sources
 from ftjax.data.records import Fields
@@ -57,7 +58,8 @@ def _phase(what: str):
     start = time.perf_counter()
     if _process_zero():
         print(f"eval: {what} ...", flush=True)
-    yield
+    with stop.phase(f"evaluation ({what})"):
+        yield
     if _process_zero():
         print(f"eval: {what}: done in {time.perf_counter() - start:.0f} s", flush=True)
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 from flax import nnx
 
+from ftjax import stop
 from ftjax.data.records import Record
 from ftjax.data.tokenize import tokenize_records
 from ftjax.evaluation.conversations import Turns, as_messages, as_record, few_shot_turns, split_reply
@@ -71,6 +72,7 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
             for i, row in zip(idx, tokens):
                 rows[i] = [int(t) for t in row]
             bar.update(len(idx))
+            stop.checkpoint()  # a stop asked for during generation ends it here, on every process alike
     return rows, eos
 
 
