@@ -1,0 +1,104 @@
+"""QuantizedWeight: a frozen kernel [*stack, in, out] held quantized, with its logical axes.
+
+A pytree (its arrays are the leaves; scheme, logical shape, axes and dtype are static), held in
+the model by a `QuantizedParam` variable. Every array leaf is laid out with the contraction axis
+first and the output axis last, like the kernel it replaces, so one rules table shards both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from ftjax.errors import ConfigError
+from ftjax.quant import int8, nf4
+
+SCHEMES = ("int8", "nf4")
+# contraction-axis block of each scheme (int8 scales whole channels: any split keeps them whole)
+BLOCK = {"int8": 1, "nf4": nf4.BLOCK}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """Quantized arrays of one kernel (stacked over layers where the kernel is), and how to read them."""
+
+    arrays: dict[str, jax.Array]
+    scheme: str = dataclasses.field(metadata={"static": True})
+    shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})  # the kernel's [*stack, in, out] as stored
+    axes: tuple[str | None, ...] = dataclasses.field(metadata={"static": True})  # the kernel's logical axes
+    dtype: str = dataclasses.field(metadata={"static": True}, default="float32")  # what dequantize returns
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (codes and every level of scales)."""
+        return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in self.arrays.values()))
+
+    def dequantize(self) -> jax.Array:
+        """The kernel [*stack, in, out] in `dtype` (jit-able; inside a layer scan: one layer's slice)."""
+        fn = _DEQUANTIZE[self.scheme]
+        for _ in range(self.arrays["codes"].ndim - 2):  # stacked layers (fewer inside a layer scan)
+            fn = jax.vmap(fn)
+        return fn(self.arrays).astype(self.dtype)
+
+    def leaf_axes(self) -> dict[str, tuple[str | None, ...]]:
+        """Logical axes of each array: codes and block scales like the kernel; double-quant scales unsharded."""
+        *lead, ax_in, ax_out = self.axes
+        lead = tuple(lead)
+        if self.scheme == "int8":
+            return {"codes": self.axes, "scales": lead + (ax_out,)}
+        return {"codes": self.axes, "absmax_codes": self.axes, "absmax_scales": lead + (None,), "offset": lead}
+
+    def shardings(self, mesh: Mesh, rules: dict | None = None) -> QuantizedWeight:
+        """NamedSharding per array; a mesh that would cut a quantization block in two is a ConfigError."""
+        from ftjax.sharding import spec_for
+
+        block, ax_in, n_in = BLOCK[self.scheme], self.axes[-2], self.shape[-2]
+        spec = spec_for(self.axes, self.shape, mesh, rules)[len(self.shape) - 2]
+        parts = int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ())]))
+        if (n_in // block) % parts:
+            raise ConfigError(f"{self.scheme}: sharding logical axis '{ax_in}' ({n_in}) {parts} ways over mesh "
+                              f"axes {spec} would split its {block}-value blocks; use a mesh that divides "
+                              f"{n_in // block} blocks")
+        axes = self.leaf_axes()
+        specs = {k: NamedSharding(mesh, spec_for(axes[k], a.shape, mesh, rules)) for k, a in self.arrays.items()}
+        return dataclasses.replace(self, arrays=specs)
+
+
+class QuantizedParam(nnx.Param):
+    """A frozen parameter whose value is a QuantizedWeight (a Param, so frozen filters keep it)."""
+
+
+def _dequantize_nf4(arrays: dict[str, jax.Array]) -> jax.Array:
+    return nf4.dequantize_nf4(nf4.NF4Blocks(**arrays))
+
+
+def _dequantize_int8(arrays: dict[str, jax.Array]) -> jax.Array:
+    return int8.dequantize_int8(int8.Int8Channels(**arrays))
+
+
+_DEQUANTIZE = {"nf4": _dequantize_nf4, "int8": _dequantize_int8}
+_QUANTIZE = {"nf4": nf4.quantize_nf4, "int8": int8.quantize_int8}
+
+
+def quantize_weight(kernel: Any, scheme: str, axes: tuple[str | None, ...], dtype: Any = None) -> QuantizedWeight:
+    """Quantize a kernel [*stack, in, out] (host numpy; each [in, out] slice on its own, as bitsandbytes
+    quantizes each linear) into a QuantizedWeight that dequantizes to `dtype` (default: the kernel's)."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown quantization scheme '{scheme}' (known: {', '.join(SCHEMES)})")
+    kernel = np.asarray(jax.device_get(kernel))
+    if kernel.ndim < 2 or len(axes) != kernel.ndim:
+        raise ConfigError(f"a kernel [*stack, in, out] with one logical axis per dim is needed, "
+                          f"got shape {kernel.shape} and axes {axes}")
+    dtype = jnp.dtype(dtype if dtype is not None else kernel.dtype).name
+    flat = kernel.reshape(-1, *kernel.shape[-2:]).astype(np.float32)
+    parts = [_QUANTIZE[scheme](k)._asdict() for k in flat]
+    arrays = {name: jnp.asarray(np.stack([p[name] for p in parts]).reshape(
+        kernel.shape[:-2] + np.shape(parts[0][name]))) for name in parts[0]}
+    return QuantizedWeight(arrays, scheme, tuple(kernel.shape), tuple(axes), dtype)
