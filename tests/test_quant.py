@@ -12,6 +12,7 @@ from ftjax.quant.codebooks import NF4_CODE, dynamic_map
 from ftjax.quant.int8 import dequantize_int8, quantize_int8
 from ftjax.quant.nf4 import dequantize_nf4, quantize_nf4
 from ftjax.quant.weight import QuantizedParam, QuantizedWeight, quantize_weight
+from quant_helpers import run_optimized
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_blockwise8_equals_bitsandbytes(bnb, seed):
     ref_codes, state = bnb.quantize_blockwise(torch.from_numpy(x), blocksize=256)
     assert np.array_equal(codes, ref_codes.numpy())
     assert np.array_equal(absmax, state.absmax.numpy())
-    out = dequantize_blockwise8(jnp.asarray(codes), jnp.asarray(absmax), jnp.asarray(dynamic_map()), 256)
+    out = run_optimized(lambda q, a: dequantize_blockwise8(q, a, jnp.asarray(dynamic_map()), 256), codes, absmax)
     assert np.array_equal(np.asarray(out), bnb.dequantize_blockwise(ref_codes, state).numpy())
 
 
@@ -70,7 +71,7 @@ def test_nf4_exactly_bitsandbytes_on_dyadic_blocks(bnb, seed):
     assert np.array_equal(blocks.absmax_codes.T.reshape(-1), state.absmax.numpy())
     assert np.array_equal(blocks.absmax_scales, state.state2.absmax.numpy())
     ref = bnb.dequantize_4bit(ref_packed, state).numpy()
-    assert np.array_equal(np.asarray(jax.jit(dequantize_nf4)(blocks)).T, ref)
+    assert np.array_equal(np.asarray(run_optimized(dequantize_nf4, blocks)).T, ref)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -87,7 +88,7 @@ def test_nf4_exactly_bitsandbytes_on_random_blocks(bnb, seed):
     assert np.array_equal(blocks.absmax_codes.T.reshape(-1), state.absmax.numpy())
     assert np.array_equal(blocks.absmax_scales, state.state2.absmax.numpy())
     ref = bnb.dequantize_4bit(ref_packed, state).numpy()
-    assert np.array_equal(np.asarray(jax.jit(dequantize_nf4)(blocks)).T, ref)
+    assert np.array_equal(np.asarray(run_optimized(dequantize_nf4, blocks)).T, ref)
 
 
 def test_nf4_refuses_partial_blocks():
@@ -103,7 +104,7 @@ def test_int8_within_its_rounding_bound():
     q, s = ch.codes.astype(np.float64), ch.scales.astype(np.float64)
     assert np.array_equal(ch.scales, (np.abs(w).max(axis=0) / np.float32(127)).astype(np.float32))
     assert np.all(np.abs(w - q * s) <= s / 2)  # exact products
-    deq = np.asarray(jax.jit(dequantize_int8)(ch))
+    deq = np.asarray(run_optimized(dequantize_int8, ch))
     assert np.array_equal(deq, ch.codes.astype(np.float32) * ch.scales)  # one float32 rounding of q * s
     assert np.all(np.abs(w - deq) <= s / 2 + np.spacing(np.abs(deq)) / 2)
     assert np.abs(ch.codes).max() == 127 and np.all(ch.codes[:, 3] == 0)

@@ -71,8 +71,18 @@ def dequantize_absmax(absmax_codes: jax.Array, absmax_scales: jax.Array, offset:
     n_blocks, n_out = absmax_codes.shape
     flat = absmax_codes.T.reshape(-1)  # bitsandbytes' [out, in/64] order, where the scale blocks run
     scaled = dequantize_blockwise8(flat, absmax_scales, jnp.asarray(dynamic_map()), SCALE_BLOCK)
-    scaled = jax.lax.optimization_barrier(scaled)  # no fused multiply-add: bitsandbytes rounds twice
-    return (scaled + offset).reshape(n_out, n_blocks).T
+    return _add_rounded(scaled, offset).reshape(n_out, n_blocks).T
+
+
+def _add_rounded(product: jax.Array, offset: jax.Array) -> jax.Array:
+    """product + offset with the product rounded first, as bitsandbytes' two torch ops do.
+
+    A plain `product + offset` is fused by XLA (CPU at -O1 and up, GPU) into one FMA, which
+    rounds once and differs in the last bit; XLA does not fuse an elementwise producer into a
+    dot, so the sum is taken as [product, offset] . [1, 1] at full float32 precision.
+    """
+    pair = jnp.stack([product, jnp.broadcast_to(offset, product.shape)], axis=-1)
+    return jnp.dot(pair, jnp.ones(2, jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
 def dequantize_nf4(blocks: NF4Blocks, dtype=jnp.float32) -> jax.Array:
