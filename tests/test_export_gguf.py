@@ -81,6 +81,7 @@ def _rounded(w, quant):
 @pytest.mark.parametrize("quant", sorted(QUANTS))
 def test_tensors_are_gguf_quantize_of_the_merged_weights(tuned, merged_hf, source, quant, tmp_path):
     out = export_gguf(tuned, tmp_path / "m.gguf", source=source, quant=quant)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # written as m.gguf.partial, then renamed
     reader = gguf.GGUFReader(out)
     cfg = tuned.config
     written = {t.name: t for t in reader.tensors}

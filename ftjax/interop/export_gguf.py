@@ -102,7 +102,8 @@ def _converted_metadata(writer: Any, cfg: Any, source: str | Path | None, tokeni
     from ftjax.interop.gguf_vocab import gguf_vocab, write_vocab
 
     if tokenizer is None:
-        raise ConfigError(f"GGUF export: the base {source} has no tokenizer.json; llama.cpp needs the vocabulary")
+        raise ConfigError(f"GGUF export needs the vocabulary: the base ({source}) has no tokenizer.json and no "
+                          f"tokenizer was given")
     writer.add_type("model")
     writer.add_name(Path(str(source)).name if source is not None else "ftjax export")
     write_vocab(writer, gguf_vocab(tokenizer, cfg.vocab_size))
@@ -170,7 +171,8 @@ def export_gguf(model: nnx.Module, out: str | Path, *, source: str | Path | None
         tokenizer = _source_tokenizer(source)
     plans = _gguf_plans(model, arch)
     main = jax.process_index() == 0
-    writer = gguf.GGUFWriter(out, arch) if main else None
+    partial = out.with_name(out.name + ".partial")  # renamed once complete: a file is whole or absent
+    writer = gguf.GGUFWriter(partial, arch) if main else None
     if main:
         out.parent.mkdir(parents=True, exist_ok=True)
         if kind == "gguf":
@@ -194,6 +196,7 @@ def export_gguf(model: nnx.Module, out: str | Path, *, source: str | Path | None
             writer.write_tensor_data(encode_tensor(w, _ggml_type(w.shape, quant)))
     if main:
         writer.close()
+        partial.replace(out)
     _barrier("ftjax_export_gguf")
     return out
 
