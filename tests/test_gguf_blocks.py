@@ -35,3 +35,23 @@ def test_block_dequantize_equals_gguf(qtype):
     assert out.shape == ref.shape == (6, 5 * BLOCKS[qtype][0])
     assert np.isfinite(ref).all()
     assert np.array_equal(out, ref)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K"])
+def test_gguf_weight_keeps_the_file_blocks_and_dequantizes_per_layer(qtype):
+    """Stacked rows [L, out, bytes] -> kernel [L, in, out] equal to gguf's dequantize, layer by layer."""
+    from jax.sharding import PartitionSpec as P
+
+    from ftjax.quant.weight import gguf_weight
+    from ftjax.sharding import make_mesh
+
+    block, size = BLOCKS[qtype]
+    rows = _random_blocks(qtype, n_rows=2 * 16, n_blocks=2, seed=7).reshape(2, 16, 2 * size)
+    qw = gguf_weight(rows, qtype, ("layers", "embed", "mlp"))
+    assert qw.shape == (2, 2 * block, 16) and qw.nbytes == rows.nbytes
+    kernel = np.asarray(run_optimized(lambda q: q.dequantize(), qw))
+    for layer in range(2):
+        ref = dequantize(rows[layer], gguf.GGMLQuantizationType[qtype])
+        assert np.array_equal(kernel[layer], ref.T)
+    specs = qw.shardings(make_mesh(data=1, fsdp=2, tensor=4))
+    assert specs.arrays["codes"].spec == P(None, "tensor", "fsdp", None)

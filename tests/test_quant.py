@@ -171,3 +171,33 @@ def test_quantized_param_is_a_frozen_param_leaf():
     leaves = jax.tree.leaves(var)
     assert {leaf.dtype for leaf in leaves} == {np.dtype(np.int8), np.dtype(np.float32)}
     assert isinstance(var.get_value(), QuantizedWeight)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_blocks_kept_as_shipped_equal_the_dequantized_load(smollm2_gguf_path):
+    """Every 2-D tensor of the real SmolLM2 GGUF, held in its own Q4_1 / Q8_0 blocks (q/k rows put back in
+    HF order), dequantizes to exactly the float32 tensor ftjax's GGUF reader loads; bytes by the block ratio."""
+    import gguf
+
+    from ftjax.interop.gguf import _hf_name, _unpermute, read_gguf, read_gguf_header
+    from ftjax.quant.weight import gguf_weight
+
+    header = read_gguf_header(smollm2_gguf_path)
+    config, tensors = read_gguf(smollm2_gguf_path)
+    buf = np.memmap(smollm2_gguf_path, dtype=np.uint8, mode="r")
+    quantized = fp32 = file_bytes = 0
+    for name, info in header.tensors.items():
+        qtype = gguf.GGMLQuantizationType(info.ggml_type).name
+        if len(info.shape) != 2:
+            continue
+        rows = np.asarray(buf[info.offset:info.offset + info.nbytes]).reshape(info.shape[0], -1)
+        if name.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
+            rows = _unpermute(rows, heads)
+        qw = gguf_weight(rows, qtype, ("embed", "mlp"))
+        assert np.array_equal(np.asarray(run_optimized(lambda q: q.dequantize(), qw)), tensors[_hf_name(name)].T)
+        quantized, fp32 = quantized + qw.nbytes, fp32 + 4 * int(np.prod(info.shape))
+        file_bytes += gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1] * int(np.prod(info.shape)) // \
+            gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
+    assert quantized == file_bytes  # the blocks' own bytes, nothing added
+    assert quantized / fp32 < 0.18  # Q4_1 layers (20 bytes / 32 values) + Q8_0 embeddings (34 / 32): 0.179

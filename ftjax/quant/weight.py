@@ -1,13 +1,15 @@
 """QuantizedWeight: a frozen kernel [*stack, in, out] held quantized, with its logical axes.
 
 A pytree (its arrays are the leaves; scheme, logical shape, axes and dtype are static), held in
-the model by a `QuantizedParam` variable. Every array leaf is laid out with the contraction axis
-first and the output axis last, like the kernel it replaces, so one rules table shards both.
+the model by a `QuantizedParam` variable. NF4 and int8 leaves are laid out like the kernel [in, out]
+they replace; GGUF codes keep the file's [out, blocks, bytes]. Each leaf names its logical axes,
+so the one rules table that shards the kernel shards them too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -17,11 +19,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from ftjax.errors import ConfigError
-from ftjax.quant import int8, nf4
+from ftjax.quant import gguf_blocks, int8, nf4
 
-SCHEMES = ("int8", "nf4")
+SCHEMES = ("int8", "nf4")  # what quantize_weight makes; GGUF block types come as shipped (gguf_weight)
 # contraction-axis block of each scheme (int8 scales whole channels: any split keeps them whole)
-BLOCK = {"int8": 1, "nf4": nf4.BLOCK}
+BLOCK = {"int8": 1, "nf4": nf4.BLOCK, **{t: b for t, (b, _) in gguf_blocks.BLOCKS.items()}}
 
 
 @jax.tree_util.register_dataclass
@@ -42,8 +44,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> jax.Array:
         """The kernel [*stack, in, out] in `dtype` (jit-able; inside a layer scan: one layer's slice)."""
-        fn = _DEQUANTIZE[self.scheme]
-        for _ in range(self.arrays["codes"].ndim - 2):  # stacked layers (fewer inside a layer scan)
+        fn = _DEQUANTIZE.get(self.scheme) or functools.partial(_dequantize_gguf, qtype=self.scheme)
+        for _ in range(self.arrays["codes"].ndim - _LAYER_RANK.get(self.scheme, 3)):  # stacked layers
             fn = jax.vmap(fn)
         return fn(self.arrays).astype(self.dtype)
 
@@ -53,6 +55,8 @@ class QuantizedWeight:
         lead = tuple(lead)
         if self.scheme == "int8":
             return {"codes": self.axes, "scales": lead + (ax_out,)}
+        if self.scheme in gguf_blocks.BLOCKS:
+            return {"codes": lead + (ax_out, ax_in, None)}
         return {"codes": self.axes, "absmax_codes": self.axes, "absmax_scales": lead + (None,), "offset": lead}
 
     def shardings(self, mesh: Mesh, rules: dict | None = None) -> QuantizedWeight:
@@ -83,7 +87,12 @@ def _dequantize_int8(arrays: dict[str, jax.Array]) -> jax.Array:
     return int8.dequantize_int8(int8.Int8Channels(**arrays))
 
 
+def _dequantize_gguf(arrays: dict[str, jax.Array], qtype: str) -> jax.Array:
+    return gguf_blocks.dequantize_blocks(arrays["codes"], qtype).T
+
+
 _DEQUANTIZE = {"nf4": _dequantize_nf4, "int8": _dequantize_int8}
+_LAYER_RANK = {"nf4": 2, "int8": 2}  # rank of one layer's codes (GGUF: [out, blocks, bytes] = 3)
 _QUANTIZE = {"nf4": nf4.quantize_nf4, "int8": int8.quantize_int8}
 
 
@@ -102,3 +111,19 @@ def quantize_weight(kernel: Any, scheme: str, axes: tuple[str | None, ...], dtyp
     arrays = {name: jnp.asarray(np.stack([p[name] for p in parts]).reshape(
         kernel.shape[:-2] + np.shape(parts[0][name]))) for name in parts[0]}
     return QuantizedWeight(arrays, scheme, tuple(kernel.shape), tuple(axes), dtype)
+
+
+def gguf_weight(rows: Any, qtype: str, axes: tuple[str | None, ...], dtype: Any = "float32") -> QuantizedWeight:
+    """A GGUF tensor kept in its own blocks: rows uint8 [*stack, out, bytes per row], as the file stores
+    an [out, in] weight (llama q/k rows already put back in HF order by the caller)."""
+    if qtype not in gguf_blocks.BLOCKS:
+        raise ConfigError(f"ggml type {qtype} cannot stay quantized (supported: {', '.join(gguf_blocks.BLOCKS)})")
+    rows = np.asarray(rows, np.uint8)
+    block, size = gguf_blocks.BLOCKS[qtype]
+    if rows.ndim < 2 or rows.shape[-1] % size or len(axes) != rows.ndim:
+        raise ConfigError(f"{qtype}: rows [*stack, out, k*{size}] with one logical axis per kernel dim are needed, "
+                          f"got shape {rows.shape} and axes {axes}")
+    n_blocks = rows.shape[-1] // size
+    codes = jnp.asarray(rows.reshape(*rows.shape[:-1], n_blocks, size))
+    shape = (*rows.shape[:-2], n_blocks * block, rows.shape[-2])
+    return QuantizedWeight({"codes": codes}, qtype, shape, tuple(axes), jnp.dtype(dtype).name)
