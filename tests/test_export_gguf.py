@@ -206,3 +206,28 @@ def test_smollm2_export_runs_in_llama_cpp(tmp_path):
     ours = jax_logits(merged(model), np.array([ids]))[0]
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
     assert max_diff(theirs, ours) <= 1e-2  # llama.cpp's own f32 kernels (accumulation order, fast exp)
+
+
+# transformers' GGUF loader sets no `attention_bias` for llama (it drops the biases) and maps no
+# `key_length` to qwen3's head_dim (it assumes 128): those files are checked in ftjax only.
+@pytest.mark.parametrize("model_type, overrides, transformers_reads", [
+    ("llama", dict(attention_bias=True), False),  # q/k biases permuted with their rows
+    ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True), True),
+    ("qwen2", dict(tie_word_embeddings=True), True),
+    ("qwen3", dict(head_dim=24), False),  # head_dim != hidden / heads: key_length / value_length
+    ("qwen3", dict(head_dim=128), True),
+], ids=["llama_attention_bias", "llama_mqa_tied", "qwen2", "qwen3_head_dim_24", "qwen3"])
+def test_other_families_read_back_in_ftjax_and_transformers(model_type, overrides, transformers_reads, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = _saved(tmp_path / "src", tiny_hf(model_type, vocab_size=VOCAB, **overrides))
+    model = ftjax.load_model(folder)
+    ids = random_ids(2, 10, seed=2, vocab=VOCAB)
+    out = export_gguf(model, tmp_path / "m.gguf", source=folder, quant="f32")
+    ours = jax_logits(model, ids)
+    assert max_diff(jax_logits(ftjax.load_model(out), ids), ours) <= MODEL_TOL
+    if transformers_reads:
+        theirs = hf_logits(AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name,
+                                                                dtype=torch.float32).eval(), ids)
+        assert max_diff(theirs, ours) <= MODEL_TOL

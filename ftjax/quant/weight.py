@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ftjax.errors import ConfigError
 from ftjax.quant import gguf_blocks, int8, nf4
+from ftjax.sharding import spec_for
 
 SCHEMES = ("int8", "nf4")  # what quantize_weight makes; GGUF block types come as shipped (gguf_weight)
 # contraction-axis block of each scheme (int8 scales whole channels: any split keeps them whole)
@@ -61,8 +62,6 @@ class QuantizedWeight:
 
     def shardings(self, mesh: Mesh, rules: dict | None = None) -> QuantizedWeight:
         """NamedSharding per array; a mesh that would cut a quantization block in two is a ConfigError."""
-        from ftjax.sharding import spec_for
-
         block, ax_in, n_in = BLOCK[self.scheme], self.axes[-2], self.shape[-2]
         spec = spec_for(self.axes, self.shape, mesh, rules)[len(self.shape) - 2]
         parts = int(np.prod([mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ())]))
