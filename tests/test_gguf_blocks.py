@@ -10,7 +10,7 @@ gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
 
 # byte offsets of each type's f16 scales within a block
-_F16_AT = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+_F16_AT = {"F32": (), "F16": (0,), "BF16": (), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
            "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
@@ -18,6 +18,9 @@ def _random_blocks(qtype: str, n_rows: int, n_blocks: int, seed: int) -> np.ndar
     """Random bytes whose f16 scale fields hold finite values (normal and subnormal, both signs)."""
     rng = np.random.default_rng(seed)
     size = BLOCKS[qtype][1]
+    if qtype in ("F32", "BF16"):  # finite values, both signs, many exponents
+        values = rng.standard_normal((n_rows, n_blocks)) * 10.0 ** rng.integers(-30, 30, (n_rows, n_blocks))
+        return values.astype(np.float32).view(np.uint8).reshape(n_rows, n_blocks, 4)[..., 4 - size:]
     raw = rng.integers(0, 256, size=(n_rows, n_blocks, size), dtype=np.uint8)
     scales = (rng.standard_normal((n_rows, n_blocks, len(_F16_AT[qtype]))) *
               rng.choice([1e-6, 1e-3, 1.0, 300.0], size=(n_rows, n_blocks, 1))).astype(np.float16)

@@ -201,3 +201,28 @@ def test_smollm2_gguf_blocks_kept_as_shipped_equal_the_dequantized_load(smollm2_
             gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
     assert quantized == file_bytes  # the blocks' own bytes, nothing added
     assert quantized / fp32 < 0.18  # Q4_1 layers (20 bytes / 32 values) + Q8_0 embeddings (34 / 32): 0.179
+
+
+@pytest.mark.parametrize("scheme, shape", [("nf4", (3, 192, 40)), ("int8", (2, 64, 24)), ("nf4", (576, 1536))])
+def test_abstract_weight_has_the_real_leaves_and_compiles(scheme, shape):
+    """Shapes alone give the exact leaves and bytes (memory estimates, compiling a step from abstract shapes)."""
+    from ftjax.quant.weight import abstract_weight
+
+    axes = ("layers", "embed", "mlp")[-len(shape):]
+    real = quantize_weight(np.ones(shape, np.float32), scheme, axes)
+    abstract = abstract_weight(scheme, shape, axes)
+    assert jax.tree.structure(abstract) == jax.tree.structure(real)
+    assert [(a.shape, a.dtype) for a in jax.tree.leaves(abstract)] == [(a.shape, a.dtype) for a in jax.tree.leaves(real)]
+    assert abstract.nbytes == real.nbytes
+    compiled = jax.jit(lambda q: q.dequantize()).lower(abstract).compile()
+    assert compiled.out_info.shape == shape
+
+
+def test_abstract_gguf_weight_matches_gguf_weight():
+    from ftjax.quant.gguf_blocks import BLOCKS
+    from ftjax.quant.weight import abstract_weight, gguf_weight
+
+    rows = np.zeros((2, 16, 2 * BLOCKS["Q5_K"][1]), np.uint8)
+    real = gguf_weight(rows, "Q5_K", ("layers", "embed", "mlp"))
+    abstract = abstract_weight("Q5_K", real.shape, real.axes)
+    assert [(a.shape, a.dtype) for a in jax.tree.leaves(abstract)] == [(a.shape, a.dtype) for a in jax.tree.leaves(real)]

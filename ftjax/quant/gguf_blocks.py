@@ -1,4 +1,4 @@
-"""GGUF (ggml) quantized blocks -> float32 in jnp, value for value as `gguf.quants.dequantize`.
+"""GGUF (ggml) blocks -> float32 in jnp, value for value as `gguf.quants.dequantize`.
 
 Takes the raw block bytes as a GGUF file stores them (uint8 [..., type_size] per block) and is
 jit-able, so a layer can keep its weights in the file's own format and dequantize one layer
@@ -15,7 +15,7 @@ from jax import lax
 
 QK_K = 256
 # ggml type name -> (values per block, bytes per block)
-BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
           "Q4_K": (QK_K, 144), "Q5_K": (QK_K, 176), "Q6_K": (QK_K, 210)}
 
 
@@ -33,6 +33,18 @@ def _high_bits(qh: jax.Array, count: int) -> jax.Array:
     """Bit i of the little-endian word qh [n, 4] for i < count, as uint8 [n, count]."""
     word = lax.bitcast_convert_type(qh, jnp.uint32)[..., None]
     return ((word >> jnp.arange(count, dtype=jnp.uint32)) & 1).astype(jnp.uint8)
+
+
+def _f32(b):
+    return lax.bitcast_convert_type(b, jnp.float32)[:, None]
+
+
+def _f16_values(b):
+    return lax.bitcast_convert_type(b, jnp.float16).astype(jnp.float32)[:, None]
+
+
+def _bf16(b):
+    return lax.bitcast_convert_type(b, jnp.bfloat16).astype(jnp.float32)[:, None]
 
 
 def _q4_0(b):
@@ -98,7 +110,7 @@ def _q6_k(b):
     return (d * q).reshape(n, QK_K)
 
 
-_DEQUANTIZE = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+_DEQUANTIZE = {"F32": _f32, "F16": _f16_values, "BF16": _bf16, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
                "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 

@@ -40,7 +40,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (codes and every level of scales)."""
+        """Bytes held (codes and every level of scales); also for an abstract_weight."""
         return int(sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape)) for a in self.arrays.values()))
 
     def dequantize(self) -> jax.Array:
@@ -126,3 +126,26 @@ def gguf_weight(rows: Any, qtype: str, axes: tuple[str | None, ...], dtype: Any 
     codes = jnp.asarray(rows.reshape(*rows.shape[:-1], n_blocks, size))
     shape = (*rows.shape[:-2], n_blocks * block, rows.shape[-2])
     return QuantizedWeight({"codes": codes}, qtype, shape, tuple(axes), jnp.dtype(dtype).name)
+
+
+def leaf_shapes(scheme: str, shape: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape and dtype of every array a kernel [*stack, in, out] is held in, computed without quantizing."""
+    *stack, n_in, n_out = shape
+    stack = tuple(stack)
+    if scheme == "int8":
+        return {"codes": jax.ShapeDtypeStruct((*stack, n_in, n_out), jnp.int8),
+                "scales": jax.ShapeDtypeStruct((*stack, n_out), jnp.float32)}
+    if scheme == "nf4":
+        blocks = n_in // nf4.BLOCK
+        return {"codes": jax.ShapeDtypeStruct((*stack, n_in // 2, n_out), jnp.uint8),
+                "absmax_codes": jax.ShapeDtypeStruct((*stack, blocks, n_out), jnp.uint8),
+                "absmax_scales": jax.ShapeDtypeStruct((*stack, -(-blocks * n_out // nf4.SCALE_BLOCK)), jnp.float32),
+                "offset": jax.ShapeDtypeStruct(stack, jnp.float32)}
+    block, size = gguf_blocks.BLOCKS[scheme]
+    return {"codes": jax.ShapeDtypeStruct((*stack, n_out, n_in // block, size), jnp.uint8)}
+
+
+def abstract_weight(scheme: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+                    dtype: Any = "float32") -> QuantizedWeight:
+    """A QuantizedWeight of ShapeDtypeStructs: for compiling (and sizing) a step from shapes alone."""
+    return QuantizedWeight(leaf_shapes(scheme, tuple(shape)), scheme, tuple(shape), tuple(axes), jnp.dtype(dtype).name)
