@@ -236,3 +236,21 @@ def test_a_process_that_never_joins_is_named(tmp_path):
         assert len(lines) == 1 and re.match(expected[job.name], lines[0]), job.tail()
         assert _ours(job.stdout()) == []
     assert elapsed < timeout + 30
+
+
+def test_two_processes_export_the_gguf_one_process_exports(runs, tmp_path):
+    """--format=gguf on both hosts (each tensor gathered collectively, process 0 writes): the same file bytes."""
+    root, _ = runs
+    export = [sys.executable, str(ROOT / "scripts" / "export.py"), f"--workdir={root / 'two'}", "--format=gguf",
+              "--quant=q8_0"]
+    port = _free_port()
+    with _jobs(300) as (jobs, start):
+        for i in range(2):
+            start(f"export{i}", [*export, f"--out={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{port}",
+                                 "--num_processes=2", f"--process_id={i}"], _env(2), tmp_path)
+        start("export_single", [*export, f"--out={tmp_path / 'one'}"], _env(4), tmp_path)
+    for job in jobs:
+        assert job.proc.returncode == 0, job.tail()
+    assert "exported step" in jobs[0].stdout() and "exported step" not in jobs[1].stdout()
+    two, one = ((tmp_path / name / "model-q8_0.gguf").read_bytes() for name in ("two", "one"))
+    assert len(one) > 100_000 and two == one

@@ -22,6 +22,7 @@ from flax import nnx
 from ftjax.errors import ConfigError
 from ftjax.interop.export_hf import _barrier, _source_tokenizer, hf_tensor_plans
 from ftjax.interop.gguf import gguf_tensor_name, permute_rows
+from ftjax.interop.gguf_vocab import gguf_vocab, write_vocab
 
 # --quant -> (ggml type of 2-D tensors, llama.cpp file type); what gguf.quants.quantize can write
 QUANTS = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -97,16 +98,12 @@ def _copy_metadata(writer: Any, source_gguf: Path) -> None:
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
 
 
-def _converted_metadata(writer: Any, cfg: Any, source: str | Path | None, tokenizer: Any) -> None:
-    """general.* and tokenizer.* for a source that is not a GGUF: the name, and the converted tokenizer."""
-    from ftjax.interop.gguf_vocab import gguf_vocab, write_vocab
-
+def _converted_vocab(cfg: Any, source: str | Path | None, tokenizer: Any) -> Any:
+    """The tokenizer of a source that is not a GGUF as llama.cpp's vocabulary (refusals raise here)."""
     if tokenizer is None:
         raise ConfigError(f"GGUF export needs the vocabulary: the base ({source}) has no tokenizer.json and no "
                           f"tokenizer was given")
-    writer.add_type("model")
-    writer.add_name(Path(str(source)).name if source is not None else "ftjax export")
-    write_vocab(writer, gguf_vocab(tokenizer, cfg.vocab_size))
+    return gguf_vocab(tokenizer, cfg.vocab_size)
 
 
 def _gguf_plans(model: nnx.Module, arch: str) -> list[tuple[str, Any]]:
@@ -167,18 +164,23 @@ def export_gguf(model: nnx.Module, out: str | Path, *, source: str | Path | None
     arch = check_architecture(cfg)
     out = Path(out)
     kind, source_path = api.resolve(source) if source is not None else (None, None)
-    if tokenizer is None and source is not None and kind != "gguf":
-        tokenizer = _source_tokenizer(source)
+    vocab = None
+    if kind != "gguf":  # converted (or refused) on every process, before any collective fetch
+        if tokenizer is None and source is not None:
+            tokenizer = _source_tokenizer(source)
+        vocab = _converted_vocab(cfg, source, tokenizer)
     plans = _gguf_plans(model, arch)
     main = jax.process_index() == 0
     partial = out.with_name(out.name + ".partial")  # renamed once complete: a file is whole or absent
     writer = gguf.GGUFWriter(partial, arch) if main else None
     if main:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if kind == "gguf":
+        if vocab is None:
             _copy_metadata(writer, source_path)
         else:
-            _converted_metadata(writer, cfg, source, tokenizer)
+            writer.add_type("model")
+            writer.add_name(Path(str(source)).name if source is not None else "ftjax export")
+            write_vocab(writer, vocab)
         _architecture_metadata(writer, cfg, arch)
         writer.add_file_type(int(gguf.LlamaFileType[QUANTS[quant][1]]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
