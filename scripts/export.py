@@ -1,9 +1,12 @@
-"""Export a trained run: `python scripts/export.py --workdir=DIR --format=hf|peft --out=DIR`.
+"""Export a trained run: `python scripts/export.py --workdir=DIR --format=hf|peft|gguf --out=DIR`.
 
   --format=hf    the merged model as an HF folder (config.json, safetensors shards, tokenizer,
                  generation_config.json) for transformers / vLLM, in the dtype it was trained in
   --format=peft  the LoRA adapter (adapter_config.json + adapter_model.safetensors) for
                  peft.PeftModel.from_pretrained(base, DIR)
+  --format=gguf  the merged model as one GGUF file for llama.cpp / Ollama (--out=FILE.gguf, or a folder
+                 that gets model-QUANT.gguf), 2-D tensors in --quant=f32|f16|bf16|q8_0|q4_0|q4_1|q5_0|q5_1;
+                 for K-quants run llama.cpp's llama-quantize on an f16 export
 
 Takes the best checkpoint (lowest eval loss, else the latest) unless --step says otherwise.
 Tensors are fetched one at a time from the sharded model; multi-host: the same command on every
@@ -15,8 +18,10 @@ from absl import app, flags
 from ftjax import cli
 
 flags.DEFINE_string("workdir", None, "The training workdir to export.")
-flags.DEFINE_enum("format", "hf", ["hf", "peft"], "hf: merged HF model folder; peft: LoRA adapter folder.")
-flags.DEFINE_string("out", None, "Output folder.")
+flags.DEFINE_enum("format", "hf", ["hf", "peft", "gguf"],
+                  "hf: merged HF model folder; peft: LoRA adapter folder; gguf: merged model as a GGUF file.")
+flags.DEFINE_string("out", None, "Output folder (--format=gguf: a .gguf file or a folder).")
+flags.DEFINE_string("quant", "f16", "--format=gguf: type of the 2-D tensors (f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1).")
 flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step number.")
 flags.DEFINE_string("dtype", None, "Dtype of the written weights (default: as trained, e.g. float32 stays float32).")
 flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard for --format=hf (e.g. 5GB, 500MB).")
@@ -35,6 +40,10 @@ def main(argv):
     from ftjax.train.trained import load_trained
 
     config = config_from_workdir(FLAGS.workdir)
+    if FLAGS.format == "gguf":
+        from ftjax.interop.export_gguf import check_quant
+
+        check_quant(FLAGS.quant)  # before any weight is loaded
     if FLAGS.format == "peft" and config.method != "lora":
         raise ConfigError(f"{FLAGS.workdir}: --format=peft needs a LoRA run, this one is method={config.method} "
                           "(export it with --format=hf)")
@@ -44,6 +53,14 @@ def main(argv):
 
         out = export_hf(run.model, FLAGS.out, source=run.config.model.path, dtype=FLAGS.dtype,
                         max_shard_size=FLAGS.max_shard_size)
+    elif FLAGS.format == "gguf":
+        from pathlib import Path
+
+        from ftjax.interop.export_gguf import export_gguf
+
+        out = Path(FLAGS.out)
+        out = out if out.suffix == ".gguf" else out / f"model-{FLAGS.quant.lower()}.gguf"
+        out = export_gguf(run.model, out, source=run.config.model.path, quant=FLAGS.quant)
     else:
         from ftjax.interop.peft import export_peft
 

@@ -104,3 +104,17 @@ def tiny_tokenizer(vocab_size: int = TINY["vocab_size"]):
                                    additional_special_tokens=["<|im_start|>", "</s>"])
     fast.chat_template = template
     return fast
+
+
+def randomize_lora_b(model, seed: int, std: float = 0.2):
+    """Non-zero LoRA B (a fresh adapter has B = 0, which would make every comparison trivial)."""
+    import jax.numpy as jnp
+
+    from ftjax.lora import linears
+
+    rng = np.random.default_rng(seed)
+    for _, linear in linears(model):
+        if linear.lora is not None:
+            b = linear.lora.lora_b
+            b[...] = jnp.asarray(rng.normal(0.0, std, b[...].shape), b[...].dtype)
+    return model

@@ -18,7 +18,8 @@ from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.export_hf import export_hf
 from ftjax.interop.peft import export_peft, load_peft
 from ftjax.lora import apply_lora, linears, merged
-from hf_helpers import FAMILIES, MODEL_TOL, TINY, hf_logits, jax_logits, max_diff, random_ids, tiny_hf, tiny_tokenizer
+from hf_helpers import (FAMILIES, MODEL_TOL, TINY, hf_logits, jax_logits, max_diff, random_ids, randomize_lora_b,
+                        tiny_hf, tiny_tokenizer)
 from loop_helpers import ROOT, load_config
 
 GGUF_TOL = 1e-3  # the real SmolLM2 against transformers, as in test_smollm2 (30 layers of fp32 rounding)
@@ -26,20 +27,10 @@ LORA_MARGIN = 1e-2  # adapters with non-zero B move the logits by far more than 
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def _randomize_b(model, seed: int, std: float = 0.2):
-    """Non-zero LoRA B (a fresh adapter has B = 0, which would make every comparison trivial)."""
-    rng = np.random.default_rng(seed)
-    for _, linear in linears(model):
-        if linear.lora is not None:
-            b = linear.lora.lora_b
-            b[...] = jax.numpy.asarray(rng.normal(0.0, std, b[...].shape), b[...].dtype)
-    return model
-
-
 def _tuned(folder, *, rslora=False, targets=TARGETS, seed=1):
     model = ftjax.load_model(folder)
     apply_lora(model, 4, 8.0, targets=targets, rslora=rslora, rngs=nnx.Rngs(seed))
-    return _randomize_b(model, seed)
+    return randomize_lora_b(model, seed)
 
 
 def _hf(folder):
@@ -326,6 +317,20 @@ def test_export_script_refuses_peft_for_full_fine_tuning(tmp_path):
     assert len(lines) == 1 and "--format=peft needs a LoRA run" in lines[0] and "--format=hf" in lines[0]
 
 
+def test_export_script_writes_a_gguf_of_the_run(workdir, workdir_logits, tmp_path):
+    proc = _export_script(f"--workdir={workdir}", "--format=gguf", "--quant=f32", f"--out={tmp_path}",
+                          "--step=latest")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "model-f32.gguf"
+    assert f"exported step 2 of {workdir} as gguf to {out}" in proc.stdout
+    assert max_diff(jax_logits(ftjax.load_model(out), RUN_IDS), workdir_logits) <= MODEL_TOL
+    assert ftjax.load_tokenizer(out).encode("Hi 42 <|im_end|>") == ftjax.load_tokenizer(workdir).encode(
+        "Hi 42 <|im_end|>")
+    proc = _export_script(f"--workdir={workdir}", "--format=gguf", "--quant=Q4_K_M", f"--out={tmp_path}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "llama-quantize" in lines[0]
+
+
 # --- SmolLM2, from its GGUF ---
 
 @pytest.mark.slow
@@ -335,7 +340,7 @@ def test_smollm2_exports_load_in_peft_and_transformers(smollm2_gguf_path, hf_smo
 
     model = ftjax.load_model(smollm2_gguf_path)
     apply_lora(model, 8, 16.0, targets="q_proj,v_proj,down_proj", rngs=nnx.Rngs(0))
-    _randomize_b(model, 0, std=0.05)
+    randomize_lora_b(model, 0, std=0.05)
     ids = np.array([[1, 504, 3458, 314, 260, 3575, 30]])
     ours = jax_logits(model, ids)
 

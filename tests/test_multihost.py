@@ -172,13 +172,9 @@ def test_only_process_0_prints_and_both_save_one_checkpoint(runs):
         assert got == pytest.approx(_losses(root / name)[STEPS]["eval_loss"], rel=RTOL), name
 
 
-def test_two_processes_export_what_one_process_exports(runs, tmp_path):
-    """scripts/export.py on both hosts of the 2-process run (fsdp-sharded across them, gathered tensor by
-    tensor; process 0 writes) gives the bytes one process writes from the same workdir."""
-    from safetensors.numpy import load_file
-
-    root, _ = runs
-    export = [sys.executable, str(ROOT / "scripts" / "export.py"), f"--workdir={root / 'two'}", "--format=hf"]
+def _export_on_two_processes_and_one(root, tmp_path, *flags):
+    """scripts/export.py of the 2-process run on 2 processes (into tmp_path/two) and on one (tmp_path/one)."""
+    export = [sys.executable, str(ROOT / "scripts" / "export.py"), f"--workdir={root / 'two'}", *flags]
     port = _free_port()
     with _jobs(300) as (jobs, start):
         for i in range(2):
@@ -188,6 +184,15 @@ def test_two_processes_export_what_one_process_exports(runs, tmp_path):
     for job in jobs:
         assert job.proc.returncode == 0, job.tail()
     assert "exported step" in jobs[0].stdout() and "exported step" not in jobs[1].stdout()
+
+
+def test_two_processes_export_what_one_process_exports(runs, tmp_path):
+    """scripts/export.py on both hosts of the 2-process run (fsdp-sharded across them, gathered tensor by
+    tensor; process 0 writes) gives the bytes one process writes from the same workdir."""
+    from safetensors.numpy import load_file
+
+    root, _ = runs
+    _export_on_two_processes_and_one(root, tmp_path, "--format=hf")
     two, one = (load_file(tmp_path / name / "model.safetensors") for name in ("two", "one"))
     assert two.keys() == one.keys() and len(one) > 5
     for name in one:
@@ -236,3 +241,11 @@ def test_a_process_that_never_joins_is_named(tmp_path):
         assert len(lines) == 1 and re.match(expected[job.name], lines[0]), job.tail()
         assert _ours(job.stdout()) == []
     assert elapsed < timeout + 30
+
+
+def test_two_processes_export_the_gguf_one_process_exports(runs, tmp_path):
+    """--format=gguf on both hosts (each tensor gathered collectively, process 0 writes): the same file bytes."""
+    root, _ = runs
+    _export_on_two_processes_and_one(root, tmp_path, "--format=gguf", "--quant=q8_0")
+    two, one = ((tmp_path / name / "model-q8_0.gguf").read_bytes() for name in ("two", "one"))
+    assert len(one) > 100_000 and two == one

@@ -247,6 +247,16 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """The llama.cpp name of an HF tensor (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`)."""
+    for gguf_name, hf in _GLOBAL_NAMES.items():
+        if hf == hf_name:
+            return gguf_name
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
+    short = {hf: g for g, hf in _LAYER_NAMES.items()}.get(m.group(2)) if m else None
+    return f"blk.{m.group(1)}.{short}.{m.group(3)}" if short else None
+
+
 def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """HF shape of each tensor a layer may hold, from the config (catches a mislabelled file early)."""
     h, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
@@ -265,6 +275,12 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo convert_hf_to_gguf's `permute`: per head, rows (d/2, 2) interleaved back to (2, d/2) halves."""
     d = w.shape[0] // n_head
     return w.reshape(n_head, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf's `permute` of llama q/k rows: per head, the (2, d/2) rotary halves interleaved."""
+    d = w.shape[0] // n_head
+    return w.reshape(n_head, 2, d // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _dequantize(buf: np.ndarray, info: TensorInfo, path: Path) -> np.ndarray:
