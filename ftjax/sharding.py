@@ -88,6 +88,19 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
     return PartitionSpec(*out)
 
 
+def splits(mesh: Mesh | None, rules: dict | None, *logical: str) -> bool:
+    """Whether `mesh` (under `rules`) splits any of these logical axes over more than one device."""
+    if mesh is None:
+        return False
+    rules = RULES if rules is None else rules
+    for name in logical:
+        target = rules.get(name)
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        if any(mesh.shape[a] > 1 for a in axes):
+            return True
+    return False
+
+
 def logical_axes(var: nnx.Variable) -> tuple | None:
     """The logical axis names a parameter was declared with (None if it has none)."""
     return var.get_metadata().get("logical_axes") if hasattr(var, "get_metadata") else None
