@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from ftjax.backend_defaults import resolve_auto
 from ftjax.errors import ConfigError
 from ftjax.lora import apply_lora, trainable_filter
 from ftjax.models.llama import Llama, ModelConfig
@@ -61,6 +62,7 @@ def saved_widths(config, cfg: ModelConfig) -> dict[str, int]:
 
 def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     """Bytes per device for the trainable + frozen params, optimizer state and activations."""
+    resolve_auto(config)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
 
