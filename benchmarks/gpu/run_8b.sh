@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Unattended, in at most 4 minutes: Llama-3-8B shape, LoRA, 2048-token rows, the largest batch that fits,
+# ftjax's default config beside HF + PEFT eager (random weights made on the device; no folder).
+#   bash benchmarks/gpu/run_8b.sh                  # FTJAX_GPU_TINY=1 for the CPU dry run
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+START=$(date +%s)
+OUT=${OUT:-/tmp/ftjax_gpu_out}; mkdir -p "$OUT"; export OUT
+exec > >(tee -a "$OUT/run_8b.log") 2>&1
+source benchmarks/gpu/env.sh
+if [ -n "${FTJAX_GPU_TINY:-}" ]; then export JAX_PLATFORMS=cpu; TINY=--tiny; else export JAX_PLATFORMS=cuda; TINY=; fi
+LEFT=$((225 - $(date +%s) + START))
+"$PY" benchmarks/gpu/bench.py table8b $TINY --budget_s "$LEFT"
+echo "run_8b.sh wall time: $(( $(date +%s) - START )) s"
