@@ -1,4 +1,8 @@
-# Sourced by run.sh / run_8b.sh: make ftjax and the wheels of requirements.txt importable, offline.
+# Sourced by run.sh / run_8b.sh (with LOG set): log into $OUT, pick the platform (FTJAX_GPU_TINY=1: the CPU
+# dry run on a tiny shape), make ftjax and the wheels of requirements.txt importable, offline.
+OUT=${OUT:-/tmp/ftjax_gpu_out}; mkdir -p "$OUT"; export OUT
+exec > >(tee -a "$OUT/$LOG") 2>&1
+if [ -n "${FTJAX_GPU_TINY:-}" ]; then export JAX_PLATFORMS=cpu; TINY=--tiny; else export JAX_PLATFORMS=cuda; TINY=; fi
 PY=${PYTHON:-python3}
 ROOT=$(pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -7,10 +7,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
-OUT=${OUT:-/tmp/ftjax_gpu_out}; mkdir -p "$OUT"; export OUT
-exec > >(tee -a "$OUT/run.log") 2>&1
-source benchmarks/gpu/env.sh
-if [ -n "${FTJAX_GPU_TINY:-}" ]; then export JAX_PLATFORMS=cpu; TINY=--tiny; else export JAX_PLATFORMS=cuda; TINY=; fi
+LOG=run.log source benchmarks/gpu/env.sh
 echo "== GPU-only tests (pytest -m gpu)"
 XLA_FLAGS= timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_backends.py
 echo "== 1B table"

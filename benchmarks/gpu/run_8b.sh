@@ -5,10 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 START=$(date +%s)
-OUT=${OUT:-/tmp/ftjax_gpu_out}; mkdir -p "$OUT"; export OUT
-exec > >(tee -a "$OUT/run_8b.log") 2>&1
-source benchmarks/gpu/env.sh
-if [ -n "${FTJAX_GPU_TINY:-}" ]; then export JAX_PLATFORMS=cpu; TINY=--tiny; else export JAX_PLATFORMS=cuda; TINY=; fi
+LOG=run_8b.log source benchmarks/gpu/env.sh
 LEFT=$((225 - $(date +%s) + START))
 "$PY" benchmarks/gpu/bench.py table8b $TINY --budget_s "$LEFT"
 echo "run_8b.sh wall time: $(( $(date +%s) - START )) s"
