@@ -21,6 +21,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ftjax.sharding import per_shard
+
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_gpu", "splash")
 _log = logging.getLogger(__name__)
 _said: set[tuple[str, str]] = set()
@@ -134,7 +136,7 @@ def _block(n: int, sizes=(512, 256, 128)) -> int | None:
     return next((b for b in sizes if n % b == 0), None)
 
 
-def _pallas_gpu(q, k, v, rows: Rows, scale: float) -> jax.Array:
+def _pallas_gpu(q, k, v, rows: Rows, *, scale: float) -> jax.Array:
     """Triton flash attention with segment ids (causal, one segment array: T == S); GQA by repeating kv heads."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
 
@@ -161,7 +163,7 @@ def _splash_kernel(t: int, s: int, heads: int, window: int | None, softcap: floa
                               attn_logits_soft_cap=softcap, interpret=interpret), sk.SegmentIds
 
 
-def _splash(q, k, v, rows: Rows, scale: float, softcap: float | None, window: int | None) -> jax.Array:
+def _splash(q, k, v, rows: Rows, *, scale: float, softcap: float | None, window: int | None) -> jax.Array:
     """Splash attention per row (vmapped over the batch); heads-major layout, queries pre-scaled."""
     t, n, s = q.shape[1], q.shape[2], k.shape[1]
     kernel, segment_ids = _splash_kernel(t, s, n, window, softcap, jax.default_backend() != "tpu")
@@ -219,9 +221,27 @@ def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, rows: Row
         if reason is not None:
             fallback(implementation, reason)
         elif implementation == "splash":
-            return _splash(q_btnh, k_bskh, v_bskh, rows, scale, softcap, window)
+            return _on_shards(functools.partial(_splash, scale=scale, softcap=softcap, window=window), q_btnh,
+                              k_bskh, v_bskh, rows)
         elif implementation == "pallas_gpu" or uses_packed:
-            return _pallas_gpu(q_btnh, k_bskh, v_bskh, rows, scale)
-        else:
+            return _on_shards(functools.partial(_pallas_gpu, scale=scale), q_btnh, k_bskh, v_bskh, rows)
+        else:  # XLA partitions cuDNN's custom call itself
             return _cudnn(q_btnh, k_bskh, v_bskh, scale, window)
     return _xla(q_btnh, k_bskh, v_bskh, rows, scale, softcap, window)
+
+
+def _on_shards(kernel, q, k, v, rows: Rows) -> jax.Array:
+    """A Pallas kernel per device shard (XLA cannot partition it): rows over the batch axes, kv heads (with
+    their query heads, grouped as [B, T, K, G, H] so both split alike) over the tensor axis."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+
+    def local(q5, k, v, q_seg, kv_seg):
+        out = kernel(q5.reshape(*q5.shape[:2], -1, h), k, v, Rows(q_seg, kv_seg))
+        return out.reshape(q5.shape)
+
+    heads = ("batch", "length", "act_kv", None, None)
+    out = per_shard(local, (q.reshape(b, t, kh, n // kh, h), k, v, rows.q_segment_ids, rows.kv_segment_ids),
+                    (heads, ("batch", "length", "act_kv", None), ("batch", "length", "act_kv", None),
+                     ("batch", None), ("batch", None)), heads)
+    return out.reshape(b, t, n, h)
