@@ -11,6 +11,6 @@ LOG=run.log source benchmarks/gpu/env.sh
 echo "== GPU-only tests (pytest -m gpu)"
 XLA_FLAGS= timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_attention_backends.py
 echo "== 1B table"
-LEFT=$((345 - $(date +%s) + START))
+LEFT=$((${FTJAX_GPU_BUDGET_S:-345} - $(date +%s) + START))
 "$PY" benchmarks/gpu/bench.py table $TINY --budget_s "$LEFT" --variants "${FTJAX_GPU_VARIANTS:-}"
 echo "run.sh wall time: $(( $(date +%s) - START )) s"
