@@ -144,9 +144,10 @@ def _tiny_model(dtype: str, param_dtype: str, mesh: Mesh | None, rules: dict | N
     from flax import nnx
 
     from ftjax.models.llama import Llama
-    from ftjax.sharding import state_shardings
+    from ftjax.sharding import splits, state_shardings
 
     cfg = tiny_config(dtype, param_dtype).replace(**overrides)
+    cfg = cfg.replace(fuse_qkv=cfg.fuse_qkv and not splits(mesh, rules, "heads", "kv"))
     if mesh is None:
         return Llama(cfg, rngs=nnx.Rngs(seed))
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed))))

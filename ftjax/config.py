@@ -7,6 +7,7 @@ import difflib
 import ml_collections
 from ml_collections import config_dict
 
+from ftjax.backend_defaults import resolve_auto
 from ftjax.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -20,10 +21,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = dict(
         path=DEFAULT_MODEL,
-        dtype="float32",  # compute dtype
+        # auto: per backend (ftjax/backend_defaults.py): CPU float32 / minimal / xla, GPU bfloat16 / none / cudnn,
+        # TPU bfloat16 / minimal / splash
+        dtype="auto",  # compute dtype: auto | float32 | bfloat16 | float16
         param_dtype="float32",
-        remat="minimal",  # minimal (save projection outputs, recompute the rest) | none | full | dots
-        attention="xla",  # xla | cudnn
+        remat="auto",  # auto | minimal (save projection outputs, recompute the rest) | none | full | dots
+        attention="auto",  # auto | xla | cudnn | pallas_gpu | splash
     )
     c.lora = dict(rank=16, alpha=32.0, dropout=0.0, targets=LORA_TARGETS, rslora=False)
     c.data = dict(
@@ -53,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
         steps=100,
         grad_accum=1,
         log_every=10,
-        frozen_dtype="float32",  # float32 | bfloat16 | float16: dtype of the frozen (non-trained) weights
+        frozen_dtype="auto",  # auto | float32 | bfloat16 | float16: dtype of the frozen (non-trained) weights
         max_consecutive_skips=5,  # stop after this many steps in a row with NaN/Inf gradients
         loss_chunk=512,  # tokens per sequence chunk of the cross-entropy (bounds fp32 logits memory)
         early_stop_patience=0,  # stop after this many evals (eval.every) without a lower eval loss; 0 = never
@@ -123,7 +126,7 @@ def unknown_key_message(c: ml_collections.ConfigDict, key: str) -> str:
 _CHOICES = {
     "method": ("lora", "full"),
     "model.remat": ("minimal", "none", "full", "dots"),
-    "model.attention": ("xla", "cudnn"),
+    "model.attention": ("xla", "cudnn", "pallas_gpu", "splash"),
     "data.overlong": ("drop", "truncate", "error"),
     "data.on_bad_record": ("error", "skip"),
     "data.loss_on": ("assistant", "all", "last_assistant"),
@@ -144,11 +147,13 @@ def get(c: ml_collections.ConfigDict, key: str):
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Check choices and ranges before anything is compiled; one line per problem."""
+    """Resolve `auto` values for this backend, then check choices and ranges before anything is compiled;
+    one line per problem."""
+    resolve_auto(c)
     for key, choices in _CHOICES.items():
         value = get(c, key)
         if value not in choices:
-            raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(('auto',) + choices)}")
     for key in ("train.batch_size", "train.steps", "train.grad_accum", "train.log_every", "data.seq_len",
                 "train.max_consecutive_skips", "train.loss_chunk"):
         if get(c, key) < 1:

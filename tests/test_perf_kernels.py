@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from ftjax.lora import apply_lora
-from ftjax.models.layers import Linear, attention_mask, fused_linears, grouped_attention
+from ftjax.models.attention import attention_mask, grouped_attention
+from ftjax.models.layers import Linear, fused_linears
 from train_helpers import make_batch
 
 RTOL, ATOL = 1e-5, 1e-6

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ftjax.lora import apply_lora
-from ftjax.models.layers import causal_blocks
+from ftjax.models.attention import causal_blocks
 from ftjax.models.llama import REMAT_POLICIES, Llama
 from ftjax.train.loss import fused_cross_entropy
 from train_helpers import TINY, make_batch
@@ -52,7 +52,8 @@ def test_remat_policies_match_no_remat(method):
 
 def test_causal_blocks_match_one_block():
     """Skipping key blocks after each query block gives the full masked attention's output."""
-    from ftjax.models.layers import Attention, AttentionConfig, attention_mask
+    from ftjax.models.attention import Rows
+    from ftjax.models.layers import Attention, AttentionConfig
 
     cfg = AttentionConfig(32, 4, 2, 8)
     attn = Attention(cfg, rngs=nnx.Rngs(0))
@@ -60,8 +61,8 @@ def test_causal_blocks_match_one_block():
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(kq, (b, t, 4, 8))
     k, v = jax.random.normal(kk, (b, t, 2, 8)), jax.random.normal(kv, (b, t, 2, 8))
-    batch = make_batch(b, t)
+    seg = jnp.asarray(make_batch(b, t)["segment_ids"])
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = attention_mask(batch["segment_ids"], slots, batch["segment_ids"], slots, None)
-    np.testing.assert_allclose(attn.attend(q, k, v, mask, causal=True), attn.attend(q, k, v, mask, causal=False),
+    # training rows (block skipping) against the same rows given with explicit slots (one masked block)
+    np.testing.assert_allclose(attn.attend(q, k, v, Rows(seg, seg)), attn.attend(q, k, v, Rows(seg, seg, slots, slots)),
                                rtol=RTOL, atol=1e-6)

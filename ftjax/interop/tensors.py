@@ -15,7 +15,7 @@ from ftjax.errors import LoadError
 from ftjax.interop.safetensors_reader import SafetensorsFile
 from ftjax.models.llama import ModelConfig
 from ftjax.models.registry import MODEL_CLASSES, hf_tensor_name, is_stacked
-from ftjax.sharding import state_shardings
+from ftjax.sharding import splits, state_shardings
 
 
 class TensorSource(Protocol):
@@ -116,6 +116,7 @@ def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None
     before anything is read; each device (each host) reads only the slices it holds.
     """
     model_cls = MODEL_CLASSES[cfg.model_type]
+    cfg = cfg.replace(fuse_qkv=cfg.fuse_qkv and not splits(mesh, rules, "heads", "kv"))
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))

@@ -8,6 +8,7 @@ called on one layer's slice inside `lax.scan`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.models.attention import Rows, attention
 from ftjax.sharding import constrain
 
 
@@ -65,22 +67,6 @@ class Linear(nnx.Module):
         if self.lora is not None:
             y = y + self.lora(x2, rng).astype(y.dtype)
         return y.reshape(*lead, y.shape[-1])
-
-
-def _unsharded(*logical: str) -> bool:
-    """Whether the active activation-sharding mesh (if any) splits none of these logical axes."""
-    from ftjax.sharding import _ACTIVE
-
-    active = _ACTIVE.get()
-    if active is None:
-        return True
-    mesh, rules = active
-    for name in logical:
-        axes = rules.get(name)
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        if any(mesh.shape[a] > 1 for a in axes):
-            return False
-    return True
 
 
 def fused_linears(x: jax.Array, linears: tuple, rngs: tuple) -> list[jax.Array]:
@@ -161,62 +147,6 @@ def apply_rope(x_btnh: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return x_btnh * cos + rotated * sin
 
 
-def attention_mask(q_segment_bt, q_slot_bt, kv_segment_bs, kv_slot_bs, sliding_window: int | None) -> jax.Array:
-    """Boolean mask [B, 1, T, S]: same segment and causal by slot (and within the window)."""
-    same = q_segment_bt[:, :, None] == kv_segment_bs[:, None, :]
-    causal = kv_slot_bs[:, None, :] <= q_slot_bt[:, :, None]
-    mask = same & causal
-    if sliding_window is not None:
-        mask &= (q_slot_bt[:, :, None] - kv_slot_bs[:, None, :]) < sliding_window
-    return mask[:, None, :, :]
-
-
-def causal_blocks(t: int, max_blocks: int = 8, min_block: int = 64) -> int:
-    """Query blocks for causal block skipping: the most (up to `max_blocks`) that tile the sequence
-    in blocks of at least `min_block` tokens (256 tokens: 4 blocks of 64), else 1."""
-    for n in (8, 4, 2):
-        if n <= max_blocks and t % n == 0 and t // n >= min_block:
-            return n
-    return 1
-
-
-def grouped_attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask: jax.Array, *,
-                      blocks: int = 1) -> jax.Array:
-    """Masked softmax attention with grouped-query heads folded into the rows: [B, T, N, H] out.
-
-    Queries are laid out once as [B, K, T·G, H] (rows t-major, the G query heads of a kv head next to
-    each other), so a causal query block is a contiguous row range: `blocks` > 1 (causal masks with
-    query i at slot i only) splits the rows and skips the keys after each block, without the per-block
-    slicing and transposes of jax.nn.dot_product_attention called block by block. The softmax is one
-    pass (max, exp, sum), normalized after the value matmul ([T·G, H] divides instead of [T·G, S]);
-    the max is a constant for autodiff. `mask` [B, 1, T, S] is boolean; a fully masked row gets
-    uniform weights, as jax.nn's does. Same results to fp32 rounding (not bit for bit).
-    """
-    b, t, n, h = q_btnh.shape
-    s, kh = k_bskh.shape[1], k_bskh.shape[2]
-    g = n // kh
-    acc = jnp.promote_types(q_btnh.dtype, jnp.float32)
-    q = q_btnh.reshape(b, t, kh, g, h)
-    q = q.transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
-    k, v = k_bskh.transpose(0, 2, 1, 3), v_bskh.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    size = t // blocks
-    outs = []
-    for i, qi in enumerate(jnp.split(q, blocks, axis=2)):  # split, not slices: its gradient is one concat
-        keys = s if blocks == 1 else (i + 1) * size
-        scores = jnp.einsum("bkrh,bksh->bkrs", qi, k[:, :, :keys], preferred_element_type=acc)
-        scores = scores.reshape(b, kh, size, g, keys) * jnp.asarray(1.0 / math.sqrt(h), acc)
-        m = mask[:, :, i * size:(i + 1) * size, :keys][:, :, :, None, :]
-        scores = jnp.where(m, scores, jnp.asarray(jnp.finfo(acc).min, acc))
-        scores = scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-        p = jnp.exp(scores)
-        denom = jnp.sum(p, axis=-1, keepdims=True).reshape(b, kh, size * g, 1)
-        o = jnp.einsum("bkrs,bksh->bkrh", p.reshape(b, kh, size * g, keys).astype(v.dtype), v[:, :, :keys],
-                       preferred_element_type=acc)
-        outs.append((o / denom).astype(q_btnh.dtype))
-    o = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=2)
-    return o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-
-
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Static attention shape settings taken from the model config."""
@@ -229,12 +159,14 @@ class AttentionConfig:
     o_bias: bool = False
     qk_norm: bool = False
     rms_norm_eps: float = 1e-6
-    implementation: str = "xla"
+    implementation: str = "xla"  # a backend of ftjax.models.attention
+    windows: tuple = (None,)  # the distinct sliding windows of the layers (None = full causal)
+    softcap: float | None = None  # logit soft-cap
+    fuse_qkv: bool = True  # q/k/v as one GEMM (off when the tensor axis splits heads: the concat would gather)
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention: `grouped_attention` for causal training rows on XLA, else
-    jax.nn.dot_product_attention (decode, short rows, cudnn)."""
+    """Grouped-query self-attention: projections here, the softmax part in ftjax.models.attention."""
 
     def __init__(self, cfg: AttentionConfig, *, stack: tuple = (), dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -257,7 +189,7 @@ class Attention(nnx.Module):
         b, t, _ = x_btd.shape
         # One GEMM [D, (N + 2K)·H] instead of three (SmolLM2's k/v ones, 192 wide, run at about half the
         # rate of wide ones on CPU); not when the tensor axis splits the heads (the concat would gather).
-        if _unsharded("heads", "kv"):
+        if c.fuse_qkv:
             q, k, v = fused_linears(x_btd, (self.q_proj, self.k_proj, self.v_proj), tuple(rngs))
         else:
             q, k, v = self.q_proj(x_btd, rngs[0]), self.k_proj(x_btd, rngs[1]), self.v_proj(x_btd, rngs[2])
@@ -271,19 +203,17 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "act_kv", None))
         return checkpoint_name(q, "query"), checkpoint_name(k, "key"), checkpoint_name(v, "value")
 
-    def attend(self, q_btnh, k_bskh, v_bskh, mask, o_rng=None, *, causal: bool = False) -> jax.Array:
-        """Masked softmax attention and the output projection.
-
-        `causal` (query i and key i are the same slot and the mask is causal, as in training) lets the
-        XLA path skip key blocks that lie wholly after a query block: 3/8 less attention work at 4 blocks.
-        """
+    def attend(self, q_btnh, k_bskh, v_bskh, rows: Rows, window_index=None, o_rng=None) -> jax.Array:
+        """Attention over `rows` and the output projection. Layers with different windows pick theirs by
+        `window_index` into cfg.windows (lax.switch: each kernel call keeps a static window)."""
         b, t = q_btnh.shape[:2]
-        impl = None if self.cfg.implementation == "xla" else self.cfg.implementation
-        blocks = causal_blocks(t) if causal and impl is None and k_bskh.shape[1] == t else 1
-        if blocks > 1:  # training-length causal rows; decode and short rows keep jax.nn's numerics
-            out = grouped_attention(q_btnh, k_bskh, v_bskh, mask, blocks=blocks)
+        c = self.cfg
+        calls = [functools.partial(attention, rows=rows, softcap=c.softcap, window=w, implementation=c.implementation)
+                 for w in c.windows]
+        if len(calls) == 1:
+            out = calls[0](q_btnh, k_bskh, v_bskh)
         else:
-            out = jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh, mask=mask, implementation=impl)
+            out = jax.lax.switch(window_index, calls, q_btnh, k_bskh, v_bskh)
         return self.o_proj(checkpoint_name(out.reshape(b, t, -1), "attn_context"), o_rng)
 
 

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ftjax.models.layers import (MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, attention_mask,
-                                 rope_inv_freq, rope_sin_cos)
+from ftjax.models.attention import Rows
+from ftjax.models.layers import MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, rope_inv_freq, rope_sin_cos
 from ftjax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -55,15 +55,27 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | minimal | full | dots
-    attention: str = "xla"  # xla | cudnn
+    attention: str = "xla"  # xla | cudnn | pallas_gpu | splash (ftjax.models.attention)
+    fuse_qkv: bool = True  # q/k/v as one GEMM; the loaders turn it off when the tensor axis splits heads
     extra: tuple = ()  # HF config items kept for export (hashable pairs)
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
 
+    def layer_windows(self) -> tuple:
+        """Each layer's sliding window (None: full causal attention)."""
+        flags = self.sliding_layers or (True,) * self.num_layers
+        return tuple(self.sliding_window if f else None for f in flags)
+
+    def windows(self) -> tuple:
+        """The distinct windows, in a fixed order (None first): the branches of the per-layer switch."""
+        distinct = set(self.layer_windows())
+        return tuple(sorted(distinct, key=lambda w: -1 if w is None else w))
+
     def attention_config(self) -> AttentionConfig:
         return AttentionConfig(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.qkv_bias,
-                               self.o_bias, self.qk_norm, self.rms_norm_eps, self.attention)
+                               self.o_bias, self.qk_norm, self.rms_norm_eps, self.attention, self.windows(),
+                               None, self.fuse_qkv)
 
 
 @jax.tree_util.register_dataclass
@@ -95,7 +107,7 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, stack=stack, dtype=dt,
                        param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, x_btd, sin, cos, mask, kv=None, index=None, rng=None):
+    def __call__(self, x_btd, sin, cos, rows: Rows, kv=None, index=None, rng=None, window_index=None):
         """Returns the new residual stream and the (k, v) caches (None without a cache).
 
         `kv` = (k, v, layer): every layer's cache [L, B, S, K, H] and this layer's index. The new keys and
@@ -112,8 +124,7 @@ class DecoderLayer(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
             kv = (k_all, v_all)
-        # Without a cache, query i and key i are the same slot and the mask is causal by slot.
-        attn = self.self_attn.attend(q, k, v, mask, rngs[3], causal=kv is None)
+        attn = self.self_attn.attend(q, k, v, rows, window_index, rngs[3])
         x_btd = checkpoint_name(x_btd + attn, "resid_mid")
         h = self.post_attention_layernorm(x_btd)
         x_btd = x_btd + self.mlp(h, rngs[4:7])
@@ -144,8 +155,8 @@ class Llama(nnx.Module):
         slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         positions = slots if positions is None else positions
         segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-        masks = self._masks(segment_ids, slots, segment_ids, slots)
-        h, _ = self._run_layers(self.embed(input_ids), positions, masks, None, None, rng)
+        rows = Rows(segment_ids, segment_ids)  # training rows: query i and key i are slot i
+        h, _ = self._run_layers(self.embed(input_ids), positions, rows, None, None, rng)
         return self.norm(h)
 
     def decode(self, input_ids, positions, segment_ids, cache: KVCache, *, last_only: bool = False
@@ -157,10 +168,9 @@ class Llama(nnx.Module):
         q_slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
         kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        filled = (kv_segments != 0)[:, None, None, :]
-        masks = tuple(None if m is None else m & filled
-                      for m in self._masks(segment_ids, q_slots, kv_segments, kv_slots))
-        h, (k, v) = self._run_layers(self.embed(input_ids), positions, masks, (cache.k, cache.v), cache.index, None)
+        seen = jnp.where(kv_segments != 0, kv_segments, -1)  # empty slots (0) match no query, padding included
+        rows = Rows(segment_ids.astype(jnp.int32), seen, q_slots, kv_slots)
+        h, (k, v) = self._run_layers(self.embed(input_ids), positions, rows, (cache.k, cache.v), cache.index, None)
         if last_only:
             h = h[:, -1:]
         return self.logits(self.norm(h)), KVCache(k, v, kv_segments, cache.index + t)
@@ -192,34 +202,26 @@ class Llama(nnx.Module):
             return self.embed_tokens[...].astype(dt), True
         return self.lm_head.kernel[...].astype(dt), False
 
-    def _masks(self, q_segments, q_slots, kv_segments, kv_slots) -> tuple:
-        """(full causal mask, sliding-window mask or None), both [B, 1, T, S]."""
-        full = attention_mask(q_segments, q_slots, kv_segments, kv_slots, None)
-        if self.config.sliding_window is None:
-            return full, None
-        return full, attention_mask(q_segments, q_slots, kv_segments, kv_slots, self.config.sliding_window)
-
-    def _run_layers(self, x, positions, masks, kv, index, rng):
+    def _run_layers(self, x, positions, rows: Rows, kv, index, rng):
         cfg = self.config
         sin, cos = rope_sin_cos(positions, rope_inv_freq(cfg.head_dim, cfg.rope))
         graphdef, state = nnx.split(self.layers)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
-        full_mask, window_mask = masks
-        sliding = None
-        if window_mask is not None:
-            sliding = jnp.asarray(cfg.sliding_layers or (True,) * cfg.num_layers, dtype=bool)
+        windows = cfg.windows()
+        window_index = None  # one window for every layer: static; else each layer's branch of the switch
+        if len(windows) > 1:
+            window_index = jnp.asarray([windows.index(w) for w in cfg.layer_windows()], jnp.int32)
 
         def body(carry, xs):
             x, caches = carry
-            layer_state, layer, layer_rng, layer_sliding = xs
-            mask = full_mask if layer_sliding is None else jnp.where(layer_sliding, window_mask, full_mask)
+            layer_state, layer, layer_rng, layer_window = xs
             layer_kv = None if caches is None else (*caches, layer)
-            x, caches = nnx.merge(graphdef, layer_state)(x, sin, cos, mask, layer_kv, index, layer_rng)
+            x, caches = nnx.merge(graphdef, layer_state)(x, sin, cos, rows, layer_kv, index, layer_rng, layer_window)
             return (x, caches), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layers = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, caches), _ = jax.lax.scan(body, (x, None if kv is None else (kv[0], kv[1])),
-                                      (state, layers, layer_rngs, sliding))
+                                      (state, layers, layer_rngs, window_index))
         return x, caches

@@ -1,7 +1,8 @@
 """Per-device memory estimate before anything is compiled: params, optimizer state, activations.
 
 Activations use the per-layer count of Korthikanti et al. (2022) for a pre-norm decoder,
-s·b·h·(34 + 5·a·s/h) bytes in 16-bit per layer, scaled to the compute dtype, without remat; with a remat
+s·b·h·(34 + 5·a·s/h) bytes in 16-bit per layer (the 5·a·s/h score term only for the XLA attention: the
+kernels keep no [T, S] blocks), scaled to the compute dtype, without remat; with a remat
 policy each layer keeps only what the policy saves (`saved_widths`), plus one layer's worth during its
 recomputation.
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from ftjax.backend_defaults import resolve_auto
 from ftjax.errors import ConfigError
 from ftjax.lora import apply_lora, trainable_filter
 from ftjax.models.llama import Llama, ModelConfig
@@ -61,6 +63,7 @@ def saved_widths(config, cfg: ModelConfig) -> dict[str, int]:
 
 def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     """Bytes per device for the trainable + frozen params, optimizer state and activations."""
+    resolve_auto(config)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
 
@@ -77,7 +80,8 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     t, d, cfg = config.data.seq_len, model_cfg.hidden_size, model_cfg
     scale = jnp.dtype(config.model.dtype).itemsize / 2
     tensor = mesh.shape["tensor"]
-    per_layer = t * rows * d * (34 + 5 * cfg.num_heads * t / d) * scale / tensor
+    scores = 5 * cfg.num_heads * t / d if config.model.attention == "xla" else 0  # flash kernels keep no [T, S]
+    per_layer = t * rows * d * (34 + scores) * scale / tensor
     saved = saved_widths(config, cfg).get(config.model.remat)
     if saved is None:  # remat=none: every intermediate of every layer lives until the backward pass
         acts = cfg.num_layers * per_layer

@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax import api
+from ftjax.backend_defaults import resolve_auto
 from ftjax.lora import apply_lora, trainable_filter
 from ftjax.sharding import make_mesh
 from ftjax.train.optimizer import Optimizer, make_optimizer
@@ -41,6 +42,7 @@ def build_model(config, mesh: Mesh) -> nnx.Module:
 
 def build_state(config, mesh: Mesh) -> Setup:
     """Model + optimizer state, every array placed by the rules table; frozen part in train.frozen_dtype."""
+    resolve_auto(config)  # callers that skip config.validate (benchmarks, tests) still get concrete values
     model = build_model(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
     frozen_dtype = None if config.train.frozen_dtype == config.model.param_dtype else config.train.frozen_dtype

@@ -16,6 +16,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from ftjax.backend_defaults import resolve_auto
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError, LoadError
 from ftjax.lora import apply_lora, trainable_filter
@@ -113,7 +114,7 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
     (default: the training mesh if it fits the devices here, else one device)."""
     from ftjax.evaluation.workdir import config_from_workdir
 
-    config = config_from_workdir(workdir)
+    config = resolve_auto(config_from_workdir(workdir))  # a config.json without them: this backend's values
     mesh = mesh if mesh is not None else _default_mesh(config)
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
     try:
