@@ -111,7 +111,7 @@ def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
     rng = jax.random.key(config.seed)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compiled = step._jitted.lower(state.trainable, state.opt_state, state.frozen, batch, rng, None, None).compile()
+    compiled = step.lower(state.trainable, state.opt_state, state.frozen, batch, rng).compile()
     compile_s = time.perf_counter() - t0
     return Bench(config, cfg, compiled, state.trainable, state.opt_state, state.frozen, batch, rng,
                  state_size(state.trainable)[1], mesh.size, compile_s, build_s)

@@ -33,7 +33,8 @@ from ftjax.train.memory import check_fits
 from ftjax.train.optimizer import raise_if_diverged
 from ftjax.train.setup import build_state, mesh_from_config
 from ftjax.train.state import state_size
-from ftjax.train.step import make_train_step
+from ftjax.train.step import Frozen, make_train_step
+from ftjax.train.terms import loss_terms
 
 
 class _StopRequest:
@@ -149,9 +150,9 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
         _say(data.summary.format())
     regularized = config.forget.kl_weight > 0 or config.forget.l2_weight > 0
     step_base = base_trainable if config.method == "full" and regularized else None
-    step_fn = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,
-                              loss_chunk=config.train.loss_chunk, kl_weight=config.forget.kl_weight,
-                              l2_weight=config.forget.l2_weight, with_base=step_base is not None)
+    step_fn = make_train_step(state, setup.optimizer, mesh, terms=loss_terms(config),
+                              grad_accum=config.train.grad_accum, with_base=step_base is not None)
+    frozen = Frozen(state.frozen, step_base)
     sharding = batch_sharding(mesh)
     it = data_lib.train_iterator(data.train, config.train.batch_size, seed=config.seed, sharding=sharding,
                                  prefetch=config.data.prefetch)
@@ -221,10 +222,10 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     with _StopRequest() as stop:
         for step in range(start + 1, last_step + 1):
             batch = next(it)
-            retain_batch = next(retain_it) if retain_it is not None else None
+            if retain_it is not None:
+                batch = {**batch, "retain": next(retain_it)}
             rng = jax.random.fold_in(base_key, step)
-            trainable, opt_state, metrics = step_fn(trainable, opt_state, state.frozen, batch, rng, step_base,
-                                                    retain_batch)
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, rng)
             _inject_fault(step)
             steps_since += 1
             is_last = step == config.train.steps
