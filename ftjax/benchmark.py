@@ -104,7 +104,7 @@ def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
     setup = build_state(config, mesh)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,
-                           loss_chunk=config.train.loss_chunk)
+                           loss_chunk=config.train.loss_chunk, rules=setup.rules)
     cfg = setup.model_config
     host = random_batch(config.train.batch_size, config.data.seq_len, cfg.vocab_size, config.seed)
     batch = {k: jax.device_put(host[k], step.batch_sharding) for k in BATCH_KEYS}
