@@ -92,6 +92,11 @@ def loss_terms(config) -> list[Term]:
     return terms
 
 
+def uses_base(terms: list) -> bool:
+    """Whether any term compares with the base model (full fine-tuning then keeps its step-0 copy)."""
+    return any(getattr(t, "reads_base", False) or getattr(t, "needs_base", False) for t in terms)
+
+
 def weighted_sum(terms: list, values: list[jax.Array]) -> jax.Array:
     """Σ weight · value, in fp32."""
     return sum((t.weight * v for t, v in zip(terms, values)), jnp.zeros((), jnp.float32))
