@@ -107,14 +107,15 @@ class TrainStep:
 
     def __call__(self, trainable, opt_state, frozen, batch: dict, rng: jax.Array):
         """`frozen`: the model's frozen state, or `Frozen(model=..., base=...)` when built `with_base`."""
-        return self._jitted(trainable, opt_state, *self._arguments(trainable, frozen, batch), rng)
+        return self._jitted(trainable, opt_state, *self.arguments(trainable, frozen, batch), rng)
 
     def lower(self, trainable, opt_state, frozen, batch: dict, rng: jax.Array):
-        """The step lowered for these arguments (benchmarks compile it apart from running it)."""
-        return self._jitted.lower(trainable, opt_state, *self._arguments(trainable, frozen, batch), rng)
+        """The step lowered for these arguments; its compiled form takes `arguments(...)`'s (frozen, streams)
+        in the middle (benchmarks compile it apart from running it)."""
+        return self._jitted.lower(trainable, opt_state, *self.arguments(trainable, frozen, batch), rng)
 
-    def _arguments(self, trainable, frozen, batch: dict) -> tuple[Frozen, dict]:
-        """(Frozen, the batch's streams), checked before compiling."""
+    def arguments(self, trainable, frozen, batch: dict) -> tuple[Frozen, dict]:
+        """(Frozen, the batch's streams): the jitted step's middle arguments, checked before compiling."""
         frozen = frozen if isinstance(frozen, Frozen) else Frozen(frozen)
         if (frozen.base is not None) != self.with_base:
             raise ConfigError("this step was built " + ("with" if self.with_base else "without") +
