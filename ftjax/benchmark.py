@@ -79,7 +79,7 @@ class Bench:
         for _ in range(n):
             t0, c0 = time.perf_counter(), time.process_time()
             self.trainable, self.opt_state, metrics = self.compiled(self.trainable, self.opt_state, self.frozen,
-                                                                     self.batch, self.rng, None, None)
+                                                                     self.batch, self.rng)
             jax.block_until_ready((self.trainable, self.opt_state, metrics))
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
@@ -104,16 +104,17 @@ def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
     setup = build_state(config, mesh)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,
-                           loss_chunk=config.train.loss_chunk)
+                           loss_chunk=config.train.loss_chunk, rules=setup.rules)
     cfg = setup.model_config
     host = random_batch(config.train.batch_size, config.data.seq_len, cfg.vocab_size, config.seed)
     batch = {k: jax.device_put(host[k], step.batch_sharding) for k in BATCH_KEYS}
     rng = jax.random.key(config.seed)
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compiled = step._jitted.lower(state.trainable, state.opt_state, state.frozen, batch, rng, None, None).compile()
+    compiled = step.lower(state.trainable, state.opt_state, state.frozen, batch, rng).compile()
     compile_s = time.perf_counter() - t0
-    return Bench(config, cfg, compiled, state.trainable, state.opt_state, state.frozen, batch, rng,
+    frozen, streams = step.arguments(state.trainable, state.frozen, batch)  # what the compiled step takes
+    return Bench(config, cfg, compiled, state.trainable, state.opt_state, frozen, streams, rng,
                  state_size(state.trainable)[1], mesh.size, compile_s, build_s)
 
 

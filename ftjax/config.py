@@ -9,6 +9,7 @@ from ml_collections import config_dict
 
 from ftjax.backend_defaults import resolve_auto
 from ftjax.errors import ConfigError
+from ftjax.sharding import parse_rules
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -74,7 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
         eps=1e-8,  # adamw
         momentum=0.9,  # sgd; 0 = plain SGD
     )
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # rules: overrides of the logical-axis -> mesh-axis table (ftjax/sharding.py RULES), e.g.
+    # "embed=tensor,mlp=fsdp" or "batch=data+fsdp,length=" (nothing or none = replicated)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules="")
     # keep: the latest N checkpoints; keep_best: with eval data, also the one with the lowest eval loss
     c.checkpoint = dict(every=0, keep=2, keep_best=True)
     c.eval = dict(
@@ -167,6 +170,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.train.batch_size={c.train.batch_size} is not divisible by "
             f"config.train.grad_accum={c.train.grad_accum}"
         )
+    parse_rules(c.mesh.rules)  # ConfigError naming a bad logical axis or mesh axis
     if c.method == "lora" and c.lora.rank < 1:
         raise ConfigError(f"config.lora.rank must be >= 1, got {c.lora.rank}")
     _check_training_ranges(c)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 from typing import Any, Sequence
 
 import jax
@@ -35,6 +36,29 @@ RULES: dict[str, Any] = {
     "norm": None,
     "lora_rank": None,
 }
+
+
+def parse_rules(text: str, key: str = "mesh.rules") -> dict[str, Any]:
+    """RULES with overrides written `logical=mesh` (comma-separated; `+` joins mesh axes, nothing or `none`
+    replicates), e.g. "embed=tensor,mlp=fsdp,batch=data+fsdp,length="; a bad name is a one-line ConfigError."""
+    rules = dict(RULES)
+    for entry in filter(None, (e.strip() for e in (text or "").split(","))):
+        name, eq, target = (p.strip() for p in entry.partition("="))
+        if not eq:
+            raise ConfigError(f"config.{key}: '{entry}' is not logical_axis=mesh_axes (e.g. embed=fsdp)")
+        if name not in RULES:
+            near = difflib.get_close_matches(name, list(RULES), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f" (logical axes: {', '.join(RULES)})"
+            raise ConfigError(f"config.{key}: unknown logical axis '{name}'{hint}")
+        axes = [a.strip() for a in target.split("+")] if target.strip().lower() not in ("", "none") else []
+        for axis in axes:
+            if axis not in MESH_AXES:
+                raise ConfigError(f"config.{key}: '{name}={target}' names mesh axis '{axis}', not one of "
+                                  f"{', '.join(MESH_AXES)}")
+        if len(set(axes)) != len(axes):
+            raise ConfigError(f"config.{key}: '{name}={target}' names a mesh axis twice")
+        rules[name] = None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+    return rules
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:

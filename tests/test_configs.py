@@ -19,6 +19,8 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from ftjax.config import default_config, flat_keys, get, validate
+from ftjax.errors import ConfigError
+from ftjax.sharding import RULES, parse_rules
 from loop_helpers import ROOT
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -100,6 +102,26 @@ def test_every_key_can_be_set_from_the_command_line(path):
     for key, want in expected.items():
         got = get(parsed, key)
         assert type(got) is type(want) and got == want, (key, got, want)
+
+
+def test_mesh_rules_override_the_table_from_the_command_line_and_bad_names_are_config_errors():
+    argv = ["train.py", f"--config={ROOT / 'configs' / 'tiny_test.py'}", "--config.mesh.rules=embed=tensor, mlp=fsdp,"
+            "batch=data+fsdp,length=none"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    rules = parse_rules(validate(fv.config).mesh.rules)
+    assert rules == {**RULES, "embed": "tensor", "mlp": "fsdp", "batch": ("data", "fsdp"), "length": None}
+    assert parse_rules("") == RULES
+    for text, message in [("embd=fsdp", "config.mesh.rules: unknown logical axis 'embd'; did you mean 'embed'?"),
+                          ("mlp=fsdp+tensr", "config.mesh.rules: 'mlp=fsdp+tensr' names mesh axis 'tensr', not one "
+                                             "of data, fsdp, tensor"),
+                          ("mlp", "config.mesh.rules: 'mlp' is not logical_axis=mesh_axes")]:
+        c = default_config()
+        c.mesh.rules = text
+        with pytest.raises(ConfigError) as err:
+            validate(c)
+        assert str(err.value).startswith(message), str(err.value)
 
 
 def _train(tmp_path: Path, *flag_args: str, devices: int = 4) -> tuple[subprocess.CompletedProcess, float]:

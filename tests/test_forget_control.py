@@ -27,7 +27,8 @@ from ftjax.train import forget
 from ftjax.train.loop import run
 from ftjax.train.optimizer import make_optimizer
 from ftjax.train.state import init_state
-from ftjax.train.step import make_train_step
+from ftjax.train.step import Frozen, make_train_step
+from ftjax.train.terms import cross_entropy, kl_to_base, l2_to_base_term
 from loop_helpers import load_config, metrics
 from train_helpers import make_batch, tiny_model
 
@@ -61,9 +62,9 @@ def test_l2_term_and_its_gradient(mesh1):
     moved = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), host(base))
     batch, key = make_batch(4, 16), jax.random.key(0)
     plain = make_train_step(state, opt, mesh1, loss_chunk=8, with_base=False)
-    l2 = make_train_step(state, opt, mesh1, loss_chunk=8, l2_weight=w, with_base=True)
+    l2 = make_train_step(state, opt, mesh1, terms=[cross_entropy(8), l2_to_base_term(w)], with_base=True)
     t_plain, _, m_plain = plain(copy(moved), copy(state.opt_state), state.frozen, batch, key)
-    t_l2, _, m_l2 = l2(copy(moved), copy(state.opt_state), state.frozen, batch, key, base)
+    t_l2, _, m_l2 = l2(copy(moved), copy(state.opt_state), Frozen(state.frozen, base), batch, key)
     diffs = jax.tree.map(lambda a, b: a - b, moved, host(base))
     want_l2 = sum(float(np.sum(np.square(d.astype(np.float64)))) for d in jax.tree.leaves(diffs))
     assert float(m_l2["l2_reg"]) == pytest.approx(want_l2, rel=1e-5)
@@ -85,16 +86,16 @@ def test_kl_term_is_zero_at_the_base_and_exact_after(mesh1):
     state = lora_state(opt, mesh1)
     batch, retain, key = make_batch(4, 16, seed=0), make_batch(4, 16, seed=1), jax.random.key(0)
     plain = make_train_step(state, opt, mesh1, loss_chunk=8)
-    kl = make_train_step(state, opt, mesh1, loss_chunk=8, kl_weight=2.0)
+    kl = make_train_step(state, opt, mesh1, terms=[cross_entropy(8), kl_to_base(2.0, 8)])
     assert not kl.with_base
     t_plain, _, _ = plain(copy(state.trainable), copy(state.opt_state), state.frozen, batch, key)
-    t_kl, _, m = kl(copy(state.trainable), copy(state.opt_state), state.frozen, batch, key, retain=retain)
+    t_kl, _, m = kl(copy(state.trainable), copy(state.opt_state), state.frozen, {**batch, "retain": retain}, key)
     assert abs(float(m["kl_reg"])) < 1e-6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), host(t_plain), host(t_kl))
 
     rng = np.random.default_rng(2)
     moved = jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(np.float32), host(t_kl))
-    _, _, m = kl(copy(moved), copy(state.opt_state), state.frozen, batch, key, retain=retain)
+    _, _, m = kl(copy(moved), copy(state.opt_state), state.frozen, {**batch, "retain": retain}, key)
     model = nnx.merge(state.graphdef, moved, state.frozen)
     args = (retain["input_ids"], retain["positions"], retain["segment_ids"])
     per_token = np.asarray(token_kl(base_view(model)(*args), model(*args)), np.float64)
@@ -107,9 +108,9 @@ def test_kl_term_is_zero_at_the_base_and_exact_after(mesh1):
     c.method = "full"
     assert forget.wants_base_copy(c, evaluating=False)
     full = init_state(lambda: tiny_model(0), opt.tx, mesh1, trainable=nnx.Param)
-    no_base = make_train_step(full, opt, mesh1, loss_chunk=8, kl_weight=1.0)
+    no_base = make_train_step(full, opt, mesh1, terms=[cross_entropy(8), kl_to_base(1.0, 8)])
     with pytest.raises(ConfigError, match="LoRA"):  # zeroed full weights are not the base
-        no_base(full.trainable, full.opt_state, full.frozen, batch, key, retain=retain)
+        no_base(full.trainable, full.opt_state, full.frozen, {**batch, "retain": retain}, key)
 
 
 def test_memory_estimate_counts_the_base_copy_and_the_retain_batch():

@@ -15,7 +15,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ftjax.lora import apply_lora
-from ftjax.sharding import make_mesh
+from ftjax.config import default_config, validate
+from ftjax.sharding import make_mesh, parse_rules
 from ftjax.train.optimizer import make_optimizer
 from ftjax.train.state import init_state, place_state
 from ftjax.train.step import make_train_step
@@ -65,15 +66,15 @@ def initial():
     return out
 
 
-def train(initial, method, batch, data=1, fsdp=1, tensor=1, grad_accum=1):
+def train(initial, method, batch, data=1, fsdp=1, tensor=1, grad_accum=1, rules=None):
     """STEPS steps on a mesh; returns (losses, final trainable on the host, final trainable on device)."""
     graphdef, trainable, frozen, filt = initial[method]
     devices = jax.devices()[: data * fsdp * tensor]
     mesh = make_mesh(data, fsdp, tensor, devices=devices)
     opt = make_optimizer(OPTIM, 10)
     model = nnx.merge(graphdef, *jax.tree.map(jnp.asarray, (trainable, frozen)))
-    state = place_state(model, opt.tx, mesh, trainable=filt)
-    step = make_train_step(state, opt, mesh, grad_accum=grad_accum, loss_chunk=8)
+    state = place_state(model, opt.tx, mesh, trainable=filt, rules=rules)
+    step = make_train_step(state, opt, mesh, grad_accum=grad_accum, loss_chunk=8, rules=rules)
     t, o = state.trainable, state.opt_state
     losses = []
     for i in range(STEPS):
@@ -112,6 +113,17 @@ def test_full_finetuning_same_on_every_mesh(initial, reference, batch, name):
     if fsdp > 1:
         shard = q_kernel[...].addressable_shards[0].data.shape
         assert shard[1] == q_kernel[...].shape[1] // fsdp
+
+
+def test_mesh_rules_override_places_by_the_config_and_gives_the_same_training(initial, reference, batch):
+    """mesh.rules swaps the roles of fsdp and tensor in the layers: the weights move, the losses do not."""
+    c = default_config()
+    c.mesh.rules = "embed=tensor, heads=fsdp,kv=fsdp,mlp=fsdp,act_heads=fsdp,act_kv=fsdp,act_mlp=fsdp"
+    rules = parse_rules(validate(c).mesh.rules)
+    got = train(initial, "full", batch, 2, 2, 2, 2, rules=rules)
+    assert_same_training(got, reference["full"], initial["full"][1])
+    assert got[2]["layers"]["self_attn"]["q_proj"]["kernel"][...].sharding.spec == P(None, "tensor", "fsdp")
+    assert got[2]["layers"]["mlp"]["down_proj"]["kernel"][...].sharding.spec == P(None, "fsdp", "tensor")
 
 
 def test_lora_with_dropout_same_on_mesh(initial, reference, batch):

@@ -18,6 +18,7 @@ from ftjax.train.optimizer import (GuardState, NonFiniteError, decay_mask, make_
                                    raise_if_diverged)
 from ftjax.train.state import init_state, split, state_size
 from ftjax.train.step import make_train_step
+from ftjax.train.terms import StepTerm, cross_entropy
 from train_helpers import TINY, make_batch, tiny_model
 
 LOSS_RTOL = 1e-5
@@ -153,10 +154,14 @@ def test_chunked_cross_entropy_equals_unchunked(batch):
     np.testing.assert_allclose(s / total, np.log(v), rtol=LOSS_RTOL)
 
 
+def nan_in_one_entry() -> StepTerm:
+    """A test-only term whose gradient is NaN in the first entry of every trainable array (and 0 elsewhere)."""
+    return StepTerm("nan_probe", lambda t, base: sum(jnp.nan * x[(0,) * x.ndim] for x in jax.tree.leaves(t)))
+
+
 def test_nonfinite_steps_are_skipped_and_counted(lora_run, mesh1, batch):
     state, step = lora_run["state"], lora_run["step"]  # after 30 good steps: non-trivial optimizer state
-    nan_step = make_train_step(state, step.optimizer, mesh1, loss_chunk=4,  # the test hook: NaN in one entry
-                               grad_hook=lambda g: jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g))
+    nan_step = make_train_step(state, step.optimizer, mesh1, terms=[cross_entropy(4), nan_in_one_entry()])
     bad = dict(batch, loss_weights=batch["loss_weights"].copy())
     bad["loss_weights"][1, 3] = np.nan
     t, o, frozen = jax.tree.map(jnp.copy, (lora_run["trainable"], lora_run["opt_state"], state.frozen))

@@ -69,5 +69,5 @@ def load_run(workdir: str | Path, config: Any = None, mesh: Any = None, step: in
     base = None
     if config.method == "full" and with_base:
         base = load_model(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                          mesh=mesh)
+                          mesh=mesh, rules=setup.rules)
     return LoadedRun(config, model, base, load_tokenizer(config.model.path), int(step))

@@ -1,19 +1,20 @@
 """`run(config, workdir)`: the training job that scripts/train.py and the tests call.
 
-Data flows once: host batches -> sharded global batch -> one jitted step; metrics are fetched
-every `train.log_every` steps (and at the last step). Checkpoints every `checkpoint.every` steps
-and at the end; a workdir with checkpoints resumes from the latest complete one. SIGTERM/SIGINT
-finish the current step, save, and return normally. With `train.early_stop_patience`, the run ends
-(saved, reported) after that many periodic evals without a lower eval loss.
+prepare -> steps -> finish. Data flows once: host batches -> sharded global batch -> one jitted step;
+after each step the periodic actions (ftjax/train/periodic.py) evaluate, log (metrics fetched every
+`train.log_every` steps and at the last one) and checkpoint (every `checkpoint.every` steps and at the
+end). A workdir with checkpoints resumes from the latest complete one. SIGTERM/SIGINT finish the current
+step, save, and return normally. With `train.early_stop_patience`, the run ends (saved, reported) after
+that many periodic evals without a lower eval loss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 from flax import nnx
@@ -25,15 +26,16 @@ from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError
 from ftjax.provenance import base_identity, check_same
-from ftjax.sharding import batch_sharding, batch_shards
+from ftjax.sharding import batch_sharding, batch_shards, parse_rules
 from ftjax.train import forget
 from ftjax.train.early_stop import EarlyStop
 from ftjax.train.eval_loss import eval_loss, make_eval_loss
 from ftjax.train.memory import check_fits
-from ftjax.train.optimizer import raise_if_diverged
+from ftjax.train.periodic import Evaluate, LogMetrics, Meter, Progress, SaveCheckpoint, Tick
 from ftjax.train.setup import build_state, mesh_from_config
-from ftjax.train.state import state_size
-from ftjax.train.step import make_train_step
+from ftjax.train.state import TrainState, state_size
+from ftjax.train.step import Frozen, TrainStep, make_train_step
+from ftjax.train.terms import loss_terms, uses_base
 
 
 class _StopRequest:
@@ -83,35 +85,72 @@ def _evaluating(config) -> bool:
     return bool(config.data.eval) and bool(config.eval.final or config.eval.every)
 
 
-def _evaluation(config, tokenizer, workdir: Path, state, base_trainable):
-    """Task scores, baselines and forgetting (ftjax.evaluation) when the run has eval data.
-
-    The base model is the LoRA model with adapters detached (no copy: base=None), or for full
-    fine-tuning the copy of the initial weights taken before the first (donating) step.
-    """
-    if not _evaluating(config):
-        return None, None
-    from ftjax.evaluation.run import Evaluation
-
-    base = None
-    if config.method == "full":
-        base = nnx.merge(state.graphdef, base_trainable, state.frozen)
-    return Evaluation(config, tokenizer, workdir), base
-
-
-def check_batch_fits(config, mesh) -> None:
+def check_batch_fits(batch_size: int, grad_accum: int, mesh, rules: dict) -> None:
     """The global batch must split over grad_accum micro-batches and the mesh's batch shards."""
-    shards = batch_shards(mesh)
-    need = shards * config.train.grad_accum
-    if config.train.batch_size % need:
-        raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of "
-                          f"{need} (train.grad_accum={config.train.grad_accum} x {shards} batch shards of mesh "
-                          f"{dict(mesh.shape)})")
+    shards = batch_shards(mesh, rules)
+    need = shards * grad_accum
+    if batch_size % need:
+        raise ConfigError(f"train.batch_size={batch_size} must be a multiple of {need} (train.grad_accum="
+                          f"{grad_accum} x {shards} batch shards of mesh {dict(mesh.shape)})")
 
 
 def _say(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, flush=True)
+
+
+class Batches:
+    """The train batches, each with its retain batch as `batch["retain"]` when the KL term reads one; their
+    iterator states travel in the checkpoint's metadata."""
+
+    def __init__(self, train, retain=None):
+        self.train, self.retain = train, retain
+
+    def __next__(self) -> dict:
+        batch = next(self.train)
+        return batch if self.retain is None else {**batch, "retain": next(self.retain)}
+
+    def state(self) -> dict:
+        out = {"data_state": self.train.get_state()}
+        return out if self.retain is None else {**out, "retain_state": self.retain.get_state()}
+
+    def restore(self, meta: dict) -> None:
+        self.train.set_state(meta["data_state"])
+        if self.retain is not None:
+            self.retain.set_state(meta["retain_state"])
+
+    def close(self) -> None:
+        for it in (self.train, self.retain):
+            if it is not None:
+                it.close()
+
+
+@dataclasses.dataclass
+class Job:
+    """What `prepare` builds for the steps and `finish`: state, step, batches, checkpoints, evaluation."""
+
+    config: Any
+    workdir: Path
+    state: TrainState
+    step_fn: TrainStep
+    frozen: Frozen  # the frozen weights, and the step-0 copy where a loss term pulls toward it
+    batches: Batches
+    ckpt: Checkpoints
+    keep_best: bool
+    provenance: dict
+    trainable: Any  # latest trainable weights and optimizer state (restored on resume)
+    opt_state: Any
+    start: int  # the last step already done
+    early: EarlyStop
+    stopped_early: bool
+    eval_loss: Callable[[Any], float] | None  # trainable -> mean eval CE, without eval data None
+    evaluation: Any  # ftjax.evaluation.run.Evaluation, or None
+    base: Any  # the base model the evaluation compares with (full fine-tuning: the step-0 copy)
+    flops_per_token: float
+
+    def model(self, trainable) -> nnx.Module:
+        """The model with these trainable weights (shares the arrays; used between steps only)."""
+        return nnx.merge(self.state.graphdef, trainable, self.state.frozen)
 
 
 def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, Any]:
@@ -121,12 +160,17 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     run in two without changing its schedule.
     """
     config_lib.validate(config)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    main_process = jax.process_index() == 0
+    job = prepare(config, Path(workdir))
+    step, stopped_early, last = steps(job, until)
+    return finish(job, step, stopped_early, last)
 
+
+def prepare(config, workdir: Path) -> Job:
+    """Everything before the first step: mesh, data, state, forgetting control, the step, resume."""
+    workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh_from_config(config)  # a mesh that does not fit the devices fails here, before any load
-    check_batch_fits(config, mesh)
+    rules = parse_rules(config.mesh.rules)
+    check_batch_fits(config.train.batch_size, config.train.grad_accum, mesh, rules)
     tokenizer = load_tokenizer(config.model.path)
     model_cfg = model_config(config.model.path)
     data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size)
@@ -141,169 +185,133 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
 
     # Forgetting control: the step-0 copy (full fine-tuning), then the control data (base replies, cached).
     base_trainable = forget.base_copy(state) if forget.wants_base_copy(config, _evaluating(config)) else None
-    evaluation, base = _evaluation(config, tokenizer, workdir, state, base_trainable)
+    evaluation, base = None, None
+    if _evaluating(config):  # task scores, baselines and forgetting (ftjax.evaluation)
+        from ftjax.evaluation.run import Evaluation
+
+        evaluation = Evaluation(config, tokenizer, workdir)
+        # LoRA: the base is the model with adapters detached (no copy); full: the step-0 copy
+        base = nnx.merge(state.graphdef, base_trainable, state.frozen) if config.method == "full" else None
     retain = forget.retain_data(config, tokenizer, workdir, state, base_trainable)
     if config.forget.replay_fraction:
         data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size,
                                        replay=(retain.replay_path, config.forget.replay_fraction))
         _say(data.summary.format())
-    regularized = config.forget.kl_weight > 0 or config.forget.l2_weight > 0
-    step_base = base_trainable if config.method == "full" and regularized else None
-    step_fn = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,
-                              loss_chunk=config.train.loss_chunk, kl_weight=config.forget.kl_weight,
-                              l2_weight=config.forget.l2_weight, with_base=step_base is not None)
-    sharding = batch_sharding(mesh)
-    it = data_lib.train_iterator(data.train, config.train.batch_size, seed=config.seed, sharding=sharding,
-                                 prefetch=config.data.prefetch)
-    retain_it = forget.retain_batches(config, retain, sharding)
+    terms = loss_terms(config)
+    with_base = config.method == "full" and uses_base(terms)  # LoRA's base: its adapters zeroed, no copy
+    step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=config.train.grad_accum,
+                              rules=setup.rules, with_base=with_base)
+    sharding = batch_sharding(mesh, setup.rules)
+    batches = Batches(data_lib.train_iterator(data.train, config.train.batch_size, seed=config.seed,
+                                              sharding=sharding, prefetch=config.data.prefetch),
+                      forget.retain_batches(config, retain, sharding))
     provenance = {"base": base_identity(config.model.path),
                   "data": {**data.summary.fingerprints, **forget.retain_fingerprint(config, retain)}}
     keep_best = config.checkpoint.keep_best and data.eval is not None
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, keep_best=keep_best)
-    start = 0
-    early, stopped_early = EarlyStop(config.train.early_stop_patience), False
-    latest = ckpt.latest_step()
-    trainable, opt_state = state.trainable, state.opt_state
-    if latest is not None:
-        recorded = ckpt.read_meta(latest).get("provenance", {})
-        check_same(recorded.get("base", {}), provenance["base"], "base model")
-        check_same(recorded.get("data", {}), provenance["data"], "training data")
-        restored, meta = ckpt.restore(latest, {"trainable": trainable, "opt_state": opt_state})
-        trainable, opt_state = restored["trainable"], restored["opt_state"]
-        it.set_state(meta["data_state"])
-        if retain_it is not None:
-            retain_it.set_state(meta["retain_state"])
-        early = EarlyStop.from_state(config.train.early_stop_patience, meta.get("early_stop"))
-        stopped_early = bool(meta.get("stopped_early"))
-        start = latest
-        _say(f"resumed from step {latest}" + (" (early stopping had ended this run)" if stopped_early else ""))
-    if main_process:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    sums_fn = make_eval_loss(state.graphdef, config.train.loss_chunk) if data.eval is not None else None
+    run_eval = None
+    if data.eval is not None:
+        sums_fn = make_eval_loss(state.graphdef, config.train.loss_chunk)
 
-    def run_eval() -> float:
-        batches = data_lib.eval_iterator(data.eval, config.train.batch_size, sharding=sharding)
-        return eval_loss(sums_fn, trainable, state.frozen, batches)
+        def run_eval(trainable) -> float:
+            batches = data_lib.eval_iterator(data.eval, config.train.batch_size, sharding=sharding)
+            return eval_loss(sums_fn, trainable, state.frozen, batches)
 
-    seq_len = config.data.seq_len
-    tokens_per_step = config.train.batch_size * seq_len
     lora_params = n_trainable if config.method == "lora" else 0
-    flops_token = metrics_lib.flops_per_token(model_cfg, seq_len, config.method, lora_params)
-    peak, peak_source = metrics_lib.peak_flops(config.model.dtype)
-    peak_total = peak * jax.device_count()
-    writer = metrics_lib.MetricsWriter(workdir, enabled=main_process)
-    base_key = jax.random.key(config.seed)
-    last: dict[str, Any] = {}
-    progress = _progress(start, config.train.steps, main_process)
-    t_last, steps_since = time.perf_counter(), 0
-    step = start
+    job = Job(config, workdir, state, step_fn, Frozen(state.frozen, base_trainable if with_base else None), batches,
+              ckpt, keep_best, provenance, state.trainable, state.opt_state, 0,
+              EarlyStop(config.train.early_stop_patience), False, run_eval, evaluation, base,
+              metrics_lib.flops_per_token(model_cfg, config.data.seq_len, config.method, lora_params))
+    _resume(job)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return job
 
-    def state_model():
-        """The current model (shares the arrays; used between steps only)."""
-        return nnx.merge(state.graphdef, trainable, state.frozen)
 
-    def fetch(metrics, now: float) -> dict[str, Any]:
-        """The step's metrics on the host (one sync), with throughput since the last fetch."""
-        nonlocal t_last, steps_since
-        fetched = jax.device_get(metrics)
-        tps = steps_since * tokens_per_step / (now - t_last)
-        t_last, steps_since = now, 0
-        values = {"loss": float(fetched["loss"]), "lr": float(fetched["lr"]),
-                  "grad_norm": float(fetched["grad_norm"]), "tokens_per_s": tps,
-                  "mfu": tps * flops_token / peak_total, "trained_tokens": int(fetched["tokens"]),
-                  "skipped_steps": int(fetched["skipped"])}
-        values.update({k: float(fetched[k]) for k in ("kl_reg", "l2_reg", "loss_total") if k in fetched})
-        raise_if_diverged(fetched, config.train.max_consecutive_skips)
-        return values
+def _resume(job: Job) -> None:
+    """From the latest complete checkpoint, if any: weights, optimizer, data position, early-stop state."""
+    latest = job.ckpt.latest_step()
+    if latest is None:
+        return
+    recorded = job.ckpt.read_meta(latest).get("provenance", {})
+    check_same(recorded.get("base", {}), job.provenance["base"], "base model")
+    check_same(recorded.get("data", {}), job.provenance["data"], "training data")
+    restored, meta = job.ckpt.restore(latest, {"trainable": job.trainable, "opt_state": job.opt_state})
+    job.trainable, job.opt_state = restored["trainable"], restored["opt_state"]
+    job.batches.restore(meta)
+    job.early = EarlyStop.from_state(job.config.train.early_stop_patience, meta.get("early_stop"))
+    job.stopped_early = bool(meta.get("stopped_early"))
+    job.start = latest
+    _say(f"resumed from step {latest}" + (" (early stopping had ended this run)" if job.stopped_early else ""))
 
-    last_step = start if stopped_early else config.train.steps
-    with _StopRequest() as stop:
-        for step in range(start + 1, last_step + 1):
-            batch = next(it)
-            retain_batch = next(retain_it) if retain_it is not None else None
-            rng = jax.random.fold_in(base_key, step)
-            trainable, opt_state, metrics = step_fn(trainable, opt_state, state.frozen, batch, rng, step_base,
-                                                    retain_batch)
-            _inject_fault(step)
-            steps_since += 1
-            is_last = step == config.train.steps
-            stopping = stop.should_stop(step) or step == until
-            values: dict[str, Any] = {}
-            if step % config.train.log_every == 0 or is_last or stopping:
-                values = fetch(metrics, time.perf_counter())
-            every = config.eval.every
-            periodic = bool(every) and step % every == 0
-            if sums_fn is not None and (periodic or (is_last and config.eval.final)):
-                t_eval = time.perf_counter()
-                values["eval_loss"] = run_eval()
-                if periodic and early.update(values["eval_loss"]) and not is_last:
-                    stopped_early = stopping = True
-                    if "loss" not in values:  # the last step is always logged
-                        values.update(fetch(metrics, t_eval))
-                if evaluation is not None and periodic:
-                    values.update(evaluation.track(state_model(), base, step))
-                t_last = time.perf_counter()  # eval time is not training throughput
-            if values:
-                writer.write(step, values)
-                last.update(values)
-                progress.update(step, last)
-            if (config.checkpoint.every and step % config.checkpoint.every == 0) or is_last or stopping:
-                meta = {"step": step, "data_state": it.get_state(), "config": config.to_dict(),
-                        "provenance": provenance, "early_stop": early.state(), "stopped_early": stopped_early}
-                if retain_it is not None:
-                    meta["retain_state"] = retain_it.get_state()
-                ckpt.save(step, {"trainable": trainable, "opt_state": opt_state}, meta,
-                          eval_loss=values.get("eval_loss"))
-            if stopped_early:
-                _say(f"early stopping: no lower eval loss in {early.patience} evals "
-                     f"(best {early.best:.4f}); saved step {step}")
-                break
-            if stopping:
-                _say(f"stop requested: saved step {step}, exiting")
-                break
-    progress.close()
-    reporting = evaluation is not None and config.eval.final and (step == config.train.steps or stopped_early)
-    report_step = ckpt.best_step() if reporting and keep_best else step
-    ckpt.close()  # the final save is complete before the (long) report
+
+def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
+    """The steps, each followed by the periodic actions; returns (last step, stopped early, last values)."""
+    c = job.config
+    peak, _ = metrics_lib.peak_flops(c.model.dtype)
+    meter = Meter(c.train.batch_size * c.data.seq_len, job.flops_per_token, peak * jax.device_count(),
+                  c.train.max_consecutive_skips, [t.name for t in job.step_fn.terms])
+    main = jax.process_index() == 0
+    log = LogMetrics(c.train.log_every, meter, metrics_lib.MetricsWriter(job.workdir, enabled=main),
+                     Progress(job.start, c.train.steps, main))
+
+    def meta(tick: Tick) -> dict:
+        return {"step": tick.step, **job.batches.state(), "config": c.to_dict(), "provenance": job.provenance,
+                "early_stop": job.early.state(), "stopped_early": tick.stopped_early}
+
+    actions = [log, SaveCheckpoint(c.checkpoint.every, job.ckpt, meta)]
+    if job.eval_loss is not None:
+        track = None
+        if job.evaluation is not None:
+            track = lambda trainable, step: job.evaluation.track(job.model(trainable), job.base, step)  # noqa: E731
+        actions.insert(0, Evaluate(c.eval.every, c.eval.final, job.eval_loss, job.early, meter, track))
+    base_key = jax.random.key(c.seed)
+    trainable, opt_state, step, stopped_early = job.trainable, job.opt_state, job.start, job.stopped_early
+    last_step = job.start if stopped_early else c.train.steps
+    try:
+        with _StopRequest() as stop:
+            for step in range(job.start + 1, last_step + 1):
+                rng = jax.random.fold_in(base_key, step)
+                trainable, opt_state, metrics = job.step_fn(trainable, opt_state, job.frozen, next(job.batches), rng)
+                _inject_fault(step)
+                tick = Tick(step, trainable, opt_state, metrics, is_last=step == c.train.steps,
+                            stopping=stop.should_stop(step) or step == until)
+                for action in actions:
+                    action(tick)
+                stopped_early = tick.stopped_early
+                if stopped_early:
+                    _say(f"early stopping: no lower eval loss in {job.early.patience} evals "
+                         f"(best {job.early.best:.4f}); saved step {step}")
+                    break
+                if tick.stopping:
+                    _say(f"stop requested: saved step {step}, exiting")
+                    break
+    finally:
+        log.progress.close()
+        log.writer.close()
+    job.trainable, job.opt_state = trainable, opt_state
+    return step, stopped_early, log.last
+
+
+def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, Any]:
+    """After the steps: the before/after report on the best checkpoint, closing, the loss plot."""
+    c, trainable = job.config, job.trainable
+    reporting = job.evaluation is not None and c.eval.final and (step == c.train.steps or stopped_early)
+    report_step = job.ckpt.best_step() if reporting and job.keep_best else step
+    job.ckpt.close()  # the final save is complete before the (long) report
     if reporting and report_step != step:  # the report describes the weights export takes: the best
-        reader = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
+        reader = Checkpoints(job.workdir, keep=c.checkpoint.keep, async_save=False, read_only=True)
         try:  # a reader of its own: the writer's handlers were registered for whole-state saves
             trainable = reader.restore_trainable(report_step, trainable)
         finally:
             reader.close()
         _say(f"report: the best checkpoint, step {report_step} (lowest eval loss), not the final step {step}")
     if reporting:
-        last["report"] = evaluation.report(state_model(), base, report_step, extra_meta={"final_step": step})
-    it.close()
-    if retain_it is not None:
-        retain_it.close()
-    writer.close()
-    if main_process:
-        metrics_lib.plot_losses(workdir)
+        last["report"] = job.evaluation.report(job.model(trainable), job.base, report_step,
+                                               extra_meta={"final_step": step})
+    job.batches.close()
+    if jax.process_index() == 0:
+        metrics_lib.plot_losses(job.workdir)
+    peak, peak_source = metrics_lib.peak_flops(c.model.dtype)
     return {"step": step, **last, "stopped_early": stopped_early, "peak_flops": peak, "peak_source": peak_source}
-
-
-class _progress:
-    """A tqdm bar on process 0: step, loss, tokens/s, ETA."""
-
-    def __init__(self, start: int, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        self.pos = start
-
-    def update(self, step: int, values: dict) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(step - self.pos)
-        self.pos = step
-        shown = {"loss": ("loss", ".4f"), "tok/s": ("tokens_per_s", ".0f"), "eval": ("eval_loss", ".4f")}
-        post = {name: format(values[key], spec) for name, (key, spec) in shown.items() if key in values}
-        self.bar.set_postfix(post)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -57,6 +57,17 @@ def chunked_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], h_btd: ja
     return total, jnp.sum(weights_bt)
 
 
+def head_cross_entropy(model, h_btd: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array, chunk: int
+                       ) -> jax.Array:
+    """Σ weight · CE through `model`'s head: fused with the head's matmul when the model exposes it as one
+    linear (`head_weight()`, no logits recompute), else chunked over any `model.logits`."""
+    if hasattr(model, "head_weight"):
+        w, vocab_major = model.head_weight()
+        return fused_cross_entropy(h_btd.astype(w.dtype), w, targets_bt, weights_bt, chunk,
+                                   vocab_major=vocab_major)[0]
+    return chunked_cross_entropy(model.logits, h_btd, targets_bt, weights_bt, chunk)[0]
+
+
 def fused_cross_entropy(h_btd: jax.Array, w: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array, chunk: int,
                         *, vocab_major: bool) -> tuple[jax.Array, jax.Array]:
     """Like `chunked_cross_entropy` for a linear head `w` ([V, D] if vocab_major, else [D, V]), with the

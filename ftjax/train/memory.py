@@ -23,15 +23,15 @@ from ftjax.backend_defaults import resolve_auto
 from ftjax.errors import ConfigError
 from ftjax.lora import apply_lora, trainable_filter
 from ftjax.models.llama import Llama, ModelConfig
-from ftjax.sharding import batch_shards, state_shardings
+from ftjax.sharding import batch_shards, parse_rules, state_shardings
 from ftjax.train.optimizer import make_optimizer
 
 GIB = 1024**3
 
 
-def _device_bytes(abstract_state, mesh: Mesh, dtype=None) -> int:
+def _device_bytes(abstract_state, mesh: Mesh, rules: dict, dtype=None) -> int:
     """Bytes one device holds of a sharded state (dtype overrides the leaves' own)."""
-    shardings = jax.tree.leaves(state_shardings(abstract_state, mesh))
+    shardings = jax.tree.leaves(state_shardings(abstract_state, mesh, rules))
     leaves = jax.tree.leaves(abstract_state)
     total = 0
     for leaf, sharding in zip(leaves, shardings):
@@ -76,7 +76,8 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
 
     _, trainable, frozen = nnx.split(nnx.eval_shape(build), trainable_filter(config.method), ...)
     opt = jax.eval_shape(make_optimizer(config.optim, config.train.steps).tx.init, trainable)
-    rows = config.train.batch_size // config.train.grad_accum // batch_shards(mesh)
+    rules = parse_rules(config.mesh.rules)
+    rows = config.train.batch_size // config.train.grad_accum // batch_shards(mesh, rules)
     t, d, cfg = config.data.seq_len, model_cfg.hidden_size, model_cfg
     scale = jnp.dtype(config.model.dtype).itemsize / 2
     tensor = mesh.shape["tensor"]
@@ -91,8 +92,9 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     if config.forget.kl_weight:
         acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
     frozen_dtype = config.train.frozen_dtype
-    out = {"trainable": _device_bytes(trainable, mesh), "frozen": _device_bytes(frozen, mesh, frozen_dtype),
-           "opt_state": _device_bytes(opt, mesh), "activations": int(acts)}
+    out = {"trainable": _device_bytes(trainable, mesh, rules),
+           "frozen": _device_bytes(frozen, mesh, rules, frozen_dtype),
+           "opt_state": _device_bytes(opt, mesh, rules), "activations": int(acts)}
     if config.method == "full" and (config.forget.kl_weight or config.forget.l2_weight):
         out["base_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
     return out

@@ -1,4 +1,4 @@
-"""Loss terms that hold a fine-tuned model near its base (forgetting control); the train step adds them.
+"""Loss terms that hold a fine-tuned model near its base (forgetting control); ftjax/train/terms.py composes them.
 
     loss = CE_mean + forget.kl_weight · KL_mean(retain batch) + forget.l2_weight · l2_to_base(trainable, base)
 

@@ -6,15 +6,18 @@ are accumulated over micro-batches by `lax.scan`; the loss is the token-weighted
 whole global batch. Metrics stay on device; the loop fetches them every `log_every` steps.
 Dropout masks do not depend on the mesh, but do on grad_accum (each micro-batch gets its own key).
 
-Forgetting control (ftjax/train/regularizers.py): `kl_weight` adds KL(base ‖ tuned) on a retain batch of
-the same shape; `l2_weight` adds Σ‖W − W_base‖². `base` is the step-0 copy of the trainable weights (full
-fine-tuning); without it the KL's base is the same model with zero adapters (LoRA: no second copy).
-`metrics["loss"]` stays the task cross-entropy; `kl_reg`, `l2_reg` (unweighted) and `loss_total` join it.
+The loss is the weighted sum of the step's terms (ftjax/train/terms.py): each micro-batch runs one forward
+pass per batch stream the terms read (the task batch, `batch["retain"]` for KL to the base), the base
+model's pass where a term asks for it, then every batch term on those outputs; step terms (L2 to the base)
+are added once per step. `frozen` is the model's frozen part, or `Frozen(model, base)` with the step-0 copy
+of the trainable weights (full fine-tuning; LoRA's base is the same model with zeroed adapters).
+`metrics["loss"]` is the task cross-entropy; every other term's unweighted value and `loss_total` join it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +27,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax.errors import ConfigError
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards
-from ftjax.train.loss import chunked_cross_entropy, fused_cross_entropy
 from ftjax.train.optimizer import Optimizer
-from ftjax.train.regularizers import chunked_kl_to_base, l2_to_base, lora_base_trainable
+from ftjax.train.regularizers import lora_base_trainable
 from ftjax.train.state import StateShardings
+from ftjax.train.terms import TASK, BatchTerm, Forward, StepTerm, Term, cross_entropy, weighted_sum
 
 BATCH_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Frozen:
+    """What the step reads and never trains: the model's frozen part, and the step-0 trainable copy if kept."""
+
+    model: Any
+    base: Any = None
 
 
 def micro_batches(batch: dict, grad_accum: int) -> dict:
@@ -58,130 +70,128 @@ class TrainStep:
     """The jitted step plus `traces`, a count of how often Python traced it (compile-once check).
 
     `batch` holds global [B, T] arrays laid out as `self.batch_sharding` (host numpy works on one
-    process; on several, build them with `jax.make_array_from_process_local_data`). `grad_hook`
-    (tests only) transforms the accumulated gradients before the optimizer, e.g. to inject a NaN.
+    process; on several, build them with `jax.make_array_from_process_local_data`), and a sub-dict of
+    the same arrays for each other stream a term reads (`batch["retain"]`).
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, optimizer: Optimizer, mesh: Mesh, shardings: StateShardings, *,
-                 grad_accum: int = 1, loss_chunk: int = 512, rules: dict | None = None,
-                 grad_hook: Callable[[Any], Any] | None = None, kl_weight: float = 0.0, l2_weight: float = 0.0,
-                 with_base: bool = False):
+    def __init__(self, graphdef: nnx.GraphDef, optimizer: Optimizer, mesh: Mesh, shardings: StateShardings,
+                 terms: Sequence[Term], *, grad_accum: int = 1, rules: dict | None = None, with_base: bool = False):
         if grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {grad_accum}")
-        if kl_weight < 0 or l2_weight < 0:
-            raise ConfigError(f"forget.kl_weight and forget.l2_weight must be >= 0, got {kl_weight}, {l2_weight}")
-        if l2_weight and not with_base:
-            raise ConfigError("forget.l2_weight needs the step-0 copy of the weights (with_base=True)")
+        self.batch_terms = [t for t in terms if isinstance(t, BatchTerm)]
+        self.step_terms = [t for t in terms if isinstance(t, StepTerm)]
+        self.terms = self.batch_terms + self.step_terms  # the order of the sum and of `values`
+        names = [t.name for t in self.terms]
+        if len(self.terms) != len(terms) or len(set(names)) != len(names) or any(t.weight < 0 for t in terms):
+            raise ConfigError(f"loss terms must be BatchTerm/StepTerm with distinct names and weights >= 0, got "
+                              + ", ".join(f"{getattr(t, 'name', t)}={getattr(t, 'weight', '?')}" for t in terms))
+        for t in self.step_terms:
+            if t.needs_base and not with_base:
+                raise ConfigError(f"loss term {t.name} needs the step-0 copy of the weights (with_base=True)")
         self.graphdef, self.optimizer, self.mesh, self.rules = graphdef, optimizer, mesh, rules
-        self.grad_accum, self.loss_chunk, self.grad_hook = grad_accum, loss_chunk, grad_hook
-        self.kl_weight, self.l2_weight, self.with_base = float(kl_weight), float(l2_weight), with_base
+        self.grad_accum, self.with_base = grad_accum, with_base
+        self.streams = tuple(dict.fromkeys([TASK] + [t.stream for t in self.batch_terms]))
+        self._base_streams = {t.stream for t in self.batch_terms if t.reads_base}
         self.trainable_sharding = shardings.trainable
         self.traces = 0
         replicated = NamedSharding(mesh, PartitionSpec())
         self.batch_sharding = batch_sharding(mesh, rules)
         self._micro_sharding = NamedSharding(mesh, PartitionSpec(None, *self.batch_sharding.spec))
+        frozen_sharding = Frozen(shardings.frozen, shardings.trainable if with_base else None)
         self._jitted = jax.jit(
             self._step,
-            in_shardings=(shardings.trainable, shardings.opt_state, shardings.frozen, self.batch_sharding,
-                          replicated, shardings.trainable if with_base else None,
-                          self.batch_sharding if kl_weight else None),
+            in_shardings=(shardings.trainable, shardings.opt_state, frozen_sharding, self.batch_sharding,
+                          replicated),
             out_shardings=(shardings.trainable, shardings.opt_state, replicated),
             donate_argnums=(0, 1))
 
-    def __call__(self, trainable, opt_state, frozen, batch: dict, rng: jax.Array, base=None,
-                 retain: dict | None = None):
-        """`base`: the step-0 trainable copy (when built `with_base`); `retain`: a retain batch (kl_weight > 0)."""
-        shards = batch_shards(self.mesh, self.rules)
-        check_batch(batch, self.grad_accum, shards)
-        if (base is not None) != self.with_base:
+    def __call__(self, trainable, opt_state, frozen, batch: dict, rng: jax.Array):
+        """`frozen`: the model's frozen state, or `Frozen(model=..., base=...)` when built `with_base`."""
+        return self._jitted(trainable, opt_state, *self.arguments(trainable, frozen, batch), rng)
+
+    def lower(self, trainable, opt_state, frozen, batch: dict, rng: jax.Array):
+        """The step lowered for these arguments; its compiled form takes `arguments(...)`'s (frozen, streams)
+        in the middle (benchmarks compile it apart from running it)."""
+        return self._jitted.lower(trainable, opt_state, *self.arguments(trainable, frozen, batch), rng)
+
+    def arguments(self, trainable, frozen, batch: dict) -> tuple[Frozen, dict]:
+        """(Frozen, the batch's streams): the jitted step's middle arguments, checked before compiling."""
+        frozen = frozen if isinstance(frozen, Frozen) else Frozen(frozen)
+        if (frozen.base is not None) != self.with_base:
             raise ConfigError("this step was built " + ("with" if self.with_base else "without") +
-                              " a base copy of the weights; pass base= accordingly")
-        if self.kl_weight:
-            if not self.with_base and self.traces == 0 and not _all_adapters(trainable):
-                raise ConfigError("forget.kl_weight without a base copy needs LoRA trainables (zero adapters = "
-                                  "the base); for full fine-tuning pass the step-0 weights as base=")
-            if retain is None:
-                raise ConfigError("forget.kl_weight > 0 needs a retain batch every step (retain=...)")
-            check_batch(retain, self.grad_accum, shards)
-            retain = {k: retain[k] for k in BATCH_KEYS}
-        else:
-            retain = None
-        return self._jitted(trainable, opt_state, frozen, {k: batch[k] for k in BATCH_KEYS}, rng, base, retain)
+                              " a base copy of the weights; pass frozen=Frozen(model, base) accordingly")
+        if self._base_streams and not self.with_base and self.traces == 0 and not _all_adapters(trainable):
+            raise ConfigError("loss terms reading the base without a base copy need LoRA trainables (zero "
+                              "adapters = the base); for full fine-tuning build the step with_base and pass "
+                              "Frozen(frozen, base) with the step-0 weights")
+        shards = batch_shards(self.mesh, self.rules)
+        streams = {}
+        for stream in self.streams:
+            part = batch if stream == TASK else batch.get(stream)
+            if part is None:
+                readers = ", ".join(t.name for t in self.batch_terms if t.stream == stream)
+                raise ConfigError(f"loss term {readers} reads batch[{stream!r}], which this batch lacks")
+            check_batch(part, self.grad_accum, shards)
+            streams[stream] = {k: part[k] for k in BATCH_KEYS}
+        return frozen, streams
 
-    def _loss(self, trainable, frozen, base, micro: dict, retain: dict | None, rng, total_weight, retain_weight):
-        """This micro-batch's share of the global mean loss: sum(w · CE) / total weight, plus
-        kl_weight · its share of the retain batch's token-mean KL(base ‖ tuned). Aux: (CE, KL) shares."""
-        model = nnx.merge(self.graphdef, trainable, frozen)
-        h = model.hidden(micro["input_ids"], micro["positions"], micro["segment_ids"], rng=rng)
-        if hasattr(model, "head_weight"):  # the head's matmuls fused with the loss: no logits recompute
-            w, vocab_major = model.head_weight()
-            loss_sum, _ = fused_cross_entropy(h.astype(w.dtype), w, micro["targets"], micro["loss_weights"],
-                                              self.loss_chunk, vocab_major=vocab_major)
-        else:
-            loss_sum, _ = chunked_cross_entropy(model.logits, h, micro["targets"], micro["loss_weights"],
-                                                self.loss_chunk)
-        ce = loss_sum / total_weight
-        if retain is None:
-            return ce, (ce, jnp.zeros((), jnp.float32))
-        base_trainable = base if base is not None else lora_base_trainable(trainable)
-        base_model = nnx.merge(self.graphdef, jax.lax.stop_gradient(base_trainable), frozen)
-        args = (retain["input_ids"], retain["positions"], retain["segment_ids"])
-        h_tuned = model.hidden(*args, rng=jax.random.fold_in(rng, 1))
-        h_base = base_model.hidden(*args)  # no dropout: the base distribution is deterministic
-        kl_sum, _ = chunked_kl_to_base(model.logits, h_tuned, base_model.logits, h_base, retain["loss_weights"],
-                                       self.loss_chunk)
-        kl = kl_sum / retain_weight
-        return ce + self.kl_weight * kl, (ce, kl)
+    def _loss(self, trainable, frozen: Frozen, micro: dict, rng, totals: dict):
+        """This micro-batch's share of the weighted batch terms; aux: each term's unweighted share."""
+        model = nnx.merge(self.graphdef, trainable, frozen.model)
+        base = None
+        if self._base_streams:
+            base_trainable = frozen.base if self.with_base else lora_base_trainable(trainable)
+            base = nnx.merge(self.graphdef, jax.lax.stop_gradient(base_trainable), frozen.model)
+        forwards = {}
+        for i, stream in enumerate(self.streams):
+            mb = micro[stream]
+            args = (mb["input_ids"], mb["positions"], mb["segment_ids"])
+            h = model.hidden(*args, rng=rng if i == 0 else jax.random.fold_in(rng, i))
+            # the base's pass has no dropout: the base distribution is deterministic
+            base_pass = Forward(base, base.hidden(*args), mb) if stream in self._base_streams else None
+            forwards[stream] = Forward(model, h, mb, base_pass)
+        values = tuple(t.fn(forwards[t.stream]) / totals[t.stream] for t in self.batch_terms)
+        return weighted_sum(self.batch_terms, values), values
 
-    def _step(self, trainable, opt_state, frozen, batch, rng, base, retain):
+    def _step(self, trainable, opt_state, frozen: Frozen, streams: dict, rng):
         self.traces += 1
         with activation_sharding(self.mesh, self.rules):
-            total_weight = _total_weight(batch)
-            retain_weight = _total_weight(retain) if retain is not None else None
-            micro = jax.lax.with_sharding_constraint(micro_batches(batch, self.grad_accum), self._micro_sharding)
-            retain_micro = None
-            if retain is not None:
-                retain_micro = jax.lax.with_sharding_constraint(micro_batches(retain, self.grad_accum),
-                                                                self._micro_sharding)
+            totals = {s: _total_weight(b) for s, b in streams.items()}
+            micro = jax.lax.with_sharding_constraint(
+                {s: micro_batches(b, self.grad_accum) for s, b in streams.items()}, self._micro_sharding)
             rngs = jax.random.split(rng, self.grad_accum)
             grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
             def accumulate(acc, xs):
-                mb, rmb, r = xs
-                (_, (ce, kl)), grads = grad_fn(trainable, frozen, base, mb, rmb, r, total_weight, retain_weight)
-                acc_ce, acc_kl, acc_grads = acc
+                mb, r = xs
+                (_, values), grads = grad_fn(trainable, frozen, mb, r, totals)
+                acc_values, acc_grads = acc
                 acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
                 acc_grads = jax.lax.with_sharding_constraint(acc_grads, self.trainable_sharding)
-                return (acc_ce + ce, acc_kl + kl, acc_grads), None
+                return (tuple(a + v for a, v in zip(acc_values, values)), acc_grads), None
 
             zeros = jax.tree.map(jnp.zeros_like, trainable)
-            scalar = jnp.zeros((), jnp.float32)
-            (loss, kl, grads), _ = jax.lax.scan(accumulate, (scalar, scalar, zeros), (micro, retain_micro, rngs))
-            extra = {}
-            if retain is not None:
-                extra["kl_reg"] = kl
-            if self.l2_weight:
-                l2, l2_grads = jax.value_and_grad(l2_to_base)(trainable, base)
-                grads = jax.tree.map(lambda g, d: g + self.l2_weight * d.astype(g.dtype), grads, l2_grads)
-                extra["l2_reg"] = l2
-            if extra:
-                extra["loss_total"] = (loss + self.kl_weight * extra.get("kl_reg", 0.0)
-                                       + self.l2_weight * extra.get("l2_reg", 0.0))
-            if self.grad_hook is not None:
-                grads = self.grad_hook(grads)
+            scalars = tuple(jnp.zeros((), jnp.float32) for _ in self.batch_terms)
+            (values, grads), _ = jax.lax.scan(accumulate, (scalars, zeros), (micro, rngs))
+            values = list(values)
+            for term in self.step_terms:  # batch-independent: once per step, not per micro-batch
+                value, term_grads = jax.value_and_grad(term.fn)(trainable, frozen.base)
+                grads = jax.tree.map(lambda g, d, w=term.weight: g + w * d.astype(g.dtype), grads, term_grads)
+                values.append(value)
             lr = self.optimizer.schedule(opt_state.applied)  # the lr this update uses
             updates, opt_state = self.optimizer.tx.update(grads, opt_state, trainable)
             trainable = optax.apply_updates(trainable, updates)
             metrics = {
-                "loss": loss,
+                **{t.name: v for t, v in zip(self.terms, values)},
                 "grad_norm": optax.tree.norm(grads),
                 "lr": jnp.asarray(lr, jnp.float32),
-                "tokens": jnp.sum(batch["loss_weights"] > 0).astype(jnp.int32),
+                "tokens": jnp.sum(streams[TASK]["loss_weights"] > 0).astype(jnp.int32),
                 "skipped": opt_state.skipped,
                 "consecutive_skips": opt_state.consecutive,
                 "longest_skip_run": opt_state.longest,
-                **extra,
             }
+            if len(self.terms) > 1:
+                metrics["loss_total"] = weighted_sum(self.terms, values)
         return trainable, opt_state, metrics
 
 
@@ -198,10 +208,11 @@ def _total_weight(batch: dict) -> jax.Array:
     return jnp.where(weight_sum == 0, 1.0, weight_sum)
 
 
-def make_train_step(state, optimizer: Optimizer, mesh: Mesh, *, grad_accum: int = 1, loss_chunk: int = 512,
-                    rules: dict | None = None, grad_hook: Callable[[Any], Any] | None = None,
-                    kl_weight: float = 0.0, l2_weight: float = 0.0, with_base: bool = False) -> TrainStep:
-    """The step for a `TrainState` (its graphdef and shardings fix what the step compiles for)."""
-    return TrainStep(state.graphdef, optimizer, mesh, state.shardings, grad_accum=grad_accum,
-                     loss_chunk=loss_chunk, rules=rules, grad_hook=grad_hook, kl_weight=kl_weight,
-                     l2_weight=l2_weight, with_base=with_base)
+def make_train_step(state, optimizer: Optimizer, mesh: Mesh, *, terms: Sequence[Term] | None = None,
+                    grad_accum: int = 1, loss_chunk: int = 512, rules: dict | None = None,
+                    with_base: bool = False) -> TrainStep:
+    """The step for a `TrainState` (its graphdef and shardings fix what the step compiles for); `terms`
+    defaults to the task cross-entropy alone, `loss_chunk` positions of logits at a time."""
+    terms = [cross_entropy(loss_chunk)] if terms is None else terms
+    return TrainStep(state.graphdef, optimizer, mesh, state.shardings, terms, grad_accum=grad_accum, rules=rules,
+                     with_base=with_base)

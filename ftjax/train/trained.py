@@ -20,7 +20,7 @@ from ftjax.backend_defaults import resolve_auto
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError, LoadError
 from ftjax.lora import apply_lora, trainable_filter
-from ftjax.sharding import state_shardings
+from ftjax.sharding import parse_rules, state_shardings
 from ftjax.train.state import cast_floats
 
 
@@ -68,11 +68,11 @@ def _default_mesh(config) -> Mesh | None:
         return None
 
 
-def _target(trainable: nnx.State, mesh: Mesh | None) -> nnx.State:
+def _target(trainable: nnx.State, mesh: Mesh | None, rules: dict) -> nnx.State:
     """Shape/dtype/sharding of each trained array, for Orbax to restore straight into place."""
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     if mesh is not None:
-        shardings = state_shardings(trainable, mesh)
+        shardings = state_shardings(trainable, mesh, rules)
     else:
         one = SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: one, trainable, is_leaf=is_var)
@@ -91,7 +91,7 @@ def _base(config, mesh: Mesh | None) -> nnx.Module:
 
     if config.method != "full":
         return api.load_model(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                              mesh=mesh, attention=config.model.attention)
+                              mesh=mesh, rules=parse_rules(config.mesh.rules), attention=config.model.attention)
     cfg = api.model_config(config.model.path, config.model.dtype).replace(
         param_dtype=config.model.param_dtype, attention=config.model.attention)
     return nnx.eval_shape(lambda: MODEL_CLASSES[cfg.model_type](cfg, rngs=nnx.Rngs(0)))
@@ -121,7 +121,7 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
         chosen = select_step(ckpt, step, workdir)
         base = _base(config, mesh)
         graphdef, trainable, frozen = nnx.split(_structure(config, base), trainable_filter(config.method), ...)
-        restored = ckpt.restore_trainable(chosen, _target(trainable, mesh))
+        restored = ckpt.restore_trainable(chosen, _target(trainable, mesh, parse_rules(config.mesh.rules)))
     finally:
         ckpt.close()
     if config.method == "lora":

@@ -1,0 +1,151 @@
+"""The train loop's periodic actions (in the style of CLU's and big_vision's): each looks at one finished
+step, a `Tick`, and acts when its schedule says so: evaluate (and stop early), fetch and log metrics,
+save a checkpoint. The loop runs them in that order after every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+
+from ftjax.checkpoint import Checkpoints
+from ftjax.metrics import MetricsWriter
+from ftjax.train.early_stop import EarlyStop
+from ftjax.train.optimizer import raise_if_diverged
+
+
+@dataclasses.dataclass
+class Tick:
+    """One finished step as the actions see it; they add host values and may end the run after it."""
+
+    step: int
+    trainable: Any
+    opt_state: Any
+    metrics: dict  # the step's metrics, still on device
+    is_last: bool  # train.steps reached
+    stopping: bool  # save and end after this step (a signal, `until`, or early stopping)
+    stopped_early: bool = False
+    values: dict = dataclasses.field(default_factory=dict)  # what is logged for this step
+
+
+def due(every: int, step: int) -> bool:
+    """A schedule of `every` steps (0 = never)."""
+    return bool(every) and step % every == 0
+
+
+class Meter:
+    """A step's metrics fetched to the host (one sync) with tokens/s and MFU since the previous fetch;
+    time spent evaluating is not training time."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_total: float, max_consecutive_skips: int,
+                 term_names: list[str]):
+        self.tokens_per_step, self.flops_per_token, self.peak_total = tokens_per_step, flops_per_token, peak_total
+        self.max_consecutive_skips = max_consecutive_skips
+        self.extra = [n for n in term_names if n != "loss"] + ["loss_total"]  # the loss terms' own metrics
+        self.t_last, self.steps, self.paused = time.perf_counter(), 0, 0.0
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def pause(self, seconds: float) -> None:
+        self.paused += seconds
+
+    def fetch(self, metrics: dict) -> dict[str, Any]:
+        now = time.perf_counter()
+        fetched = jax.device_get(metrics)
+        tps = self.steps * self.tokens_per_step / max(now - self.t_last - self.paused, 1e-9)
+        self.t_last, self.steps, self.paused = now, 0, 0.0
+        values = {"loss": float(fetched["loss"]), "lr": float(fetched["lr"]),
+                  "grad_norm": float(fetched["grad_norm"]), "tokens_per_s": tps,
+                  "mfu": tps * self.flops_per_token / self.peak_total, "trained_tokens": int(fetched["tokens"]),
+                  "skipped_steps": int(fetched["skipped"])}
+        values.update({k: float(fetched[k]) for k in self.extra if k in fetched})
+        raise_if_diverged(fetched, self.max_consecutive_skips)
+        return values
+
+
+@dataclasses.dataclass
+class Evaluate:
+    """The eval loss every `every` steps and at the last step (`final`); at the periodic ones also the
+    task/forgetting tracking (`track`) and early stopping, which ends the run after this step."""
+
+    every: int
+    final: bool
+    eval_loss: Callable[[Any], float]  # trainable -> mean eval CE
+    early: EarlyStop
+    meter: Meter
+    track: Callable[[Any, int], dict] | None = None  # (trainable, step) -> values
+
+    def __call__(self, tick: Tick) -> None:
+        periodic = due(self.every, tick.step)
+        if not (periodic or (tick.is_last and self.final)):
+            return
+        start = time.perf_counter()
+        tick.values["eval_loss"] = self.eval_loss(tick.trainable)
+        if periodic and self.early.update(tick.values["eval_loss"]) and not tick.is_last:
+            tick.stopped_early = tick.stopping = True
+        if periodic and self.track is not None:
+            tick.values.update(self.track(tick.trainable, tick.step))
+        self.meter.pause(time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class LogMetrics:
+    """Every `every` steps, at the last step and at a stop: fetch the metrics, write them, show them."""
+
+    every: int
+    meter: Meter
+    writer: MetricsWriter
+    progress: "Progress"
+    last: dict = dataclasses.field(default_factory=dict)  # the latest value of every logged key
+
+    def __call__(self, tick: Tick) -> None:
+        self.meter.step_done()
+        if due(self.every, tick.step) or tick.is_last or tick.stopping:
+            tick.values = {**self.meter.fetch(tick.metrics), **tick.values}
+        if tick.values:
+            self.writer.write(tick.step, tick.values)
+            self.last.update(tick.values)
+            self.progress.update(tick.step, self.last)
+
+
+@dataclasses.dataclass
+class SaveCheckpoint:
+    """Every `every` steps, at the last step and at a stop: save trainable + optimizer state with `meta(tick)`."""
+
+    every: int
+    ckpt: Checkpoints
+    meta: Callable[[Tick], dict]
+
+    def __call__(self, tick: Tick) -> None:
+        if due(self.every, tick.step) or tick.is_last or tick.stopping:
+            self.ckpt.save(tick.step, {"trainable": tick.trainable, "opt_state": tick.opt_state}, self.meta(tick),
+                           eval_loss=tick.values.get("eval_loss"))
+
+
+class Progress:
+    """A tqdm bar on process 0: step, loss, tokens/s, ETA."""
+
+    def __init__(self, start: int, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.pos = start
+
+    def update(self, step: int, values: dict) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.pos)
+        self.pos = step
+        shown = {"loss": ("loss", ".4f"), "tok/s": ("tokens_per_s", ".0f"), "eval": ("eval_loss", ".4f")}
+        post = {name: format(values[key], spec) for name, (key, spec) in shown.items() if key in values}
+        self.bar.set_postfix(post)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
