@@ -184,5 +184,5 @@ def test_decoder_layer_parity(family, tmp_path):
     seg = jnp.ones((b, t), jnp.int32)
     slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = L.attention_mask(seg, slots, seg, slots, None)
-    got, _ = layer0(jnp.asarray(x), sin, cos, mask)
+    got, _, _ = layer0(jnp.asarray(x), sin, cos, mask)
     assert max_diff(got, expected) <= LAYER_TOL

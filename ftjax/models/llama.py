@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models.layers import (MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, attention_mask,
                                  rope_inv_freq, rope_sin_cos)
+from ftjax.models.moe import MoEConfig, SparseMoE
 from ftjax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -57,6 +58,7 @@ class ModelConfig:
     remat: str = "none"  # none | minimal | full | dots
     attention: str = "xla"  # xla | cudnn
     extra: tuple = ()  # HF config items kept for export (hashable pairs)
+    moe: MoEConfig | None = None  # mixture-of-experts MLP in every layer (Mixtral, Qwen3-MoE); None = dense
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -92,11 +94,15 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt)
         self.self_attn = Attention(cfg.attention_config(), stack=stack, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, stack=stack, dtype=dt,
-                       param_dtype=pdt, rngs=rngs)
+        if cfg.moe is not None:
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.moe, stack=stack, dtype=dt, param_dtype=pdt, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, stack=stack, dtype=dt,
+                           param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x_btd, sin, cos, mask, kv=None, index=None, rng=None):
-        """Returns the new residual stream and the (k, v) caches (None without a cache).
+        """Returns the new residual stream, the (k, v) caches (None without a cache) and the router
+        logits [B, T, E] of a mixture-of-experts layer (None for a dense MLP).
 
         `kv` = (k, v, layer): every layer's cache [L, B, S, K, H] and this layer's index. The new keys and
         values are written into the stack in place (a scan carry), then this layer's slice is read: no
@@ -116,8 +122,10 @@ class DecoderLayer(nnx.Module):
         attn = self.self_attn.attend(q, k, v, mask, rngs[3], causal=kv is None)
         x_btd = checkpoint_name(x_btd + attn, "resid_mid")
         h = self.post_attention_layernorm(x_btd)
-        x_btd = x_btd + self.mlp(h, rngs[4:7])
-        return constrain(x_btd, ("batch", "length", "act_embed")), kv
+        mlp_out, router_logits = self.mlp(h, rngs[4:7]) if isinstance(self.mlp, SparseMoE) else (
+            self.mlp(h, rngs[4:7]), None)
+        x_btd = x_btd + mlp_out
+        return constrain(x_btd, ("batch", "length", "act_embed")), kv, router_logits
 
 
 class Llama(nnx.Module):
@@ -140,13 +148,19 @@ class Llama(nnx.Module):
 
     def hidden(self, input_ids, positions=None, segment_ids=None, *, rng=None) -> jax.Array:
         """Final-norm hidden states [B, T, D]; the loss turns them into logits chunk by chunk."""
+        return self.hidden_and_router_logits(input_ids, positions, segment_ids, rng=rng)[0]
+
+    def hidden_and_router_logits(self, input_ids, positions=None, segment_ids=None, *, rng=None
+                                 ) -> tuple[jax.Array, jax.Array | None]:
+        """`hidden` and, for a mixture-of-experts model, every layer's router logits [L, B, T, E] of the
+        same pass (what the router balance loss reads); None for a dense model."""
         b, t = input_ids.shape
         slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         positions = slots if positions is None else positions
         segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         masks = self._masks(segment_ids, slots, segment_ids, slots)
-        h, _ = self._run_layers(self.embed(input_ids), positions, masks, None, None, rng)
-        return self.norm(h)
+        h, _, router_logits = self._run_layers(self.embed(input_ids), positions, masks, None, None, rng)
+        return self.norm(h), router_logits
 
     def decode(self, input_ids, positions, segment_ids, cache: KVCache, *, last_only: bool = False
                ) -> tuple[jax.Array, KVCache]:
@@ -160,7 +174,7 @@ class Llama(nnx.Module):
         filled = (kv_segments != 0)[:, None, None, :]
         masks = tuple(None if m is None else m & filled
                       for m in self._masks(segment_ids, q_slots, kv_segments, kv_slots))
-        h, (k, v) = self._run_layers(self.embed(input_ids), positions, masks, (cache.k, cache.v), cache.index, None)
+        h, (k, v), _ = self._run_layers(self.embed(input_ids), positions, masks, (cache.k, cache.v), cache.index, None)
         if last_only:
             h = h[:, -1:]
         return self.logits(self.norm(h)), KVCache(k, v, kv_segments, cache.index + t)
@@ -214,12 +228,13 @@ class Llama(nnx.Module):
             layer_state, layer, layer_rng, layer_sliding = xs
             mask = full_mask if layer_sliding is None else jnp.where(layer_sliding, window_mask, full_mask)
             layer_kv = None if caches is None else (*caches, layer)
-            x, caches = nnx.merge(graphdef, layer_state)(x, sin, cos, mask, layer_kv, index, layer_rng)
-            return (x, caches), None
+            layer_fn = nnx.merge(graphdef, layer_state)
+            x, caches, router_logits = layer_fn(x, sin, cos, mask, layer_kv, index, layer_rng)
+            return (x, caches), router_logits
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layers = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, caches), _ = jax.lax.scan(body, (x, None if kv is None else (kv[0], kv[1])),
-                                      (state, layers, layer_rngs, sliding))
-        return x, caches
+        (x, caches), router_logits = jax.lax.scan(body, (x, None if kv is None else (kv[0], kv[1])),
+                                                  (state, layers, layer_rngs, sliding))
+        return x, caches, router_logits
