@@ -292,6 +292,8 @@ def _loss_fn(graphdef, batch, balance_weight=0.01):
     return loss
 
 
+@pytest.mark.slow  # ~30-60 s: two whole-model gradient compiles, one over 8 devices
+@pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
 def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run):
     """Loss and gradients of every weight on 1 device = on 8 simulated devices, fsdp 4 x expert 2
     (experts split over `expert`, tokens over both), with the rules table placing the `expert` axis."""
@@ -320,6 +322,7 @@ def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run):
         assert max_diff(a, b) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("run", ["mixtral"], indirect=True)
 def test_lora_on_attention_learns_with_router_and_experts_frozen(run):
     """A short LoRA run (q/k/v/o adapters, the balance term added) memorizes a batch; the router and
     experts are outside the trainable set."""
