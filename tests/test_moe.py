@@ -4,6 +4,7 @@ expert layouts, the balance loss vs transformers' own, LoRA training, and 1 vs 8
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import jax
@@ -354,3 +355,21 @@ def test_lora_on_attention_learns_with_router_and_experts_frozen(run):
         trainable, opt_state, loss = step(trainable, opt_state)
         losses.append(float(loss))
     assert losses[0] > 3.5 and losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("run", ["mixtral"], indirect=True)
+def test_attention_lora_exports_to_peft_with_ftjax_logits(run, tmp_path):
+    """Adapters on attention only: the PEFT folder loads onto transformers' Mixtral with ftjax's logits."""
+    from peft import PeftModel
+
+    from ftjax.interop.peft import export_peft
+    from ftjax.lora import apply_lora
+    from test_export import LORA_MARGIN, _randomize_b
+
+    model = _randomize_b(apply_lora(nnx.clone(run["model"]), 4, 8.0, targets="q_proj,v_proj,o_proj",
+                                    rngs=nnx.Rngs(2)), seed=2)
+    out = export_peft(model, tmp_path / "adapter")
+    ids = random_ids(2, T, seed=6)
+    base = hf_logits(run["hf"], ids)
+    theirs = hf_logits(PeftModel.from_pretrained(copy.deepcopy(run["hf"]), str(out)).eval(), ids)
+    assert max_diff(theirs, jax_logits(model, ids)) <= MODEL_TOL and max_diff(theirs, base) > LORA_MARGIN
