@@ -80,11 +80,11 @@ def test_grouped_equals_dense_reference(implementation):
         y = dense_moe(x.reshape(-1, 16), p.router[...], e.gate_proj[...], e.up_proj[...], e.down_proj[...], 2, False)
         return y.reshape(x.shape)
 
-    y, ref = grouped(params, x), dense(params, x)
+    y, ref = jax.jit(grouped)(params, x), jax.jit(dense)(params, x)
     assert max_diff(y, ref) <= LAYER_TOL and float(jnp.abs(ref).max()) > 0.01
     probe = jax.random.normal(jax.random.key(2), y.shape)
-    loss = lambda fn: lambda p, x: jnp.sum(fn(p, x) * probe)  # noqa: E731
-    g, g_ref = jax.grad(loss(grouped), argnums=(0, 1))(params, x), jax.grad(loss(dense), argnums=(0, 1))(params, x)
+    grad = lambda fn: jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) * probe), argnums=(0, 1)))  # noqa: E731
+    g, g_ref = grad(grouped)(params, x), grad(dense)(params, x)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         assert max_diff(a, b) <= LAYER_TOL * max(1.0, float(jnp.abs(b).max()))
 
@@ -97,7 +97,7 @@ def test_tiled_matmul_with_empty_and_straddling_groups():
     x = jax.random.normal(ks[0], (m, d))
     gate, up = jax.random.normal(ks[1], (8, d, f)), jax.random.normal(ks[2], (8, d, f))
     down = jax.random.normal(ks[3], (8, f, d))
-    got = M.tiled_expert_mlp(x, gate, up, down, jnp.asarray(sizes), tile=4)
+    got = jax.jit(M.tiled_expert_mlp, static_argnames="tile")(x, gate, up, down, jnp.asarray(sizes), tile=4)
     start, parts = 0, []
     for e, n in enumerate(sizes):
         xe = x[start:start + n]
