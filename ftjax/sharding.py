@@ -35,6 +35,7 @@ RULES: dict[str, Any] = {
     "layers": None,
     "norm": None,
     "lora_rank": None,
+    "expert": None,  # the experts of a mixture-of-experts layer: replicated unless a rule places them
 }
 
 

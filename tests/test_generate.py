@@ -82,7 +82,11 @@ def test_kv_cache_matches_full_forward(family, tmp_path):
     past the sliding window of 4.
     """
     model_type, overrides = FAMILIES[family]
-    model = load_hf(save(tiny_hf(model_type, **overrides), tmp_path))
+    check_kv_cache_matches_full_forward(load_hf(save(tiny_hf(model_type, **overrides), tmp_path)))
+
+
+def check_kv_cache_matches_full_forward(model):
+    """Prefill of 3 left-padded prompts (3, 8, 6 tokens in 8 slots) then 5 one-token steps vs the full forward."""
     decode = _decode_fn(model)
     prompts = [list(random_ids(1, n, seed=n)[0]) for n in (3, 8, 6)]
     cont = random_ids(3, 5, seed=9)

@@ -183,5 +183,5 @@ def test_decoder_layer_parity(family, tmp_path):
 
     sin, cos = L.rope_sin_cos(jnp.asarray(positions), L.rope_inv_freq(model.config.head_dim, model.config.rope))
     seg = jnp.ones((b, t), jnp.int32)
-    got, _ = layer0(jnp.asarray(x), sin, cos, Rows(seg, seg))
+    got, _, _ = layer0(jnp.asarray(x), sin, cos, Rows(seg, seg))
     assert max_diff(got, expected) <= LAYER_TOL

@@ -127,6 +127,8 @@ def export_hf(model: nnx.Module, out: str | Path, *, source: str | Path | None =
     dtype the weights are held in (fp32 stays fp32; a run with bf16 frozen weights exports bf16).
     """
     cfg = model.config
+    if cfg.moe is not None:
+        raise ConfigError(f"export of mixture-of-experts models ({cfg.model_type}) to HF is not supported yet")
     dtype = dtype_name(dtype if dtype is not None else model.embed_tokens[...].dtype)
     out = Path(out)
     main = jax.process_index() == 0

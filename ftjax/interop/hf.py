@@ -12,6 +12,7 @@ from pathlib import Path
 from jax.sharding import Mesh
 
 from ftjax.errors import LoadError
+from ftjax.interop.expert_layouts import ExpertLayouts
 from ftjax.interop.tensors import DictSource, SafetensorsFolder, TensorSource, load_params
 from ftjax.models.registry import config_from_hf
 
@@ -76,4 +77,7 @@ def load_hf(folder: str | Path, *, dtype: str = "float32", param_dtype: str | No
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, source=str(folder / "config.json"))
     if overrides:
         cfg = cfg.replace(**overrides)
-    return load_params(cfg, tensor_source(folder), mesh, rules)
+    source = tensor_source(folder)
+    if cfg.moe is not None:  # experts stored one tensor each or fused 3-D: both read as [E, in, out]
+        source = ExpertLayouts(source, cfg.num_layers, cfg.moe.num_experts)
+    return load_params(cfg, source, mesh, rules)

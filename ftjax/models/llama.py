@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models.attention import Rows
 from ftjax.models.layers import MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, rope_inv_freq, rope_sin_cos
+from ftjax.models.moe import MoEConfig, SparseMoE
 from ftjax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -58,6 +59,7 @@ class ModelConfig:
     attention: str = "xla"  # xla | cudnn | pallas_gpu | splash (ftjax.models.attention)
     fuse_qkv: bool = True  # q/k/v as one GEMM; the loaders turn it off when the tensor axis splits heads
     extra: tuple = ()  # HF config items kept for export (hashable pairs)
+    moe: MoEConfig | None = None  # mixture-of-experts MLP in every layer (Mixtral, Qwen3-MoE); None = dense
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -104,11 +106,15 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt)
         self.self_attn = Attention(cfg.attention_config(), stack=stack, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, stack=stack, dtype=dt,
-                       param_dtype=pdt, rngs=rngs)
+        if cfg.moe is not None:
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.moe, stack=stack, dtype=dt, param_dtype=pdt, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, stack=stack, dtype=dt,
+                           param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x_btd, sin, cos, rows: Rows, kv=None, index=None, rng=None, window_index=None):
-        """Returns the new residual stream and the (k, v) caches (None without a cache).
+        """Returns the new residual stream, the (k, v) caches (None without a cache) and the router
+        logits [B, T, E] of a mixture-of-experts layer (None for a dense MLP).
 
         `kv` = (k, v, layer): every layer's cache [L, B, S, K, H] and this layer's index. The new keys and
         values are written into the stack in place (a scan carry), then this layer's slice is read: no
@@ -127,8 +133,10 @@ class DecoderLayer(nnx.Module):
         attn = self.self_attn.attend(q, k, v, rows, window_index, rngs[3])
         x_btd = checkpoint_name(x_btd + attn, "resid_mid")
         h = self.post_attention_layernorm(x_btd)
-        x_btd = x_btd + self.mlp(h, rngs[4:7])
-        return constrain(x_btd, ("batch", "length", "act_embed")), kv
+        mlp_out, router_logits = self.mlp(h, rngs[4:7]) if isinstance(self.mlp, SparseMoE) else (
+            self.mlp(h, rngs[4:7]), None)
+        x_btd = x_btd + mlp_out
+        return constrain(x_btd, ("batch", "length", "act_embed")), kv, router_logits
 
 
 class Llama(nnx.Module):
@@ -151,13 +159,19 @@ class Llama(nnx.Module):
 
     def hidden(self, input_ids, positions=None, segment_ids=None, *, rng=None) -> jax.Array:
         """Final-norm hidden states [B, T, D]; the loss turns them into logits chunk by chunk."""
+        return self.hidden_and_router_logits(input_ids, positions, segment_ids, rng=rng)[0]
+
+    def hidden_and_router_logits(self, input_ids, positions=None, segment_ids=None, *, rng=None
+                                 ) -> tuple[jax.Array, jax.Array | None]:
+        """`hidden` and, for a mixture-of-experts model, every layer's router logits [L, B, T, E] of the
+        same pass (what the router balance loss reads); None for a dense model."""
         b, t = input_ids.shape
         slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         positions = slots if positions is None else positions
         segment_ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
         rows = Rows(segment_ids, segment_ids)  # training rows: query i and key i are slot i
-        h, _ = self._run_layers(self.embed(input_ids), positions, rows, None, None, rng)
-        return self.norm(h)
+        h, _, router_logits = self._run_layers(self.embed(input_ids), positions, rows, None, None, rng)
+        return self.norm(h), router_logits
 
     def decode(self, input_ids, positions, segment_ids, cache: KVCache, *, last_only: bool = False
                ) -> tuple[jax.Array, KVCache]:
@@ -170,7 +184,7 @@ class Llama(nnx.Module):
         kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         seen = jnp.where(kv_segments != 0, kv_segments, -1)  # empty slots (0) match no query, padding included
         rows = Rows(segment_ids.astype(jnp.int32), seen, q_slots, kv_slots)
-        h, (k, v) = self._run_layers(self.embed(input_ids), positions, rows, (cache.k, cache.v), cache.index, None)
+        h, (k, v), _ = self._run_layers(self.embed(input_ids), positions, rows, (cache.k, cache.v), cache.index, None)
         if last_only:
             h = h[:, -1:]
         return self.logits(self.norm(h)), KVCache(k, v, kv_segments, cache.index + t)
@@ -216,12 +230,13 @@ class Llama(nnx.Module):
             x, caches = carry
             layer_state, layer, layer_rng, layer_window = xs
             layer_kv = None if caches is None else (*caches, layer)
-            x, caches = nnx.merge(graphdef, layer_state)(x, sin, cos, rows, layer_kv, index, layer_rng, layer_window)
-            return (x, caches), None
+            layer_fn = nnx.merge(graphdef, layer_state)
+            x, caches, router_logits = layer_fn(x, sin, cos, rows, layer_kv, index, layer_rng, layer_window)
+            return (x, caches), router_logits
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layers = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, caches), _ = jax.lax.scan(body, (x, None if kv is None else (kv[0], kv[1])),
-                                      (state, layers, layer_rngs, window_index))
-        return x, caches
+        (x, caches), router_logits = jax.lax.scan(body, (x, None if kv is None else (kv[0], kv[1])),
+                                                  (state, layers, layer_rngs, window_index))
+        return x, caches, router_logits

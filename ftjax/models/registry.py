@@ -7,8 +7,9 @@ from typing import Any
 from ftjax.errors import LoadError
 from ftjax.models.layers import RopeConfig
 from ftjax.models.llama import Llama, ModelConfig
+from ftjax.models.moe import MoEConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 MODEL_CLASSES = {t: Llama for t in SUPPORTED_MODEL_TYPES}
 
@@ -34,8 +35,10 @@ def _rope(hf: dict) -> RopeConfig:
 def _sliding(hf: dict, model_type: str, num_layers: int) -> tuple[int | None, tuple]:
     """Sliding-window size and which layers use it, as transformers decides per family."""
     window = hf.get("sliding_window", 4096 if model_type in ("mistral", "qwen2", "qwen3") else None)
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return (int(window) if window else None), ()
+    if model_type == "qwen3_moe":  # one window for every layer, when enabled
+        return (int(window) if window and hf.get("use_sliding_window", False) else None), ()
     if model_type in ("qwen2", "qwen3"):
         types = hf.get("layer_types")
         if types is None:
@@ -46,6 +49,24 @@ def _sliding(hf: dict, model_type: str, num_layers: int) -> tuple[int | None, tu
         flags = tuple(t == "sliding_attention" for t in types)
         return (int(window), flags) if any(flags) and window else (None, ())
     return None, ()
+
+
+def _moe(hf: dict, model_type: str, source: str) -> MoEConfig | None:
+    """The experts of Mixtral / Qwen3-MoE; a scanned stack needs every layer sparse, so dense layers refuse."""
+    if model_type == "mixtral":
+        return MoEConfig(int(hf.get("num_local_experts", 8)), int(hf.get("num_experts_per_tok", 2)),
+                         int(hf["intermediate_size"]), norm_topk_prob=True)
+    if model_type != "qwen3_moe":
+        return None
+    experts = int(hf.get("num_experts", hf.get("num_local_experts", 128)))  # saved as num_local_experts
+    if experts == 0:
+        return None
+    if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
+        raise LoadError(f"{source}: dense layers among the experts (mlp_only_layers={hf.get('mlp_only_layers')}, "
+                        f"decoder_sparse_step={hf.get('decoder_sparse_step')}) are not supported: ftjax needs "
+                        "every layer sparse")
+    return MoEConfig(experts, int(hf.get("num_experts_per_tok", 8)), int(hf.get("moe_intermediate_size", 768)),
+                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
 
 
 def config_from_hf(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
@@ -65,12 +86,13 @@ def config_from_hf(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
             vocab_size=int(hf["vocab_size"]), hidden_size=hidden, intermediate_size=int(hf["intermediate_size"]),
             num_layers=layers, num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
             head_dim=int(hf.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)),
+            moe=_moe(hf, model_type, source),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope=_rope(hf),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=True if model_type == "qwen2" else bias,
             o_bias=False if model_type == "qwen2" else bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+            mlp_bias=bool(hf.get("mlp_bias", False)), qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=window, sliding_layers=sliding_layers, model_type=model_type,
             dtype=dtype, param_dtype=param_dtype or dtype,
             extra=tuple(sorted((k, str(v)) for k, v in hf.items() if k in ("bos_token_id", "eos_token_id",
@@ -84,6 +106,10 @@ def hf_tensor_name(path: tuple[str, ...], layer: int | None = None) -> tuple[str
     *modules, leaf = path
     if tuple(path) == ("embed_tokens",):
         return "model.embed_tokens.weight", False
+    if modules[-1:] == ["mlp"] and leaf == "router":  # [D, E] <- HF's [E, D] gate
+        return f"model.layers.{layer}.mlp.gate.weight", True
+    if modules[-2:] == ["mlp", "experts"]:  # all experts at once, [E, in, out]: see interop/expert_layouts.py
+        return f"model.layers.{layer}.mlp.experts.*.{leaf}", False
     hf_leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
     if modules[0] == "layers":
         prefix = f"model.layers.{layer}." + ".".join(modules[1:])

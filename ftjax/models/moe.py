@@ -1,0 +1,165 @@
+"""Sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): top-k routing and dropless grouped SwiGLU experts.
+
+Every token goes to its top-k experts (none dropped, no capacity): the routed copies are sorted by
+expert and each expert's rows run through its own weights as one grouped matmul. Two grouped-matmul
+paths give the same numbers: `jax.lax.ragged_dot` (XLA's grouped GEMM on TPU and GPU; on CPU jax lowers
+it to a dense all-experts product, E times the work) and a sorted-token tiled matmul (work proportional
+to the routed rows, so to top-k), the CPU default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from ftjax.models.layers import _param, swiglu
+from ftjax.sharding import constrain
+
+IMPLEMENTATIONS = ("auto", "ragged", "tiled")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Expert count and size, top-k, and routing normalization (hashable: static under jit).
+
+    `norm_topk_prob`: renormalize the top-k probabilities of the softmax over all experts to sum to 1
+    (Mixtral always, which equals a softmax over the top-k logits; Qwen3-MoE when its config says so).
+    """
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool = True
+    implementation: str = "auto"  # auto (tiled on CPU, ragged elsewhere) | ragged | tiled
+
+
+def route(logits_ne: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
+    """(weights [N, k] fp32, experts [N, k] int32): softmax over all experts in fp32, then top-k."""
+    probs = jax.nn.softmax(logits_ne.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def ragged_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes) -> jax.Array:
+    """SwiGLU of rows sorted by expert (group_sizes [E] rows each) through `jax.lax.ragged_dot`."""
+    gate = checkpoint_name(jax.lax.ragged_dot(x_md, gate_edf, group_sizes), "mlp_gate")
+    up = checkpoint_name(jax.lax.ragged_dot(x_md, up_edf, group_sizes), "mlp_up")
+    return jax.lax.ragged_dot(swiglu(gate, up), down_efd, group_sizes)
+
+
+def tile_rows(rows: int, num_experts: int) -> int:
+    """Rows per tile of the tiled path: about rows / E (a multiple of 8), so the tiles of all groups
+    number at most ~2E and the padded work stays within ~2x the routed rows whatever E is."""
+    per_expert = -(-rows // num_experts)
+    return max(8, -(-per_expert // 8) * 8)
+
+
+def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, tile: int | None = None) -> jax.Array:
+    """The same grouped SwiGLU as `ragged_expert_mlp`, as one batched matmul over (tile, expert) pairs.
+
+    The sorted rows are cut into tiles of `tile` rows; each expert's rows span a run of tiles, and a
+    tile on a group boundary is visited once per expert it holds (rows of other experts masked). At
+    most tiles + E - 1 pairs (a static bound), so the work is (rows + E·tile)·(3 matmuls) rather than
+    rows·E: it grows with top-k, not with the number of experts.
+    """
+    m, d = x_md.shape
+    e = group_sizes.shape[0]
+    tile = tile or tile_rows(m, e)
+    n_tiles = -(-m // tile)
+    n_pairs = n_tiles + e - 1
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    first = starts // tile
+    spans = jnp.where(group_sizes > 0, (ends - 1) // tile - first + 1, 0)
+    pair_ends = jnp.cumsum(spans)
+    pair = jnp.arange(n_pairs, dtype=jnp.int32)
+    valid = pair < pair_ends[-1]
+    expert = jnp.minimum(jnp.searchsorted(pair_ends, pair, side="right"), e - 1).astype(jnp.int32)
+    tile_of = jnp.where(valid, first[expert] + pair - (pair_ends - spans)[expert], 0)
+    row = tile_of[:, None] * tile + jnp.arange(tile, dtype=jnp.int32)[None, :]  # [P, tile]
+    mask = (valid[:, None] & (row >= starts[expert][:, None]) & (row < ends[expert][:, None]))[..., None]
+    x_tiles = jnp.pad(x_md, ((0, n_tiles * tile - m), (0, 0))).reshape(n_tiles, tile, d)
+    x_ptd = jnp.where(mask, x_tiles[tile_of], jnp.zeros((), x_md.dtype))
+    gate = checkpoint_name(jnp.einsum("ptd,pdf->ptf", x_ptd, gate_edf[expert]), "mlp_gate")
+    up = checkpoint_name(jnp.einsum("ptd,pdf->ptf", x_ptd, up_edf[expert]), "mlp_up")
+    y_ptd = jnp.einsum("ptf,pfd->ptd", swiglu(gate, up), down_efd[expert])
+    y_ptd = jnp.where(mask, y_ptd, jnp.zeros((), y_ptd.dtype))
+    out = jnp.zeros((n_tiles, tile, d), y_ptd.dtype).at[tile_of].add(y_ptd)
+    return out.reshape(n_tiles * tile, d)[:m]
+
+
+def grouped_expert_mlp(implementation: str):
+    """The grouped-matmul function for an implementation name ('auto' picks by platform)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"moe implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation == "auto":
+        implementation = "tiled" if jax.default_backend() == "cpu" else "ragged"
+    return tiled_expert_mlp if implementation == "tiled" else ragged_expert_mlp
+
+
+class SparseMoE(nnx.Module):
+    """Router + E SwiGLU experts stacked [E, D, F]; returns the output and the router logits [B, T, E].
+
+    The router is a plain `nnx.Param` (not a `Linear`), so LoRA never wraps it and the LoRA filter
+    leaves it frozen; the experts are plain params too (LoRA on attention only, for now).
+    """
+
+    def __init__(self, hidden: int, cfg: MoEConfig, *, stack: tuple = (), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        lead = ("layers",) * len(stack)
+        e, f = cfg.num_experts, cfg.intermediate_size
+        self.cfg, self.dtype = cfg, dtype
+        self.router = _param(rngs, (*stack, hidden, e), lead + ("embed", None), param_dtype)
+        self.experts = Experts(hidden, e, f, lead=lead, stack=stack, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_btd: jax.Array, rngs=None) -> tuple[jax.Array, jax.Array]:
+        del rngs  # no dropout inside the experts
+        b, t, d = x_btd.shape
+        cfg = self.cfg
+        x = x_btd.reshape(b * t, d)
+        logits = x.astype(jnp.float32) @ self.router[...].astype(jnp.float32)  # [N, E]
+        weights, experts = route(logits, cfg.top_k, cfg.norm_topk_prob)
+        flat = experts.reshape(-1)
+        order = jnp.argsort(flat, stable=True)  # routed copies sorted by expert
+        group_sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
+        w = self.experts
+        y_sorted = grouped_expert_mlp(cfg.implementation)(
+            x[order // cfg.top_k], w.gate_proj[...].astype(self.dtype), w.up_proj[...].astype(self.dtype),
+            w.down_proj[...].astype(self.dtype), group_sizes)
+        y_nkd = y_sorted[jnp.argsort(order)].reshape(b * t, cfg.top_k, d)
+        y = jnp.einsum("nkd,nk->nd", y_nkd, weights.astype(y_nkd.dtype))
+        y = constrain(y.reshape(b, t, d), ("batch", "length", "act_embed"))
+        return y, logits.reshape(b, t, cfg.num_experts)
+
+
+class Experts(nnx.Module):
+    """The experts' SwiGLU weights, [*stack, E, D, F] (gate, up) and [*stack, E, F, D] (down)."""
+
+    def __init__(self, hidden: int, num_experts: int, intermediate: int, *, lead: tuple, stack: tuple,
+                 param_dtype, rngs: nnx.Rngs):
+        shape_in, shape_out = (*stack, num_experts, hidden, intermediate), (*stack, num_experts, intermediate, hidden)
+        self.gate_proj = _param(rngs, shape_in, lead + ("expert", "embed", "mlp"), param_dtype)
+        self.up_proj = _param(rngs, shape_in, lead + ("expert", "embed", "mlp"), param_dtype)
+        self.down_proj = _param(rngs, shape_out, lead + ("expert", "mlp", "embed"), param_dtype)
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
+    """Switch-Transformer balance loss over all layers' router logits [L, B, T, E] (or [L, N, E]),
+    as transformers' `load_balancing_loss_func`: E · Σ_e (routed fraction_e · mean probability_e),
+    both averaged over every layer's tokens together; `mask` [B, T] (or [N]) leaves out padding."""
+    e = router_logits.shape[-1]
+    logits = router_logits.reshape(router_logits.shape[0], -1, e).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    _, selected = jax.lax.top_k(probs, top_k)
+    counts = jnp.sum(jax.nn.one_hot(selected, e, dtype=jnp.float32), axis=-2)  # [L, N, E]
+    w = jnp.ones(logits.shape[1], jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
+    rows = logits.shape[0] * jnp.sum(w)
+    routed = jnp.einsum("lne,n->e", counts, w) / rows
+    prob = jnp.einsum("lne,n->e", probs, w) / rows
+    return e * jnp.sum(routed * prob)

@@ -1,0 +1,375 @@
+"""Mixture of experts (Mixtral, Qwen3-MoE): the grouped paths vs a dense all-experts reference, their
+compiled cost, parity with transformers (layer and model, batch/padding/packing, KV cache), both on-disk
+expert layouts, the balance loss vs transformers' own, LoRA training, and 1 vs 8 devices (fsdp x expert)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from jax.sharding import Mesh
+
+from ftjax.errors import ConfigError, LoadError
+from ftjax.interop.export_hf import export_hf
+from ftjax.interop.hf import load_hf
+from ftjax.models import moe as M
+from ftjax.sharding import RULES, activation_sharding, batch_sharding, state_shardings
+from hf_helpers import LAYER_TOL, MODEL_TOL, hf_logits, jax_logits, max_diff, random_ids, save, tiny_hf
+from test_generate import check_kv_cache_matches_full_forward
+from test_model_parity import CUT, PAD_LEFT, PAD_RIGHT, T, _batch
+
+MOE_FAMILIES = {
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    "qwen3_moe": ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    norm_topk_prob=False)),
+}
+
+
+def with_implementation(model, implementation: str):
+    """The same weights with the MoE layers on another grouped-matmul path."""
+    cfg = model.config
+    graphdef, state = nnx.split(model)
+    other = nnx.eval_shape(lambda: type(model)(cfg.replace(moe=dataclasses.replace(cfg.moe,
+                                                                                 implementation=implementation)),
+                                               rngs=nnx.Rngs(0)))
+    return nnx.merge(nnx.split(other)[0], state)
+
+
+# ----------------------------------------------------------------------------- grouped paths vs dense
+
+
+def dense_moe(x_nd, router_de, gate_edf, up_edf, down_efd, top_k, norm):
+    """Every expert on every token, then masked by the routing weights (the reference)."""
+    probs = jax.nn.softmax(x_nd @ router_de, axis=-1)
+    top, idx = jax.lax.top_k(probs, top_k)
+    top = top / top.sum(-1, keepdims=True) if norm else top
+    combine = jnp.sum(jax.nn.one_hot(idx, router_de.shape[1]) * top[..., None], axis=1)  # [N, E]
+    h = jax.nn.silu(jnp.einsum("nd,edf->nef", x_nd, gate_edf)) * jnp.einsum("nd,edf->nef", x_nd, up_edf)
+    return jnp.einsum("ned,ne->nd", jnp.einsum("nef,efd->ned", h, down_efd), combine)
+
+
+def _block(e=8, k=2, d=16, f=24, implementation="tiled", seed=0):
+    cfg = M.MoEConfig(e, k, f, norm_topk_prob=False, implementation=implementation)
+    block = M.SparseMoE(d, cfg, rngs=nnx.Rngs(seed))
+    block.router[...] = 10.0 * block.router[...]  # routing far from uniform: groups of very different sizes
+    for w in (block.experts.gate_proj, block.experts.up_proj, block.experts.down_proj):
+        w[...] = 15.0 * w[...]  # outputs of order 1 (the init's 0.02 std gives ~1e-4)
+    return block
+
+
+@pytest.mark.parametrize("implementation", ["tiled", "ragged"])
+def test_grouped_equals_dense_reference(implementation):
+    """Outputs and gradients (input, router, every expert weight) of the grouped path = the dense reference."""
+    block = _block(implementation=implementation)
+    x = jax.random.normal(jax.random.key(1), (2, 13, 16))
+    graphdef, params = nnx.split(block)
+
+    def grouped(params, x):
+        y, _ = nnx.merge(graphdef, params)(x)
+        return y
+
+    def dense(params, x):
+        p = nnx.merge(graphdef, params)
+        e = p.experts
+        y = dense_moe(x.reshape(-1, 16), p.router[...], e.gate_proj[...], e.up_proj[...], e.down_proj[...], 2, False)
+        return y.reshape(x.shape)
+
+    y, ref = jax.jit(grouped)(params, x), jax.jit(dense)(params, x)
+    assert max_diff(y, ref) <= LAYER_TOL and float(jnp.abs(ref).max()) > 0.01
+    probe = jax.random.normal(jax.random.key(2), y.shape)
+    grad = lambda fn: jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) * probe), argnums=(0, 1)))  # noqa: E731
+    g, g_ref = grad(grouped)(params, x), grad(dense)(params, x)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert max_diff(a, b) <= LAYER_TOL * max(1.0, float(jnp.abs(b).max()))
+
+
+def test_tiled_matmul_with_empty_and_straddling_groups():
+    """Groups of 0 rows, and tiles of 4 that hold the rows of up to three experts, vs a per-group loop."""
+    sizes = np.array([5, 0, 13, 2, 0, 1, 7, 0], np.int32)
+    m, d, f = int(sizes.sum()), 6, 10
+    ks = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(ks[0], (m, d))
+    gate, up = jax.random.normal(ks[1], (8, d, f)), jax.random.normal(ks[2], (8, d, f))
+    down = jax.random.normal(ks[3], (8, f, d))
+    got = jax.jit(M.tiled_expert_mlp, static_argnames="tile")(x, gate, up, down, jnp.asarray(sizes), tile=4)
+    start, parts = 0, []
+    for e, n in enumerate(sizes):
+        xe = x[start:start + n]
+        parts.append((jax.nn.silu(xe @ gate[e]) * (xe @ up[e])) @ down[e])
+        start += n
+    assert max_diff(got, jnp.concatenate(parts)) <= LAYER_TOL * float(jnp.abs(jnp.concatenate(parts)).max())
+
+
+def _flops(e, k, implementation, tokens=256, d=64, f=128):
+    block = _block(e, k, d, f, implementation)
+    graphdef, params = nnx.split(block)
+    x = jax.ShapeDtypeStruct((1, tokens, d), jnp.float32)
+    cost = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0]).lower(params, x).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def test_tiled_cost_grows_with_top_k_not_experts():
+    """Compiled FLOPs of the tiled path: x4 top-k -> ~x4; x4 experts -> about the same (within 2x the
+    routed rows' 3 matmuls). On CPU, ragged_dot lowers to a dense all-experts product: its FLOPs grow with E."""
+    ideal = lambda k: 256 * k * 3 * 2 * 64 * 128  # noqa: E731  routed rows x (gate, up, down) matmuls
+    by_k = {k: _flops(8, k, "tiled") for k in (1, 4)}
+    by_e = {e: _flops(e, 2, "tiled") for e in (4, 16)}
+    assert 3.0 < by_k[4] / by_k[1] < 5.0
+    assert by_e[16] / by_e[4] < 1.3
+    assert all(ideal(k) <= c <= 2.3 * ideal(k) for k, c in [(1, by_k[1]), (4, by_k[4]), (2, by_e[4]), (2, by_e[16])])
+    if jax.default_backend() == "cpu":
+        ragged = {e: _flops(e, 2, "ragged") for e in (4, 16)}
+        assert ragged[16] / ragged[4] > 3.0  # the dense fallback (see benchmarks/RESULTS.md)
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+
+def _layer0(model):
+    graphdef, state = nnx.split(model.layers.mlp)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+
+
+@pytest.mark.parametrize("family,norm", [("mixtral", True), ("qwen3_moe", False), ("qwen3_moe", True)])
+def test_moe_block_matches_transformers(family, norm, tmp_path):
+    """Layer 0's sparse block vs transformers' (output and router logits), each family's normalization."""
+    model_type, overrides = MOE_FAMILIES[family]
+    if model_type == "qwen3_moe":
+        overrides = {**overrides, "norm_topk_prob": norm}
+    hf = tiny_hf(model_type, **overrides)
+    model = load_hf(save(hf, tmp_path))
+    assert model.config.moe.norm_topk_prob == norm
+    x = np.random.default_rng(3).standard_normal((2, 7, 64)).astype(np.float32)
+    with torch.no_grad():
+        block = hf.model.layers[0].mlp
+        expected = block(torch.as_tensor(x)).numpy()
+        logits_ref = block.gate(torch.as_tensor(x).reshape(-1, 64))[0].numpy()
+    y, logits = _layer0(model)(jnp.asarray(x))
+    assert max_diff(y, expected) <= LAYER_TOL
+    assert max_diff(logits.reshape(-1, logits.shape[-1]), logits_ref) <= LAYER_TOL
+
+
+@pytest.fixture(scope="module", params=list(MOE_FAMILIES))
+def run(request, tmp_path_factory):
+    """Per family: ftjax logits of the parity batch (both grouped paths) and the transformers references."""
+    model_type, overrides = MOE_FAMILIES[request.param]
+    hf = tiny_hf(model_type, **overrides)
+    model = load_hf(save(hf, tmp_path_factory.mktemp(request.param)))
+    ids, seg, pos = _batch()
+    ours = {impl: jax_logits(with_implementation(model, impl), ids, pos, seg) for impl in ("tiled", "ragged")}
+    ref = hf_logits(hf, ids[:4], attention_mask=(seg[:4] > 0).astype(np.int64), position_ids=pos[:4])
+    ref_segments = [hf_logits(hf, ids[4:, :CUT]), hf_logits(hf, ids[4:, CUT:])]
+    return dict(name=request.param, ours=ours, ref=ref, ref_segments=ref_segments, hf=hf, model=model)
+
+
+@pytest.mark.parametrize("implementation", ["tiled", "ragged"])
+def test_logits_match_transformers(run, implementation):
+    """Plain rows, a right-padded row, a left-padded row and a packed row of two segments."""
+    ours, ref = run["ours"][implementation], run["ref"]
+    assert max_diff(ours[:2], ref[:2]) <= MODEL_TOL and np.abs(ref[:2]).max() > 0.5
+    assert max_diff(ours[2, :T - PAD_RIGHT], ref[2, :T - PAD_RIGHT]) <= MODEL_TOL
+    assert max_diff(ours[3, PAD_LEFT:], ref[3, PAD_LEFT:]) <= MODEL_TOL
+    first, second = run["ref_segments"]
+    assert max_diff(ours[4, :CUT], first[0]) <= MODEL_TOL and max_diff(ours[4, CUT:], second[0]) <= MODEL_TOL
+
+
+def test_config_mapping(run):
+    cfg, hf_cfg = run["model"].config, run["hf"].config
+    assert cfg.moe.num_experts == hf_cfg.num_experts and cfg.moe.top_k == hf_cfg.num_experts_per_tok
+    assert cfg.moe.intermediate_size == 32 and cfg.qk_norm == (run["name"] == "qwen3_moe")
+    assert cfg.moe.norm_topk_prob == (run["name"] == "mixtral")
+
+
+def test_kv_cache_decoding_matches_full_forward(run):
+    check_kv_cache_matches_full_forward(run["model"])
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_both_expert_layouts_load_the_same_weights(family, tmp_path):
+    """Per-expert tensors (what the Hub and transformers' save_pretrained write) and transformers 5's
+    fused 3-D experts (save_original_format=False) load into identical params."""
+    model_type, overrides = MOE_FAMILIES[family]
+    hf = tiny_hf(model_type, **overrides)
+    per_expert, fused = tmp_path / "per_expert", tmp_path / "fused"
+    hf.save_pretrained(per_expert)
+    hf.save_pretrained(fused, save_original_format=False)
+    from ftjax.interop.hf import tensor_source
+
+    names = tensor_source(per_expert).names()
+    marker = "block_sparse_moe.experts.3.w2.weight" if family == "mixtral" else "mlp.experts.7.down_proj.weight"
+    assert f"model.layers.1.{marker}" in names
+    assert "model.layers.1.mlp.experts.gate_up_proj" in tensor_source(fused).names()
+    a, b = nnx.state(load_hf(per_expert)), nnx.state(load_hf(fused))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    gate_up = hf.model.layers[1].mlp.experts.gate_up_proj.detach().numpy()  # [E, 2F, D]
+    np.testing.assert_array_equal(np.asarray(a["layers"]["mlp"]["experts"]["up_proj"][...][1]),
+                                  gate_up[:, 32:].transpose(0, 2, 1))
+
+
+def test_missing_expert_and_dense_layers_fail_in_one_line(tmp_path):
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    model_type, overrides = MOE_FAMILIES["qwen3_moe"]
+    hf = tiny_hf(model_type, **overrides)
+    folder = save(hf, tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=r"tensor model.layers.1.mlp.experts.5.up_proj.weight is missing$"):
+        load_hf(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "mlp_only_layers": [1]}))
+    with pytest.raises(LoadError, match="mlp_only_layers=\\[1\\].*not supported") as e:
+        load_hf(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_export_refused_in_one_line(run, tmp_path):
+    with pytest.raises(ConfigError, match="export of mixture-of-experts models .* not supported"):
+        export_hf(run["model"], tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- balance loss
+
+
+def test_balance_loss_matches_transformers():
+    """Same router logits (3 layers, 2x9 tokens, 8 experts, top-2), with and without a padding mask."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    logits = np.random.default_rng(0).standard_normal((3, 2 * 9, 8)).astype(np.float32) * 2.0
+    mask = np.ones((2, 9), np.int64)
+    mask[1, 6:] = 0
+    for m in (None, mask):
+        ref = load_balancing_loss_func(tuple(torch.as_tensor(lg) for lg in logits), 8, 2,
+                                       None if m is None else torch.as_tensor(m))
+        ours = M.load_balancing_loss(jnp.asarray(logits), 2, None if m is None else jnp.asarray(m))
+        assert abs(float(ours) - float(ref)) <= LAYER_TOL * float(ref)
+
+
+def test_model_router_logits_and_aux_loss_match_transformers(run):
+    """The router logits of one forward pass and the aux loss transformers computes from them."""
+    hf, model = run["hf"], run["model"]
+    ids = random_ids(2, T, seed=4)
+    mask = np.ones((2, T), np.int64)
+    mask[1, T - 3:] = 0
+    with torch.no_grad():
+        out = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_router_logits=True)
+    _, logits = model.hidden_and_router_logits(jnp.asarray(ids, jnp.int32), segment_ids=jnp.asarray(mask, jnp.int32))
+    assert logits.shape == (2, 2, T, model.config.moe.num_experts)
+    for layer, ref in enumerate(out.router_logits):
+        real = mask.reshape(-1) > 0  # padded rows attend differently in transformers
+        assert max_diff(np.asarray(logits[layer]).reshape(-1, ref.shape[-1])[real], ref.numpy()[real]) <= MODEL_TOL
+    aux = M.load_balancing_loss(logits, model.config.moe.top_k, jnp.asarray(mask))
+    assert abs(float(aux) - float(out.aux_loss)) <= MODEL_TOL * float(out.aux_loss)
+
+
+# ----------------------------------------------------------------------------- training and sharding
+
+
+def _loss_fn(graphdef, batch, balance_weight=0.01):
+    """Token cross-entropy plus the weighted balance loss, from one forward pass."""
+
+    def loss(params, *more_params):
+        model = nnx.merge(graphdef, params, *more_params)
+        h, router_logits = model.hidden_and_router_logits(batch["input_ids"], batch["positions"],
+                                                          batch["segment_ids"])
+        logp = jax.nn.log_softmax(model.logits(h), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        w = batch["loss_weights"]
+        balance = M.load_balancing_loss(router_logits, model.config.moe.top_k, batch["segment_ids"] > 0)
+        return jnp.sum(nll * w) / jnp.sum(w) + balance_weight * balance
+
+    return loss
+
+
+@pytest.mark.slow  # ~30-60 s: two whole-model gradient compiles, one over 8 devices
+@pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
+def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run):
+    """Loss and gradients of every weight on 1 device = on 8 simulated devices, fsdp 4 x expert 2
+    (experts split over `expert`, tokens over both), with the rules table placing the `expert` axis."""
+    from train_helpers import make_batch
+
+    model = run["model"]
+    batch = {k: jnp.asarray(v) for k, v in make_batch(8, 12, vocab=128).items()}
+    graphdef, params = nnx.split(model)
+    loss = _loss_fn(graphdef, batch)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(params)
+
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 1, 2), ("data", "fsdp", "tensor", "expert"))
+    rules = {**RULES, "expert": "expert", "batch": ("data", "fsdp", "expert")}
+    shardings = state_shardings(params, mesh, rules)
+    assert shardings["layers"]["mlp"]["experts"]["gate_proj"].spec[1] == "expert"
+    placed = jax.device_put(params, shardings)
+    sharded_batch = jax.device_put(batch, batch_sharding(mesh, rules))
+
+    def sharded(params, batch):
+        with activation_sharding(mesh, rules):
+            return jax.value_and_grad(_loss_fn(graphdef, batch))(params)
+
+    got_loss, got_grads = jax.jit(sharded, out_shardings=(None, shardings))(placed, sharded_batch)
+    assert abs(float(got_loss) - float(ref_loss)) <= 1e-5 * float(ref_loss)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
+        assert max_diff(a, b) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("run", ["mixtral"], indirect=True)
+def test_lora_on_attention_learns_with_router_and_experts_frozen(run):
+    """A short LoRA run (q/k/v/o adapters, the balance term added) memorizes a batch; the router and
+    experts are outside the trainable set."""
+    import optax
+
+    from ftjax.lora import apply_lora, trainable_filter
+
+    model = nnx.clone(run["model"])
+    model.lm_head.kernel[...] = 30.0 * model.lm_head.kernel[...]  # pre-trained-like head scale
+    apply_lora(model, 4, 8.0, targets="q_proj,k_proj,v_proj,o_proj", rngs=nnx.Rngs(1))
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter("lora"), ...)
+    paths = {p[-1] for p, _ in nnx.to_flat_state(trainable)}
+    assert paths == {"lora_a", "lora_b"}
+    assert any(p[-1] == "router" for p, _ in nnx.to_flat_state(frozen))
+    from train_helpers import make_batch
+
+    batch = {k: jnp.asarray(v) for k, v in make_batch(4, 12, vocab=128).items()}
+    tx = optax.adam(2e-2)
+    opt_state = tx.init(trainable)
+
+    @jax.jit
+    def step(trainable, opt_state):
+        loss, grads = jax.value_and_grad(lambda t: _loss_fn(graphdef, batch)(t, frozen))(trainable)
+        updates, opt_state = tx.update(grads, opt_state)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    losses = []
+    for _ in range(30):
+        trainable, opt_state, loss = step(trainable, opt_state)
+        losses.append(float(loss))
+    assert losses[0] > 3.5 and losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("run", ["mixtral"], indirect=True)
+def test_attention_lora_exports_to_peft_with_ftjax_logits(run, tmp_path):
+    """Adapters on attention only: the PEFT folder loads onto transformers' Mixtral with ftjax's logits."""
+    from peft import PeftModel
+
+    from ftjax.interop.peft import export_peft
+    from ftjax.lora import apply_lora
+    from test_export import LORA_MARGIN, _randomize_b
+
+    model = _randomize_b(apply_lora(nnx.clone(run["model"]), 4, 8.0, targets="q_proj,v_proj,o_proj",
+                                    rngs=nnx.Rngs(2)), seed=2)
+    out = export_peft(model, tmp_path / "adapter")
+    ids = random_ids(2, T, seed=6)
+    base = hf_logits(run["hf"], ids)
+    theirs = hf_logits(PeftModel.from_pretrained(copy.deepcopy(run["hf"]), str(out)).eval(), ids)
+    assert max_diff(theirs, jax_logits(model, ids)) <= MODEL_TOL and max_diff(theirs, base) > LORA_MARGIN
