@@ -364,9 +364,10 @@ def test_attention_lora_exports_to_peft_with_ftjax_logits(run, tmp_path):
 
     from ftjax.interop.peft import export_peft
     from ftjax.lora import apply_lora
-    from test_export import LORA_MARGIN, _randomize_b
+    from hf_helpers import randomize_lora_b
+    from test_export import LORA_MARGIN
 
-    model = _randomize_b(apply_lora(nnx.clone(run["model"]), 4, 8.0, targets="q_proj,v_proj,o_proj",
+    model = randomize_lora_b(apply_lora(nnx.clone(run["model"]), 4, 8.0, targets="q_proj,v_proj,o_proj",
                                     rngs=nnx.Rngs(2)), seed=2)
     out = export_peft(model, tmp_path / "adapter")
     ids = random_ids(2, T, seed=6)
