@@ -30,17 +30,6 @@ def _slice(x: jax.Array, layer: jax.Array | None, *, dtype: str, transpose: bool
     return x.T if transpose else x
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "dtype", "transpose"))
-def _merged_slice(kernel: jax.Array, a: jax.Array, b: jax.Array, layer: jax.Array | None, *, scale: float,
-                  dtype: str, transpose: bool) -> jax.Array:
-    """W + scale·A·B for one layer, in fp32 (what `ftjax.lora.merge_lora` computes), then cast."""
-    if layer is not None:
-        kernel, a, b = (jax.lax.dynamic_index_in_dim(t, layer, keepdims=False) for t in (kernel, a, b))
-    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    w = (kernel.astype(jnp.float32) + scale * delta).astype(dtype)
-    return w.T if transpose else w
-
-
 def tensor(x: jax.Array, layer: int | None, dtype: str, transpose: bool = False) -> np.ndarray:
     """Layer `layer` of a stacked param (or the whole param when None), cast and maybe transposed."""
     idx = None if layer is None else np.int32(layer)  # host scalar: replicated on every process
@@ -49,6 +38,11 @@ def tensor(x: jax.Array, layer: int | None, dtype: str, transpose: bool = False)
 
 def merged_tensor(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, layer: int | None, dtype: str,
                   transpose: bool = False) -> np.ndarray:
-    """One layer's kernel with its LoRA update folded in, cast and maybe transposed."""
-    idx = None if layer is None else np.int32(layer)  # host scalar: replicated on every process
-    return to_host(_merged_slice(kernel, a, b, idx, scale=float(scale), dtype=dtype, transpose=transpose))
+    """One layer's kernel with its LoRA update folded in (W + scale·A·B in fp32), cast and maybe transposed.
+
+    The three fp32 pieces are fetched and merged on the host, so the bytes do not depend on how the model
+    is sharded (a device-side merge of differently partitioned pieces can round the last bit differently).
+    """
+    w, a, b = (tensor(x, layer, "float32") for x in (kernel, a, b))
+    merged = (w + np.float32(scale) * np.matmul(a, b)).astype(np.float32).astype(dtype)
+    return np.ascontiguousarray(merged.T) if transpose else merged
