@@ -124,3 +124,13 @@ def resume_command() -> str:
 
 def exit_code(signum: int, override: int | None = None) -> int:
     return override if override is not None else EXIT_CODES.get(signal.Signals(signum), 128 + int(signum))
+
+
+def inject_fault(point: int | str) -> None:
+    """Fault injection for the crash / preemption tests: FTJAX_FAULT=KIND@POINT (KIND: kill, term, int; POINT:
+    a step number, or a phase: eval, report, export) signals this process when it reaches that point."""
+    fault = os.environ.get("FTJAX_FAULT", "")
+    kind, _, at = fault.partition("@")
+    if at and at == str(point):
+        kinds = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
+        os.kill(os.getpid(), kinds[kind])

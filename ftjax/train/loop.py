@@ -11,8 +11,8 @@ that many periodic evals without a lower eval loss.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,10 +22,11 @@ from flax import nnx
 from ftjax import config as config_lib
 from ftjax import data as data_lib
 from ftjax import metrics as metrics_lib
+from ftjax import stop
 from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError
-from ftjax.provenance import base_identity, check_same
+from ftjax.provenance import base_identity, check_resume_config, check_same
 from ftjax.sharding import batch_sharding, batch_shards, parse_rules
 from ftjax.train import forget
 from ftjax.train.early_stop import EarlyStop
@@ -36,49 +37,6 @@ from ftjax.train.setup import build_state, mesh_from_config
 from ftjax.train.state import TrainState, state_size
 from ftjax.train.step import Frozen, TrainStep, make_train_step
 from ftjax.train.terms import loss_terms, uses_base
-
-
-class _StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves at the end of the current step (multi-host: JAX's
-    preemption sync point makes every host stop at the same step)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if jax.process_count() > 1:
-            # A stop seen by one host must stop every host at the same step (the save is collective):
-            # hand it to JAX's preemption notifier, which agrees on that step with all of them.
-            os.kill(os.getpid(), signal.SIGTERM)
-        else:
-            self.requested = True
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def _inject_fault(step: int) -> None:
-    """Fault injection for the crash/preemption tests: FTJAX_FAULT=kill@N, term@N or int@N signals this process."""
-    fault = os.environ.get("FTJAX_FAULT", "")
-    if "@" in fault and int(fault.split("@")[1]) == step:
-        kinds = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
-        os.kill(os.getpid(), kinds[fault.split("@")[0]])
 
 
 def _evaluating(config) -> bool:
@@ -147,6 +105,7 @@ class Job:
     evaluation: Any  # ftjax.evaluation.run.Evaluation, or None
     base: Any  # the base model the evaluation compares with (full fine-tuning: the step-0 copy)
     flops_per_token: float
+    t0: float = dataclasses.field(default_factory=time.perf_counter)  # when the job started (report wall time)
 
     def model(self, trainable) -> nnx.Module:
         """The model with these trainable weights (shares the arrays; used between steps only)."""
@@ -168,6 +127,7 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
 def prepare(config, workdir: Path) -> Job:
     """Everything before the first step: mesh, data, state, forgetting control, the step, resume."""
     workdir.mkdir(parents=True, exist_ok=True)
+    _check_resumable(config, workdir)  # a resume on a changed config stops here, before any work
     mesh = mesh_from_config(config)  # a mesh that does not fit the devices fails here, before any load
     rules = parse_rules(config.mesh.rules)
     check_batch_fits(config.train.batch_size, config.train.grad_accum, mesh, rules)
@@ -229,6 +189,18 @@ def prepare(config, workdir: Path) -> Job:
     return job
 
 
+def _check_resumable(config, workdir: Path) -> None:
+    """Refuse, in one line, to resume a run whose recorded config differs outside the may-change list."""
+    reader = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
+    try:
+        latest = reader.latest_step()
+        if latest is not None:
+            recorded = reader.read_meta(latest).get("config", {})
+            check_resume_config(recorded, config.to_dict(), config_lib.default_config().to_dict())
+    finally:
+        reader.close()
+
+
 def _resume(job: Job) -> None:
     """From the latest complete checkpoint, if any: weights, optimizer, data position, early-stop state."""
     latest = job.ckpt.latest_step()
@@ -247,8 +219,22 @@ def _resume(job: Job) -> None:
 
 
 def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
-    """The steps, each followed by the periodic actions; returns (last step, stopped early, last values)."""
+    """The steps, each followed by the periodic actions; returns (last step, stopped early, last values).
+
+    The step is compiled before the clock starts (`compile_s` on the first logged line). A stop requested
+    by a signal saves the step in hand and raises `stop.StopRequested` (the entry point exits 130 / 143);
+    `until` stops the same way but returns (tests split a run in two with it)."""
     c = job.config
+    base_key = jax.random.key(c.seed)
+    trainable, opt_state, step, stopped_early = job.trainable, job.opt_state, job.start, job.stopped_early
+    last_step = job.start if stopped_early else c.train.steps
+    first = next(job.batches) if last_step > job.start else None
+    compile_s = None
+    if first is not None:
+        with stop.phase("compiling the train step"):
+            compile_s = job.step_fn.compile(trainable, opt_state, job.frozen, first,
+                                            jax.random.fold_in(base_key, job.start + 1))
+        _say(f"compiled the train step in {compile_s:.1f} s")
     peak, _ = metrics_lib.peak_flops(c.model.dtype)
     meter = Meter(c.train.batch_size * c.data.seq_len, job.flops_per_token, peak * jax.device_count(),
                   c.train.max_consecutive_skips, [t.name for t in job.step_fn.terms])
@@ -264,21 +250,26 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
     if job.eval_loss is not None:
         track = None
         if job.evaluation is not None:
-            track = lambda trainable, step: job.evaluation.track(job.model(trainable), job.base, step)  # noqa: E731
+            def track(trainable, step):
+                stop.inject_fault("eval")
+                return job.evaluation.track(job.model(trainable), job.base, step)
         actions.insert(0, Evaluate(c.eval.every, c.eval.final, job.eval_loss, job.early, meter, track))
-    base_key = jax.random.key(c.seed)
-    trainable, opt_state, step, stopped_early = job.trainable, job.opt_state, job.start, job.stopped_early
-    last_step = job.start if stopped_early else c.train.steps
+    interrupted: stop.StopRequested | None = None
+    meter.start(compile_s)
     try:
-        with _StopRequest() as stop:
+        with stop.phase("training"):
             for step in range(job.start + 1, last_step + 1):
                 rng = jax.random.fold_in(base_key, step)
-                trainable, opt_state, metrics = job.step_fn(trainable, opt_state, job.frozen, next(job.batches), rng)
-                _inject_fault(step)
+                batch = first if step == job.start + 1 else next(job.batches)
+                trainable, opt_state, metrics = job.step_fn(trainable, opt_state, job.frozen, batch, rng)
+                stop.inject_fault(step)
                 tick = Tick(step, trainable, opt_state, metrics, is_last=step == c.train.steps,
-                            stopping=stop.should_stop(step) or step == until)
+                            stopping=_stop_requested(step) or step == until)
                 for action in actions:
-                    action(tick)
+                    try:
+                        action(tick)
+                    except stop.StopRequested as e:  # during an eval: the step is still logged and saved
+                        interrupted, tick.stopping = e, True
                 stopped_early = tick.stopped_early
                 if stopped_early:
                     _say(f"early stopping: no lower eval loss in {job.early.patience} evals "
@@ -286,12 +277,26 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                     break
                 if tick.stopping:
                     _say(f"stop requested: saved step {step}, exiting")
+                    if interrupted is None and step != until:
+                        interrupted = stop.StopRequested(stop.requested() or signal.SIGTERM, "training")
                     break
     finally:
         log.progress.close()
         log.writer.close()
     job.trainable, job.opt_state = trainable, opt_state
+    if interrupted is not None:
+        job.ckpt.close()  # the save is complete before the process exits
+        raise stop.StopRequested(interrupted.signum, interrupted.phase, f"step {step} saved")
     return step, stopped_early, log.last
+
+
+def _stop_requested(step: int) -> bool:
+    """Whether to stop after this step: a signal here, or on any host at JAX's preemption sync point."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
+    return stop.requested() is not None
 
 
 def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, Any]:
@@ -308,8 +313,11 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
             reader.close()
         _say(f"report: the best checkpoint, step {report_step} (lowest eval loss), not the final step {step}")
     if reporting:
-        last["report"] = job.evaluation.report(job.model(trainable), job.base, report_step,
-                                               extra_meta={"final_step": step})
+        stop.inject_fault("report")
+        with stop.phase("the final report"):
+            last["report"] = job.evaluation.report(job.model(trainable), job.base, report_step,
+                                                   extra_meta={"final_step": step,
+                                                               "run": {"wall_s": time.perf_counter() - job.t0}})
     job.batches.close()
     if jax.process_index() == 0:
         metrics_lib.plot_losses(job.workdir)

@@ -37,8 +37,12 @@ def due(every: int, step: int) -> bool:
 
 
 class Meter:
-    """A step's metrics fetched to the host (one sync) with tokens/s and MFU since the previous fetch;
-    time spent evaluating is not training time."""
+    """A step's metrics fetched to the host (one sync) with tokens/s and MFU since the previous fetch.
+
+    Step time is wall time between step completions: each step waits for the previous one to finish (one
+    behind, so the device always has the next step queued), the first window starts when the compiled
+    step is first dispatched, and time spent evaluating is not training time. Every step's loss stays on
+    device until the fetch, which returns them all as `step_losses`."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_total: float, max_consecutive_skips: int,
                  term_names: list[str]):
@@ -46,22 +50,36 @@ class Meter:
         self.max_consecutive_skips = max_consecutive_skips
         self.extra = [n for n in term_names if n != "loss"] + ["loss_total"]  # the loss terms' own metrics
         self.t_last, self.steps, self.paused = time.perf_counter(), 0, 0.0
+        self.losses: list = []  # this window's per-step losses, on device
+        self.compile_s: float | None = None
 
-    def step_done(self) -> None:
+    def start(self, compile_s: float | None = None) -> None:
+        """The clock starts now (after compiling, before the first step is dispatched)."""
+        self.t_last, self.steps, self.paused, self.compile_s = time.perf_counter(), 0, 0.0, compile_s
+
+    def step_done(self, metrics: dict) -> bool:
+        """Count a dispatched step; wait for the one before it. True when that previous step has completed."""
         self.steps += 1
+        self.losses.append(metrics["loss"])
+        if len(self.losses) >= 2:
+            self.losses[-2].block_until_ready()
+            return True
+        return False
 
     def pause(self, seconds: float) -> None:
         self.paused += seconds
 
     def fetch(self, metrics: dict) -> dict[str, Any]:
+        fetched, losses = jax.device_get((metrics, self.losses))  # waits for this step
         now = time.perf_counter()
-        fetched = jax.device_get(metrics)
         tps = self.steps * self.tokens_per_step / max(now - self.t_last - self.paused, 1e-9)
-        self.t_last, self.steps, self.paused = now, 0, 0.0
+        self.t_last, self.steps, self.paused, self.losses = now, 0, 0.0, []
         values = {"loss": float(fetched["loss"]), "lr": float(fetched["lr"]),
                   "grad_norm": float(fetched["grad_norm"]), "tokens_per_s": tps,
                   "mfu": tps * self.flops_per_token / self.peak_total, "trained_tokens": int(fetched["tokens"]),
-                  "skipped_steps": int(fetched["skipped"])}
+                  "skipped_steps": int(fetched["skipped"]), "step_losses": [float(x) for x in losses]}
+        if self.compile_s is not None:  # once, on the first logged line
+            values["compile_s"], self.compile_s = self.compile_s, None
         values.update({k: float(fetched[k]) for k in self.extra if k in fetched})
         raise_if_diverged(fetched, self.max_consecutive_skips)
         return values
@@ -103,7 +121,8 @@ class LogMetrics:
     last: dict = dataclasses.field(default_factory=dict)  # the latest value of every logged key
 
     def __call__(self, tick: Tick) -> None:
-        self.meter.step_done()
+        if self.meter.step_done(tick.metrics):
+            self.progress.update(tick.step - 1, self.last)  # the bar moves with every completed step
         if due(self.every, tick.step) or tick.is_last or tick.stopping:
             tick.values = {**self.meter.fetch(tick.metrics), **tick.values}
         if tick.values:
@@ -138,7 +157,7 @@ class Progress:
         self.pos = start
 
     def update(self, step: int, values: dict) -> None:
-        if self.bar is None:
+        if self.bar is None or step < self.pos:
             return
         self.bar.update(step - self.pos)
         self.pos = step
