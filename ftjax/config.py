@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from ftjax.errors import ConfigError
+from ftjax.scorer_names import check_metric
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -79,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
         final=True,
         max_examples=200,
         # scores of greedy replies on the eval split, comma-separated: exact | json_valid | contains | regex |
-        # regex:PATTERN (last) | a task scorer such as person_json (see ftjax/evaluation/scorers.py)
+        # regex:PATTERN (last) | a task scorer such as person_json (see ftjax/scorer_names.py)
         metric="exact",
         few_shot=3,  # k train examples as prior chat turns for the prompted baseline; 0 = no prompted baseline
     )
@@ -200,9 +201,7 @@ def _check_data_ranges(c: ml_collections.ConfigDict) -> None:
 
 def _check_eval_forget(c: ml_collections.ConfigDict) -> None:
     """eval.metric must name known scorers; forget.* weights and fractions must be in range."""
-    from ftjax.evaluation.scorers import make_scorer
-
-    make_scorer(c.eval.metric)  # ConfigError naming the unknown metric
+    check_metric(c.eval.metric)  # ConfigError naming the unknown metric
     checks = [
         ("eval.few_shot", c.eval.few_shot >= 0, "be >= 0"),
         ("forget.max_new_tokens", c.forget.max_new_tokens >= 1, "be >= 1"),
