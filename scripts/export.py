@@ -17,7 +17,7 @@ from ftjax import cli
 flags.DEFINE_string("workdir", None, "The training workdir to export.")
 flags.DEFINE_enum("format", "hf", ["hf", "peft"], "hf: merged HF model folder; peft: LoRA adapter folder.")
 flags.DEFINE_string("out", None, "Output folder.")
-flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step number.")
+flags.DEFINE_string("step", "best", "Checkpoint: best (lowest eval loss, else the latest), latest or a step number.")
 flags.DEFINE_string("dtype", None, "Dtype of the written weights (default: as trained, e.g. float32 stays float32).")
 flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard for --format=hf (e.g. 5GB, 500MB).")
 flags.mark_flags_as_required(["workdir", "out"])
@@ -31,8 +31,7 @@ def main(argv):
     import jax
 
     from ftjax.errors import ConfigError
-    from ftjax.evaluation.workdir import config_from_workdir
-    from ftjax.train.trained import load_trained
+    from ftjax.workdir import config_from_workdir, load_trained
 
     config = config_from_workdir(FLAGS.workdir)
     if FLAGS.format == "peft" and config.method != "lora":

@@ -20,7 +20,7 @@ from ftjax.data.tokenize import tokenize_records
 from ftjax.errors import ConfigError
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.divergence import token_kl
-from ftjax.evaluation.retain import load_retain
+from ftjax.data.retain import load_retain
 from ftjax.lora import apply_lora
 from ftjax.sharding import make_mesh
 from ftjax.train import forget
@@ -113,7 +113,7 @@ def test_kl_term_is_zero_at_the_base_and_exact_after(mesh1):
 
 
 def test_memory_estimate_counts_the_base_copy_and_the_retain_batch():
-    from ftjax.api import tiny_config
+    from ftjax.interop.sources import tiny_config
     from ftjax.train.memory import estimate
 
     c = load_config()

@@ -23,13 +23,13 @@ from flax import nnx
 
 from ftjax.data.mixture import parse_sources
 from ftjax.data.records import Fields
+from ftjax.data.retain import load_retain
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import load_records, pick_shots
 from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
 from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.progress import plot_progress, tracking_metrics
 from ftjax.evaluation.report import build_report, write_report
-from ftjax.evaluation.retain import load_retain
 from ftjax.evaluation.task import TaskResult, evaluate_task
 
 BASELINES_NAME = "baselines.json"

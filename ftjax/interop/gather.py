@@ -11,13 +11,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def to_host(x: jax.Array) -> np.ndarray:
     """The full value of one array on this host (all processes must call it for a multi-host array)."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
@@ -52,3 +52,9 @@ def merged_tensor(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, l
     """One layer's kernel with its LoRA update folded in, cast and maybe transposed."""
     idx = None if layer is None else np.int32(layer)  # host scalar: replicated on every process
     return to_host(_merged_slice(kernel, a, b, idx, scale=float(scale), dtype=dtype, transpose=transpose))
+
+
+def barrier(name: str) -> None:
+    """Every host returns only once every host got here (after process 0 has written an export)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

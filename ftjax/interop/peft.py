@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ftjax.dtypes import dtype_name
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop import gather
+from ftjax.interop.safetensors_reader import SafetensorsFile
 from ftjax.interop.safetensors_writer import TensorPlan, write_safetensors
 from ftjax.lora import LoRA, apply_lora, linears
 from ftjax.models.registry import hf_tensor_name
@@ -77,8 +79,6 @@ def _plans(found: list[tuple[tuple[str, ...], LoRA]], num_layers: int, dtype: st
 def export_peft(model: nnx.Module, out: str | Path, *, base_model_name_or_path: str | None = None,
                 dtype: Any = None) -> Path:
     """Write the model's adapters as a PEFT folder that `PeftModel.from_pretrained(hf_base, out)` loads."""
-    from ftjax.interop.export_hf import _barrier, dtype_name
-
     config = adapter_config(model, base_model_name_or_path)
     found = adapters(model)
     plans = _plans(found, model.config.num_layers, dtype_name(dtype) if dtype is not None else None)
@@ -89,14 +89,12 @@ def export_peft(model: nnx.Module, out: str | Path, *, base_model_name_or_path: 
     write_safetensors(out / WEIGHTS, plans, write=main)
     if main:
         (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-    _barrier("ftjax_export_peft")
+    gather.barrier("ftjax_export_peft")
     return out
 
 
 def load_peft(model: nnx.Module, folder: str | Path, *, seed: int = 0) -> nnx.Module:
     """Attach the PEFT LoRA adapter in `folder` to a loaded base `model`, in place; returns the model."""
-    from ftjax.interop.safetensors_reader import SafetensorsFile
-
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise LoadError(f"{folder}: not a PEFT adapter folder (needs {CONFIG} and {WEIGHTS})")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ftjax.sharding import constrain
+from ftjax.sharding import _ACTIVE, constrain
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", stddev=0.02) -> nnx.Param:
@@ -69,8 +69,6 @@ class Linear(nnx.Module):
 
 def _unsharded(*logical: str) -> bool:
     """Whether the active activation-sharding mesh (if any) splits none of these logical axes."""
-    from ftjax.sharding import _ACTIVE
-
     active = _ACTIVE.get()
     if active is None:
         return True

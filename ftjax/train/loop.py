@@ -24,14 +24,15 @@ from ftjax import metrics as metrics_lib
 from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError
+from ftjax.evaluation.run import Evaluation
 from ftjax.provenance import base_identity, check_same
-from ftjax.sharding import batch_sharding, batch_shards
+from ftjax.sharding import batch_sharding, batch_shards, mesh_from_config
 from ftjax.train import forget
 from ftjax.train.early_stop import EarlyStop
 from ftjax.train.eval_loss import eval_loss, make_eval_loss
 from ftjax.train.memory import check_fits
 from ftjax.train.optimizer import raise_if_diverged
-from ftjax.train.setup import build_state, mesh_from_config
+from ftjax.train.setup import build_state
 from ftjax.train.state import state_size
 from ftjax.train.step import make_train_step
 
@@ -91,8 +92,6 @@ def _evaluation(config, tokenizer, workdir: Path, state, base_trainable):
     """
     if not _evaluating(config):
         return None, None
-    from ftjax.evaluation.run import Evaluation
-
     base = None
     if config.method == "full":
         base = nnx.merge(state.graphdef, base_trainable, state.frozen)

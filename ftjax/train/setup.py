@@ -1,4 +1,4 @@
-"""From a config to what the loop needs: mesh, tokenizer, data, model with adapters, sharded state."""
+"""From a config to what the loop needs: the model with adapters, sharded state, optimizer."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from ftjax import api
+from ftjax.dtypes import frozen_dtype
+from ftjax.interop.sources import load_pretrained
 from ftjax.lora import apply_lora, trainable_filter
-from ftjax.sharding import make_mesh
 from ftjax.train.optimizer import Optimizer, make_optimizer
 from ftjax.train.state import TrainState, place_state
 
@@ -23,15 +23,10 @@ class Setup:
     model_config: Any
 
 
-def mesh_from_config(config) -> Mesh:
-    """The (data, fsdp, tensor) mesh over every process's devices."""
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-
-
 def build_model(config, mesh: Mesh) -> nnx.Module:
     """The base model read straight into its shardings, with LoRA adapters attached for method=lora."""
-    model = api.load_model(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                           mesh=mesh, remat=config.model.remat, attention=config.model.attention)
+    model = load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
+                            remat=config.model.remat, attention=config.model.attention)
     if config.method == "lora":
         # Adapters are small; place_state moves them into their shardings with everything else.
         apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
@@ -43,8 +38,6 @@ def build_state(config, mesh: Mesh) -> Setup:
     """Model + optimizer state, every array placed by the rules table; frozen part in train.frozen_dtype."""
     model = build_model(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
-    frozen_dtype = None if config.train.frozen_dtype == config.model.param_dtype else config.train.frozen_dtype
     state = place_state(model, optimizer.tx, mesh, trainable=trainable_filter(config.method),
-                        frozen_dtype=frozen_dtype)
+                        frozen_dtype=frozen_dtype(config))
     return Setup(mesh, state, optimizer, model.config)
-
