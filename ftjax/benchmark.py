@@ -21,10 +21,11 @@ import numpy as np
 
 from ftjax import metrics as metrics_lib
 from ftjax.config import DEFAULT_MODEL, LORA_TARGETS, default_config
+from ftjax.data.packing import BATCH_KEYS
 from ftjax.sharding import make_mesh
 from ftjax.train.setup import build_state
 from ftjax.train.state import state_size
-from ftjax.train.step import BATCH_KEYS, make_train_step
+from ftjax.train.step import make_train_step
 
 FLOP_FORMULAS = {
     "full": "6*P + 6*L*N*H*T (P: matmul params incl. head; causal attention fwd+bwd)",

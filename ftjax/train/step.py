@@ -22,14 +22,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ftjax.data.packing import BATCH_KEYS
 from ftjax.errors import ConfigError
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards
 from ftjax.train.loss import chunked_cross_entropy, fused_cross_entropy
 from ftjax.train.optimizer import Optimizer
 from ftjax.train.regularizers import chunked_kl_to_base, l2_to_base, lora_base_trainable
 from ftjax.train.state import StateShardings
-
-BATCH_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
 
 
 def micro_batches(batch: dict, grad_accum: int) -> dict:
