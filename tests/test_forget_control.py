@@ -242,7 +242,7 @@ def test_resume_is_exact_with_replay_and_kl(runs, tmp_path):
 def test_replay_file_holds_base_samples_and_own_replies(tmp_path):
     """Replay trains on `replay_samples` base samples per prompt without a reply of the user's, and on the
     user's own replies as many times; no greedy replies are made when the KL term is off."""
-    from ftjax.evaluation.conversations import as_messages
+    from ftjax.data.retain import as_messages
 
     c = load_config()
     c.forget.replay_fraction, c.forget.replay_samples, c.forget.max_new_tokens = 0.25, 3, 8

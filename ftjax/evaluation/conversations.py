@@ -10,7 +10,6 @@ import random
 from typing import Any, Sequence
 
 from ftjax.data.records import BadRecord, Fields, Record, read_file, validate
-from ftjax.data.retain import as_messages
 from ftjax.errors import DataError
 
 Turns = tuple[tuple[str, str], ...]
