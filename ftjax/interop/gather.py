@@ -18,7 +18,6 @@ def to_host(x: jax.Array) -> np.ndarray:
     """The full value of one array on this host (all processes must call it for a multi-host array)."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
