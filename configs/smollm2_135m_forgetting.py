@@ -20,13 +20,13 @@ Measured on the 2-core CPU (2026-11-29, README "Forgetting"): no control 100% ex
 control (its step is about twice the work), plus 4 min once for replay's samples.
 """
 
-from ftjax.config import default_config
+from ftjax.config import DEFAULT_MODEL, default_config
 from ftjax.tasks import person_json
 
 
 def get_config():
     c = default_config()
-    c.model.path = "smollm2-135m-instruct"
+    c.model.path = DEFAULT_MODEL
     c.method = "full"
     c.data.train, c.data.eval = person_json.files(n_train=3000, n_eval=200)
     c.data.seq_len = 128

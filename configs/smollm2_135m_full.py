@@ -10,13 +10,13 @@ at step 40; eval loss (assistant tokens of the 200 held-out examples) 0.0084 at 
 0.0048 at step 40. A checkpoint (fp32 weights + Adam moments) is ~1.4 GB.
 """
 
-from ftjax.config import default_config
+from ftjax.config import DEFAULT_MODEL, default_config
 from ftjax.tasks import person_json
 
 
 def get_config():
     c = default_config()
-    c.model.path = "smollm2-135m-instruct"
+    c.model.path = DEFAULT_MODEL
     c.method = "full"
     c.data.train, c.data.eval = person_json.files(n_train=3000, n_eval=200)
     c.data.seq_len = 128

@@ -7,13 +7,13 @@ Measured on the 2-core CPU machine (2026-11-28): 40 steps in 4 min 35 s (~190 to
 0.52 -> 0.012. The high learning rate costs general behaviour (KL to base 0.31 per token, QA 55% -> 20%).
 """
 
-from ftjax.config import default_config
+from ftjax.config import DEFAULT_MODEL, default_config
 from ftjax.tasks import person_json
 
 
 def get_config():
     c = default_config()
-    c.model.path = "smollm2-135m-instruct"
+    c.model.path = DEFAULT_MODEL
     c.method = "lora"
     c.lora.rank = 16
     c.lora.alpha = 32.0

@@ -20,10 +20,12 @@ import jax
 import numpy as np
 
 from ftjax import metrics as metrics_lib
+from ftjax.config import DEFAULT_MODEL, LORA_TARGETS, default_config
+from ftjax.data.packing import BATCH_KEYS
 from ftjax.sharding import make_mesh
 from ftjax.train.setup import build_state
 from ftjax.train.state import state_size
-from ftjax.train.step import BATCH_KEYS, make_train_step
+from ftjax.train.step import make_train_step
 
 FLOP_FORMULAS = {
     "full": "6*P + 6*L*N*H*T (P: matmul params incl. head; causal attention fwd+bwd)",
@@ -173,10 +175,8 @@ def run_benchmark(config, steps: int = 5, warmup: int = 2, devices: Sequence[Any
 
 def smollm2_config(method: str = "lora", batch: int = 4, seq_len: int = 256):
     """The comparison's setting: SmolLM2-135M from the GGUF, fp32, LoRA r=16/alpha=32 on all 7 projections."""
-    from ftjax.config import LORA_TARGETS, default_config
-
     c = default_config()
-    c.model.path = "smollm2-135m-instruct"
+    c.model.path = DEFAULT_MODEL
     c.method = method
     c.lora.rank, c.lora.alpha, c.lora.targets = 16, 32.0, LORA_TARGETS
     c.data.seq_len = seq_len

@@ -7,7 +7,6 @@ kept, and with `keep_best` also the one with the lowest eval loss.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,6 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 STATE, META = "state", "meta"
-
-
-class _QuietUntracked(logging.Filter):
-    """Orbax warns on every save without metrics when best-tracking is on; ours are deliberate."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_QuietUntracked())
 
 
 class Checkpoints:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
-from absl import flags
+import jax
+from absl import app, flags, logging
+
+from ftjax.config import default_config, flat_keys, unknown_key_message
+from ftjax.distributed import rendezvous
+from ftjax.errors import ConfigError, FtjaxError, StartupError
+from ftjax.logs import quiet_orbax
 
 FLAGS = flags.FLAGS
 
@@ -21,59 +28,35 @@ flags.DEFINE_integer("stop_exit_code", None, "Exit code after a requested stop (
 def init_distributed() -> None:
     """Join the multi-host run when there is one (flags, or JAX's cluster detection on SLURM / TPU VMs).
 
-    A rendezvous first (ftjax.distributed) so that a process that does not join within
-    --init_timeout is named in one line on every other process; on CPU, gloo collectives.
+    With all three settings known (flags, or JAX_COORDINATOR_ADDRESS for the address), a rendezvous
+    first (ftjax.distributed) so that a process that does not join within --init_timeout is named in one
+    line on every other process. Otherwise jax.distributed.initialize detects the cluster itself (its
+    errors then name nobody) or finds none (one process). On CPU, gloo collectives.
     """
-    from ftjax.distributed import rendezvous
-    from ftjax.errors import StartupError
-
-    given = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    try:
-        resolved = _cluster_params(*given, timeout_s=FLAGS.init_timeout)
-    except ImportError:  # JAX moved its private cluster detection: initialize() still detects, unnamed errors
+    address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    given = (address, FLAGS.num_processes, FLAGS.process_id)
+    if None in given:
         _initialize_jax(*given)
         return
-    if resolved is None:
-        if given == (None, None, None):
-            return  # one process
-        raise StartupError("--coordinator_address, --num_processes and --process_id go together (or leave all "
-                           "three empty for JAX's cluster detection on TPU VMs and SLURM)")
-    if resolved[1] == 1:
+    if FLAGS.num_processes == 1:
         return
-    rendezvous(*resolved, FLAGS.init_timeout)
-    _initialize_jax(*resolved)
-
-
-def _cluster_params(address: str | None, num_processes: int | None, process_id: int | None,
-                    timeout_s: int) -> tuple[str, int, int] | None:
-    """The three multi-host settings, unset ones filled in as jax.distributed.initialize would; None if unknown."""
-    import os
-
-    address = address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if None in (address, num_processes, process_id):
-        # JAX's cluster detection (SLURM, TPU VMs, Open MPI, Kubernetes): the code initialize() itself runs.
-        from jax._src.clusters import ClusterEnv
-
-        address, num_processes, process_id, _ = ClusterEnv.auto_detect_unset_distributed_params(
-            address, num_processes, process_id, None, None, timeout_s)
-    if None in (address, num_processes, process_id):
-        return None
-    return str(address), int(num_processes), int(process_id)
+    rendezvous(address, FLAGS.num_processes, FLAGS.process_id, FLAGS.init_timeout)
+    _initialize_jax(*given)
 
 
 def _initialize_jax(address: str | None, num_processes: int | None, process_id: int | None) -> None:
     """jax.distributed.initialize with gloo CPU collectives; its long errors as one line."""
-    import jax
-
-    from ftjax.errors import StartupError
-
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
+    on_cpu = jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms)
+    collectives = jax.config.jax_cpu_collectives_implementation
+    if on_cpu:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id,
                                    initialization_timeout=FLAGS.init_timeout)
     except ValueError as e:
-        if (address, num_processes, process_id) == (None, None, None) and "coordinator_address" in str(e):
+        if on_cpu:
+            jax.config.update("jax_cpu_collectives_implementation", collectives)
+        if num_processes is None and process_id is None and "coordinator_address" in str(e):
             return  # no cluster found: one process
         raise StartupError(f"could not start the multi-host run: {str(e).splitlines()[0]}") from None
     except Exception as e:  # JAX's message is long; say what matters
@@ -86,11 +69,8 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     """Wrap an absl main so ftjax's own errors end as one clear line and exit code 2."""
 
     def wrapped(argv: list[str]) -> None:
-        from absl import logging
-
-        from ftjax.errors import FtjaxError
-
         logging.set_verbosity(logging.WARNING)  # JAX's backend probing is INFO noise for users
+        quiet_orbax()
 
         from ftjax import stop
 
@@ -112,8 +92,6 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
 def run_app(main: Callable[[list[str]], None]) -> None:
     """absl's app.run, with flag errors (a misspelled config key above all) as one line naming the fix."""
-    from absl import app
-
     app.run(run_main(main), flags_parser=_parse_flags)
 
 
@@ -127,8 +105,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _explain(error: Exception, argv: list[str]) -> str:
     """Name the misspelled config key and the closest valid one; else the first line that says why."""
-    from ftjax.config import default_config, flat_keys, unknown_key_message
-
     valid = set(flat_keys(default_config()))
     for arg in argv:
         if arg.startswith("--config."):
@@ -142,8 +118,6 @@ def _explain(error: Exception, argv: list[str]) -> str:
 
 def config_from_flags(name: str = "config"):
     """The --config ConfigDict; a config file that failed to load becomes one line."""
-    from ftjax.errors import ConfigError
-
     try:
         config = getattr(FLAGS, name)
         list(config.keys())  # config_flags defers load errors until first use

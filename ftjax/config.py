@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any, Callable
 
 import ml_collections
 from ml_collections import config_dict
 
 from ftjax.backend_defaults import resolve_auto
 from ftjax.errors import ConfigError
+from ftjax.scorer_names import check_metric
 from ftjax.sharding import parse_rules
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -85,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
         final=True,
         max_examples=200,
         # scores of greedy replies on the eval split, comma-separated: exact | json_valid | contains | regex |
-        # regex:PATTERN (last) | a task scorer such as person_json (see ftjax/evaluation/scorers.py)
+        # regex:PATTERN (last) | a task scorer such as person_json (see ftjax/scorer_names.py)
         metric="exact",
         few_shot=3,  # k train examples as prior chat turns for the prompted baseline; 0 = no prompted baseline
     )
@@ -126,8 +128,14 @@ def unknown_key_message(c: ml_collections.ConfigDict, key: str) -> str:
     return f"unknown config key '{key}'{hint}"
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Every key of default_config() has its check here, in exactly one of _CHOICES, _RANGES and _FREE
+# (tests/test_configs.py holds the tables to that); `validate` also checks the keys that depend on each other.
 _CHOICES = {
     "method": ("lora", "full"),
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
     "model.remat": ("minimal", "none", "full", "dots"),
     "model.attention": ("xla", "cudnn", "pallas_gpu", "splash"),
     "data.overlong": ("drop", "truncate", "error"),
@@ -135,8 +143,65 @@ _CHOICES = {
     "data.loss_on": ("assistant", "all", "last_assistant"),
     "optim.name": ("adamw", "sgd", "adafactor", "lion"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "train.frozen_dtype": ("float32", "bfloat16", "float16"),
+    "train.frozen_dtype": DTYPES,
 }
+
+_AT_LEAST_1 = (lambda v: v >= 1, "be >= 1")
+_AT_LEAST_0 = (lambda v: v >= 0, "be >= 0")
+_POSITIVE = (lambda v: v > 0, "be > 0")
+_FRACTION = (lambda v: 0.0 <= v < 1.0, "be in [0, 1)")
+_CLOSED_FRACTION = (lambda v: 0.0 <= v <= 1.0, "be in [0, 1]")
+_MESH_AXIS = (lambda v: v == -1 or v >= 1, "be >= 1, or -1 for the devices the other axes leave")
+
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lora.rank": _AT_LEAST_1,
+    "lora.alpha": _POSITIVE,
+    "lora.dropout": _FRACTION,
+    "data.seq_len": _AT_LEAST_1,
+    "data.eval_fraction": _FRACTION,
+    "data.max_dropped_fraction": _CLOSED_FRACTION,
+    "data.prefetch": _AT_LEAST_0,
+    "train.batch_size": _AT_LEAST_1,
+    "train.steps": _AT_LEAST_1,
+    "train.grad_accum": _AT_LEAST_1,
+    "train.log_every": _AT_LEAST_1,
+    "train.max_consecutive_skips": _AT_LEAST_1,
+    "train.loss_chunk": _AT_LEAST_1,
+    "train.early_stop_patience": _AT_LEAST_0,
+    "optim.lr": _POSITIVE,
+    "optim.warmup_steps": _AT_LEAST_0,
+    "optim.weight_decay": _AT_LEAST_0,
+    "optim.clip_norm": (lambda v: v >= 0, "be >= 0 (0 disables clipping)"),
+    "optim.min_lr_ratio": _CLOSED_FRACTION,
+    "optim.b1": _FRACTION,
+    "optim.b2": _FRACTION,
+    "optim.eps": _POSITIVE,
+    "optim.momentum": _FRACTION,
+    "mesh.data": _MESH_AXIS,
+    "mesh.fsdp": _MESH_AXIS,
+    "mesh.tensor": _MESH_AXIS,
+    "checkpoint.every": _AT_LEAST_0,
+    "checkpoint.keep": _AT_LEAST_1,
+    "eval.every": _AT_LEAST_0,
+    "eval.max_examples": _AT_LEAST_1,
+    "eval.few_shot": _AT_LEAST_0,
+    "forget.max_new_tokens": _AT_LEAST_1,
+    "forget.replay_fraction": _FRACTION,
+    "forget.replay_temperature": _AT_LEAST_0,
+    "forget.replay_samples": _AT_LEAST_1,
+    "forget.kl_weight": _AT_LEAST_0,
+    "forget.l2_weight": _AT_LEAST_0,
+}
+
+# Any value of the key's type (the locked ConfigDict checks types): paths and names, checked where they are
+# read (a missing file names itself there), and switches.
+_FREE = ("seed", "model.path", "lora.targets", "lora.rslora", "data.train", "data.eval", "data.packing",
+         "data.messages_field", "data.prompt_field", "data.completion_field", "data.text_field", "data.tfds_name",
+         "data.tfds_data_dir", "data.tfds_split", "data.tfds_eval_split", "data.cache_dir", "checkpoint.keep_best",
+         "eval.final", "forget.retain", "forget.control")
+# eval.metric: its scorer names (ftjax.scorer_names.check_metric); mesh.rules: ftjax.sharding.parse_rules.
+CHECKED_KEYS = (*_CHOICES, *_RANGES, *_FREE, "eval.metric", "mesh.rules")
+AUTO_KEYS = ("model.dtype", "model.remat", "model.attention", "train.frozen_dtype")  # resolved per backend
 
 
 def get(c: ml_collections.ConfigDict, key: str):
@@ -150,19 +215,19 @@ def get(c: ml_collections.ConfigDict, key: str):
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Resolve `auto` values for this backend, then check choices and ranges before anything is compiled;
-    one line per problem."""
+    """Resolve `auto` values for this backend, then check every key's choices and range, then the keys that
+    depend on each other, before anything is compiled; the first problem as one line."""
     resolve_auto(c)
     for key, choices in _CHOICES.items():
         value = get(c, key)
         if value not in choices:
-            raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(('auto',) + choices)}")
-    for key in ("train.batch_size", "train.steps", "train.grad_accum", "train.log_every", "data.seq_len",
-                "train.max_consecutive_skips", "train.loss_chunk"):
-        if get(c, key) < 1:
-            raise ConfigError(f"config.{key} must be >= 1, got {get(c, key)}")
-    if c.train.early_stop_patience < 0:
-        raise ConfigError(f"config.train.early_stop_patience must be >= 0, got {c.train.early_stop_patience}")
+            allowed = (("auto",) if key in AUTO_KEYS else ()) + tuple(choices)
+            raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(allowed)}")
+    for key, (ok, want) in _RANGES.items():
+        if not ok(get(c, key)):
+            raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
+    check_metric(c.eval.metric)  # ConfigError naming the unknown metric
+    parse_rules(c.mesh.rules)  # ConfigError naming a bad logical axis or mesh axis
     if c.train.early_stop_patience and not (c.eval.every and c.data.eval):
         raise ConfigError("config.train.early_stop_patience needs periodic eval losses: set eval.every and data.eval")
     if c.train.batch_size % c.train.grad_accum:
@@ -170,63 +235,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.train.batch_size={c.train.batch_size} is not divisible by "
             f"config.train.grad_accum={c.train.grad_accum}"
         )
-    parse_rules(c.mesh.rules)  # ConfigError naming a bad logical axis or mesh axis
-    if c.method == "lora" and c.lora.rank < 1:
-        raise ConfigError(f"config.lora.rank must be >= 1, got {c.lora.rank}")
-    _check_training_ranges(c)
-    _check_data_ranges(c)
-    _check_eval_forget(c)
-    return c
-
-
-def _check_training_ranges(c: ml_collections.ConfigDict) -> None:
-    """Ranges of the lora.*, optim.* and train.* numbers the train step relies on."""
-    checks = [
-        ("lora.dropout", 0.0 <= c.lora.dropout < 1.0, "be in [0, 1)"),
-        ("optim.lr", c.optim.lr > 0, "be > 0"),
-        ("optim.warmup_steps", c.optim.warmup_steps >= 0, "be >= 0"),
-        ("optim.weight_decay", c.optim.weight_decay >= 0, "be >= 0"),
-        ("optim.clip_norm", c.optim.clip_norm >= 0, "be >= 0 (0 disables clipping)"),
-        ("optim.min_lr_ratio", 0.0 <= c.optim.min_lr_ratio <= 1.0, "be in [0, 1]"),
-        ("optim.momentum", 0.0 <= c.optim.momentum < 1.0, "be in [0, 1)"),
-    ]
-    for key, ok, want in checks:
-        if not ok:
-            raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
-
-
-def _check_data_ranges(c: ml_collections.ConfigDict) -> None:
-    """Ranges of the data.* numbers the data pipeline relies on."""
-    checks = [
-        ("data.eval_fraction", 0.0 <= c.data.eval_fraction < 1.0, "be in [0, 1)"),
-        ("data.max_dropped_fraction", 0.0 <= c.data.max_dropped_fraction <= 1.0, "be in [0, 1]"),
-        ("data.prefetch", c.data.prefetch >= 0, "be >= 0"),
-    ]
-    for key, ok, want in checks:
-        if not ok:
-            raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
-
-
-def _check_eval_forget(c: ml_collections.ConfigDict) -> None:
-    """eval.metric must name known scorers; forget.* weights and fractions must be in range."""
-    from ftjax.evaluation.scorers import make_scorer
-
-    make_scorer(c.eval.metric)  # ConfigError naming the unknown metric
-    checks = [
-        ("eval.few_shot", c.eval.few_shot >= 0, "be >= 0"),
-        ("forget.max_new_tokens", c.forget.max_new_tokens >= 1, "be >= 1"),
-        ("forget.replay_fraction", 0.0 <= c.forget.replay_fraction < 1.0, "be in [0, 1)"),
-        ("forget.replay_temperature", c.forget.replay_temperature >= 0, "be >= 0"),
-        ("forget.replay_samples", c.forget.replay_samples >= 1, "be >= 1"),
-        ("forget.kl_weight", c.forget.kl_weight >= 0, "be >= 0"),
-        ("forget.l2_weight", c.forget.l2_weight >= 0, "be >= 0"),
-    ]
-    for key, ok, want in checks:
-        if not ok:
-            raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
     if c.forget.replay_temperature == 0 and c.forget.replay_samples > 1:
         raise ConfigError("config.forget.replay_samples > 1 needs forget.replay_temperature > 0: greedy replies "
                           f"are all the same (got replay_samples={c.forget.replay_samples})")
     if c.forget.l2_weight > 0 and c.method != "full":
         raise ConfigError("config.forget.l2_weight applies to method=full (W - W_base); with LoRA use "
                           "forget.kl_weight or forget.replay_fraction")
+    return c

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.config import LORA_TARGETS
 from ftjax.errors import ConfigError
 from ftjax.models.layers import Linear
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 UNSUPPORTED = ("lm_head",)  # the loss reads lm_head's kernel directly, so an adapter there would be ignored
 
 
@@ -78,7 +78,7 @@ def linears(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
             yield ".".join(str(p) for p in path), node
 
 
-def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Sequence[str] = DEFAULT_TARGETS,
+def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Sequence[str] = LORA_TARGETS,
                dropout: float = 0.0, rslora: bool = False, rngs: nnx.Rngs) -> nnx.Module:
     """Attach a fresh adapter (A random, B zero) to every matching linear, in place; returns the model.
 

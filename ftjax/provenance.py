@@ -12,8 +12,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ftjax import api
 from ftjax.errors import ConfigError
+from ftjax.interop.sources import resolve
 
 HEADER_BYTES = 1 << 20  # GGUF metadata can be a few MB; the first MiB pins tokenizer + tensor table start
 
@@ -32,7 +32,7 @@ def _safetensors_header_len(path: Path) -> int:
 
 def base_identity(path_or_name: str) -> dict[str, Any]:
     """{path, files: {name: {size, header_sha256}}} for the base model a run starts from."""
-    kind, path = api.resolve(path_or_name)
+    kind, path = resolve(path_or_name)
     if kind == "tiny":
         return {"path": str(path_or_name), "files": {}}
     if kind == "gguf":

@@ -89,6 +89,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return Mesh(grid, MESH_AXES)
 
 
+def mesh_from_config(config) -> Mesh:
+    """The (data, fsdp, tensor) mesh of `config.mesh` over every process's devices."""
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict | None = None) -> PartitionSpec:
     """PartitionSpec for logical axes; a mesh axis that does not divide the dim (or is reused) is dropped."""
     rules = RULES if rules is None else rules

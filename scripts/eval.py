@@ -1,6 +1,7 @@
 """Evaluate a run: task scores vs the base (zero-shot and few-shot) and forgetting; writes WORKDIR/report.json.
 
-  python scripts/eval.py --workdir=DIR                      # the run in DIR (its config.json, latest checkpoint)
+  python scripts/eval.py --workdir=DIR                      # the run in DIR (its config.json, best checkpoint)
+  python scripts/eval.py --workdir=DIR --step=latest        # or a step number
   python scripts/eval.py --workdir=DIR --metric=person_json --few_shot=5 --max_examples=100
   python scripts/eval.py --workdir=OUT --config=configs/NAME.py --model=MERGED_HF_DIR   # any model vs the
                                                             # config's base model (config.model.path)
@@ -21,7 +22,8 @@ config_flags.DEFINE_config_file("config", None, "Recipe (default: WORKDIR/config
 flags.DEFINE_string("workdir", None, "The training workdir (read, and where the report goes).")
 flags.DEFINE_string("model", None, "Evaluate this model (HF folder, .gguf, name) instead of the workdir's "
                     "checkpoint, against the config's base model.")
-flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+flags.DEFINE_string("step", "best", "Checkpoint to evaluate: best (lowest eval loss, else the latest), latest or a "
+                    "step number; the default is the one scripts/export.py and ftjax.load_model(WORKDIR) take.")
 flags.DEFINE_string("metric", None, "Override eval.metric (e.g. exact,json_valid or person_json).")
 flags.DEFINE_integer("few_shot", None, "Override eval.few_shot (k train examples in the prompted baseline).")
 flags.DEFINE_integer("max_examples", None, "Override eval.max_examples.")
@@ -36,7 +38,7 @@ _OVERRIDES = (("metric", "eval.metric"), ("few_shot", "eval.few_shot"), ("max_ex
 
 def _config():
     from ftjax import config as config_lib
-    from ftjax.evaluation.workdir import config_from_workdir
+    from ftjax.workdir import config_from_workdir
 
     config = cli.config_from_flags() if FLAGS["config"].present else config_from_workdir(FLAGS.workdir)
     for flag, key in _OVERRIDES:
@@ -54,17 +56,18 @@ def main(argv):
     config = _config()
     from ftjax.api import load_model, load_tokenizer
     from ftjax.evaluation.run import Evaluation
-    from ftjax.evaluation.workdir import load_run
-    from ftjax.train.setup import mesh_from_config
+    from ftjax.sharding import mesh_from_config
+    from ftjax.workdir import load_trained
 
     mesh = mesh_from_config(config)
+    kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh)
     if FLAGS.model:
-        kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh)
-        model, base, step = load_model(FLAGS.model, **kw), load_model(config.model.path, **kw), FLAGS.step or 0
-        tokenizer = load_tokenizer(config.model.path)
+        model, base, step = load_model(FLAGS.model, **kw), load_model(config.model.path, **kw), 0
     else:
-        run = load_run(FLAGS.workdir, config, mesh, FLAGS.step)
-        model, base, step, tokenizer = run.model, run.base, run.step, run.tokenizer
+        run = load_trained(FLAGS.workdir, FLAGS.step, mesh=mesh)  # the loader export and load_model use
+        model, step = run.model, run.step
+        base = load_model(config.model.path, **kw) if run.config.method == "full" else None  # LoRA: adapters off
+    tokenizer = load_tokenizer(config.model.path)
     Evaluation(config, tokenizer, FLAGS.workdir).report(
         model, base, step, extra_meta={"evaluated": FLAGS.model or f"{FLAGS.workdir} step {step}"})
 

@@ -22,7 +22,7 @@ flags.DEFINE_enum("format", "hf", ["hf", "peft", "gguf"],
                   "hf: merged HF model folder; peft: LoRA adapter folder; gguf: merged model as a GGUF file.")
 flags.DEFINE_string("out", None, "Output folder (--format=gguf: a .gguf file or a folder).")
 flags.DEFINE_string("quant", "f16", "--format=gguf: type of the 2-D tensors (f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1).")
-flags.DEFINE_string("step", "best", "Checkpoint: best, latest or a step number.")
+flags.DEFINE_string("step", "best", "Checkpoint: best (lowest eval loss, else the latest), latest or a step number.")
 flags.DEFINE_string("dtype", None, "Dtype of the written weights (default: as trained, e.g. float32 stays float32).")
 flags.DEFINE_string("max_shard_size", "5GB", "Largest safetensors shard for --format=hf (e.g. 5GB, 500MB).")
 flags.mark_flags_as_required(["workdir", "out"])
@@ -35,9 +35,9 @@ def main(argv):
     cli.init_distributed()
     import jax
 
+    from ftjax import stop
     from ftjax.errors import ConfigError
-    from ftjax.evaluation.workdir import config_from_workdir
-    from ftjax.train.trained import load_trained
+    from ftjax.workdir import config_from_workdir, load_trained
 
     config = config_from_workdir(FLAGS.workdir)
     if FLAGS.format == "gguf":
@@ -48,6 +48,8 @@ def main(argv):
         raise ConfigError(f"{FLAGS.workdir}: --format=peft needs a LoRA run, this one is method={config.method} "
                           "(export it with --format=hf)")
     run = load_trained(FLAGS.workdir, FLAGS.step)
+    stop.inject_fault("export")
+    stop.checkpoint()  # a stop asked for while loading ends here, before anything is written
     if FLAGS.format == "hf":
         from ftjax.interop.export_hf import export_hf
 

@@ -1,7 +1,7 @@
 """Chat with a base model or a trained workdir: one or more prompts, or an interactive loop.
 
   python scripts/generate.py --model=smollm2-135m-instruct --prompt="Hello!"
-  python scripts/generate.py --model=WORKDIR --interactive
+  python scripts/generate.py --model=WORKDIR --interactive        # its best checkpoint; --step=latest|N
 """
 
 import sys
@@ -10,8 +10,10 @@ import time
 from absl import app, flags
 
 from ftjax import cli
+from ftjax.config import DEFAULT_MODEL
 
-flags.DEFINE_string("model", "smollm2-135m-instruct", "HF folder, .gguf file, model name or training workdir.")
+flags.DEFINE_string("model", DEFAULT_MODEL, "HF folder, .gguf file, model name or training workdir.")
+flags.DEFINE_string("step", None, "With a training workdir: best (the default), latest or a step number.")
 flags.DEFINE_multi_string("prompt", [], "User message(s); each gets its own reply (batched).")
 flags.DEFINE_string("system", None, "Optional system message.")
 flags.DEFINE_boolean("interactive", False, "Chat in a loop on stdin (keeps the conversation).")
@@ -35,7 +37,7 @@ def main(argv):
     from ftjax.generate import generate
 
     t0 = time.perf_counter()
-    model = ftjax.load_model(FLAGS.model, dtype=FLAGS.dtype)
+    model = ftjax.load_model(FLAGS.model, dtype=FLAGS.dtype, step=FLAGS.step)
     tokenizer = ftjax.load_tokenizer(FLAGS.model)
     print(f"loaded {FLAGS.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     kw = dict(max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,

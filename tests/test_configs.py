@@ -18,6 +18,7 @@ import pytest
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from ftjax import config as config_lib
 from ftjax.config import default_config, flat_keys, get, validate
 from ftjax.errors import ConfigError
 from ftjax.sharding import RULES, parse_rules
@@ -149,3 +150,24 @@ def test_bad_flags_fail_in_one_line_before_compiling(tmp_path, flag_args, messag
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines[:5]
     assert proc.stdout == ""
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_every_key_is_checked_in_one_place():
+    """Each key of default_config() has exactly one check in config.py's tables (choices, range or free)."""
+    keys = flat_keys(config_lib.default_config())
+    assert sorted(config_lib.CHECKED_KEYS) == sorted(keys)
+    assert len(set(config_lib.CHECKED_KEYS)) == len(config_lib.CHECKED_KEYS)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("mesh.fsdp", 0, "config.mesh.fsdp must be >= 1, or -1"), ("optim.eps", 0.0, "config.optim.eps must be > 0"),
+    ("checkpoint.keep", 0, "config.checkpoint.keep must be >= 1"), ("lora.alpha", -1.0, "config.lora.alpha must be > 0"),
+    ("model.dtype", "float8", "config.model.dtype='float8' is not one of float32"),
+    ("eval.max_examples", 0, "config.eval.max_examples must be >= 1"),
+])
+def test_range_checks_name_the_key(key, value, message):
+    c = config_lib.default_config()
+    group, name = key.split(".")
+    c[group][name] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        config_lib.validate(c)

@@ -11,7 +11,7 @@ from flax import nnx
 from ftjax.config import default_config, validate
 from ftjax.errors import ConfigError
 from ftjax.train.early_stop import EarlyStop
-from ftjax.train.trained import load_trained
+from ftjax.workdir import load_trained
 
 
 def test_stops_after_patience_evals_without_a_new_best():

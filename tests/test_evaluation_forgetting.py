@@ -12,7 +12,7 @@ from flax import nnx
 
 from ftjax.evaluation.base import adapters_off, base_view
 from ftjax.evaluation.forgetting import CACHE_NAME, base_replies, forgetting_metrics
-from ftjax.evaluation.retain import RetainItem, load_retain
+from ftjax.data.retain import RetainItem, load_retain
 from ftjax.evaluation.scorers import contains_answer
 from ftjax.evaluation.token_stats import TokenSums, teacher_forced
 from ftjax.lora import apply_lora

@@ -15,7 +15,7 @@ from ftjax.data.records import Fields, read_file
 from ftjax.data.tokenize import tokenize_records
 from ftjax.evaluation.forgetting import CACHE_NAME
 from ftjax.evaluation.progress import PLOT_NAME, plot_progress
-from ftjax.evaluation.replay import replay_mixture
+from ftjax.data.replay import replay_mixture
 from ftjax.evaluation.report import check_report, contract_keys, format_tables
 from ftjax.evaluation.run import BASELINES_NAME, Evaluation
 from ftjax.lora import apply_lora
@@ -70,7 +70,7 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     replies = ev.prepare(base_view(model))
     assert (workdir / CACHE_NAME).is_file() and len(replies.items) == 3
 
-    from ftjax.evaluation.replay import replay_mixture, write_replay_file
+    from ftjax.data.replay import replay_mixture, write_replay_file
 
     spec = replay_mixture(run_config.data.train, write_replay_file(workdir / "replay.jsonl", replies), 0.25)
     sources = parse_sources(spec)
@@ -185,9 +185,9 @@ def test_progress_plot_needs_tracked_metrics(tmp_path):
 def test_retain_batches_weight_only_the_replies(tmp_path):
     """The KL term's batches: prompt + reply rows in the train-step layout, weighted on the reply tokens
     (the end-of-turn token included) and nowhere else."""
-    from ftjax.evaluation.forgetting import BaseReplies
-    from ftjax.evaluation.replay import retain_iterator, write_replay_file
-    from ftjax.evaluation.retain import RetainItem
+    from ftjax.data.replay import BaseReplies
+    from ftjax.data.replay import retain_iterator, write_replay_file
+    from ftjax.data.retain import RetainItem
 
     tok = tiny_tokenizer()
     items = [RetainItem((("user", f"w{i} w{i + 1}"),)) for i in range(1, 7)]

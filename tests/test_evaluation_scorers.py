@@ -93,3 +93,26 @@ def test_eval_and_forget_config_checks(key, value, fragment):
     c.method = "full"
     if key == "forget.l2_weight":
         config_lib.validate(c)  # L2-to-base is for full fine-tuning
+
+
+def test_every_declared_scorer_name_is_registered():
+    """Config validation reads the names (ftjax.scorer_names); evaluation registers one scorer for each."""
+    from ftjax import scorer_names
+
+    for name in scorer_names.NAMES:
+        assert callable(scorer_names.registered(name)), name
+    with pytest.raises(ValueError, match="not declared"):
+        scorer_names.register("undeclared_metric", lambda r, e: {})
+
+
+def test_config_validation_imports_no_evaluation_code():
+    """A bad eval.metric is refused by ftjax.config alone, in a fresh interpreter (no scorer imported)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ftjax import config; c = config.default_config(); c.eval.metric = 'exactly'\n"
+            "try:\n    config.validate(c)\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('ftjax.evaluation') or m == 'ftjax.tasks'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "ConfigError eval.metric: unknown metric 'exactly'" in out
+    assert out.strip().endswith("[]")

@@ -10,7 +10,8 @@ from flax import nnx
 
 from ftjax.data.records import Record
 from ftjax.errors import DataError
-from ftjax.evaluation.conversations import as_messages, few_shot_turns, pick_shots, split_reply
+from ftjax.data.retain import as_messages
+from ftjax.evaluation.conversations import few_shot_turns, pick_shots, split_reply
 from ftjax.evaluation.scorers import make_scorer
 from ftjax.evaluation.task import evaluate_task, reference_sequences
 from ftjax.generate import encode_chat, generate

@@ -276,7 +276,7 @@ def test_full_fine_tuning_workdir_loads_from_its_checkpoint(tmp_path):
 
 
 def test_checkpoint_choice_best_latest_or_a_step(tmp_path):
-    from ftjax.train.trained import select_step
+    from ftjax.workdir import select_step
 
     ckpt = Checkpoints(tmp_path, keep=5, keep_best=True, async_save=False)
     for step, loss in ((1, 3.0), (2, 1.0), (3, 2.0)):

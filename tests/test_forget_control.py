@@ -20,7 +20,7 @@ from ftjax.data.tokenize import tokenize_records
 from ftjax.errors import ConfigError
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.divergence import token_kl
-from ftjax.evaluation.retain import load_retain
+from ftjax.data.retain import load_retain
 from ftjax.lora import apply_lora
 from ftjax.sharding import make_mesh
 from ftjax.train import forget
@@ -114,7 +114,7 @@ def test_kl_term_is_zero_at_the_base_and_exact_after(mesh1):
 
 
 def test_memory_estimate_counts_the_base_copy_and_the_retain_batch():
-    from ftjax.api import tiny_config
+    from ftjax.interop.sources import tiny_config
     from ftjax.train.memory import estimate
 
     c = load_config()
@@ -243,7 +243,7 @@ def test_resume_is_exact_with_replay_and_kl(runs, tmp_path):
 def test_replay_file_holds_base_samples_and_own_replies(tmp_path):
     """Replay trains on `replay_samples` base samples per prompt without a reply of the user's, and on the
     user's own replies as many times; no greedy replies are made when the KL term is off."""
-    from ftjax.evaluation.conversations import as_messages
+    from ftjax.data.retain import as_messages
 
     c = load_config()
     c.forget.replay_fraction, c.forget.replay_samples, c.forget.max_new_tokens = 0.25, 3, 8

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ftjax.api import tiny_config
+from ftjax.interop.sources import tiny_config
 from ftjax.errors import ConfigError
 from ftjax.sharding import make_mesh
 from ftjax.train.memory import check_fits, estimate

@@ -153,7 +153,8 @@ def test_only_process_0_prints_and_both_save_one_checkpoint(runs):
     from ftjax.api import load_tokenizer, model_config
     from ftjax.sharding import batch_sharding
     from ftjax.train.eval_loss import eval_loss, make_eval_loss
-    from ftjax.train.setup import build_state, mesh_from_config
+    from ftjax.sharding import mesh_from_config
+    from ftjax.train.setup import build_state
 
     c = load_config()
     c.mesh.data = -1  # this test process's 8 devices

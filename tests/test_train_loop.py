@@ -30,7 +30,8 @@ def _config(final_eval: bool = False, **train):
 def _final_trainable(workdir):
     ckpt = Checkpoints(workdir)
     step = ckpt.latest_step()
-    from ftjax.train.setup import build_state, mesh_from_config
+    from ftjax.sharding import mesh_from_config
+    from ftjax.train.setup import build_state
 
     c = _config()
     setup = build_state(c, mesh_from_config(c))
@@ -134,7 +135,8 @@ def test_load_model_reads_a_workdir(straight):
     import ftjax
     from flax import nnx
 
-    from ftjax.train.setup import build_state, mesh_from_config
+    from ftjax.sharding import mesh_from_config
+    from ftjax.train.setup import build_state
 
     workdir, _ = straight
     step, trainable = _final_trainable(workdir)

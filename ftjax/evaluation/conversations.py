@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
-from ftjax.data.records import Fields, Record, read_file, validate
+from ftjax.data.records import BadRecord, Fields, Record, read_file, validate
 from ftjax.errors import DataError
 
 Turns = tuple[tuple[str, str], ...]
@@ -19,8 +19,6 @@ def as_record(obj: Any, source: str = "<record>") -> Record:
     """A `Record` from a Record or a JSON object ({"messages"}, {"prompt", "completion"})."""
     if isinstance(obj, Record):
         return obj
-    from ftjax.data.records import BadRecord
-
     try:
         return validate(obj, source, Fields())
     except BadRecord as e:
@@ -43,10 +41,6 @@ def split_reply(record: Record) -> tuple[Turns, str]:
     if not turns or turns[-1][0] != "assistant":
         raise DataError(f"{record.source}: the last turn must be the assistant's reply")
     return tuple(turns[:-1]), turns[-1][1]
-
-
-def as_messages(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    return [{"role": role, "content": content} for role, content in turns]
 
 
 def pick_shots(records: Sequence[Any], k: int, seed: int = 0) -> list[Record]:

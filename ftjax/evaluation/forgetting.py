@@ -25,10 +25,10 @@ import numpy as np
 from flax import nnx
 
 from ftjax.data.fingerprint import tokenizer_fingerprint
+from ftjax.data.replay import BaseReplies
+from ftjax.data.retain import RetainItem, as_messages, item_json
 from ftjax.evaluation.base import base_view
-from ftjax.evaluation.conversations import as_messages
 from ftjax.evaluation.hosts import everywhere
-from ftjax.evaluation.retain import RetainItem, item_json
 from ftjax.evaluation.scorers import contains_answer
 from ftjax.evaluation.task import generate_replies, generate_rows
 from ftjax.evaluation.token_stats import TokenSums, teacher_forced
@@ -36,30 +36,6 @@ from ftjax.generate import encode_chat
 
 CACHE_NAME = "retain_replies.json"
 CACHE_VERSION = 2  # 2: rows record "unfinished" (cut by the budget)
-
-
-@dataclasses.dataclass
-class BaseReplies:
-    """The base model's own replies to retain (or control) prompts, as token ids and text: greedy for the
-    forgetting metrics and the KL term, sampled for replay."""
-
-    items: list[RetainItem]
-    prompt_ids: list[list[int]]
-    reply_ids: list[list[int]]  # EOS included when generated
-    replies: list[str]
-    max_new_tokens: int
-    unfinished: list[bool] = dataclasses.field(default_factory=list)  # [i]: cut by the budget, no EOS (empty: none)
-
-    def is_unfinished(self, i: int) -> bool:
-        return bool(self.unfinished) and self.unfinished[i]
-
-    def sequences(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(ids, trained) per prompt: prompt + reply, measured on the reply tokens."""
-        out = []
-        for p, r in zip(self.prompt_ids, self.reply_ids):
-            ids = np.asarray(p + r, np.int32)
-            out.append((ids, np.r_[np.zeros(len(p), bool), np.ones(len(r), bool)]))
-        return out
 
 
 def _generate_base(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem], max_new_tokens: int,

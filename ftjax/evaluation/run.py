@@ -25,6 +25,7 @@ from ftjax import stop
 from ftjax.data.fingerprint import tokenizer_fingerprint
 from ftjax.data.mixture import parse_sources
 from ftjax.data.records import Fields
+from ftjax.data.retain import load_retain
 from ftjax.evaluation import shared_cache
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import load_records, pick_shots
@@ -32,7 +33,6 @@ from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResul
 from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.progress import plot_progress, tracking_metrics
 from ftjax.evaluation.report import build_report, write_report
-from ftjax.evaluation.retain import load_retain
 from ftjax.evaluation.task import TaskResult, evaluate_task
 
 BASELINES_NAME = "baselines.json"

@@ -1,6 +1,6 @@
 """Scoring a generated reply against the reference reply: `exact`, `json_valid`, `contains`, `regex`, task hooks.
 
-`eval.metric` is a comma-separated list of scorer names; each scorer returns one or more named scores in
+`eval.metric` is a comma-separated list of scorer names (declared in `ftjax.scorer_names`, registered here); each scorer returns one or more named scores in
 [0, 1] per example, averaged over the eval split. Names:
 
 - `exact`: the reply equals the reference after stripping surrounding whitespace.
@@ -9,19 +9,20 @@
 - `regex`: the reference is a regular expression that must match the whole (stripped) reply;
   `regex:PATTERN` instead checks the reply against a fixed PATTERN (re.search). A fixed pattern takes
   the rest of the string, so it must come last in the list (it may contain commas).
-- a task name from `TASK_SCORERS` (e.g. `person_json`): the task's own `score(reply, expected)`, whose
+- a task name from `ftjax.scorer_names.TASKS` (e.g. `person_json`): the task's own `score(reply, expected)`, whose
   keys (e.g. `exact` on the parsed JSON, `json_valid`) become the metric names.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Callable
 
-from ftjax.errors import ConfigError
+from ftjax import scorer_names
+from ftjax.scorer_names import FIXED_REGEX, Scorer, fixed_pattern, registered, split_metrics
 from ftjax.tasks import person_json
 
-Scorer = Callable[[str, str], dict[str, float]]
+__all__ = ["contains", "contains_answer", "exact", "json_valid", "make_scorer", "metric_names", "regex",
+           "split_metrics"]
 
 
 def _normalize(s: str) -> str:
@@ -51,47 +52,19 @@ def regex(reply: str, pattern: str) -> float:
         return 0.0
 
 
-# Task-specific scorers: name -> score(reply, expected) -> {metric: value}.
-TASK_SCORERS: dict[str, Scorer] = {"person_json": person_json.score}
-GENERIC = ("exact", "json_valid", "contains", "regex")
+for _name, _scorer in (("exact", lambda r, e: {"exact": exact(r, e)}),
+                      ("json_valid", lambda r, e: {"json_valid": json_valid(r, e)}),
+                      ("contains", lambda r, e: {"contains": contains(r, e)}),
+                      ("regex", lambda r, e: {"regex": regex(r, e)}),
+                      ("person_json", person_json.score)):
+    scorer_names.register(_name, _scorer)
 
 
 def _one(name: str) -> Scorer:
-    if name in TASK_SCORERS:
-        return TASK_SCORERS[name]
-    if name == "exact":
-        return lambda r, e: {"exact": exact(r, e)}
-    if name == "json_valid":
-        return lambda r, e: {"json_valid": json_valid(r, e)}
-    if name == "contains":
-        return lambda r, e: {"contains": contains(r, e)}
-    if name == "regex":
-        return lambda r, e: {"regex": regex(r, e)}
-    if name.startswith("regex:"):
-        pattern = name[len("regex:"):]
-        try:
-            compiled = re.compile(pattern, flags=re.DOTALL)
-        except re.error as err:
-            raise ConfigError(f"eval.metric: bad regular expression {pattern!r} ({err})") from None
+    if name.startswith(FIXED_REGEX):
+        compiled = fixed_pattern(name)
         return lambda r, e: {"regex": float(compiled.search(r) is not None)}
-    choices = ", ".join(GENERIC + ("regex:PATTERN",) + tuple(TASK_SCORERS))
-    raise ConfigError(f"eval.metric: unknown metric {name!r} (choose from {choices})")
-
-
-def split_metrics(metric: str) -> list[str]:
-    """`"exact,json_valid,regex:a,b"` -> ["exact", "json_valid", "regex:a,b"] (a fixed regex takes the rest)."""
-    names, rest = [], metric.strip()
-    while rest:
-        if rest.startswith("regex:"):
-            names.append(rest)
-            break
-        head, _, rest = rest.partition(",")
-        rest = rest.strip()
-        if head.strip():
-            names.append(head.strip())
-    if not names:
-        raise ConfigError("eval.metric is empty; name at least one of exact, json_valid, contains, regex")
-    return names
+    return registered(name)
 
 
 def make_scorer(metric: str) -> Scorer:

@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ftjax.config import DEFAULT_MODEL
 from ftjax.data.fingerprint import digest_key, file_fingerprint
-from ftjax.interop.smollm2 import DEFAULT_MODEL, default_gguf_path
+from ftjax.interop.smollm2 import default_gguf_path
 
 _HASHES = "content_hashes.json"
 _MODEL_SUFFIXES = (".safetensors", ".gguf", ".bin", ".json", ".model", ".txt", ".jinja")

@@ -15,8 +15,9 @@ from flax import nnx
 
 from ftjax import stop
 from ftjax.data.records import Record
+from ftjax.data.retain import as_messages
 from ftjax.data.tokenize import tokenize_records
-from ftjax.evaluation.conversations import Turns, as_messages, as_record, few_shot_turns, split_reply
+from ftjax.evaluation.conversations import Turns, as_record, few_shot_turns, split_reply
 from ftjax.evaluation.scorers import make_scorer
 from ftjax.evaluation.token_stats import TokenSums, even_batches, teacher_forced
 from ftjax.generate import encode_chat, generate_tokens, stop_ids, trim

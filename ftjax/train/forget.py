@@ -24,7 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax.evaluation.forgetting import BaseReplies, base_replies
+from ftjax.data.replay import BaseReplies, reply_iterator, write_replay_file
+from ftjax.data.retain import CONTROL_BUNDLED, load_retain
+from ftjax.evaluation.base import base_view
+from ftjax.evaluation.forgetting import base_replies
+from ftjax.evaluation.run import model_id
 
 
 def wants_base_copy(config, evaluating: bool) -> bool:
@@ -42,8 +46,6 @@ def base_copy(state) -> Any:
 
 def base_model(config, state, base_trainable) -> nnx.Module:
     """The base model: the step-0 copy (full), the current weights before any step, or the LoRA view."""
-    from ftjax.evaluation.base import base_view
-
     if config.method == "lora":
         return base_view(state.model())
     return nnx.merge(state.graphdef, state.trainable if base_trainable is None else base_trainable, state.frozen)
@@ -64,10 +66,6 @@ class RetainData:
 
 def retain_data(config, tokenizer, workdir: Path, state, base_trainable) -> RetainData | None:
     """What replay and the KL term need (None when neither is on); generation happens here, once per workdir."""
-    from ftjax.evaluation.replay import write_replay_file
-    from ftjax.evaluation.retain import CONTROL_BUNDLED, load_retain
-    from ftjax.evaluation.run import model_id
-
     f = config.forget
     if not (f.replay_fraction > 0 or f.kl_weight > 0):
         return None
@@ -105,8 +103,6 @@ def retain_batches(config, retain: RetainData | None, sharding):
     """The KL term's retain batches (same shape as train batches), or None without forget.kl_weight."""
     if not config.forget.kl_weight:
         return None
-    from ftjax.evaluation.replay import reply_iterator
-
     return reply_iterator(retain.replies, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
                           seed=config.seed, packing=config.data.packing, sharding=sharding,
                           prefetch=config.data.prefetch)

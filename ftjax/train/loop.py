@@ -26,14 +26,15 @@ from ftjax import stop
 from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError
+from ftjax.evaluation.run import Evaluation
 from ftjax.provenance import base_identity, check_resume_config, check_same
-from ftjax.sharding import batch_sharding, batch_shards, parse_rules
+from ftjax.sharding import batch_sharding, batch_shards, mesh_from_config, parse_rules
 from ftjax.train import forget
 from ftjax.train.early_stop import EarlyStop
 from ftjax.train.eval_loss import eval_loss, make_eval_loss
 from ftjax.train.memory import check_fits
 from ftjax.train.periodic import Evaluate, LogMetrics, Meter, Progress, SaveCheckpoint, Tick
-from ftjax.train.setup import build_state, mesh_from_config
+from ftjax.train.setup import build_state
 from ftjax.train.state import TrainState, state_size
 from ftjax.train.step import Frozen, TrainStep, make_train_step
 from ftjax.train.terms import loss_terms, uses_base
@@ -147,8 +148,6 @@ def prepare(config, workdir: Path) -> Job:
     base_trainable = forget.base_copy(state) if forget.wants_base_copy(config, _evaluating(config)) else None
     evaluation, base = None, None
     if _evaluating(config):  # task scores, baselines and forgetting (ftjax.evaluation)
-        from ftjax.evaluation.run import Evaluation
-
         evaluation = Evaluation(config, tokenizer, workdir)
         # LoRA: the base is the model with adapters detached (no copy); full: the step-0 copy
         base = nnx.merge(state.graphdef, base_trainable, state.frozen) if config.method == "full" else None

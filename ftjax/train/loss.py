@@ -26,24 +26,31 @@ def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Arr
     return jax.nn.logsumexp(logits, axis=-1) - picked
 
 
+def length_chunks(chunk: int, *xs_bt: jax.Array) -> tuple[jax.Array, ...]:
+    """Each [B, T, ...] array zero-padded to a whole number of length chunks (chunk clipped to [1, T]) and
+    split as [n, B, chunk, ...], the scan axis first: the prologue of every chunked loss. Padded positions
+    carry weight 0."""
+    b, t = xs_bt[0].shape[:2]
+    chunk = max(1, min(chunk, t))
+    n = -(-t // chunk)
+    pad = n * chunk - t
+
+    def split(x: jax.Array) -> jax.Array:
+        if pad:
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    return tuple(split(x) for x in xs_bt)
+
+
 def chunked_cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], h_btd: jax.Array, targets_bt: jax.Array,
                           weights_bt: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum of weight · CE, sum of weight) over all tokens, from hidden states and a logits head.
 
     Sums, not a mean, so micro-batches combine into one token-weighted mean over the whole batch.
     """
-    b, t, d = h_btd.shape
-    chunk = max(1, min(chunk, t))
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
-        h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
-        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-        weights_bt = jnp.pad(weights_bt, ((0, 0), (0, pad)))
     weights_bt = weights_bt.astype(jnp.float32)
-    h_nbcd = h_btd.reshape(b, n, chunk, d).swapaxes(0, 1)
-    targets_nbc = targets_bt.reshape(b, n, chunk).swapaxes(0, 1)
-    weights_nbc = weights_bt.reshape(b, n, chunk).swapaxes(0, 1)
+    h_nbcd, targets_nbc, weights_nbc = length_chunks(chunk, h_btd, targets_bt, weights_bt)
 
     @jax.checkpoint
     def one_chunk(h_bcd, targets_bc, weights_bc):
@@ -74,17 +81,9 @@ def fused_cross_entropy(h_btd: jax.Array, w: jax.Array, targets_bt: jax.Array, w
     head's backward done in the forward pass, chunk by chunk: softmax - onehot gives dlogits at once,
     so dh (and dw, only when w is differentiated) are computed there and the logits are never
     recomputed nor kept. h and w come in the compute dtype; logits and their gradients are fp32."""
-    b, t, d = h_btd.shape
-    chunk = max(1, min(chunk, t))
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
-        h_btd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0)))
-        targets_bt = jnp.pad(targets_bt, ((0, 0), (0, pad)))
-        weights_bt = jnp.pad(weights_bt, ((0, 0), (0, pad)))
     weights_bt = weights_bt.astype(jnp.float32)
-    split = lambda x: x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
-    total = _fused_ce(split(h_btd), w, split(targets_bt), split(weights_bt), vocab_major)
+    h_nbcd, targets_nbc, weights_nbc = length_chunks(chunk, h_btd, targets_bt, weights_bt)
+    total = _fused_ce(h_nbcd, w, targets_nbc, weights_nbc, vocab_major)
     return total, jnp.sum(weights_bt)
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.evaluation.divergence import token_kl
+from ftjax.train.loss import length_chunks
 
 
 def kl_to_base_sums(logits_tuned: jax.Array, logits_base: jax.Array, weights: jax.Array
@@ -38,17 +39,7 @@ def chunked_kl_to_base(logits_fn: Callable[[jax.Array], jax.Array], h_btd: jax.A
                        weights_bt: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
     """`kl_to_base_sums` from hidden states, one length chunk of logits at a time (rematerialized in the
     backward pass), like `chunked_cross_entropy`: memory [B, chunk, V] per model instead of [B, T, V]."""
-    b, t, d = h_btd.shape
-    chunk = max(1, min(chunk, t))
-    n = -(-t // chunk)
-    pad = n * chunk - t
     base_h_btd = jax.lax.stop_gradient(base_h_btd)
-    if pad:
-        h_btd, base_h_btd = (jnp.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (h_btd, base_h_btd))
-        weights_bt = jnp.pad(weights_bt, ((0, 0), (0, pad)))
-
-    def split(x):
-        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
     @jax.checkpoint
     def one_chunk(h, hb, w):
@@ -57,7 +48,7 @@ def chunked_kl_to_base(logits_fn: Callable[[jax.Array], jax.Array], h_btd: jax.A
     def body(total, xs):
         return total + one_chunk(*xs), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h_btd), split(base_h_btd), split(weights_bt)))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), length_chunks(chunk, h_btd, base_h_btd, weights_bt))
     return total, jnp.sum(weights_bt.astype(jnp.float32))
 
 

@@ -1,4 +1,4 @@
-"""From a config to what the loop needs: mesh, tokenizer, data, model with adapters, sharded state."""
+"""From a config to what the loop needs: the model with adapters, sharded state, optimizer."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from ftjax import api
 from ftjax.backend_defaults import resolve_auto
+from ftjax.dtypes import frozen_dtype
+from ftjax.interop.sources import load_pretrained
 from ftjax.lora import apply_lora, trainable_filter
-from ftjax.sharding import make_mesh, parse_rules
+from ftjax.sharding import parse_rules
 from ftjax.train.optimizer import Optimizer, make_optimizer
 from ftjax.train.state import TrainState, place_state
 
@@ -25,16 +26,11 @@ class Setup:
     rules: dict  # logical axis -> mesh axes (mesh.rules over sharding.RULES) that placed the state
 
 
-def mesh_from_config(config) -> Mesh:
-    """The (data, fsdp, tensor) mesh over every process's devices."""
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-
-
 def build_model(config, mesh: Mesh) -> nnx.Module:
     """The base model read straight into its shardings, with LoRA adapters attached for method=lora."""
-    model = api.load_model(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                           mesh=mesh, rules=parse_rules(config.mesh.rules), remat=config.model.remat,
-                           attention=config.model.attention)
+    model = load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
+                            rules=parse_rules(config.mesh.rules), remat=config.model.remat,
+                            attention=config.model.attention)
     if config.method == "lora":
         # Adapters are small; place_state moves them into their shardings with everything else.
         apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
@@ -47,9 +43,7 @@ def build_state(config, mesh: Mesh) -> Setup:
     resolve_auto(config)  # callers that skip config.validate (benchmarks, tests) still get concrete values
     model = build_model(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
-    frozen_dtype = None if config.train.frozen_dtype == config.model.param_dtype else config.train.frozen_dtype
     rules = parse_rules(config.mesh.rules)
     state = place_state(model, optimizer.tx, mesh, trainable=trainable_filter(config.method),
-                        frozen_dtype=frozen_dtype, rules=rules)
+                        frozen_dtype=frozen_dtype(config), rules=rules)
     return Setup(mesh, state, optimizer, model.config, rules)
-

@@ -11,12 +11,12 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from ftjax.dtypes import cast_floats
 from ftjax.sharding import state_shardings
 
 Filter = Any  # an nnx filter: a Variable type such as nnx.LoRAParam or nnx.Param
@@ -49,14 +49,6 @@ class TrainState:
 def split(model: nnx.Module, trainable: Filter) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable, frozen): what the filter selects, and everything else."""
     return nnx.split(model, trainable, ...)
-
-
-def cast_floats(state: Any, dtype: Any) -> Any:
-    """Floating leaves in `dtype` (e.g. bf16 frozen weights); None keeps them as they are."""
-    if dtype is None:
-        return state
-    dt = jnp.dtype(dtype)
-    return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
 
 
 def _shardings(graph_abstract: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, trainable: Filter,

@@ -26,14 +26,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ftjax.data.packing import BATCH_KEYS
 from ftjax.errors import ConfigError
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards
 from ftjax.train.optimizer import Optimizer
 from ftjax.train.regularizers import lora_base_trainable
 from ftjax.train.state import StateShardings
 from ftjax.train.terms import TASK, BatchTerm, Forward, StepTerm, Term, cross_entropy, weighted_sum
-
-BATCH_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
 
 
 @jax.tree_util.register_dataclass

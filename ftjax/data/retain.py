@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Sequence
 
 from ftjax.data.records import iter_json
 from ftjax.errors import DataError
@@ -21,6 +22,12 @@ from ftjax.errors import DataError
 BUNDLED = Path(__file__).with_name("retain.jsonl")
 CONTROL_BUNDLED = Path(__file__).with_name("control.jsonl")
 Turns = tuple[tuple[str, str], ...]
+
+
+
+def as_messages(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    """Chat turns (role, content) as the messages a chat template takes."""
+    return [{"role": role, "content": content} for role, content in turns]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,14 +1,15 @@
-"""A training workdir back as a model: the base re-read from its recorded source + a checkpoint's trained weights.
+"""A training workdir: its config, its checkpoints (best / latest / N) and its trained model, the one loader
+that `ftjax.load_model(WORKDIR)`, scripts/eval.py, scripts/export.py and scripts/generate.py share.
 
-Only the trained part is restored (Orbax partial restore: no optimizer state is read). A LoRA run
-keeps its adapters attached (exact, and exportable as PEFT); `ftjax.lora.merged` folds them in.
-The frozen weights are cast to `train.frozen_dtype`, so the model computes as it did in training.
+Only the trained part is restored (Orbax partial restore: no optimizer state is read). A LoRA run keeps
+its adapters attached (exact, and exportable as PEFT); `ftjax.lora.merged` folds them in. The frozen
+weights are cast to `train.frozen_dtype`, so the model computes as it did in training.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +19,15 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from ftjax.backend_defaults import resolve_auto
 from ftjax.checkpoint import Checkpoints
+from ftjax.config import default_config, flat_keys
+from ftjax.dtypes import cast_floats, frozen_dtype
 from ftjax.errors import ConfigError, LoadError
+from ftjax.interop.sources import load_pretrained, pretrained_config
 from ftjax.lora import apply_lora, trainable_filter
-from ftjax.sharding import parse_rules, state_shardings
-from ftjax.train.state import cast_floats
+from ftjax.models.registry import MODEL_CLASSES
+from ftjax.sharding import mesh_from_config, parse_rules, state_shardings
 
-
-class _QuietReadOnly(logging.Filter):
-    """Orbax warns at every read-only open that it ignores the save options; reading is all we do."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return "read_only=True" not in msg and "is read only" not in msg
-
-
-logging.getLogger("absl").addFilter(_QuietReadOnly())
+STEP_CHOICES = "best, latest or a step number"
 
 
 @dataclasses.dataclass
@@ -40,6 +35,31 @@ class TrainedRun:
     config: Any  # the run's config (WORKDIR/config.json over the current defaults)
     model: nnx.Module  # base + trained weights; LoRA adapters attached for method=lora
     step: int  # the checkpoint it came from
+
+
+def config_from_workdir(workdir: str | Path) -> Any:
+    """WORKDIR/config.json over the current defaults (keys this version lacks are ignored, new ones default)."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise LoadError(f"{workdir}: no config.json (is this a training workdir?)")
+    saved = json.loads(path.read_text())
+    c = default_config()
+    valid = set(flat_keys(c))
+
+    def walk(d: dict, prefix: str = "") -> None:
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            elif key in valid:
+                node = c
+                *parents, leaf = key.split(".")
+                for p in parents:
+                    node = node[p]
+                node[leaf] = v
+
+    walk(saved)
+    return c
 
 
 def select_step(ckpt: Checkpoints, which: str | int | None, where: str | Path) -> int:
@@ -51,7 +71,7 @@ def select_step(ckpt: Checkpoints, which: str | int | None, where: str | Path) -
             raise LoadError(f"{where}: no checkpoint at step {step} (have: {ckpt.all_steps()})")
         return step
     if which not in ("best", "latest"):
-        raise ConfigError(f"step={which!r}: use best, latest or a step number")
+        raise ConfigError(f"step={which!r}: use {STEP_CHOICES}")
     step = ckpt.best_step() if which == "best" else ckpt.latest_step()
     if step is None:
         raise LoadError(f"{where}: no complete checkpoint in {Path(where) / 'checkpoints'}")
@@ -60,8 +80,6 @@ def select_step(ckpt: Checkpoints, which: str | int | None, where: str | Path) -
 
 def _default_mesh(config) -> Mesh | None:
     """The training mesh when this machine has the devices for it, else one device."""
-    from ftjax.train.setup import mesh_from_config
-
     try:
         return mesh_from_config(config)
     except ConfigError:
@@ -86,13 +104,10 @@ def _target(trainable: nnx.State, mesh: Mesh | None, rules: dict) -> nnx.State:
 
 def _base(config, mesh: Mesh | None) -> nnx.Module:
     """The base as training built it; for full fine-tuning only its shapes (every weight is in the checkpoint)."""
-    from ftjax import api
-    from ftjax.models.registry import MODEL_CLASSES
-
     if config.method != "full":
-        return api.load_model(config.model.path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                              mesh=mesh, rules=parse_rules(config.mesh.rules), attention=config.model.attention)
-    cfg = api.model_config(config.model.path, config.model.dtype).replace(
+        return load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
+                               rules=parse_rules(config.mesh.rules), attention=config.model.attention)
+    cfg = pretrained_config(config.model.path, config.model.dtype).replace(
         param_dtype=config.model.param_dtype, attention=config.model.attention)
     return nnx.eval_shape(lambda: MODEL_CLASSES[cfg.model_type](cfg, rngs=nnx.Rngs(0)))
 
@@ -110,10 +125,8 @@ def _structure(config, base: nnx.Module) -> nnx.Module:
 
 
 def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: Mesh | None = None) -> TrainedRun:
-    """The run in `workdir` at `step` ('best' by default, as export takes it), sharded on `mesh`
-    (default: the training mesh if it fits the devices here, else one device)."""
-    from ftjax.evaluation.workdir import config_from_workdir
-
+    """The run in `workdir` at `step` (best, latest or N; 'best' by default), sharded on `mesh` (default: the
+    training mesh if it fits the devices here, else one device). Process 0 prints which step it took."""
     config = resolve_auto(config_from_workdir(workdir))  # a config.json without them: this backend's values
     mesh = mesh if mesh is not None else _default_mesh(config)
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
@@ -129,5 +142,6 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
     elif jax.tree.leaves(frozen):
         raise LoadError(f"{workdir}: the model has state outside its parameters; a full fine-tuning checkpoint "
                         "does not hold it")
-    frozen_dtype = None if config.train.frozen_dtype == config.model.param_dtype else config.train.frozen_dtype
-    return TrainedRun(config, nnx.merge(graphdef, restored, cast_floats(frozen, frozen_dtype)), chosen)
+    if jax.process_index() == 0:
+        print(f"{workdir}: checkpoint step {chosen} ({'best' if step is None else step})", flush=True)
+    return TrainedRun(config, nnx.merge(graphdef, restored, cast_floats(frozen, frozen_dtype(config))), chosen)
