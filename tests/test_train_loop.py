@@ -111,11 +111,17 @@ def _train_subprocess(workdir, fault: str, *flags: str) -> subprocess.CompletedP
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
+def test_sigterm_saves_the_current_step_and_exits_143_with_the_command_that_finishes(tmp_path):
     proc = _train_subprocess(tmp_path, "term@3", "--config.checkpoint.every=100")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 143, proc.stderr[-2000:]
     assert "stop requested: saved step 3" in proc.stdout
     assert Checkpoints(tmp_path).all_steps() == [3]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    assert last.startswith("stopped by SIGTERM during training; step 3 saved. To finish the job, run: ")
+    assert f"--workdir={tmp_path}" in last
+    proc = _train_subprocess(tmp_path / "other", "term@2", "--config.checkpoint.every=100", "--stop_exit_code=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # schedulers that want a stop to count as success
 
 
 def test_sigkill_then_resume_ends_at_the_same_loss(straight, tmp_path):
