@@ -48,21 +48,22 @@ def _handle(signum, frame) -> None:
 
 
 def _multi_process() -> bool:
+    """Several processes joined by jax.distributed (asked without starting JAX's backend, which
+    jax.distributed.initialize must come before)."""
     import jax
 
-    return jax.process_count() > 1
+    return jax.distributed.is_initialized() and jax.process_count() > 1
 
 
 @contextlib.contextmanager
 def listening() -> Iterator[None]:
     """Install the stop handlers for the block (nested uses share one installation). On several
-    processes SIGTERM stays with JAX's preemption notifier, which the training loop consults."""
+    processes jax.distributed.initialize (later) hands SIGTERM to JAX's preemption notifier, which the
+    training loop consults."""
     previous = {}
     if _STATE.installed == 0:
         _STATE.signum = None
         for sig in EXIT_CODES:
-            if sig == signal.SIGTERM and _multi_process():
-                continue
             previous[sig] = signal.signal(sig, _handle)
     _STATE.installed += 1
     try:
@@ -85,10 +86,8 @@ def request(signum: int = signal.SIGTERM) -> None:
 
 def agreed() -> int | None:
     """The stop signal any process received (all processes must call this at the same point), or None."""
-    import jax
-
     mine = _STATE.signum or 0
-    if jax.process_count() == 1:
+    if not _multi_process():
         return mine or None
     import numpy as np
     from jax.experimental import multihost_utils

@@ -162,7 +162,7 @@ def test_every_key_is_checked_in_one_place():
 @pytest.mark.parametrize("key, value, message", [
     ("mesh.fsdp", 0, "config.mesh.fsdp must be >= 1, or -1"), ("optim.eps", 0.0, "config.optim.eps must be > 0"),
     ("checkpoint.keep", 0, "config.checkpoint.keep must be >= 1"), ("lora.alpha", -1.0, "config.lora.alpha must be > 0"),
-    ("model.dtype", "float8", "config.model.dtype='float8' is not one of float32"),
+    ("model.dtype", "float8", "config.model.dtype='float8' is not one of auto, float32"),
     ("eval.max_examples", 0, "config.eval.max_examples must be >= 1"),
 ])
 def test_range_checks_name_the_key(key, value, message):

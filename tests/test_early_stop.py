@@ -119,7 +119,9 @@ def test_the_loop_stops_saves_logs_and_reports_at_the_stop_step(scripted, tmp_pa
     assert ckpt.read_meta(STOP)["early_stop"] == {"best": 1.5, "since_best": 2}
     ckpt.close()
     # the final report runs on an early-stopped run too, on the best checkpoint's weights (what export takes)
-    assert scripted.reported_steps == [BEST] and scripted.reported[0][0] == {"final_step": STOP}
+    extra = scripted.reported[0][0]  # the run's last step, and its wall time for report.md
+    assert scripted.reported_steps == [BEST] and set(extra) == {"final_step", "run"}
+    assert extra["final_step"] == STOP and set(extra["run"]) == {"wall_s"} and extra["run"]["wall_s"] > 0
     assert f"report: the best checkpoint, step {BEST} (lowest eval loss), not the final step {STOP}" in out
     reported = jax.tree.leaves(scripted.reported[0][1])
     for which, same in ((BEST, True), (STOP, False)):
