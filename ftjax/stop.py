@@ -101,8 +101,10 @@ def agreed() -> int | None:
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """Name the phase that a stop inside the block interrupts (the one-line message says it)."""
-    outer, _STATE.phase = _STATE.phase, name
+    """Name the phase that a stop inside the block interrupts (the one-line message says it); a phase
+    inside another reads "outer, inner"."""
+    outer = _STATE.phase
+    _STATE.phase = name if outer == _State.phase else f"{outer}, {name}"
     try:
         yield
     finally:

@@ -58,7 +58,7 @@ def _phase(what: str):
     start = time.perf_counter()
     if _process_zero():
         print(f"eval: {what} ...", flush=True)
-    with stop.phase(f"evaluation ({what})"):
+    with stop.phase(what):
         yield
     if _process_zero():
         print(f"eval: {what}: done in {time.perf_counter() - start:.0f} s", flush=True)

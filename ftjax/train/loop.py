@@ -251,7 +251,8 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
         if job.evaluation is not None:
             def track(trainable, step):
                 stop.inject_fault("eval")
-                return job.evaluation.track(job.model(trainable), job.base, step)
+                with stop.phase(f"evaluation at step {step}"):
+                    return job.evaluation.track(job.model(trainable), job.base, step)
         actions.insert(0, Evaluate(c.eval.every, c.eval.final, job.eval_loss, job.early, meter, track))
     interrupted: stop.StopRequested | None = None
     meter.start(compile_s)
