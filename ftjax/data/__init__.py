@@ -27,12 +27,22 @@ trained token). `data.train` is one file or a weighted mixture `a.jsonl:0.7,b.js
 (see `ftjax.data.mixture`).
 """
 
-from typing import Mapping, Sequence
+import importlib
+from typing import Any, Mapping, Sequence
 
 from ftjax.data.build import Datasets, build_datasets, data_fingerprints
-from ftjax.data.loader import TrainIterator, eval_iterator, train_iterator
 from ftjax.data.packing import BATCH_KEYS, Rows
 from ftjax.data.summary import DataSummary
+
+# The Grain loader on first use, not on import: the train step needs only BATCH_KEYS from this package,
+# and a benchmark or a GPU image without Grain must still import it.
+_LOADER = {"TrainIterator", "eval_iterator", "train_iterator"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LOADER:
+        return getattr(importlib.import_module("ftjax.data.loader"), name)
+    raise AttributeError(f"module 'ftjax.data' has no attribute {name!r}")
 
 
 def prepare_jsonl(files: Mapping[str, Sequence[str]], data_dir: str) -> str:
