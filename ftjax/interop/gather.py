@@ -12,12 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def to_host(x: jax.Array) -> np.ndarray:
     """The full value of one array on this host (all processes must call it for a multi-host array)."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:  # every process holds all of it
+        return np.asarray(x.addressable_data(0))
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -35,16 +38,32 @@ def tensor(x: jax.Array, layer: int | None, dtype: str, transpose: bool = False)
     return to_host(_slice(x, idx, dtype=dtype, transpose=transpose))
 
 
+@functools.partial(jax.jit, static_argnames=("replicated",))
+def _layer_replicated(x: jax.Array, layer: jax.Array | None, *, replicated: NamedSharding | None) -> jax.Array:
+    """One layer's slice (or the whole param), whole on every device: merges then do the same arithmetic on
+    the same shapes however the model is sharded (a partitioned merge can round the last bit differently)."""
+    if layer is not None:
+        x = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+    return x if replicated is None else jax.lax.with_sharding_constraint(x, replicated)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "dtype", "transpose"))
+def _merged(kernel: jax.Array, a: jax.Array, b: jax.Array, *, scale: float, dtype: str, transpose: bool) -> jax.Array:
+    """W + scale·A·B in fp32 (what `ftjax.lora.merge_lora` computes), then cast."""
+    delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    w = (kernel.astype(jnp.float32) + scale * delta).astype(dtype)
+    return w.T if transpose else w
+
+
 def merged_tensor(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, layer: int | None, dtype: str,
                   transpose: bool = False) -> np.ndarray:
-    """One layer's kernel with its LoRA update folded in (W + scale·A·B in fp32), cast and maybe transposed.
-
-    The three fp32 pieces are fetched and merged on the host, so the bytes do not depend on how the model
-    is sharded (a device-side merge of differently partitioned pieces can round the last bit differently).
-    """
-    w, a, b = (tensor(x, layer, "float32") for x in (kernel, a, b))
-    merged = (w + np.float32(scale) * np.matmul(a, b)).astype(np.float32).astype(dtype)
-    return np.ascontiguousarray(merged.T) if transpose else merged
+    """One layer's kernel with its LoRA update folded in, cast and maybe transposed; the same bytes on any
+    sharding of the model (the three slices are made whole on every device before the merge)."""
+    idx = None if layer is None else np.int32(layer)  # host scalar: replicated on every process
+    sharding = getattr(kernel, "sharding", None)
+    replicated = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
+    parts = [_layer_replicated(x, idx, replicated=replicated) for x in (kernel, a, b)]
+    return to_host(_merged(*parts, scale=float(scale), dtype=dtype, transpose=transpose))
 
 
 def barrier(name: str) -> None:
