@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.dtypes import dtype_name
-from ftjax.errors import LoadError
+from ftjax.errors import ConfigError, LoadError
 from ftjax.interop import gather
 from ftjax.interop.hf_config import export_config, generation_config
 from ftjax.interop.safetensors_writer import TensorPlan, parse_size, plan_shards, write_safetensors
