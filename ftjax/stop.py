@@ -72,6 +72,8 @@ def listening() -> Iterator[None]:
         _STATE.installed -= 1
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if _STATE.installed == 0:
+            _STATE.signum = None  # a stop belongs to the job that heard it, not to the next one
 
 
 def requested() -> int | None:

@@ -26,3 +26,12 @@ def test_a_second_ctrl_c_interrupts_at_once():
         os.kill(os.getpid(), signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_stop_heard_by_one_job_does_not_stop_the_next():
+    with stop.listening():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() == signal.SIGTERM
+    with stop.listening():
+        stop.checkpoint()  # the next job starts clean
+    assert stop.requested() is None

@@ -120,9 +120,10 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     run in two without changing its schedule.
     """
     config_lib.validate(config)
-    job = prepare(config, Path(workdir))
-    step, stopped_early, last = steps(job, until)
-    return finish(job, step, stopped_early, last)
+    with stop.listening():  # also when called as a library, not only through scripts/train.py
+        job = prepare(config, Path(workdir))
+        step, stopped_early, last = steps(job, until)
+        return finish(job, step, stopped_early, last)
 
 
 def prepare(config, workdir: Path) -> Job:
