@@ -40,6 +40,12 @@ def _batch():
     return ids, seg, pos
 
 
+def hf_references(hf, ids, seg, pos) -> tuple:
+    """transformers' logits of `_batch()`: rows 0-3 with mask and positions, row 4's two segments alone."""
+    ref = hf_logits(hf, ids[:4], attention_mask=(seg[:4] > 0).astype(np.int64), position_ids=pos[:4])
+    return ref, [hf_logits(hf, ids[4:, :CUT]), hf_logits(hf, ids[4:, CUT:])]
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def run(request, tmp_path_factory):
     """Per family: the ftjax logits of the 5-row batch and the transformers references."""
@@ -48,8 +54,7 @@ def run(request, tmp_path_factory):
     model = load_hf(save(hf, tmp_path_factory.mktemp(request.param)))
     ids, seg, pos = _batch()
     ours = jax_logits(model, ids, pos, seg)
-    ref = hf_logits(hf, ids[:4], attention_mask=(seg[:4] > 0).astype(np.int64), position_ids=pos[:4])
-    ref_segments = [hf_logits(hf, ids[4:, :CUT]), hf_logits(hf, ids[4:, CUT:])]
+    ref, ref_segments = hf_references(hf, ids, seg, pos)
     return dict(name=request.param, ours=ours, ref=ref, ref_segments=ref_segments, hf=hf, model=model)
 
 

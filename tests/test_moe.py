@@ -22,7 +22,7 @@ from ftjax.models import moe as M
 from ftjax.sharding import RULES, activation_sharding, batch_sharding, state_shardings
 from hf_helpers import LAYER_TOL, MODEL_TOL, hf_logits, jax_logits, max_diff, random_ids, save, tiny_hf
 from test_generate import check_kv_cache_matches_full_forward
-from test_model_parity import CUT, PAD_LEFT, PAD_RIGHT, T, _batch
+from test_model_parity import CUT, PAD_LEFT, PAD_RIGHT, T, _batch, hf_references
 
 MOE_FAMILIES = {
     "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
@@ -163,8 +163,7 @@ def run(request, tmp_path_factory):
     model = load_hf(save(hf, tmp_path_factory.mktemp(request.param)))
     ids, seg, pos = _batch()
     ours = {impl: jax_logits(with_implementation(model, impl), ids, pos, seg) for impl in ("tiled", "ragged")}
-    ref = hf_logits(hf, ids[:4], attention_mask=(seg[:4] > 0).astype(np.int64), position_ids=pos[:4])
-    ref_segments = [hf_logits(hf, ids[4:, :CUT]), hf_logits(hf, ids[4:, CUT:])]
+    ref, ref_segments = hf_references(hf, ids, seg, pos)
     return dict(name=request.param, ours=ours, ref=ref, ref_segments=ref_segments, hf=hf, model=model)
 
 

@@ -154,7 +154,9 @@ def _markdown(report: dict) -> str:
     return "\n".join(out).replace("\r", " ") + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a crash leaves the old file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -165,8 +167,8 @@ def write_report(workdir: str | os.PathLike, report: dict, *, echo: bool = True)
     """Write report.json and report.md into `workdir` (process 0 only) and print the tables."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(workdir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(workdir / REPORT_MD, _markdown(report))
+    write_atomic(workdir / REPORT_JSON, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(workdir / REPORT_MD, _markdown(report))
     if echo:
         samples = format_samples(report)
         print(format_tables(report) + (f"\n\n{samples}" if samples else ""), flush=True)

@@ -32,7 +32,7 @@ from ftjax.evaluation.conversations import load_records, pick_shots
 from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
 from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.progress import plot_progress, tracking_metrics
-from ftjax.evaluation.report import build_report, write_report
+from ftjax.evaluation.report import build_report, write_atomic, write_report
 from ftjax.evaluation.task import TaskResult, evaluate_task
 
 BASELINES_NAME = "baselines.json"
@@ -42,13 +42,6 @@ def _process_zero() -> bool:
     import jax
 
     return jax.process_index() == 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -124,7 +117,7 @@ class Evaluation:
                         "max_new_tokens": c.forget.max_new_tokens, "model_id": self.model_id()}
             shared = shared_cache.lookup("retain_replies", identity) if not path.is_file() else None
             if everywhere(shared is not None) and self.write:
-                _write_atomic(path, json.dumps(shared, ensure_ascii=False))
+                write_atomic(path, json.dumps(shared, ensure_ascii=False))
             what = f"base replies to {len(self.retain)} retain prompts"
             with _phase(what + (": cached ($FTJAX_CACHE)" if shared is not None else "")):
                 self.replies = base_replies(base, self.tokenizer, self.retain,
@@ -168,7 +161,7 @@ class Evaluation:
             if self.write:
                 shared_cache.store("baselines", key, results)
         if self.write:
-            _write_atomic(path, json.dumps({"key": key, "results": results}))
+            write_atomic(path, json.dumps({"key": key, "results": results}))
         return {k: TaskResult.from_json(v) for k, v in results.items()}
 
     def _say_cached(self, where: str) -> None:

@@ -8,15 +8,14 @@ regenerating minutes of replies. Entries are keyed by their full identity: the b
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ftjax.config import DEFAULT_MODEL
 from ftjax.data.fingerprint import digest_key, file_fingerprint
+from ftjax.evaluation.report import write_atomic
 from ftjax.interop.smollm2 import default_gguf_path
 
 _HASHES = "content_hashes.json"
@@ -98,13 +97,4 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
-def short(identity: dict[str, Any]) -> str:
-    """A short hex tag of an identity, for messages."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    write_atomic(path, json.dumps(obj, ensure_ascii=False))
