@@ -1,8 +1,9 @@
 """Teacher-forced per-token statistics of one model (and optionally its base) on fixed token sequences.
 
 One jitted pass gives, per sequence, the summed NLL of the model, the summed NLL of the base and the summed
-KL(base ‖ model) over the sequence's weighted positions, plus the weight. Logits are made chunk by chunk
-over the length, so only [batch, chunk, vocab] fp32 logits per model exist at a time.
+KL(base ‖ model) over the sequence's weighted positions, plus the weight. Logits are made only at the
+weighted positions (the replies; prompts need hidden states, not logits), chunk by chunk, so only
+[batch, chunk, vocab] fp32 logits per model exist at a time.
 
 A sequence is `(ids, trained)` in the data pipeline's convention: position t predicts ids[t+1], counted
 when trained[t+1] (so the reply tokens, the end-of-turn token included, are what is measured).
@@ -69,15 +70,37 @@ def _chunked(h_btd, hb_btd, logits_fn, base_logits_fn, targets, weights, chunk):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "base_graphdef", "chunk"))
-def _sums(graphdef, state, base_graphdef, base_state, input_ids, targets, weights, segment_ids, positions, *,
-          chunk: int):
+def _sums(graphdef, state, base_graphdef, base_state, input_ids, segment_ids, positions, measured, targets, weights,
+          *, chunk: int):
+    """`measured` [b, k]: the positions whose logits count; `targets` / `weights` are given at those positions."""
     model = nnx.merge(graphdef, state)
-    h = model.hidden(input_ids, positions, segment_ids)
+    at = lambda h: jnp.take_along_axis(h, measured[..., None], axis=1)
+    h = at(model.hidden(input_ids, positions, segment_ids))
     base_logits_fn, hb = None, None
     if base_graphdef is not None:
         base = nnx.merge(base_graphdef, base_state)
-        hb, base_logits_fn = base.hidden(input_ids, positions, segment_ids), base.logits
+        hb, base_logits_fn = at(base.hidden(input_ids, positions, segment_ids)), base.logits
     return _chunked(h, hb, model.logits, base_logits_fn, targets, weights, chunk)
+
+
+def _measured(batch: dict[str, np.ndarray], chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The weighted positions of each row, left-aligned in [rows, k] (k bucketed; padding: position 0, weight
+    0), with their targets and weights, and the chunk to scan them by."""
+    weights = batch["weights"]
+    counts = (weights != 0).sum(axis=1)
+    k = _padded_length(max(int(counts.max()), 1), chunk)
+    measured = np.zeros((weights.shape[0], k), np.int32)
+    for j, row in enumerate(weights):
+        where = np.flatnonzero(row)
+        measured[j, :len(where)] = where
+    valid = np.arange(k)[None, :] < counts[:, None]
+    take = lambda x: np.where(valid, np.take_along_axis(x, measured, axis=1), 0).astype(x.dtype)
+    return measured, take(batch["targets"]), take(weights), min(chunk, k)
+
+
+def _padded_length(n: int, chunk: int) -> int:
+    """`n` rounded up to a bucket (a multiple of `chunk` past it), so a handful of shapes compile."""
+    return -(-bucket_length(n) // chunk) * chunk if n > chunk else bucket_length(n)
 
 
 def even_batches(order: Sequence[int], max_batch: int) -> list[list[int]]:
@@ -122,12 +145,11 @@ def teacher_forced(model: nnx.Module, sequences: Sequences, *, base: nnx.Module 
     rows = len(batches[0]) if batches else 0
     for idx in batches:
         longest = max(len(sequences[i][0]) - 1 for i in idx)
-        length = -(-bucket_length(longest) // chunk) * chunk if longest > chunk else bucket_length(longest)
-        c = min(chunk, length)
-        b = _batch([sequences[i] for i in idx], rows, length)
+        b = _batch([sequences[i] for i in idx], rows, _padded_length(longest, chunk))
+        measured, targets, weights, c = _measured(b, chunk)
         nll, base_nll, kl = jax.device_get(_sums(
-            graphdef, state, base_graphdef, base_state, b["input_ids"], b["targets"], b["weights"],
-            b["segment_ids"], b["positions"], chunk=c))
+            graphdef, state, base_graphdef, base_state, b["input_ids"], b["segment_ids"], b["positions"],
+            measured, targets, weights, chunk=c))
         k = len(idx)
         out["nll"][idx], out["base_nll"][idx], out["kl"][idx] = nll[:k], base_nll[:k], kl[:k]
         out["tokens"][idx] = b["weights"][:k].sum(axis=1)
