@@ -50,7 +50,8 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def best_step(self) -> int | None:
-        """Step with the lowest recorded eval loss, else the latest."""
+        """Step with the lowest recorded eval loss, else the latest (saves in flight counted: waits for them)."""
+        self.manager.wait_until_finished()  # a save still being written has no metrics yet
         scored = [(m["eval_loss"], s) for s in self.all_steps() if (m := self.manager.metrics(s)) is not None
                   and m.get("eval_loss") is not None]
         return min(scored)[1] if scored else self.latest_step()

@@ -47,9 +47,10 @@ def main(argv):
     if FLAGS.format == "peft" and config.method != "lora":
         raise ConfigError(f"{FLAGS.workdir}: --format=peft needs a LoRA run, this one is method={config.method} "
                           "(export it with --format=hf)")
-    run = load_trained(FLAGS.workdir, FLAGS.step)
-    stop.inject_fault("export")
-    stop.checkpoint()  # a stop asked for while loading ends here, before anything is written
+    with stop.phase(f"export of {FLAGS.workdir}"):
+        run = load_trained(FLAGS.workdir, FLAGS.step)
+        stop.inject_fault("export")
+        stop.checkpoint()  # a stop asked for while loading ends here, before anything is written
     if FLAGS.format == "hf":
         from ftjax.interop.export_hf import export_hf
 

@@ -43,6 +43,18 @@ def test_keeps_latest_n_and_the_best(tmp_path):
     ckpt.close()
 
 
+def test_best_step_counts_a_save_still_in_flight(tmp_path):
+    """The loop asks for the best step right after its last (async) save: that save's eval loss counts."""
+    mesh = make_mesh(data=1, fsdp=8, tensor=1)
+    first = Checkpoints(tmp_path, keep=2, keep_best=True)
+    first.save(2, _state(mesh, 2), {"step": 2}, eval_loss=2.0)
+    first.close()
+    resumed = Checkpoints(tmp_path, keep=2, keep_best=True)  # a resumed run: step 2's metrics come from disk
+    resumed.save(4, _state(mesh, 4), {"step": 4}, eval_loss=1.0)
+    assert resumed.best_step() == 4
+    resumed.close()
+
+
 def test_partial_save_is_never_picked(tmp_path):
     mesh = make_mesh(data=1, fsdp=8, tensor=1)
     ckpt = Checkpoints(tmp_path, keep=3, async_save=False)
