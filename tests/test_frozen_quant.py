@@ -1,0 +1,141 @@
+"""QLoRA: a LoRA model on a quantized frozen base computes what the same model computes with its weights
+quantized then dequantized to fp32 (logits, loss, LoRA gradients), without keeping more than one layer's
+full-precision weights in the compiled step; config, mesh and source errors in one line before compute."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ftjax.config import LORA_TARGETS, default_config, validate
+from ftjax.errors import ConfigError
+from ftjax.interop.quantized_base import FrozenQuant, quantize_in_place
+from ftjax.lora import apply_lora, frozen_quant_kernels
+from ftjax.models.llama import Llama, ModelConfig
+from ftjax.quant.weight import QuantizedParam, QuantizedWeight
+from hf_helpers import randomize_lora_b
+from train_helpers import make_batch
+
+# contraction sizes (hidden 64, heads 64, mlp 128) hold whole 64-value NF4 blocks
+CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=128)
+TOL = 1e-4  # fp32, a whole model
+
+
+def lora_models(scheme: str, targets: str | None = LORA_TARGETS, cfg: ModelConfig = CFG):
+    """(quantized-base LoRA model, the same model with every quantized kernel replaced by its dequantized
+    fp32 value): same adapters, non-zero B."""
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    apply_lora(model, 4, 8.0, targets=LORA_TARGETS, rngs=nnx.Rngs(1))
+    randomize_lora_b(model, seed=2)
+    quantized = quantize_in_place(nnx.clone(model), FrozenQuant(scheme, targets), None, None)
+    reference = nnx.clone(model)
+    dense = dict(frozen_quant_kernels(reference, targets))
+    for path, linear in frozen_quant_kernels(quantized, targets):
+        assert isinstance(linear.kernel, QuantizedParam)
+        dense[path].kernel[...] = jax.jit(QuantizedWeight.dequantize)(linear.kernel.get_value())
+    return quantized, reference
+
+
+def loss_and_lora_grads(model: nnx.Module, batch: dict):
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(t):
+        m = nnx.merge(graphdef, t, frozen)
+        logits = m(batch["input_ids"], batch["positions"], batch["segment_ids"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return jnp.sum(ce * batch["loss_weights"]) / jnp.sum(batch["loss_weights"])
+
+    return jax.jit(jax.value_and_grad(loss))(trainable)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_quantized_base_equals_the_dequantized_fp32_model(scheme):
+    """Logits, loss and every LoRA gradient of the quantized-base model equal the dequantized model's."""
+    quantized, reference = lora_models(scheme)
+    batch = {k: jnp.asarray(v) for k, v in make_batch(4, 16, vocab=CFG.vocab_size).items()}
+    ids = batch["input_ids"]
+    got, want = jax.jit(lambda m: m(ids))(quantized), jax.jit(lambda m: m(ids))(reference)
+    assert float(jnp.max(jnp.abs(got - want))) <= TOL
+    (loss_q, grads_q), (loss_r, grads_r) = loss_and_lora_grads(quantized, batch), loss_and_lora_grads(reference, batch)
+    assert abs(float(loss_q) - float(loss_r)) <= TOL
+    flat_q, flat_r = jax.tree.leaves(grads_q), jax.tree.leaves(grads_r)
+    assert len(flat_q) == len(flat_r) == 2 * 7  # A and B of the 7 targets (stacked over layers)
+    for g, r in zip(flat_q, flat_r):
+        assert float(jnp.max(jnp.abs(g - r))) <= TOL * max(1.0, float(jnp.max(jnp.abs(r))))
+    # and the quantized model is not the full-precision one (the comparison is not vacuous)
+    dense = Llama(CFG, rngs=nnx.Rngs(0))
+    assert float(jnp.max(jnp.abs(jax.jit(lambda m: m(ids))(dense) - want))) > 10 * TOL
+
+
+def test_scope_selects_the_lora_targets_or_every_linear_but_the_head():
+    model = Llama(dataclasses.replace(CFG, tie_word_embeddings=False), rngs=nnx.Rngs(0))
+    targets = [p for p, _ in frozen_quant_kernels(model, "q_proj,v_proj")]
+    assert targets == ["layers.self_attn.q_proj", "layers.self_attn.v_proj"]
+    every = [p for p, _ in frozen_quant_kernels(model, None)]
+    assert len(every) == 7 and "lm_head" not in every
+
+
+def test_config_errors_in_one_line():
+    c = default_config()
+    c.method, c.train.frozen_quant = "full", "nf4"
+    with pytest.raises(ConfigError, match="frozen_quant=nf4 quantizes the frozen base of a LoRA run"):
+        validate(c)
+    c = default_config()
+    c.model.path, c.train.frozen_quant = "tiny-random-llama", "gguf"
+    with pytest.raises(ConfigError, match="model.path=tiny-random-llama is not one"):
+        validate(c)
+    c = default_config()
+    c.train.frozen_quant = "q4"
+    with pytest.raises(ConfigError, match="train.frozen_quant='q4' is not one of none, int8, nf4, gguf"):
+        validate(c)
+
+
+def test_a_mesh_that_splits_a_block_or_a_short_contraction_is_refused_before_reading():
+    from ftjax.sharding import make_mesh
+
+    model = Llama(CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="nf4: sharding logical axis 'embed' \\(64\\) 8 ways"):
+        quantize_in_place(model, FrozenQuant("nf4", "q_proj"), make_mesh(data=1, fsdp=8, tensor=1), None)
+    narrow = Llama(dataclasses.replace(CFG, hidden_size=32, head_dim=8), rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="layers.self_attn.q_proj has a contraction size of 32"):
+        quantize_in_place(narrow, FrozenQuant("nf4", "q_proj"), None, None)
+    assert not isinstance(narrow.layers.self_attn.q_proj.kernel, QuantizedParam)  # nothing half-done
+
+
+def _step_temp_bytes(scheme: str | None, remat: str) -> tuple[int, int]:
+    """(temp bytes of the compiled LoRA train step, one layer's fp32 frozen kernel bytes) on one device."""
+    from ftjax.sharding import make_mesh
+    from ftjax.train.optimizer import make_optimizer
+    from ftjax.train.state import place_state
+    from ftjax.train.step import make_train_step
+
+    cfg = dataclasses.replace(CFG, hidden_size=256, intermediate_size=512, num_layers=4, head_dim=64, remat=remat)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    apply_lora(model, 4, 8.0, targets=LORA_TARGETS, rngs=nnx.Rngs(1))
+    layer_bytes = sum(lin.kernel.get_value()[0].nbytes for _, lin in frozen_quant_kernels(model, LORA_TARGETS))
+    if scheme is not None:
+        quantize_in_place(model, FrozenQuant(scheme, LORA_TARGETS), None, None)
+    mesh = make_mesh(data=1, devices=jax.devices()[:1])
+    c = default_config()
+    optimizer = make_optimizer(c.optim, 10)
+    state = place_state(model, optimizer.tx, mesh, trainable=nnx.LoRAParam)
+    step = make_train_step(state, optimizer, mesh)
+    batch = make_batch(2, 32, vocab=cfg.vocab_size)
+    compiled = step.lower(state.trainable, state.opt_state, state.frozen, batch, jax.random.key(0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, layer_bytes
+
+
+@pytest.mark.parametrize("remat", ["none", "minimal"])
+def test_the_step_keeps_one_layer_of_dequantized_weights_at_a_time(remat):
+    """Temporaries of the nf4-base step < the fp32-base step's + one layer's full-precision frozen kernels
+    (the four-layer stack dequantized at once, or kept for the backward pass, would exceed it)."""
+    base, layer = _step_temp_bytes(None, remat)
+    quantized, _ = _step_temp_bytes("nf4", remat)
+    assert quantized < base + layer, (quantized, base, layer)
