@@ -139,3 +139,64 @@ def test_the_step_keeps_one_layer_of_dequantized_weights_at_a_time(remat):
     base, layer = _step_temp_bytes(None, remat)
     quantized, _ = _step_temp_bytes("nf4", remat)
     assert quantized < base + layer, (quantized, base, layer)
+
+
+def _state_bytes(model: nnx.Module) -> int:
+    return sum(int(x.nbytes) for x in jax.tree.leaves(nnx.state(model)))
+
+
+def _quantized_bytes(model: nnx.Module) -> tuple[int, int]:
+    """(bytes held by the quantized kernels, bytes the same kernels take in fp32)."""
+    weights = [lin.kernel.get_value() for _, lin in frozen_quant_kernels(model, None)]
+    return sum(w.nbytes for w in weights), sum(4 * int(np.prod(w.shape)) for w in weights)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A random transformers Llama written as a Q4_1 GGUF by ftjax's exporter (every linear in Q4_1)."""
+    import ftjax
+    from ftjax.interop.export_gguf import export_gguf
+    from hf_helpers import tiny_hf
+    from test_export_gguf import VOCAB, bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_gguf_src")
+    tiny_hf("llama", vocab_size=VOCAB).save_pretrained(folder)
+    bpe_tokenizer().save_pretrained(folder)
+    return export_gguf(ftjax.load_model(folder), folder / "m-q4_1.gguf", source=folder, quant="q4_1")
+
+
+def test_a_gguf_base_kept_in_its_own_blocks_equals_its_dequantized_load(tiny_gguf):
+    """frozen_quant=gguf: the file's Q4_1 blocks are the frozen kernels (bytes as shipped: 20 per 32 values),
+    sharded over fsdp=2; logits equal the dequantized-fp32 load; fsdp=4 would split a block: refused."""
+    from ftjax.interop.sources import load_pretrained
+    from ftjax.sharding import make_mesh
+
+    mesh = make_mesh(data=4, fsdp=2, tensor=1)
+    dense = load_pretrained(tiny_gguf, "float32", "float32", mesh=mesh)
+    kept = load_pretrained(tiny_gguf, "float32", "float32", mesh=mesh, quant=FrozenQuant("gguf", None))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, dense.config.vocab_size, (4, 12)), jnp.int32)
+    assert float(jnp.max(jnp.abs(jax.jit(lambda m: m(ids))(kept) - jax.jit(lambda m: m(ids))(dense)))) <= TOL
+    q_proj = kept.layers.self_attn.q_proj.kernel.get_value()
+    assert q_proj.scheme == "Q4_1" and q_proj.arrays["codes"].sharding.spec[2] == "fsdp"  # [L, out, blocks, bytes]
+    held, fp32 = _quantized_bytes(kept)
+    assert held * 4 * 32 == fp32 * 20  # exactly the block format's ratio
+    assert _state_bytes(dense) - _state_bytes(kept) == fp32 - held
+    with pytest.raises(ConfigError, match="Q4_1: sharding logical axis 'embed' \\(64\\) 4 ways"):
+        load_pretrained(tiny_gguf, "float32", "float32", mesh=make_mesh(data=2, fsdp=4, tensor=1),
+                        quant=FrozenQuant("gguf", None))
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_trained_on_as_shipped(smollm2_gguf_path):
+    """The real SmolLM2 GGUF with frozen_quant=gguf (every linear in its Q4_1 blocks): logits equal the
+    dequantized-fp32 load within 1e-4; frozen-state bytes lower by exactly Q4_1's ratio on those kernels."""
+    from ftjax.interop.sources import load_pretrained
+
+    dense = load_pretrained(smollm2_gguf_path, "float32", "float32")
+    kept = load_pretrained(smollm2_gguf_path, "float32", "float32", quant=FrozenQuant("gguf", None))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, dense.config.vocab_size, (2, 24)), jnp.int32)
+    assert float(jnp.max(jnp.abs(jax.jit(lambda m: m(ids))(kept) - jax.jit(lambda m: m(ids))(dense)))) <= TOL
+    held, fp32 = _quantized_bytes(kept)
+    assert held * 4 * 32 == fp32 * 20  # Q4_1: 20 bytes per 32 values
+    assert _state_bytes(dense) - _state_bytes(kept) == fp32 - held
+    assert _state_bytes(kept) / _state_bytes(dense) < 0.5  # the Q8_0 embedding stays dequantized (fp32)
