@@ -200,3 +200,81 @@ def test_smollm2_gguf_trained_on_as_shipped(smollm2_gguf_path):
     assert held * 4 * 32 == fp32 * 20  # Q4_1: 20 bytes per 32 values
     assert _state_bytes(dense) - _state_bytes(kept) == fp32 - held
     assert _state_bytes(kept) / _state_bytes(dense) < 0.5  # the Q8_0 embedding stays dequantized (fp32)
+
+
+def test_a_quantized_base_is_another_base_for_the_caches():
+    """Cached base replies and baselines (workdir and $FTJAX_CACHE) are keyed apart per quantization."""
+    from ftjax.evaluation.run import Evaluation, model_id
+    from hf_helpers import tiny_tokenizer
+
+    def keys(**train):
+        c = default_config()
+        c.model.path = "tiny-random-llama"
+        for k, v in train.items():
+            c.train[k] = v
+        return model_id(c), Evaluation(c, tiny_tokenizer(), "/nonexistent", write=False)._base_identity()
+
+    plain, nf4, int8 = keys(), keys(frozen_quant="nf4"), keys(frozen_quant="int8")
+    every = keys(frozen_quant="nf4", frozen_quant_scope="all_linears")
+    assert len({plain[0], nf4[0], int8[0], every[0]}) == 4
+    assert len({str(plain[1]), str(nf4[1]), str(int8[1]), str(every[1])}) == 4
+    assert "frozen_quant" not in plain[1]["base"]  # a full-precision base keeps its existing cache keys
+
+
+def test_the_report_says_its_base_is_the_quantized_base():
+    from ftjax.evaluation.report import _markdown
+
+    report = {"task": {w: {"exact": 0.5, "eval_loss": 1.0} for w in ("base", "prompted", "finetuned")},
+              "forgetting": {"kl_to_base": 0.2, "retain_nll_base": 0.3, "retain_nll_finetuned": 0.6},
+              "meta": {"few_shot": 3, "base_quant": "nf4 (LoRA targets q_proj,v_proj)"}}
+    assert ("Base: the model as trained against, its frozen weights quantized (nf4 (LoRA targets q_proj,v_proj))"
+            in _markdown(report))
+    del report["meta"]["base_quant"]
+    assert "Base:" not in _markdown(report)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_memory_estimate_counts_the_quantized_base_as_built(scheme):
+    """The estimate's frozen bytes: a hand count of the scheme's arrays, and exactly what build_state holds;
+    frozen_bytes says what the base would take unquantized."""
+    from ftjax.interop.sources import tiny_config
+    from ftjax.sharding import make_mesh
+    from ftjax.train.memory import estimate, frozen_bytes
+    from ftjax.train.setup import build_state
+    from loop_helpers import load_config
+
+    c = load_config()
+    c.train.frozen_quant = scheme
+    cfg = tiny_config()
+    mesh = make_mesh(data=1, devices=jax.devices()[:1])
+    parts = estimate(c, cfg, mesh)
+    d, q, kv, i, layers = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                           cfg.intermediate_size, cfg.num_layers)
+    kernels = [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
+    if scheme == "nf4":  # 4 bits, a byte per 64-block, fp32 scale per 256 blocks, fp32 offset: per layer
+        held = layers * sum(n * m // 2 + n * m // 64 + 4 * -(-(n * m // 64) // 256) + 4 for n, m in kernels)
+    else:  # a byte per weight, an fp32 scale per output channel
+        held = layers * sum(n * m + 4 * m for n, m in kernels)
+    dense = layers * sum(n * m for n, m in kernels)
+    total = cfg.vocab_size * d + d + layers * 2 * d + dense  # every param (tied embedding)
+    assert parts["frozen"] == 4 * (total - dense) + held
+    built = build_state(c, mesh).state.frozen
+    assert frozen_bytes(built, "float32") == (parts["frozen"], 4 * total)
+
+
+def test_benchmark_reports_the_bytes_a_quantized_base_saves():
+    from ftjax.benchmark import prepare, summarize
+    from ftjax.sharding import make_mesh
+    from ftjax.train.memory import estimate
+    from loop_helpers import load_config
+
+    c = load_config()
+    c.mesh.data, c.train.frozen_quant, c.train.batch_size, c.data.seq_len = 1, "nf4", 2, 32
+    bench = prepare(c, jax.devices()[:1])
+    rec = summarize(bench, [1.0], 1.0, "test")
+    mesh = make_mesh(data=1, devices=jax.devices()[:1])
+    held = estimate(c, bench.model_cfg, mesh)["frozen"]  # hand-counted in the test above
+    c.train.frozen_quant = "none"
+    unquantized = estimate(c, bench.model_cfg, mesh)["frozen"]
+    assert rec["frozen_bytes"] == held and rec["frozen_bytes_unquantized"] == unquantized
+    assert rec["frozen_bytes_saved"] == unquantized - held > 0 and rec["model"]["frozen_quant"] == "nf4"

@@ -302,7 +302,8 @@ def _dequantize(buf: np.ndarray, info: TensorInfo, path: Path) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32).reshape(info.shape)
 
 
-def _qtype_name(info: TensorInfo) -> str:
+def qtype_name(info: TensorInfo) -> str:
+    """The ggml type name (Q4_1, Q8_0, F32, ...) a tensor is stored in."""
     import gguf
 
     return gguf.GGMLQuantizationType(info.ggml_type).name
@@ -361,7 +362,7 @@ def read_gguf(path: str | Path, keep: frozenset[str] = frozenset()) -> tuple[dic
         if arch == "llama" and short.startswith(("attn_q.", "attn_k.")):
             n = config["num_attention_heads"] if short.startswith("attn_q.") else config["num_key_value_heads"]
             w = np.ascontiguousarray(_unpermute(w, n))
-        tensors[hf] = GGUFRows(w, _qtype_name(info), info.shape) if hf in keep else w
+        tensors[hf] = GGUFRows(w, qtype_name(info), info.shape) if hf in keep else w
     del buf
     return config, tensors
 
