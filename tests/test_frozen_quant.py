@@ -226,9 +226,9 @@ def test_the_report_says_its_base_is_the_quantized_base():
 
     report = {"task": {w: {"exact": 0.5, "eval_loss": 1.0} for w in ("base", "prompted", "finetuned")},
               "forgetting": {"kl_to_base": 0.2, "retain_nll_base": 0.3, "retain_nll_finetuned": 0.6},
-              "meta": {"few_shot": 3, "base_quant": "nf4 (LoRA targets q_proj,v_proj)"}}
-    assert ("Base: the model as trained against, its frozen weights quantized (nf4 (LoRA targets q_proj,v_proj))"
-            in _markdown(report))
+              "meta": {"few_shot": 3, "base_quant": "nf4 on the LoRA targets q_proj,v_proj"}}
+    assert ("Base: the model as trained against, its frozen weights quantized: nf4 on the LoRA targets "
+            "q_proj,v_proj; the base columns" in _markdown(report))
     del report["meta"]["base_quant"]
     assert "Base:" not in _markdown(report)
 

@@ -137,7 +137,7 @@ def _base_note(meta: dict) -> list[str]:
     """What "base" means when training ran against a quantized base (train.frozen_quant)."""
     if not meta.get("base_quant"):
         return []
-    return [f"Base: the model as trained against, its frozen weights quantized ({meta['base_quant']}); the base "
+    return [f"Base: the model as trained against, its frozen weights quantized: {meta['base_quant']}; the base "
             "columns and the forgetting figures compare with that quantized base, not the full-precision one.", ""]
 
 

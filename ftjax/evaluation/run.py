@@ -210,7 +210,9 @@ class Evaluation:
         meta = {"step": step, "model": c.model.path, "method": c.method, "metric": c.eval.metric,
                 "few_shot": len(self.shots), "run": run, **extra}
         if c.train.frozen_quant != "none":  # "base" is the model as trained against: the quantized one
-            meta["base_quant"] = f"{c.train.frozen_quant} ({_quant_scope(c).replace('targets=', 'LoRA targets ')})"
+            where = ("every linear but the head" if c.train.frozen_quant_scope == "all_linears"
+                     else f"the LoRA targets {c.lora.targets}")
+            meta["base_quant"] = f"{c.train.frozen_quant} on {where}"
         report = build_report(results, forget, replies, meta=meta)
         if self.write:
             write_report(self.workdir, report)
