@@ -278,3 +278,17 @@ def test_benchmark_reports_the_bytes_a_quantized_base_saves():
     unquantized = estimate(c, bench.model_cfg, mesh)["frozen"]
     assert rec["frozen_bytes"] == held and rec["frozen_bytes_unquantized"] == unquantized
     assert rec["frozen_bytes_saved"] == unquantized - held > 0 and rec["model"]["frozen_quant"] == "nf4"
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_hf_export_of_a_quantized_base_holds_its_dequantized_merged_weights(scheme):
+    """--format=hf (and gguf, which reads the same plans) from a QLoRA model: every tensor equals the export
+    of the same model with the dequantized base, LoRA merged."""
+    from ftjax.interop.export_hf import hf_tensor_plans
+
+    quantized, reference = lora_models(scheme)
+    got = {p.name: p.fetch() for p in hf_tensor_plans(quantized, "float32")}
+    want = {p.name: p.fetch() for p in hf_tensor_plans(reference, "float32")}
+    assert got.keys() == want.keys() and len(got) == 3 + 9 * CFG.num_layers  # embedding, final norm, head
+    for name in want:
+        assert np.array_equal(got[name], want[name]), name
