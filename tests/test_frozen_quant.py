@@ -292,3 +292,25 @@ def test_hf_export_of_a_quantized_base_holds_its_dequantized_merged_weights(sche
     assert got.keys() == want.keys() and len(got) == 3 + 9 * CFG.num_layers  # embedding, final norm, head
     for name in want:
         assert np.array_equal(got[name], want[name]), name
+
+
+@pytest.mark.slow
+def test_memory_estimate_of_llama3_8b_qlora_is_within_10_percent_of_xla():
+    """Llama-3-8B shapes, NF4 base, bf16, remat full, 1 x 2048 tokens: the pre-compile estimate against XLA's
+    memory_analysis() of the step compiled on CPU from abstract shapes (nothing allocated); <= 10 GiB."""
+    from ftjax.sharding import make_mesh
+    from ftjax.train.compiled_memory import compiled_step_bytes
+    from ftjax.train.memory import GIB, estimate
+
+    llama3_8b = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                            num_kv_heads=8, head_dim=128)
+    c = default_config()
+    c.model.path = "tiny-random-llama"  # shapes come from llama3_8b; the path only names the (unread) base
+    c.model.dtype = c.model.param_dtype = c.train.frozen_dtype = "bfloat16"
+    c.model.remat, c.model.attention = "full", "xla"
+    c.train.frozen_quant, c.train.batch_size, c.data.seq_len = "nf4", 1, 2048
+    mesh = make_mesh(data=1, devices=jax.devices()[:1])
+    estimated = sum(estimate(c, llama3_8b, mesh).values())
+    compiled = compiled_step_bytes(c, llama3_8b, mesh)
+    assert abs(estimated - compiled) <= 0.1 * compiled, (estimated / GIB, compiled / GIB)
+    assert compiled <= 10 * GIB

@@ -71,19 +71,9 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     resolve_auto(config)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
-
-    def build():
-        model = Llama(model_cfg, rngs=nnx.Rngs(0))
-        if config.method == "lora":
-            apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
-                       rngs=nnx.Rngs(0))
-        return model
-
-    abstract = nnx.eval_shape(build)
     quant = frozen_quant(config)
-    if quant is not None:
-        _abstract_quantized(abstract, quant, config.model.path)
-    _, trainable, quantized, frozen = nnx.split(abstract, trainable_filter(config.method), QuantizedParam, ...)
+    _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method),
+                                                QuantizedParam, ...)
     opt = jax.eval_shape(make_optimizer(config.optim, config.train.steps).tx.init, trainable)
     rules = parse_rules(config.mesh.rules)
     rows = config.train.batch_size // config.train.grad_accum // batch_shards(mesh, rules)
@@ -110,6 +100,23 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     if config.method == "full" and (config.forget.kl_weight or config.forget.l2_weight):
         out["base_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
     return out
+
+
+def abstract_model(config, model_cfg: ModelConfig) -> nnx.Module:
+    """The model a run trains, from shapes alone: adapters attached, the frozen kernels quantized as configured."""
+
+    def build():
+        model = Llama(model_cfg, rngs=nnx.Rngs(0))
+        if config.method == "lora":
+            apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
+                       rngs=nnx.Rngs(0))
+        return model
+
+    abstract = nnx.eval_shape(build)
+    quant = frozen_quant(config)
+    if quant is not None:
+        _abstract_quantized(abstract, quant, config.model.path)
+    return abstract
 
 
 def _abstract_quantized(model: nnx.Module, quant, path: str) -> None:
