@@ -351,3 +351,21 @@ def test_sharded_qlora_step_equals_one_device():
     assert abs(loss_1 - loss_8) <= 1e-5
     for a, b in zip(adapters_1, adapters_8):
         assert float(np.max(np.abs(a - b))) <= 1e-5
+
+
+def test_a_gguf_weight_whose_layers_mix_block_types_is_refused_in_one_line():
+    """llama.cpp's _M files store some layers of a weight in another type: one stacked array cannot hold both."""
+    from ftjax.errors import LoadError
+    from ftjax.interop.gguf import GGUFRows
+    from ftjax.interop.quantized_base import read_quantized
+
+    model = nnx.eval_shape(lambda: Llama(CFG, rngs=nnx.Rngs(0)))
+    var = model.layers.mlp.down_proj.kernel
+    types = {"model.layers.0.mlp.down_proj.weight": ("Q4_0", 18), "model.layers.1.mlp.down_proj.weight": ("Q8_0", 34)}
+
+    def array(name):
+        qtype, size = types[name]
+        return GGUFRows(np.zeros((64, 128 // 32 * size), np.uint8), qtype, (64, 128))
+
+    with pytest.raises(LoadError, match="down_proj.weight: its layers are stored as Q4_0, Q8_0; .*use frozen_quant=nf4"):
+        read_quantized(FrozenQuant("gguf", None), var, [(name, True) for name in types], array, None, None)
