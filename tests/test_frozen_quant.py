@@ -369,3 +369,22 @@ def test_a_gguf_weight_whose_layers_mix_block_types_is_refused_in_one_line():
 
     with pytest.raises(LoadError, match="down_proj.weight: its layers are stored as Q4_0, Q8_0; .*use frozen_quant=nf4"):
         read_quantized(FrozenQuant("gguf", None), var, [(name, True) for name in types], array, None, None)
+
+
+def test_an_hf_folder_is_quantized_layer_by_layer_as_read(tmp_path):
+    """load_pretrained(HF folder, quant=nf4) reads each layer's tensor and quantizes it on the host: the same
+    arrays as quantizing the loaded full-precision model, placed on a data=4 x fsdp=1 x tensor=2 mesh."""
+    from ftjax.interop.sources import load_pretrained
+    from ftjax.sharding import make_mesh
+    from hf_helpers import tiny_hf
+
+    tiny_hf("llama").save_pretrained(tmp_path)
+    mesh = make_mesh(data=4, fsdp=1, tensor=2)
+    quant = FrozenQuant("nf4", "q_proj,down_proj")
+    read = load_pretrained(tmp_path, "float32", "float32", mesh=mesh, quant=quant)
+    after = quantize_in_place(load_pretrained(tmp_path, "float32", "float32", mesh=mesh), quant, mesh, None)
+    for (path, a), (_, b) in zip(frozen_quant_kernels(read, None), frozen_quant_kernels(after, None)):
+        wa, wb = a.kernel.get_value(), b.kernel.get_value()
+        assert isinstance(wa, QuantizedWeight) == (path.split(".")[-1] in ("q_proj", "down_proj")), path
+        for x, y in zip(jax.tree.leaves(wa), jax.tree.leaves(wb)):
+            assert x.sharding == y.sharding and np.array_equal(np.asarray(x), np.asarray(y)), path
