@@ -7,6 +7,8 @@ policy each layer keeps only what the policy saves (`saved_widths`), plus one la
 recomputation.
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
 trainable weights (`base_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
+A quantized base (train.frozen_quant) counts its kernels' own arrays, and one layer of them dequantized among the
+activations; `ftjax.train.compiled_memory` checks the whole against XLA's count of the compiled step.
 """
 
 from __future__ import annotations
