@@ -23,6 +23,7 @@ from ftjax import metrics as metrics_lib
 from ftjax.config import DEFAULT_MODEL, LORA_TARGETS, default_config
 from ftjax.data.packing import BATCH_KEYS
 from ftjax.sharding import make_mesh
+from ftjax.train.memory import frozen_bytes
 from ftjax.train.setup import build_state
 from ftjax.train.state import state_size
 from ftjax.train.step import make_train_step
@@ -127,6 +128,7 @@ def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -
     tokens_per_s = bench.tokens_per_step / step_s
     fpt = bench.flops_per_token()
     mem, mem_source = peak_memory_bytes()
+    held, unquantized = frozen_bytes(bench.frozen.model, c.train.frozen_dtype)
     return {
         "tokens_per_s": tokens_per_s,
         "trained_tokens_per_s": tokens_per_s,  # every position carries loss in the benchmark batch
@@ -143,12 +145,16 @@ def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -
         "trainable_params": bench.n_trainable,
         "peak_memory_bytes": mem,
         "peak_memory_source": mem_source,
+        # the frozen state (all devices): as held, as it would be unquantized in train.frozen_dtype, the difference
+        "frozen_bytes": held,
+        "frozen_bytes_unquantized": unquantized,
+        "frozen_bytes_saved": unquantized - held,
         "final_loss": getattr(bench, "last_loss", None),
         "method": c.method,
         "model": {"path": c.model.path, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
                   "intermediate": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
                   "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "dtype": c.model.dtype,
-                  "frozen_dtype": c.train.frozen_dtype, "remat": c.model.remat, "attention": c.model.attention},
+                  "frozen_dtype": c.train.frozen_dtype, "frozen_quant": c.train.frozen_quant, "remat": c.model.remat, "attention": c.model.attention},
         "lora": {"rank": c.lora.rank, "alpha": c.lora.alpha, "targets": c.lora.targets} if c.method == "lora" else None,
         "optimizer": c.optim.name,
         "batch": c.train.batch_size,

@@ -63,6 +63,11 @@ def default_config() -> ml_collections.ConfigDict:
         max_consecutive_skips=5,  # stop after this many steps in a row with NaN/Inf gradients
         loss_chunk=512,  # tokens per sequence chunk of the cross-entropy (bounds fp32 logits memory)
         early_stop_patience=0,  # stop after this many evals (eval.every) without a lower eval loss; 0 = never
+        # QLoRA (method=lora): the frozen kernels held quantized, dequantized a layer at a time in the step:
+        # none | int8 (absmax per output channel) | nf4 (bitsandbytes' NF4, double-quantized) | gguf (a .gguf
+        # model.path's own blocks, as shipped)
+        frozen_quant="none",
+        frozen_quant_scope="lora_targets",  # lora_targets | all_linears (every linear but the output head)
     )
     c.optim = dict(
         name="adamw",  # adamw | sgd | adafactor | lion
@@ -144,6 +149,8 @@ _CHOICES = {
     "optim.name": ("adamw", "sgd", "adafactor", "lion"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.frozen_dtype": DTYPES,
+    "train.frozen_quant": ("none", "int8", "nf4", "gguf"),
+    "train.frozen_quant_scope": ("lora_targets", "all_linears"),
 }
 
 _AT_LEAST_1 = (lambda v: v >= 1, "be >= 1")
@@ -238,6 +245,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.forget.replay_temperature == 0 and c.forget.replay_samples > 1:
         raise ConfigError("config.forget.replay_samples > 1 needs forget.replay_temperature > 0: greedy replies "
                           f"are all the same (got replay_samples={c.forget.replay_samples})")
+    if c.train.frozen_quant != "none" and c.method != "lora":
+        raise ConfigError(f"config.train.frozen_quant={c.train.frozen_quant} quantizes the frozen base of a LoRA "
+                          "run; method=full trains every weight (use frozen_quant=none)")
+    if c.train.frozen_quant == "gguf" and not (str(c.model.path).endswith(".gguf") or c.model.path == DEFAULT_MODEL):
+        raise ConfigError(f"config.train.frozen_quant=gguf keeps a .gguf file's own blocks, but model.path="
+                          f"{c.model.path} is not one; use frozen_quant=nf4 or int8")
     if c.forget.l2_weight > 0 and c.method != "full":
         raise ConfigError("config.forget.l2_weight applies to method=full (W - W_base); with LoRA use "
                           "forget.kl_weight or forget.replay_fraction")

@@ -19,11 +19,13 @@ def dtype_name(dtype: Any) -> str:
 
 
 def cast_floats(state: Any, dtype: Any) -> Any:
-    """Floating leaves in `dtype` (e.g. bf16 frozen weights); None keeps them as they are."""
+    """Floating leaves in `dtype` (e.g. bf16 frozen weights), quantized weights as they are; None keeps all."""
     if dtype is None:
         return state
     dt = jnp.dtype(dtype)
-    return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+    quantized = lambda x: hasattr(x, "dequantize")  # noqa: E731  (ftjax.quant.weight: scales stay float32)
+    return jax.tree.map(lambda x: x if quantized(x) else x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, state, is_leaf=quantized)
 
 
 def frozen_dtype(config: Any) -> str | None:

@@ -18,7 +18,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.config import LORA_TARGETS
 from ftjax.errors import ConfigError
-from ftjax.models.layers import Linear
+from ftjax.models.layers import Linear, dense_kernel
+from ftjax.quant.weight import QuantizedParam
 
 UNSUPPORTED = ("lm_head",)  # the loss reads lm_head's kernel directly, so an adapter there would be ignored
 
@@ -101,8 +102,9 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Seq
         if linear.lora is not None:
             raise ConfigError(f"'{path}' already has a LoRA adapter")
         kernel = linear.kernel
-        axes = kernel.get_metadata().get("logical_axes") or (None,) * kernel[...].ndim
-        stack = tuple(kernel[...].shape[:-2])
+        shape = kernel.get_value().shape  # also a quantized kernel's (ftjax.quant.weight.QuantizedWeight.shape)
+        axes = kernel.get_metadata().get("logical_axes") or (None,) * len(shape)
+        stack = tuple(shape[:-2])
         linear.lora = nnx.data(LoRA(linear.in_features, linear.out_features, rank=rank, alpha=alpha,
                                     in_axis=axes[-2], out_axis=axes[-1], stack=stack, dropout=dropout,
                                     rslora=rslora, rngs=rngs))
@@ -112,6 +114,19 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Seq
         raise ConfigError(f"lora.targets pattern(s) {', '.join(missing)} match no linear layer "
                           f"(linear layers: {', '.join(names)})")
     return model
+
+
+def kernel_dtype(kernel: nnx.Variable):
+    """The dtype a kernel computes in (a quantized one: what it dequantizes to)."""
+    return jnp.dtype(kernel.get_value().dtype)
+
+
+def frozen_quant_kernels(model: nnx.Module, targets: str | Sequence[str] | None) -> list[tuple[str, Linear]]:
+    """The linears whose kernels a quantized base holds quantized: those matching `targets` (the LoRA
+    targets), or every linear for None; never the output head (the loss reads it whole, as QLoRA keeps it)."""
+    patterns = None if targets is None else parse_targets(targets)
+    return [(path, lin) for path, lin in linears(model) if path.split(".")[-1] not in UNSUPPORTED
+            and (patterns is None or matches(path, patterns))]
 
 
 def trainable_filter(method: str):
@@ -132,8 +147,12 @@ def merge_lora(model: nnx.Module) -> dict[str, LoRA]:
     for path, linear in linears(model):
         if linear.lora is None:
             continue
-        kernel = linear.kernel[...]
-        linear.kernel[...] = (kernel.astype(jnp.float32) + linear.lora.delta()).astype(kernel.dtype)
+        kernel = dense_kernel(linear.kernel, jnp.float32)
+        merged_kernel = (kernel + linear.lora.delta()).astype(kernel_dtype(linear.kernel))
+        if isinstance(linear.kernel, QuantizedParam):  # a quantized base merges into a plain kernel
+            linear.kernel = nnx.Param(merged_kernel, **linear.kernel.get_metadata())
+        else:
+            linear.kernel[...] = merged_kernel
         adapters[path] = linear.lora
         linear.lora = None
     return adapters

@@ -139,6 +139,7 @@ def logical_axes(var: nnx.Variable) -> tuple | None:
 def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
     """NamedSharding for every leaf of an (abstract) state, from its variables' logical axes.
 
+    A quantized kernel's variable gets a tree of its arrays' shardings (blocks kept whole or a ConfigError).
     Also takes optimizer states: their moments are Variables carrying the param's axes; plain
     leaves (step counts) and leaves whose rank differs from their axes (Adafactor's factored
     moments) are replicated.
@@ -148,6 +149,8 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
         if not isinstance(var, nnx.Variable):
             return NamedSharding(mesh, PartitionSpec())
         value = var.get_value() if hasattr(var, "get_value") else var.value
+        if hasattr(value, "shardings"):  # a quantized weight (ftjax.quant.weight) places each of its arrays
+            return var.replace(value.shardings(mesh, rules))
         axes = logical_axes(var)
         if axes is None or len(axes) != len(value.shape):
             return NamedSharding(mesh, PartitionSpec())

@@ -22,6 +22,7 @@ from ftjax.checkpoint import Checkpoints
 from ftjax.config import default_config, flat_keys
 from ftjax.dtypes import cast_floats, frozen_dtype
 from ftjax.errors import ConfigError, LoadError
+from ftjax.interop.quantized_base import from_config as frozen_quant
 from ftjax.interop.sources import load_pretrained, pretrained_config
 from ftjax.lora import apply_lora, trainable_filter
 from ftjax.models.registry import MODEL_CLASSES
@@ -103,10 +104,11 @@ def _target(trainable: nnx.State, mesh: Mesh | None, rules: dict) -> nnx.State:
 
 
 def _base(config, mesh: Mesh | None) -> nnx.Module:
-    """The base as training built it; for full fine-tuning only its shapes (every weight is in the checkpoint)."""
+    """The base as training built it (quantized as it was); for full fine-tuning only its shapes (every weight is in the checkpoint)."""
     if config.method != "full":
         return load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
-                               rules=parse_rules(config.mesh.rules), attention=config.model.attention)
+                               rules=parse_rules(config.mesh.rules), attention=config.model.attention,
+                               quant=frozen_quant(config))
     cfg = pretrained_config(config.model.path, config.model.dtype).replace(
         param_dtype=config.model.param_dtype, attention=config.model.attention)
     return nnx.eval_shape(lambda: MODEL_CLASSES[cfg.model_type](cfg, rngs=nnx.Rngs(0)))

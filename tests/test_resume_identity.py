@@ -22,7 +22,8 @@ DEFAULTS = config_lib.default_config().to_dict()
 
 @pytest.mark.parametrize("key,value", [("lora.rank", 8), ("lora.targets", "q_proj,v_proj"), ("lora.alpha", 16.0),
                                        ("model.dtype", "bfloat16"), ("train.frozen_dtype", "bfloat16"),
-                                       ("optim.lr", 3e-4), ("data.seq_len", 256)])
+                                       ("optim.lr", 3e-4), ("data.seq_len", 256), ("train.frozen_quant", "nf4"),
+                                       ("train.frozen_quant_scope", "all_linears")])
 def test_a_changed_key_is_refused_naming_key_and_both_values(key, value):
     recorded = _cfg()
     old = recorded[key.split(".")[0]][key.split(".")[1]]

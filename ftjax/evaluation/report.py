@@ -133,13 +133,21 @@ def _settings(meta: dict) -> list[str]:
     return ["Run: " + ", ".join(p for p in parts if p) + f"; {checkpoint}.", ""]
 
 
+def _base_note(meta: dict) -> list[str]:
+    """What "base" means when training ran against a quantized base (train.frozen_quant)."""
+    if not meta.get("base_quant"):
+        return []
+    return [f"Base: the model as trained against, its frozen weights quantized: {meta['base_quant']}; the base "
+            "columns and the forgetting figures compare with that quantized base, not the full-precision one.", ""]
+
+
 def _markdown(report: dict) -> str:
     meta = report.get("meta", {})
     out = [f"# Fine-tuning report (step {meta.get('step', '?')})", "",
            f"Model `{meta.get('model', '?')}`, method `{meta.get('method', '?')}`; task metric `{meta.get('metric')}` on "
            f"{meta.get('task_examples', '?')} eval examples; retain set: {meta.get('retain_prompts', '?')} prompts "
            f"({meta.get('retain_tokens', '?')} reply tokens) with {meta.get('qa_questions', '?')} known answers.", "",
-           *_settings(meta), format_tables(report, markdown=True), "", "## Sample replies", ""]
+           *_base_note(meta), *_settings(meta), format_tables(report, markdown=True), "", "## Sample replies", ""]
     for which, s in report.get("samples", {}).items():
         if which == "qa" or not s:
             continue

@@ -58,8 +58,15 @@ def _phase(what: str):
 
 
 def model_id(c: Any) -> str:
-    """What makes two runs' base models the same (the key of cached base replies and baselines)."""
-    return f"{c.model.path}|{c.model.dtype}|{c.model.param_dtype}|{c.train.frozen_dtype}"
+    """What makes two runs' base models the same (the key of cached base replies and baselines): a quantized
+    base (train.frozen_quant) is another base."""
+    quant = "" if c.train.frozen_quant == "none" else f"|{c.train.frozen_quant}:{_quant_scope(c)}"
+    return f"{c.model.path}|{c.model.dtype}|{c.model.param_dtype}|{c.train.frozen_dtype}{quant}"
+
+
+def _quant_scope(c: Any) -> str:
+    """The kernels a quantized base covers: every linear, or the LoRA targets (then they are part of it)."""
+    return "all_linears" if c.train.frozen_quant_scope == "all_linears" else f"targets={c.lora.targets}"
 
 
 class Evaluation:
@@ -104,6 +111,8 @@ class Evaluation:
         c = self.config
         dtypes = {"dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "frozen_dtype": c.train.frozen_dtype,
                   "backend": jax.default_backend()}
+        if c.train.frozen_quant != "none":  # absent for a full-precision base: existing cache keys stay valid
+            dtypes["frozen_quant"] = f"{c.train.frozen_quant}:{_quant_scope(c)}"
         return {"base": shared_cache.base_content_id(c.model.path, dtypes),
                 "template": tokenizer_fingerprint(self.tokenizer)}
 
@@ -200,6 +209,10 @@ class Evaluation:
         run.update(extra.pop("run", {}))  # e.g. wall_s from the loop
         meta = {"step": step, "model": c.model.path, "method": c.method, "metric": c.eval.metric,
                 "few_shot": len(self.shots), "run": run, **extra}
+        if c.train.frozen_quant != "none":  # "base" is the model as trained against: the quantized one
+            where = ("every linear but the head" if c.train.frozen_quant_scope == "all_linears"
+                     else f"the LoRA targets {c.lora.targets}")
+            meta["base_quant"] = f"{c.train.frozen_quant} on {where}"
         report = build_report(results, forget, replies, meta=meta)
         if self.write:
             write_report(self.workdir, report)

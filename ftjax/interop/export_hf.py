@@ -68,11 +68,11 @@ def hf_tensor_plans(model: nnx.Module, dtype: str) -> list[TensorPlan]:
     single = [(tuple(p), v) for p, v in params if not is_stacked(tuple(p))]
     order = lambda pv: (pv[0] != ("embed_tokens",), pv[0][0] == "lm_head")  # noqa: E731
     single.sort(key=order)
-    plans = [_plan(p, v[...], adapters.get(p), None, dtype) for p, v in single if p == ("embed_tokens",)]
+    plans = [_plan(p, v.get_value(), adapters.get(p), None, dtype) for p, v in single if p == ("embed_tokens",)]
     n_layers = model.config.num_layers
     for i in range(n_layers):
-        plans += [_plan(p, v[...], adapters.get(p), i, dtype) for p, v in stacked]
-    plans += [_plan(p, v[...], adapters.get(p), None, dtype) for p, v in single if p != ("embed_tokens",)]
+        plans += [_plan(p, v.get_value(), adapters.get(p), i, dtype) for p, v in stacked]
+    plans += [_plan(p, v.get_value(), adapters.get(p), None, dtype) for p, v in single if p != ("embed_tokens",)]
     return plans
 
 

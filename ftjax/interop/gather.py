@@ -14,6 +14,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ftjax.quant.weight import QuantizedWeight
+
 
 def to_host(x: jax.Array) -> np.ndarray:
     """The full value of one array on this host (all processes must call it for a multi-host array)."""
@@ -24,11 +26,21 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _layer(x: jax.Array | QuantizedWeight, layer: jax.Array | None) -> jax.Array | QuantizedWeight:
+    """Layer `layer` of a stacked param (every array of a quantized one), or the whole param when None."""
+    if layer is None:
+        return x
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), x)
+
+
+def _dense(x: jax.Array | QuantizedWeight) -> jax.Array:
+    """A quantized kernel's value (a quantized base's weights are exported dequantized)."""
+    return x.dequantize() if isinstance(x, QuantizedWeight) else x
+
+
 @functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
 def _slice(x: jax.Array, layer: jax.Array | None, *, dtype: str, transpose: bool) -> jax.Array:
-    if layer is not None:
-        x = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
-    x = x.astype(dtype)
+    x = _dense(_layer(x, layer)).astype(dtype)
     return x.T if transpose else x
 
 
@@ -42,9 +54,8 @@ def tensor(x: jax.Array, layer: int | None, dtype: str, transpose: bool = False)
 def _layer_replicated(x: jax.Array, layer: jax.Array | None, *, replicated: NamedSharding | None) -> jax.Array:
     """One layer's slice (or the whole param), whole on every device: merges then do the same arithmetic on
     the same shapes however the model is sharded (a partitioned merge can round the last bit differently)."""
-    if layer is not None:
-        x = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
-    return x if replicated is None else jax.lax.with_sharding_constraint(x, replicated)
+    x = _layer(x, layer)
+    return _dense(x if replicated is None else jax.lax.with_sharding_constraint(x, replicated))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "dtype", "transpose"))

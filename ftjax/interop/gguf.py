@@ -302,13 +302,35 @@ def _dequantize(buf: np.ndarray, info: TensorInfo, path: Path) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32).reshape(info.shape)
 
 
+def qtype_name(info: TensorInfo) -> str:
+    """The ggml type name (Q4_1, Q8_0, F32, ...) a tensor is stored in."""
+    import gguf
+
+    return gguf.GGMLQuantizationType(info.ggml_type).name
+
+
+def _rows(buf: np.ndarray, info: TensorInfo) -> np.ndarray:
+    """One tensor's bytes as rows uint8 [out, bytes per row] (a copy: the file map is dropped after reading)."""
+    return np.array(buf[info.offset:info.offset + info.nbytes]).reshape(info.shape[0], -1)
+
+
 def read_gguf_config(path: str | Path) -> dict[str, Any]:
     """The HF-style config alone (no tensor is read): cheap enough to inspect a file before loading it."""
     return _hf_config(read_gguf_header(path))
 
 
-def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(HF config dict, {HF tensor name: float32 array in HF layout}) for a llama/qwen2/qwen3 GGUF."""
+@dataclass(frozen=True)
+class GGUFRows:
+    """A weight kept in its file's blocks: rows uint8 [out, bytes per row] in HF row order, and its ggml type."""
+
+    rows: np.ndarray
+    qtype: str
+    shape: tuple[int, ...]  # the HF [out, in] shape it stands for
+
+
+def read_gguf(path: str | Path, keep: frozenset[str] = frozenset()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(HF config dict, {HF tensor name: float32 array in HF layout}) for a llama/qwen2/qwen3 GGUF; the tensors
+    named in `keep` come as GGUFRows (their bytes as shipped, llama q/k rows put back in HF order)."""
     header = read_gguf_header(path)
     config = _hf_config(header)
     arch, path = config["model_type"], header.path
@@ -336,11 +358,11 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         if info.shape != shapes[short]:
             raise LoadError(f"{path}: tensor '{name}' has shape {list(info.shape)}, "
                             f"expected {list(shapes[short])} from the metadata")
-        w = _dequantize(buf, info, path)
+        w = _rows(buf, info) if hf in keep else _dequantize(buf, info, path)
         if arch == "llama" and short.startswith(("attn_q.", "attn_k.")):
             n = config["num_attention_heads"] if short.startswith("attn_q.") else config["num_key_value_heads"]
             w = np.ascontiguousarray(_unpermute(w, n))
-        tensors[hf] = w
+        tensors[hf] = GGUFRows(w, qtype_name(info), info.shape) if hf in keep else w
     del buf
     return config, tensors
 

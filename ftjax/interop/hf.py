@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 
 from ftjax.errors import LoadError
 from ftjax.interop.expert_layouts import ExpertLayouts
+from ftjax.interop.quantized_base import FrozenQuant
 from ftjax.interop.tensors import DictSource, SafetensorsFolder, TensorSource, load_params
 from ftjax.models.registry import config_from_hf
 
@@ -70,8 +71,9 @@ def tensor_source(folder: str | Path) -> TensorSource:
 
 
 def load_hf(folder: str | Path, *, dtype: str = "float32", param_dtype: str | None = None, mesh: Mesh | None = None,
-            rules: dict | None = None, **overrides):
-    """An HF folder as an ftjax model, each tensor read straight into its sharding on `mesh`."""
+            rules: dict | None = None, quant: FrozenQuant | None = None, **overrides):
+    """An HF folder as an ftjax model, each tensor read straight into its sharding on `mesh` (with `quant`,
+    the kernels it selects quantized a layer at a time)."""
     folder = Path(folder)
     hf = read_config(folder)
     cfg = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, source=str(folder / "config.json"))
@@ -80,4 +82,4 @@ def load_hf(folder: str | Path, *, dtype: str = "float32", param_dtype: str | No
     source = tensor_source(folder)
     if cfg.moe is not None:  # experts stored one tensor each or fused 3-D: both read as [E, in, out]
         source = ExpertLayouts(source, cfg.num_layers, cfg.moe.num_experts)
-    return load_params(cfg, source, mesh, rules)
+    return load_params(cfg, source, mesh, rules, quant=quant)

@@ -14,13 +14,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax.config import DEFAULT_MODEL
-from ftjax.errors import LoadError
+from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.gguf import read_gguf, read_gguf_config
 from ftjax.interop.gguf_tokenizer import gguf_tokenizer
 from ftjax.interop.hf import load_hf, read_config
 from ftjax.interop.hf_config import read_json
+from ftjax.interop.quantized_base import FrozenQuant, quantize_in_place
 from ftjax.interop.smollm2 import default_gguf_path
-from ftjax.interop.tensors import DictSource, load_params
+from ftjax.interop.tensors import DictSource, load_params, quantized_tensor_names
 from ftjax.models.llama import Llama, ModelConfig
 from ftjax.models.registry import config_from_hf
 from ftjax.sharding import splits, state_shardings
@@ -72,18 +73,26 @@ def _pretrained(path_or_name: str | Path) -> tuple[str, Path]:
 
 
 def load_pretrained(path_or_name: str | Path, dtype: str, param_dtype: str, *, mesh: Mesh | None = None,
-                    rules: dict | None = None, **overrides) -> nnx.Module:
-    """The pre-trained model with its weights (dtypes as names), read straight into its shardings on `mesh`."""
+                    rules: dict | None = None, quant: FrozenQuant | None = None, **overrides) -> nnx.Module:
+    """The pre-trained model with its weights (dtypes as names), read straight into its shardings on `mesh`;
+    with `quant`, the kernels it selects held quantized (a GGUF's own blocks for scheme gguf)."""
     kind, path = _pretrained(path_or_name)
+    if quant is not None and quant.scheme == "gguf" and kind != "gguf":
+        raise ConfigError(f"train.frozen_quant=gguf keeps a .gguf file's own blocks, but model.path={path_or_name} "
+                          "is not a .gguf file; use frozen_quant=nf4 or int8")
     if kind == "tiny":
-        return _tiny_model(dtype, param_dtype, mesh, rules, **overrides)
+        model = _tiny_model(dtype, param_dtype, mesh, rules, **overrides)
+        return model if quant is None else quantize_in_place(model, quant, mesh, rules)
     if kind == "hf":
-        return load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, **overrides)
-    hf_config, tensors = read_gguf(path)
-    cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, source=str(path))
+        return load_hf(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, quant=quant, **overrides)
+    cfg = config_from_hf(read_gguf_config(path), dtype=dtype, param_dtype=param_dtype, source=str(path))
     if overrides:
         cfg = cfg.replace(**overrides)
-    return load_params(cfg, DictSource(tensors, str(path)), mesh, rules)
+    keep = frozenset()
+    if quant is not None and quant.scheme == "gguf":  # the selected kernels' tensors stay in their blocks
+        keep = frozenset(quantized_tensor_names(cfg, quant))
+    _, tensors = read_gguf(path, keep=keep)
+    return load_params(cfg, DictSource(tensors, str(path)), mesh, rules, quant=quant)
 
 
 def pretrained_config(path_or_name: str | Path, dtype: str) -> ModelConfig:

@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from ftjax.errors import LoadError
+from ftjax.interop.quantized_base import FrozenQuant, check_layout, kernel_paths, read_quantized
 from ftjax.interop.safetensors_reader import SafetensorsFile
 from ftjax.models.llama import ModelConfig
 from ftjax.models.registry import MODEL_CLASSES, hf_tensor_name, is_stacked
@@ -109,15 +110,26 @@ def _reader(source: TensorSource, path: tuple, shape: tuple, dtype):
     return cb
 
 
-def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None, rules: dict | None = None):
+def quantized_tensor_names(cfg: ModelConfig, quant: FrozenQuant) -> set[str]:
+    """The source tensor names (every layer's) of the kernels `quant` holds quantized."""
+    abstract = nnx.eval_shape(lambda: MODEL_CLASSES[cfg.model_type](cfg, rngs=nnx.Rngs(0)))
+    paths = kernel_paths(abstract, quant)
+    return {name for path, var in nnx.to_flat_state(nnx.state(abstract)) if tuple(map(str, path)) in paths
+            for name, _, _ in _expected_hf_shape(path, var.shape)}
+
+
+def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None, rules: dict | None = None,
+                quant: FrozenQuant | None = None):
     """Build the model with every parameter read shard by shard straight into its target sharding.
 
     Shapes are checked against the source first, so a missing or mis-shaped tensor fails
-    before anything is read; each device (each host) reads only the slices it holds.
+    before anything is read; each device (each host) reads only the slices it holds. With `quant`, the
+    kernels it selects are read a layer at a time and held quantized (ftjax.interop.quantized_base).
     """
     model_cls = MODEL_CLASSES[cfg.model_type]
     cfg = cfg.replace(fuse_qkv=cfg.fuse_qkv and not splits(mesh, rules, "heads", "kv"))
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+    quantized = kernel_paths(abstract, quant) if quant is not None else set()
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
     available = source.names()
@@ -128,10 +140,19 @@ def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None
             got = tuple(source.array(name).shape)
             if got != want:
                 raise LoadError(f"{source.where}: tensor {name} has shape {got}, expected {want}")
+    for path, var in flat:
+        if tuple(map(str, path)) in quantized:
+            name = _expected_hf_shape(path, var.shape)[0][0]
+            scheme = getattr(source.array(name), "qtype", quant.scheme) if quant.scheme == "gguf" else quant.scheme
+            check_layout(scheme, tuple(var.shape), var.get_metadata()["logical_axes"], mesh, rules, name)
     if mesh is not None:
         shardings = dict(nnx.to_flat_state(state_shardings(state, mesh, rules)))
     loaded = []
     for path, var in flat:
+        if tuple(map(str, path)) in quantized:
+            tensors = [(name, t) for name, _, t in _expected_hf_shape(path, var.shape)]
+            loaded.append((path, read_quantized(quant, var, tensors, source.array, mesh, rules)))
+            continue
         sharding = shardings[path] if mesh is not None else SingleDeviceSharding(jax.local_devices()[0])
         arr = jax.make_array_from_callback(var.shape, sharding, _reader(source, path, var.shape, var.dtype))
         loaded.append((path, var.replace(arr)))

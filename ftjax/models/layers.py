@@ -18,6 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models.attention import Rows, attention
+from ftjax.quant.weight import QuantizedWeight
 from ftjax.sharding import constrain
 
 
@@ -45,6 +46,26 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
+def dense_kernel(kernel: nnx.Variable, dtype) -> jax.Array:
+    """A kernel's value in `dtype`; a quantized one dequantized (inside the layer scan: this layer's only)."""
+    value = kernel.get_value()
+    return (value.dequantize() if isinstance(value, QuantizedWeight) else value).astype(dtype)
+
+
+def frozen_product(x2: jax.Array, kernels: tuple, dtype) -> jax.Array:
+    """x2 @ [K1 | K2 | ...]. With a quantized kernel among them the product is rematerialized: the backward
+    pass dequantizes again instead of keeping every layer's full-precision weights for it."""
+    values = tuple(k.get_value() for k in kernels)
+
+    def product(x, vals):
+        dense = [(v.dequantize() if isinstance(v, QuantizedWeight) else v).astype(dtype) for v in vals]
+        return x @ (dense[0] if len(dense) == 1 else jnp.concatenate(dense, axis=-1))
+
+    if any(isinstance(v, QuantizedWeight) for v in values):
+        return jax.checkpoint(product, policy=jax.checkpoint_policies.nothing_saveable)(x2, values)
+    return product(x2, values)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias) (+ lora(x)); kernel [in, out]. `lora` is set from outside by ftjax.lora."""
 
@@ -61,7 +82,7 @@ class Linear(nnx.Module):
         # with [B, T] rows XLA CPU transposes the activations for it (a slow copy every layer).
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2 @ self.kernel[...].astype(self.dtype)
+        y = frozen_product(x2, (self.kernel,), self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -80,7 +101,7 @@ def fused_linears(x: jax.Array, linears: tuple, rngs: tuple) -> list[jax.Array]:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     sizes = [lin.out_features for lin in linears]
-    y = x2 @ jnp.concatenate([lin.kernel[...].astype(lin.dtype) for lin in linears], axis=-1)
+    y = frozen_product(x2, tuple(lin.kernel for lin in linears), linears[0].dtype)
     if any(lin.bias is not None for lin in linears):
         y = y + jnp.concatenate([jnp.zeros((lin.out_features,), lin.dtype) if lin.bias is None
                                  else lin.bias[...].astype(lin.dtype) for lin in linears])

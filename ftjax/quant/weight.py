@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -98,18 +98,42 @@ _QUANTIZE = {"nf4": nf4.quantize_nf4, "int8": int8.quantize_int8}
 def quantize_weight(kernel: Any, scheme: str, axes: tuple[str | None, ...], dtype: Any = None) -> QuantizedWeight:
     """Quantize a kernel [*stack, in, out] (host numpy; each [in, out] slice on its own, as bitsandbytes
     quantizes each linear) into a QuantizedWeight that dequantizes to `dtype` (default: the kernel's)."""
-    if scheme not in SCHEMES:
-        raise ConfigError(f"unknown quantization scheme '{scheme}' (known: {', '.join(SCHEMES)})")
     kernel = np.asarray(jax.device_get(kernel))
     if kernel.ndim < 2 or len(axes) != kernel.ndim:
         raise ConfigError(f"a kernel [*stack, in, out] with one logical axis per dim is needed, "
                           f"got shape {kernel.shape} and axes {axes}")
-    dtype = jnp.dtype(dtype if dtype is not None else kernel.dtype).name
-    flat = kernel.reshape(-1, *kernel.shape[-2:]).astype(np.float32)
-    parts = [_QUANTIZE[scheme](k)._asdict() for k in flat]
-    arrays = {name: jnp.asarray(np.stack([p[name] for p in parts]).reshape(
-        kernel.shape[:-2] + np.shape(parts[0][name]))) for name in parts[0]}
-    return QuantizedWeight(arrays, scheme, tuple(kernel.shape), tuple(axes), dtype)
+    dtype = dtype if dtype is not None else kernel.dtype
+    flat = kernel.reshape(-1, *kernel.shape[-2:])
+    return quantize_slices(flat, kernel.shape[:-2], scheme, axes, dtype)
+
+
+def quantize_slices(slices: Iterable[np.ndarray], stack: tuple[int, ...], scheme: str,
+                    axes: tuple[str | None, ...], dtype: Any = "float32") -> QuantizedWeight:
+    """A stacked kernel quantized one [in, out] slice at a time (a loader reads and quantizes layer by layer,
+    so the full-precision stack never exists): `slices` in row-major order over `stack`."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown quantization scheme '{scheme}' (known: {', '.join(SCHEMES)})")
+    parts = [_QUANTIZE[scheme](np.asarray(k, np.float32))._asdict() for k in slices]
+    stack = tuple(stack)
+    arrays = {name: np.stack([p[name] for p in parts]).reshape(stack + np.shape(parts[0][name])) for name in parts[0]}
+    n_in, n_out = (2 * arrays["codes"].shape[-2], arrays["codes"].shape[-1]) if scheme == "nf4" else \
+        arrays["codes"].shape[-2:]
+    return QuantizedWeight(arrays, scheme, (*stack, n_in, n_out), tuple(axes), jnp.dtype(dtype).name)
+
+
+def place(weight: QuantizedWeight, mesh: Mesh | None, rules: dict | None = None) -> QuantizedWeight:
+    """Host arrays -> device arrays in the shardings of the kernel they replace (one device without a mesh);
+    every process passes the same host values and keeps only its shards."""
+    if mesh is None:
+        device = jax.local_devices()[0]
+        return dataclasses.replace(weight, arrays={k: jax.device_put(np.asarray(a), device)
+                                                   for k, a in weight.arrays.items()})
+    shardings = weight.shardings(mesh, rules).arrays
+    arrays = {}
+    for k, a in weight.arrays.items():
+        host = np.asarray(a)
+        arrays[k] = jax.make_array_from_callback(host.shape, shardings[k], lambda index, h=host: h[index])
+    return dataclasses.replace(weight, arrays=arrays)
 
 
 def gguf_weight(rows: Any, qtype: str, axes: tuple[str | None, ...], dtype: Any = "float32") -> QuantizedWeight:
@@ -123,7 +147,7 @@ def gguf_weight(rows: Any, qtype: str, axes: tuple[str | None, ...], dtype: Any 
         raise ConfigError(f"{qtype}: rows [*stack, out, k*{size}] with one logical axis per kernel dim are needed, "
                           f"got shape {rows.shape} and axes {axes}")
     n_blocks = rows.shape[-1] // size
-    codes = jnp.asarray(rows.reshape(*rows.shape[:-1], n_blocks, size))
+    codes = rows.reshape(*rows.shape[:-1], n_blocks, size)  # host bytes; `place` puts them on devices
     shape = (*rows.shape[:-2], n_blocks * block, rows.shape[-2])
     return QuantizedWeight({"codes": codes}, qtype, shape, tuple(axes), jnp.dtype(dtype).name)
 

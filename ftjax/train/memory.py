@@ -7,6 +7,8 @@ policy each layer keeps only what the policy saves (`saved_widths`), plus one la
 recomputation.
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
 trainable weights (`base_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
+A quantized base (train.frozen_quant) counts its kernels' own arrays, and one layer of them dequantized among the
+activations; `ftjax.train.compiled_memory` checks the whole against XLA's count of the compiled step.
 """
 
 from __future__ import annotations
@@ -21,8 +23,13 @@ from jax.sharding import Mesh
 
 from ftjax.backend_defaults import resolve_auto
 from ftjax.errors import ConfigError
-from ftjax.lora import apply_lora, trainable_filter
+from ftjax.interop.gguf import gguf_tensor_name, qtype_name, read_gguf_header
+from ftjax.interop.quantized_base import from_config as frozen_quant
+from ftjax.interop.sources import resolve
+from ftjax.lora import apply_lora, frozen_quant_kernels, trainable_filter
 from ftjax.models.llama import Llama, ModelConfig
+from ftjax.models.registry import hf_tensor_name
+from ftjax.quant.weight import QuantizedParam, abstract_weight
 from ftjax.sharding import batch_shards, parse_rules, state_shardings
 from ftjax.train.optimizer import make_optimizer
 
@@ -66,15 +73,9 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     resolve_auto(config)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
-
-    def build():
-        model = Llama(model_cfg, rngs=nnx.Rngs(0))
-        if config.method == "lora":
-            apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
-                       rngs=nnx.Rngs(0))
-        return model
-
-    _, trainable, frozen = nnx.split(nnx.eval_shape(build), trainable_filter(config.method), ...)
+    quant = frozen_quant(config)
+    _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method),
+                                                QuantizedParam, ...)
     opt = jax.eval_shape(make_optimizer(config.optim, config.train.steps).tx.init, trainable)
     rules = parse_rules(config.mesh.rules)
     rows = config.train.batch_size // config.train.grad_accum // batch_shards(mesh, rules)
@@ -91,13 +92,63 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3  # logits chunk, fp32, fwd+bwd
     if config.forget.kl_weight:
         acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
+    if quant is not None:  # one layer's quantized kernels dequantized (fp32, then a compute-dtype copy)
+        dense = _device_bytes(_dense_of(quantized), mesh, rules, "float32") / cfg.num_layers
+        acts += dense * (1 + scale / 2)
     frozen_dtype = config.train.frozen_dtype
     out = {"trainable": _device_bytes(trainable, mesh, rules),
-           "frozen": _device_bytes(frozen, mesh, rules, frozen_dtype),
+           "frozen": _device_bytes(frozen, mesh, rules, frozen_dtype) + _device_bytes(quantized, mesh, rules),
            "opt_state": _device_bytes(opt, mesh, rules), "activations": int(acts)}
     if config.method == "full" and (config.forget.kl_weight or config.forget.l2_weight):
         out["base_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
     return out
+
+
+def abstract_model(config, model_cfg: ModelConfig) -> nnx.Module:
+    """The model a run trains, from shapes alone: adapters attached, the frozen kernels quantized as configured."""
+
+    def build():
+        model = Llama(model_cfg, rngs=nnx.Rngs(0))
+        if config.method == "lora":
+            apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
+                       rngs=nnx.Rngs(0))
+        return model
+
+    abstract = nnx.eval_shape(build)
+    quant = frozen_quant(config)
+    if quant is not None:
+        _abstract_quantized(abstract, quant, config.model.path)
+    return abstract
+
+
+def _abstract_quantized(model: nnx.Module, quant, path: str) -> None:
+    """Swap the selected abstract kernels for abstract quantized ones (a GGUF base: each in the ggml type the
+    file stores its first layer in)."""
+    header = read_gguf_header(resolve(path)[1]) if quant.scheme == "gguf" else None
+    for name, linear in frozen_quant_kernels(model, quant.targets):
+        var = linear.kernel
+        scheme = quant.scheme
+        if header is not None:
+            scheme = qtype_name(header.tensors[gguf_tensor_name(hf_tensor_name(tuple(name.split(".")) + ("kernel",), 0)[0])])
+        weight = abstract_weight(scheme, var.get_value().shape, var.get_metadata()["logical_axes"], quant.dtype)
+        linear.kernel = QuantizedParam(weight, **var.get_metadata())
+
+
+def _dense_of(quantized: nnx.State) -> nnx.State:
+    """The full-precision kernels quantized ones stand for (shapes only)."""
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(lambda v: nnx.Param(jax.ShapeDtypeStruct(v.get_value().shape, jnp.float32),
+                                            **v.get_metadata()), quantized, is_leaf=is_var)
+
+
+def frozen_bytes(frozen, dtype) -> tuple[int, int]:
+    """(bytes a frozen state holds, bytes it would hold unquantized in `dtype`): what a quantized base saves."""
+    quantized = lambda x: hasattr(x, "dequantize")  # noqa: E731
+    held = full = 0
+    for leaf in jax.tree.leaves(frozen, is_leaf=quantized):
+        held += int(leaf.nbytes)
+        full += int(np.prod(leaf.shape)) * jnp.dtype(dtype).itemsize if quantized(leaf) else int(leaf.nbytes)
+    return held, full
 
 
 def check_fits(config, model_cfg: ModelConfig, mesh: Mesh) -> str:

@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 from ftjax.backend_defaults import resolve_auto
 from ftjax.dtypes import frozen_dtype
+from ftjax.interop.quantized_base import from_config as frozen_quant
 from ftjax.interop.sources import load_pretrained
 from ftjax.lora import apply_lora, trainable_filter
 from ftjax.sharding import parse_rules
@@ -27,10 +28,11 @@ class Setup:
 
 
 def build_model(config, mesh: Mesh) -> nnx.Module:
-    """The base model read straight into its shardings, with LoRA adapters attached for method=lora."""
+    """The base model read straight into its shardings (its frozen kernels quantized per train.frozen_quant),
+    with LoRA adapters attached for method=lora."""
     model = load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
                             rules=parse_rules(config.mesh.rules), remat=config.model.remat,
-                            attention=config.model.attention)
+                            attention=config.model.attention, quant=frozen_quant(config))
     if config.method == "lora":
         # Adapters are small; place_state moves them into their shardings with everything else.
         apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,

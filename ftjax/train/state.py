@@ -91,7 +91,13 @@ def place_state(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh,
 
 def _put_state(state: nnx.State, shardings: Any) -> nnx.State:
     is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    return jax.tree.map(lambda v, s: v.replace(_put(v.get_value(), s)), state, shardings, is_leaf=is_var)
+
+    def put(var: nnx.Variable, sharding: Any) -> nnx.Variable:
+        if isinstance(sharding, nnx.Variable):  # a quantized weight: one sharding per array it holds
+            return var.replace(jax.tree.map(_put, var.get_value(), sharding.get_value()))
+        return var.replace(_put(var.get_value(), sharding))
+
+    return jax.tree.map(put, state, shardings, is_leaf=is_var)
 
 
 def _put(x: Any, sharding: Any) -> jax.Array:
