@@ -14,7 +14,7 @@ from ftjax.data.mixture import parse_sources
 from ftjax.data.records import Fields, read_file
 from ftjax.data.tokenize import tokenize_records
 from ftjax.evaluation.forgetting import CACHE_NAME
-from ftjax.evaluation.progress import PLOT_NAME, plot_progress
+from ftjax.evaluation.progress import PLOT_NAME, plot_progress, progress_records
 from ftjax.data.replay import replay_mixture
 from ftjax.evaluation.report import check_report, contract_keys, format_tables
 from ftjax.evaluation.run import BASELINES_NAME, Evaluation
@@ -180,6 +180,10 @@ def test_progress_plot_needs_tracked_metrics(tmp_path):
         json.dumps({"step": s, "loss": 1.0, "task_exact": s / 10, "kl_to_base": s / 100, "retain_nll": 1 + s / 10})
         + "\n" for s in (2, 4, 6)))
     assert plot_progress(tmp_path) == tmp_path / PLOT_NAME
+    # The report's own points (the base at step 0, its step) join the log's where the log has none.
+    points = [{"step": 0, "task_exact": 0.0}, {"step": 6, "task_exact": 9.0}, {"step": 8, "task_exact": 0.8}]
+    assert [(r["step"], r.get("task_exact")) for r in progress_records(tmp_path, points)] == [
+        (0, 0.0), (2, 0.2), (4, 0.4), (6, 0.6), (8, 0.8)]
 
 
 def test_retain_batches_weight_only_the_replies(tmp_path):

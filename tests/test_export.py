@@ -358,6 +358,19 @@ def test_smollm2_exports_load_in_peft_and_transformers(smollm2_gguf_path, hf_smo
     hf_base = hf_logits(hf_smollm2, ids)
     assert max_diff(theirs, ours) <= GGUF_TOL
     assert max_diff(theirs, hf_base) > LORA_MARGIN
+    # Without that rounding, both sides in float64, PEFT on the GGUF base and ftjax agree to MODEL_TOL (the
+    # same adapter file; ftjax's fp32 islands, e.g. its final logits, stay fp32: ~2e-5 here).
+    with jax.enable_x64(True):
+        model64 = ftjax.load_model(smollm2_gguf_path, dtype="float64")
+        apply_lora(model64, 8, 16.0, targets="q_proj,v_proj,down_proj", rngs=nnx.Rngs(0))
+        randomize_lora_b(model64, 0, std=0.05)
+        ours64 = jax_logits(model64, ids)
+    del model64
+    peft64 = PeftModel.from_pretrained(copy.deepcopy(hf_smollm2).double(), str(adapter)).double().eval()
+    with torch.no_grad():
+        theirs64 = peft64(input_ids=torch.as_tensor(ids)).logits.numpy()
+    del peft64
+    assert theirs64.dtype == np.float64 and max_diff(theirs64, ours64) <= MODEL_TOL
 
     # The HF folder holds the merged weights, so it is compared with ftjax running those same weights:
     # merging alone moves SmolLM2's logits (|max| ~30) by ~1e-4 in fp32, in ftjax as in any framework.

@@ -73,6 +73,8 @@ def test_records_hold_the_runs_values(straight):
     assert report["forgetting"]["kl_to_base"] > 0
     png = (workdir / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # bin/demo and scripts/eval.py name progress.png: written with eval.every=0 too (the final eval's point)
+    assert (workdir / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_is_bitwise_identical(straight, tmp_path, capsys):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ftjax.metrics import read_metrics
 
@@ -20,6 +20,20 @@ TASK_PREFIX = "task_"
 FORGETTING_NAMES = ("kl_to_base", "retain_nll", "qa_accuracy")
 REGULARIZER_NAMES = ("kl_reg", "l2_reg")
 PLOT_NAME = "progress.png"
+
+
+def base_point(base_task: Any = None, forgetting: Any = None) -> dict[str, float]:
+    """The base model's values as a step-0 point of the progress plot (its KL to itself is 0)."""
+    out: dict[str, Any] = {"step": 0}
+    if base_task is not None:
+        out.update({f"{TASK_PREFIX}{k}": float(v) for k, v in base_task.scores.items()})
+    if forgetting is not None:
+        m = forgetting.metrics
+        out["kl_to_base"] = 0.0
+        for name, key in (("retain_nll", "retain_nll_base"), ("qa_accuracy", "qa_accuracy_base")):
+            if m.get(key) is not None:
+                out[name] = float(m[key])
+    return out
 
 
 def tracking_metrics(task: Any = None, forgetting: Any = None) -> dict[str, float]:
@@ -36,9 +50,18 @@ def tracking_metrics(task: Any = None, forgetting: Any = None) -> dict[str, floa
     return out
 
 
-def plot_progress(workdir: str | os.PathLike) -> Path | None:
-    """progress.png: task scores (left) and kl_to_base / retain_nll (right) per step; None with nothing to plot."""
+def progress_records(workdir: str | os.PathLike, points: Sequence[dict] = ()) -> list[dict]:
+    """metrics.jsonl's records plus `points` at the steps it has no task / forgetting values for, by step."""
     records = read_metrics(workdir)
+    tracked = {r["step"] for r in records if any(k.startswith(TASK_PREFIX) or k in FORGETTING_NAMES for k in r)}
+    return sorted(records + [p for p in points if p["step"] not in tracked], key=lambda r: r["step"])
+
+
+def plot_progress(workdir: str | os.PathLike, points: Sequence[dict] = ()) -> Path | None:
+    """progress.png: task scores (left) and kl_to_base / retain_nll (right) per step, from metrics.jsonl plus
+    `points` ({"step", name: value}; e.g. the base at step 0 and the final report's step) at steps the log
+    does not track; None with nothing to plot."""
+    records = progress_records(workdir, points)
     task_names = sorted({k for r in records for k in r if k.startswith(TASK_PREFIX)})
     series = lambda name: [(r["step"], r[name]) for r in records if r.get(name) is not None]
     if not task_names and not series("kl_to_base"):

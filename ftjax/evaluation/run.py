@@ -31,7 +31,7 @@ from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import load_records, pick_shots
 from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
 from ftjax.evaluation.hosts import everywhere
-from ftjax.evaluation.progress import plot_progress, tracking_metrics
+from ftjax.evaluation.progress import base_point, plot_progress, tracking_metrics
 from ftjax.evaluation.report import build_report, write_atomic, write_report
 from ftjax.evaluation.task import TaskResult, evaluate_task
 
@@ -216,5 +216,8 @@ class Evaluation:
         report = build_report(results, forget, replies, meta=meta)
         if self.write:
             write_report(self.workdir, report)
-            plot_progress(self.workdir)
+            points = [base_point(results.get("base"), forget)]
+            if step >= 0:
+                points.append({"step": step, **tracking_metrics(task, forget)})
+            plot_progress(self.workdir, points)
         return report
