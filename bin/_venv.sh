@@ -3,10 +3,16 @@
 VENV=${FTJAX_VENV:-.venv}
 PY=${PYTHON:-python3}
 _say() { echo "ftjax setup: $*" >&2; }
-_pip() {  # pip install, showing one line per package (pip's failure still fails the caller: pipefail)
+_pip() {  # pip install, showing one line per package and a heartbeat while pip is silent (unpacking);
+  # pip's failure still fails the caller (pipefail, returned after the heartbeat is stopped)
+  ( t=0; while sleep 15 && kill -0 $$ 2>/dev/null; do t=$((t + 15)); echo "  ... pip still working (${t} s)" >&2; done ) &
+  local ticker=$! rc=0
   "$VENV/bin/pip" install --progress-bar off "$@" 2>&1 \
     | { grep --line-buffered -E "^(Collecting|Installing collected|Successfully installed|ERROR|error)" || true; } \
-    | sed -u 's/^/  /' >&2
+    | sed -u 's/^/  /' >&2 || rc=$?
+  kill "$ticker" 2>/dev/null || true
+  wait "$ticker" 2>/dev/null || true
+  return "$rc"
 }
 set -o pipefail
 [ -x "$VENV/bin/python" ] || { _say "creating $VENV with $PY"; "$PY" -m venv "$VENV"; }
