@@ -19,7 +19,7 @@ from flax import nnx
 
 from ftjax.data.pair_rows import PairRows
 from ftjax.train.preference import PreferenceConfig, ReplyLogps, pair_losses, pair_sums
-from ftjax.train.reply_logps import model_pair_logps, pair_logps
+from ftjax.train.reply_logps import head_pair_logps, model_pair_logps, pair_logps
 
 
 def reference_pair_logps(graphdef: nnx.GraphDef, reference_trainable: Any, frozen: Any, batch: dict,
@@ -28,6 +28,34 @@ def reference_pair_logps(graphdef: nnx.GraphDef, reference_trainable: Any, froze
     model = nnx.merge(graphdef, jax.lax.stop_gradient(reference_trainable), frozen)
     logps, _ = model_pair_logps(model, batch, max_pairs, chunk)
     return jax.tree.map(jax.lax.stop_gradient, logps)
+
+
+def preference_config(config) -> PreferenceConfig:
+    """The run config's objective and `pref.*` as a PreferenceConfig."""
+    p = config.pref
+    return PreferenceConfig(config.objective, float(p.beta), float(p.label_smoothing), float(p.gamma))
+
+
+def max_pairs_of(seq_len: int) -> int:
+    """Pair slots per row the step reserves: a row of `seq_len` positions holds at most this many pairs (each
+    half takes at least one position), so the static bound needs no look at the data."""
+    return max(1, (int(seq_len) + 1) // 2)
+
+
+def forward_sums(cfg: PreferenceConfig, forward: Any, max_pairs: int, chunk: int, reference: str | None
+                 ) -> dict[str, jax.Array]:
+    """`pair_sums` from the train step's pass (`ftjax.train.terms.Forward`): policy log-probs from its hidden
+    states; the reference from the base pass (`reference="base"`), the batch's cached `ref_logps` ("cache"),
+    or none (ORPO, SimPO)."""
+    policy, valid = head_pair_logps(forward.model, forward.hidden, forward.batch, max_pairs, chunk)
+    ref = None
+    if reference == "base":
+        base = forward.base
+        ref = jax.tree.map(jax.lax.stop_gradient, head_pair_logps(
+            base.model, jax.lax.stop_gradient(base.hidden), forward.batch, max_pairs, chunk)[0])
+    elif reference == "cache":
+        ref = batch_reference(forward.batch, max_pairs)
+    return pair_sums(pair_losses(cfg, policy, ref), valid)
 
 
 def preference_sums(cfg: PreferenceConfig, model: nnx.Module, batch: dict, max_pairs: int, chunk: int = 512, *,
