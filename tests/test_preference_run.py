@@ -1,6 +1,7 @@
 """Preference objectives through the training job on the tiny model: DPO's first step, the reference model without a
 second copy (LoRA) or from the workdir's cache (full fine-tuning), exact resume after a kill, config errors."""
 
+import json
 import math
 import os
 import signal
@@ -62,7 +63,12 @@ def full_dpo(pair_files, tmp_path_factory):
 
 
 def test_lora_dpo_first_step_is_ln2_and_logs_trl_metrics_and_the_held_out_objective(pair_files, tmp_path):
-    run(_config(pair_files), tmp_path)
+    c = _config(pair_files)
+    c.forget.retain = str(tmp_path / "retain.jsonl")  # forgetting measured on two prompts: seconds
+    (tmp_path / "retain.jsonl").write_text('{"prompt": "What is 7 times 8?", "answer": "56"}\n'
+                                           '{"prompt": "Write a haiku about autumn leaves."}\n')
+    c.forget.max_new_tokens = 4
+    run(c, tmp_path)
     records = [r for r in metrics(tmp_path) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert records[0]["loss"] == float(np.float32(math.log(2)))  # a fresh adapter is the reference: exactly ln 2
@@ -73,6 +79,22 @@ def test_lora_dpo_first_step_is_ln2_and_logs_trl_metrics_and_the_held_out_object
     assert records[-1]["loss"] < records[0]["loss"]  # it learns to prefer the chosen replies
     assert 0.0 < records[-1]["eval_loss"] < 5.0  # the DPO loss on held-out pairs, not a cross-entropy (~10 here)
     assert not (tmp_path / "reference_logps.npz").exists()  # LoRA needs no cached reference
+
+    report = json.loads((tmp_path / "report.json").read_text())  # before / after on the held-out pairs
+    c = _config(pair_files)
+    config_lib.validate(c)
+    data = build_preference_datasets(c, pretrained_tokenizer(c.model.path))
+    base = load_pretrained(c.model.path, c.model.dtype, c.model.param_dtype)
+    batch = {k: jnp.asarray(v) for k, v in data.eval.batch(np.arange(len(data.eval))).items()}
+    logps, valid = model_pair_logps(base, batch, data.eval.max_pairs)
+    wins = (np.asarray(logps.chosen) > np.asarray(logps.rejected))[np.asarray(valid)]  # DPO: summed log-probs
+    assert report["preference"]["base"] == pytest.approx(
+        {"accuracy": wins.mean(), "pairs": len(wins),
+         "margin": float(np.mean(np.asarray(logps.chosen - logps.rejected)[np.asarray(valid)]))}, rel=1e-4)
+    assert 0.0 <= report["preference"]["finetuned"]["accuracy"] <= 1.0
+    assert {"kl_to_base", "retain_nll_base", "retain_nll_finetuned"} <= set(report["forgetting"])
+    md = (tmp_path / "report.md").read_text()
+    assert f"preference accuracy ({len(wins)} held-out pairs)" in md and "objective `dpo`" in md
 
 
 def _step_inputs(c, mesh=None):

@@ -36,6 +36,7 @@ from ftjax.train.eval_loss import eval_loss, make_eval_loss, make_terms_eval
 from ftjax.train.memory import check_fits
 from ftjax.train.periodic import Evaluate, LogMetrics, Meter, Progress, SaveCheckpoint, Tick
 from ftjax.train.preference import WITH_REFERENCE
+from ftjax.train.preference_term import held_out_accuracy, preference_config
 from ftjax.train.reference_cache import with_reference
 from ftjax.train.setup import build_state
 from ftjax.train.state import TrainState, state_size
@@ -44,8 +45,7 @@ from ftjax.train.terms import TASK, loss_terms, uses_base
 
 
 def _evaluating(config) -> bool:
-    """Whether the task / forgetting evaluation runs (generated replies to the eval records: SFT data)."""
-    return bool(config.data.eval) and bool(config.eval.final or config.eval.every) and config.objective == "sft"
+    return bool(config.data.eval) and bool(config.eval.final or config.eval.every)
 
 
 def check_batch_fits(batch_size: int, grad_accum: int, mesh, rules: dict) -> None:
@@ -154,7 +154,7 @@ def prepare(config, workdir: Path) -> Job:
     base_trainable = forget.base_copy(state) if forget.wants_base_copy(config, _evaluating(config)) else None
     evaluation, base = None, None
     if _evaluating(config):  # task scores, baselines and forgetting (ftjax.evaluation)
-        evaluation = Evaluation(config, tokenizer, workdir)
+        evaluation = Evaluation(config, tokenizer, workdir, preference=_held_out_pairs(config, data.eval))
         # LoRA: the base is the model with adapters detached (no copy); full: the step-0 copy
         base = nnx.merge(state.graphdef, base_trainable, state.frozen) if config.method == "full" else None
     retain = forget.retain_data(config, tokenizer, workdir, state, base_trainable)
@@ -200,6 +200,14 @@ def prepare(config, workdir: Path) -> Job:
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     return job
+
+
+def _held_out_pairs(config, rows) -> Callable[[nnx.Module], dict] | None:
+    """model -> preference accuracy on the held-out pairs (the report's before / after), for preference objectives."""
+    if config.objective == "sft" or rows is None:
+        return None
+    cfg = preference_config(config)
+    return lambda model: held_out_accuracy(cfg, model, rows, config.train.batch_size, config.train.loss_chunk)
 
 
 def _check_resumable(config, workdir: Path) -> None:
