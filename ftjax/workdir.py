@@ -23,7 +23,7 @@ from ftjax.config import default_config, flat_keys
 from ftjax.dtypes import cast_floats, frozen_dtype
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.sources import load_pretrained, pretrained_config
-from ftjax.lora import apply_lora, trainable_filter
+from ftjax.lora import apply_lora, merged, trainable_filter
 from ftjax.models.registry import MODEL_CLASSES
 from ftjax.sharding import mesh_from_config, parse_rules, state_shardings
 
@@ -145,3 +145,23 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
     if jax.process_index() == 0:
         print(f"{workdir}: checkpoint step {chosen} ({'best' if step is None else step})", flush=True)
     return TrainedRun(config, nnx.merge(graphdef, restored, cast_floats(frozen, frozen_dtype(config))), chosen)
+
+
+CONTINUED_KEYS = ("model.dtype", "model.param_dtype", "lora.rank", "lora.alpha", "lora.targets", "lora.rslora",
+                  "lora.dropout")
+
+
+def start_from(config, mesh: Mesh | None = None) -> tuple[nnx.Module, bool]:
+    """(model, continues its adapter) for a run whose `model.path` is a training workdir (SFT, then DPO): its
+    best checkpoint. LoRA on a LoRA workdir continues that adapter (its lora.* and dtypes must be the same); full
+    fine-tuning of a LoRA workdir starts from the merged weights; a full workdir's weights are the new base."""
+    run = load_trained(config.model.path, mesh=mesh)
+    if run.config.method == "lora" and config.method == "lora":
+        for key in CONTINUED_KEYS:
+            group, leaf = key.split(".")
+            was, now = run.config[group][leaf], config[group][leaf]
+            if was != now:
+                raise ConfigError(f"config.{key}={now!r} differs from the adapter it continues in "
+                                  f"{config.model.path} ({was!r}); set it to that value or start from a merged export")
+        return run.model, True
+    return (merged(run.model) if run.config.method == "lora" else run.model), False

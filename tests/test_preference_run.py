@@ -229,3 +229,23 @@ def test_preference_keys_that_do_not_apply_are_refused(objective, key, value, me
     setattr(c.pref, key, value)
     with pytest.raises(ConfigError, match=message):
         config_lib.validate(c)
+
+
+def test_dpo_continues_an_sft_workdirs_adapter_with_it_as_the_reference(pair_files, tmp_path):
+    sft = load_config()  # SFT on the tiny task, then DPO from its workdir
+    sft.train.steps, sft.eval.final, sft.checkpoint.every = 2, False, 2
+    run(sft, tmp_path / "sft")
+    c = _config(pair_files)
+    c.model.path, c.train.steps, c.eval.final = str(tmp_path / "sft"), 1, False
+    run(c, tmp_path / "dpo")
+    first = metrics(tmp_path / "dpo")[0]
+    # the reference is the continued (trained, non-zero) adapter itself: policy = reference at the first step
+    assert first["loss"] == float(np.float32(math.log(2))) and first["rewards/chosen"] == 0.0
+
+    c.model.path = sft.model.path  # the same pairs from the base with a fresh adapter: other log-probs
+    run(c, tmp_path / "fresh")
+    assert metrics(tmp_path / "fresh")[0]["logps/chosen"] != pytest.approx(first["logps/chosen"], rel=1e-4)
+
+    c.model.path, c.lora.rank = str(tmp_path / "sft"), 8
+    with pytest.raises(ConfigError, match=r"config.lora.rank=8 differs from the adapter it continues in .* \(4\)"):
+        run(c, tmp_path / "refused")

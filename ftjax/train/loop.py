@@ -151,12 +151,14 @@ def prepare(config, workdir: Path) -> Job:
     _say(f"{config.method}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}")
 
     # Forgetting control: the step-0 copy (full fine-tuning), then the control data (base replies, cached).
-    base_trainable = forget.base_copy(state) if forget.wants_base_copy(config, _evaluating(config)) else None
+    # ... and a continued adapter's starting copy (megabytes): DPO's reference and the report's base
+    keep_start = forget.wants_base_copy(config, _evaluating(config)) or setup.continues_adapter
+    base_trainable = forget.base_copy(state) if keep_start else None
     evaluation, base = None, None
     if _evaluating(config):  # task scores, baselines and forgetting (ftjax.evaluation)
         evaluation = Evaluation(config, tokenizer, workdir, preference=_held_out_pairs(config, data.eval))
         # LoRA: the base is the model with adapters detached (no copy); full: the step-0 copy
-        base = nnx.merge(state.graphdef, base_trainable, state.frozen) if config.method == "full" else None
+        base = nnx.merge(state.graphdef, base_trainable, state.frozen) if base_trainable is not None else None
     retain = forget.retain_data(config, tokenizer, workdir, state, base_trainable)
     if config.forget.replay_fraction:
         data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size,
@@ -165,7 +167,8 @@ def prepare(config, workdir: Path) -> Job:
     terms = loss_terms(config)
     if config.method == "full" and config.objective in WITH_REFERENCE:  # the reference's log-probs, cached
         data = with_reference(config, workdir, tokenizer, state.model(), data, _say)
-    with_base = config.method == "full" and uses_base(terms)  # LoRA's base: its adapters zeroed, no copy
+    # LoRA's base: its adapters zeroed (no copy), or the continued adapter's starting copy
+    with_base = (config.method == "full" or setup.continues_adapter) and uses_base(terms)
     step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=config.train.grad_accum,
                               rules=setup.rules, with_base=with_base)
     sharding = batch_sharding(mesh, setup.rules)
