@@ -249,3 +249,15 @@ def test_dpo_continues_an_sft_workdirs_adapter_with_it_as_the_reference(pair_fil
     c.model.path, c.lora.rank = str(tmp_path / "sft"), 8
     with pytest.raises(ConfigError, match=r"config.lora.rank=8 differs from the adapter it continues in .* \(4\)"):
         run(c, tmp_path / "refused")
+
+
+def test_the_recipes_pairs_hold_the_same_object_in_two_key_orders(tmp_path, monkeypatch):
+    from ftjax.tasks import person_json, person_json_pairs
+
+    monkeypatch.setenv("FTJAX_CACHE", str(tmp_path))
+    train, held_out = person_json_pairs.files(n_train=20, n_eval=5)
+    records = [json.loads(line) for line in open(train)] + [json.loads(line) for line in open(held_out)]
+    assert len(records) == 25 and len({r["prompt"] for r in records}) == 25  # disjoint, distinct sentences
+    for r in records:
+        chosen, rejected = json.loads(r["chosen"]), json.loads(r["rejected"])
+        assert chosen == rejected and list(chosen) == sorted(chosen) and tuple(rejected) == person_json.KEYS
