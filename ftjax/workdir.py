@@ -22,7 +22,7 @@ from ftjax.checkpoint import Checkpoints
 from ftjax.config import default_config, flat_keys
 from ftjax.dtypes import cast_floats, frozen_dtype
 from ftjax.errors import ConfigError, LoadError
-from ftjax.interop.sources import load_pretrained, pretrained_config
+from ftjax.interop.sources import load_pretrained, pretrained_config, resolve
 from ftjax.lora import apply_lora, merged, trainable_filter
 from ftjax.models.registry import MODEL_CLASSES
 from ftjax.sharding import mesh_from_config, parse_rules, state_shardings
@@ -102,8 +102,15 @@ def _target(trainable: nnx.State, mesh: Mesh | None, rules: dict) -> nnx.State:
     return jax.tree.map(spec, trainable, shardings, is_leaf=is_var)
 
 
-def _base(config, mesh: Mesh | None) -> nnx.Module:
-    """The base as training built it; for full fine-tuning only its shapes (every weight is in the checkpoint)."""
+def _base(config, mesh: Mesh | None) -> tuple[nnx.Module, bool]:
+    """(The base as training built it, whether it holds the adapter the run continued); for full fine-tuning of a
+    pre-trained model only its shapes (every weight is in the checkpoint). A workdir base: `start_from`."""
+    if resolve(config.model.path)[0] == "workdir":
+        return start_from(config, mesh)
+    return _pretrained_base(config, mesh), False
+
+
+def _pretrained_base(config, mesh: Mesh | None) -> nnx.Module:
     if config.method != "full":
         return load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
                                rules=parse_rules(config.mesh.rules), attention=config.model.attention)
@@ -132,13 +139,15 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
     try:
         chosen = select_step(ckpt, step, workdir)
-        base = _base(config, mesh)
-        graphdef, trainable, frozen = nnx.split(_structure(config, base), trainable_filter(config.method), ...)
+        base, continued = _base(config, mesh)
+        structure = base if continued else _structure(config, base)  # a continued adapter is already attached
+        graphdef, trainable, frozen = nnx.split(structure, trainable_filter(config.method), ...)
         restored = ckpt.restore_trainable(chosen, _target(trainable, mesh, parse_rules(config.mesh.rules)))
     finally:
         ckpt.close()
     if config.method == "lora":
-        frozen = nnx.state(base)  # the real base weights, where `frozen` holds only their shapes
+        if not continued:  # a continued adapter's model holds the real base weights already
+            frozen = nnx.state(base)  # the real base weights, where `frozen` holds only their shapes
     elif jax.tree.leaves(frozen):
         raise LoadError(f"{workdir}: the model has state outside its parameters; a full fine-tuning checkpoint "
                         "does not hold it")

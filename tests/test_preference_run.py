@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ftjax import config as config_lib
+from ftjax.api import load_model
 from ftjax.checkpoint import Checkpoints
 from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
@@ -241,6 +242,11 @@ def test_dpo_continues_an_sft_workdirs_adapter_with_it_as_the_reference(pair_fil
     first = metrics(tmp_path / "dpo")[0]
     # the reference is the continued (trained, non-zero) adapter itself: policy = reference at the first step
     assert first["loss"] == float(np.float32(math.log(2))) and first["rewards/chosen"] == 0.0
+
+    ids = jnp.arange(1, 17)[None]  # the DPO workdir loads (over the SFT workdir it started from) and differs
+    dpo_logits, sft_logits = load_model(tmp_path / "dpo")(ids), load_model(tmp_path / "sft")(ids)
+    assert not np.allclose(np.asarray(dpo_logits), np.asarray(sft_logits), atol=1e-4)
+    assert np.allclose(np.asarray(load_model(tmp_path / "dpo")(ids)), np.asarray(dpo_logits), atol=0)
 
     c.model.path = sft.model.path  # the same pairs from the base with a fresh adapter: other log-probs
     run(c, tmp_path / "fresh")

@@ -36,7 +36,7 @@ from ftjax.train.eval_loss import eval_loss, make_eval_loss, make_terms_eval
 from ftjax.train.memory import check_fits
 from ftjax.train.periodic import Evaluate, LogMetrics, Meter, Progress, SaveCheckpoint, Tick
 from ftjax.train.preference import WITH_REFERENCE
-from ftjax.train.preference_term import held_out_accuracy, preference_config
+from ftjax.train.preference_term import held_out_metrics
 from ftjax.train.reference_cache import with_reference
 from ftjax.train.setup import build_state
 from ftjax.train.state import TrainState, state_size
@@ -156,7 +156,7 @@ def prepare(config, workdir: Path) -> Job:
     base_trainable = forget.base_copy(state) if keep_start else None
     evaluation, base = None, None
     if _evaluating(config):  # task scores, baselines and forgetting (ftjax.evaluation)
-        evaluation = Evaluation(config, tokenizer, workdir, preference=_held_out_pairs(config, data.eval))
+        evaluation = Evaluation(config, tokenizer, workdir, preference=held_out_metrics(config, data.eval))
         # LoRA: the base is the model with adapters detached (no copy); full: the step-0 copy
         base = nnx.merge(state.graphdef, base_trainable, state.frozen) if base_trainable is not None else None
     retain = forget.retain_data(config, tokenizer, workdir, state, base_trainable)
@@ -203,14 +203,6 @@ def prepare(config, workdir: Path) -> Job:
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     return job
-
-
-def _held_out_pairs(config, rows) -> Callable[[nnx.Module], dict] | None:
-    """model -> preference accuracy on the held-out pairs (the report's before / after), for preference objectives."""
-    if config.objective == "sft" or rows is None:
-        return None
-    cfg = preference_config(config)
-    return lambda model: held_out_accuracy(cfg, model, rows, config.train.batch_size, config.train.loss_chunk)
 
 
 def _check_resumable(config, workdir: Path) -> None:

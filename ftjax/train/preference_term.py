@@ -11,7 +11,7 @@ ORPO and SimPO take none.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -126,3 +126,12 @@ def held_out_accuracy(cfg: PreferenceConfig, model: nnx.Module, rows: PairRows, 
     chosen, rejected = logps.averaged() if cfg.objective in LENGTH_NORMALIZED else (logps.chosen, logps.rejected)
     return {"accuracy": float(np.mean(preference_accuracy(cfg, logps))),
             "margin": float(np.mean(np.asarray(chosen) - np.asarray(rejected))), "pairs": len(rows.pairs)}
+
+
+def held_out_metrics(config: Any, rows: PairRows | None) -> Callable[[nnx.Module], dict] | None:
+    """model -> `held_out_accuracy` on `rows` (the report's before / after) under a preference objective, else
+    None; what the loop and scripts/eval.py hand to `ftjax.evaluation.run.Evaluation`."""
+    if config.objective == "sft" or rows is None:
+        return None
+    cfg = preference_config(config)
+    return lambda model: held_out_accuracy(cfg, model, rows, config.train.batch_size, config.train.loss_chunk)
