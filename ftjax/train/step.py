@@ -11,7 +11,8 @@ pass per batch stream the terms read (the task batch, `batch["retain"]` for KL t
 model's pass where a term asks for it, then every batch term on those outputs; step terms (L2 to the base)
 are added once per step. `frozen` is the model's frozen part, or `Frozen(model, base)` with the step-0 copy
 of the trainable weights (full fine-tuning; LoRA's base is the same model with zeroed adapters).
-`metrics["loss"]` is the task cross-entropy; every other term's unweighted value and `loss_total` join it.
+`metrics["loss"]` is the objective's own term (the task cross-entropy, or the preference loss); every other
+term's unweighted value, a term's own metrics (TRL's rewards/* and logps/*) and `loss_total` join it.
 """
 
 from __future__ import annotations

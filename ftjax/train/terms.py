@@ -3,9 +3,11 @@
 A `BatchTerm` reads one forward pass over one micro-batch of one stream of the batch (the task batch itself,
 or a field of it such as `batch["retain"]`): the model (its head), the final hidden states, the micro-batch
 and, when it asks for it, the base model's pass over the same micro-batch. It returns Σ weight·value over
-the micro-batch's tokens; the step divides by the stream's total loss weight, so the micro-batches add up to
-a token-weighted mean over the global batch. A `StepTerm` does not read the batch (L2 to the base) and is
-added once per step. Each term's unweighted value is a metric under its name; `loss` is the task CE.
+the micro-batch's tokens (or pairs); the step divides by the term's normalizer of the global stream batch (its
+total loss weight, or its pair count for a preference loss), so the micro-batches add up to a mean over the
+global batch. A `StepTerm` does not read the batch (L2 to the base) and is
+added once per step. Each term's unweighted value is a metric under its name; `loss` is the objective's
+own term (the task CE, or the preference loss of `objective`).
 
 A new objective is one function returning a term plus one line in `loss_terms`.
 """
