@@ -18,7 +18,9 @@ from ftjax.api import load_model
 from ftjax.checkpoint import Checkpoints
 from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
+from ftjax.evaluation.shared_cache import base_content_id
 from ftjax.interop.sources import load_pretrained, pretrained_tokenizer
+from ftjax.provenance import base_identity
 from ftjax.sharding import make_mesh, mesh_from_config
 from ftjax.train import reference_cache
 from ftjax.train.loop import run
@@ -261,6 +263,12 @@ def test_dpo_continues_an_sft_workdirs_adapter_with_it_as_the_reference(pair_fil
     c.model.path = sft.model.path  # the same pairs from the base with a fresh adapter: other log-probs
     run(c, tmp_path / "fresh")
     assert metrics(tmp_path / "fresh")[0]["logps/chosen"] != pytest.approx(first["logps/chosen"], rel=1e-4)
+
+    sft_identity = base_identity(str(tmp_path / "sft"))  # a workdir base is pinned by its checkpoint files too
+    assert "config.json" in sft_identity["files"]
+    assert any(name.startswith("checkpoints/2/") for name in sft_identity["files"])
+    shared_key = base_content_id(str(tmp_path / "sft"), {})["files"]  # base replies cached per trained weights
+    assert any(name.startswith("checkpoints/2/") for name in shared_key)
 
     c.model.path, c.lora.rank = str(tmp_path / "sft"), 8
     with pytest.raises(ConfigError, match=r"config.lora.rank=8 differs from the adapter it continues in .* \(4\)"):
