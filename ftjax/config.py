@@ -31,6 +31,13 @@ def default_config() -> ml_collections.ConfigDict:
         remat="auto",  # auto | minimal (save projection outputs, recompute the rest) | none | full | dots
         attention="auto",  # auto | xla | cudnn | pallas_gpu | splash
     )
+    c.objective = "sft"  # sft | dpo | ipo | orpo | simpo (preference data: ftjax/data/preference.py)
+    c.pref = dict(
+        beta=0.1,  # DPO / IPO / ORPO / SimPO temperature (TRL's beta)
+        label_smoothing=0.0,  # robust DPO (TRL loss_type="robust") and SimPO: label noise eps in [0, 0.5)
+        gamma=0.5,  # SimPO's target reward margin
+        sft_weight=0.0,  # weight of a cross-entropy term on the chosen reply (ORPO has its own built in)
+    )
     c.lora = dict(rank=16, alpha=32.0, dropout=0.0, targets=LORA_TARGETS, rslora=False)
     c.data = dict(
         train=config_dict.placeholder(str),
@@ -139,6 +146,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # (tests/test_configs.py holds the tables to that); `validate` also checks the keys that depend on each other.
 _CHOICES = {
     "method": ("lora", "full"),
+    "objective": ("sft", "dpo", "ipo", "orpo", "simpo"),
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": ("minimal", "none", "full", "dots"),
@@ -198,6 +206,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "forget.replay_samples": _AT_LEAST_1,
     "forget.kl_weight": _AT_LEAST_0,
     "forget.l2_weight": _AT_LEAST_0,
+    "pref.beta": _POSITIVE,
+    "pref.label_smoothing": (lambda v: 0.0 <= v < 0.5, "be in [0, 0.5)"),
+    "pref.gamma": _AT_LEAST_0,
+    "pref.sft_weight": _AT_LEAST_0,
 }
 
 # Any value of the key's type (the locked ConfigDict checks types): paths and names, checked where they are
@@ -254,4 +266,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.forget.l2_weight > 0 and c.method != "full":
         raise ConfigError("config.forget.l2_weight applies to method=full (W - W_base); with LoRA use "
                           "forget.kl_weight or forget.replay_fraction")
+    if c.pref.sft_weight and c.objective == "orpo":
+        raise ConfigError("config.pref.sft_weight does not apply to objective=orpo: its NLL term on the chosen reply "
+                          "is built in")
+    if c.pref.label_smoothing and c.objective not in ("dpo", "simpo"):
+        raise ConfigError(f"config.pref.label_smoothing applies to objective=dpo (robust DPO) or simpo, not "
+                          f"{c.objective}")
+    if c.objective != "sft" and c.forget.replay_fraction:
+        raise ConfigError(f"config.forget.replay_fraction mixes SFT examples into the data; objective={c.objective} "
+                          "trains on preference pairs (use forget.kl_weight)")
     return c

@@ -37,6 +37,9 @@ def base_identity(path_or_name: str) -> dict[str, Any]:
         return {"path": str(path_or_name), "files": {}}
     if kind == "gguf":
         return {"path": str(path), "files": {path.name: _file_id(path, HEADER_BYTES)}}
+    if kind == "workdir":  # a run started from another run (SFT, then DPO): its config and checkpoint files
+        files = [path / "config.json", *sorted(f for f in (path / "checkpoints").rglob("*") if f.is_file())]
+        return {"path": str(path), "files": {str(f.relative_to(path)): _file_id(f, HEADER_BYTES) for f in files}}
     files = {}
     for f in sorted(path.iterdir()):
         if f.suffix == ".safetensors":

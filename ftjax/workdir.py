@@ -23,8 +23,8 @@ from ftjax.config import default_config, flat_keys
 from ftjax.dtypes import cast_floats, frozen_dtype
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.quantized_base import from_config as frozen_quant
-from ftjax.interop.sources import load_pretrained, pretrained_config
-from ftjax.lora import apply_lora, trainable_filter
+from ftjax.interop.sources import load_pretrained, pretrained_config, resolve
+from ftjax.lora import apply_lora, merged, trainable_filter
 from ftjax.models.registry import MODEL_CLASSES
 from ftjax.sharding import mesh_from_config, parse_rules, state_shardings
 
@@ -103,8 +103,16 @@ def _target(trainable: nnx.State, mesh: Mesh | None, rules: dict) -> nnx.State:
     return jax.tree.map(spec, trainable, shardings, is_leaf=is_var)
 
 
-def _base(config, mesh: Mesh | None) -> nnx.Module:
-    """The base as training built it (quantized as it was); for full fine-tuning only its shapes (every weight is in the checkpoint)."""
+def _base(config, mesh: Mesh | None) -> tuple[nnx.Module, bool]:
+    """(The base as training built it, quantized as it was, whether it holds the adapter the run continued); for
+    full fine-tuning of a pre-trained model only its shapes (every weight is in the checkpoint). A workdir base:
+    `start_from`."""
+    if resolve(config.model.path)[0] == "workdir":
+        return start_from(config, mesh)
+    return _pretrained_base(config, mesh), False
+
+
+def _pretrained_base(config, mesh: Mesh | None) -> nnx.Module:
     if config.method != "full":
         return load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
                                rules=parse_rules(config.mesh.rules), attention=config.model.attention,
@@ -134,16 +142,38 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
     try:
         chosen = select_step(ckpt, step, workdir)
-        base = _base(config, mesh)
-        graphdef, trainable, frozen = nnx.split(_structure(config, base), trainable_filter(config.method), ...)
+        base, continued = _base(config, mesh)
+        structure = base if continued else _structure(config, base)  # a continued adapter is already attached
+        graphdef, trainable, frozen = nnx.split(structure, trainable_filter(config.method), ...)
         restored = ckpt.restore_trainable(chosen, _target(trainable, mesh, parse_rules(config.mesh.rules)))
     finally:
         ckpt.close()
     if config.method == "lora":
-        frozen = nnx.state(base)  # the real base weights, where `frozen` holds only their shapes
+        if not continued:  # a continued adapter's model holds the real base weights already
+            frozen = nnx.state(base)  # the real base weights, where `frozen` holds only their shapes
     elif jax.tree.leaves(frozen):
         raise LoadError(f"{workdir}: the model has state outside its parameters; a full fine-tuning checkpoint "
                         "does not hold it")
     if jax.process_index() == 0:
         print(f"{workdir}: checkpoint step {chosen} ({'best' if step is None else step})", flush=True)
     return TrainedRun(config, nnx.merge(graphdef, restored, cast_floats(frozen, frozen_dtype(config))), chosen)
+
+
+CONTINUED_KEYS = ("model.dtype", "model.param_dtype", "lora.rank", "lora.alpha", "lora.targets", "lora.rslora",
+                  "lora.dropout", "train.frozen_quant", "train.frozen_quant_scope")
+
+
+def start_from(config, mesh: Mesh | None = None) -> tuple[nnx.Module, bool]:
+    """(model, continues its adapter) for a run whose `model.path` is a training workdir (SFT, then DPO): its
+    best checkpoint. LoRA on a LoRA workdir continues that adapter (its lora.* and dtypes must be the same); full
+    fine-tuning of a LoRA workdir starts from the merged weights; a full workdir's weights are the new base."""
+    run = load_trained(config.model.path, mesh=mesh)
+    if run.config.method == "lora" and config.method == "lora":
+        for key in CONTINUED_KEYS:
+            group, leaf = key.split(".")
+            was, now = run.config[group][leaf], config[group][leaf]
+            if was != now:
+                raise ConfigError(f"config.{key}={now!r} differs from the adapter it continues in "
+                                  f"{config.model.path} ({was!r}); set it to that value or start from a merged export")
+        return run.model, True
+    return (merged(run.model) if run.config.method == "lora" else run.model), False

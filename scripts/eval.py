@@ -66,9 +66,19 @@ def main(argv):
     else:
         run = load_trained(FLAGS.workdir, FLAGS.step, mesh=mesh)  # the loader export and load_model use
         model, step = run.model, run.step
-        base = load_model(config.model.path, **kw) if run.config.method == "full" else None  # LoRA: adapters off
+        from ftjax.interop.sources import resolve
+
+        # LoRA: adapters off; an adapter continued from a workdir (SFT then DPO): that workdir's model
+        started = run.config.method == "full" or resolve(config.model.path)[0] == "workdir"
+        base = load_model(config.model.path, **kw) if started else None
     tokenizer = load_tokenizer(config.model.path)
-    Evaluation(config, tokenizer, FLAGS.workdir).report(
+    preference = None
+    if config.objective != "sft":  # held-out preference pairs: accuracy of the base and the tuned model
+        from ftjax.data.preference_build import build_preference_datasets
+        from ftjax.train.preference_term import held_out_metrics
+
+        preference = held_out_metrics(config, build_preference_datasets(config, tokenizer).eval)
+    Evaluation(config, tokenizer, FLAGS.workdir, preference=preference).report(
         model, base, step, extra_meta={"evaluated": FLAGS.model or f"{FLAGS.workdir} step {step}"})
 
 

@@ -27,3 +27,21 @@ def pair_rows(pairs, seq_len: int, packed: bool) -> dict:
                 out["loss_weights"][r, pos + len(prompt) - 1:pos + n] = 1.0 - half
                 pos += n
     return {k: jnp.asarray(v) for k, v in out.items()}
+
+
+def write_pairs(folder, n_train: int = 16, n_eval: int = 8, seed: int = 0) -> tuple[str, str]:
+    """(train.jsonl, eval.jsonl) of generated sums in TRL's standard preference format: the right sum is chosen,
+    a wrong one rejected."""
+    import json
+    import random
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    paths = (Path(folder) / "pairs_train.jsonl", Path(folder) / "pairs_eval.jsonl")
+    for path, n in zip(paths, (n_train, n_eval)):
+        with open(path, "w") as f:
+            for _ in range(n):
+                a, b = rng.randint(1, 50), rng.randint(1, 50)
+                wrong = a + b + rng.choice([-1, 1]) * rng.randint(1, 9)
+                f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(wrong)}) + "\n")
+    return str(paths[0]), str(paths[1])

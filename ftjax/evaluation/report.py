@@ -9,6 +9,7 @@ report.json is nested JSON whose dotted paths are the contract (DESIGN.md):
     samples.{base,prompted,finetuned}: {prompt, expected, reply, scores}; samples.qa: [{question, answer,
         base, finetuned}]
     meta: {step, model, method, metric, few_shot, task_examples, retain_prompts, retain_tokens, qa_questions}
+    preference.{base,finetuned}.{accuracy, margin, pairs}   (preference objectives: held-out pairs)
 
 `task` and `forgetting` hold only those entries (a value is null where it was not measured), so a
 dashboard may read every `task.<which>.<name>` as a number.
@@ -75,6 +76,15 @@ def _forget_rows(report: dict) -> list[list[str]]:
             ["general QA accuracy", _fmt(f.get("qa_accuracy_base"), True), _fmt(f.get("qa_accuracy_finetuned"), True)]]
 
 
+def _preference_rows(report: dict) -> list[list[str]]:
+    p = report.get("preference") or {}
+    n = (p.get("finetuned") or p.get("base") or {}).get("pairs")
+    return [[f"preference accuracy ({n} held-out pairs)", _fmt(p.get("base", {}).get("accuracy"), True),
+             _fmt(p.get("finetuned", {}).get("accuracy"), True)],
+            ["mean log-prob margin, chosen - rejected", _fmt(p.get("base", {}).get("margin")),
+             _fmt(p.get("finetuned", {}).get("margin"))]]
+
+
 def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
@@ -89,6 +99,9 @@ def format_tables(report: dict, markdown: bool = False) -> str:
     k = report.get("meta", {}).get("few_shot", "k")
     task = _table(["task", "base (0-shot)", f"base ({k}-shot)", "fine-tuned"], _task_rows(report), markdown)
     forget = _table(["general behaviour", "base", "fine-tuned"], _forget_rows(report), markdown)
+    if report.get("preference"):
+        pref = _table(["preference", "base", "fine-tuned"], _preference_rows(report), markdown)
+        return f"{pref}\n\n{forget}"  # a preference objective has no generation task
     return f"{task}\n\n{forget}"
 
 
@@ -141,11 +154,18 @@ def _base_note(meta: dict) -> list[str]:
             "columns and the forgetting figures compare with that quantized base, not the full-precision one.", ""]
 
 
+def _evaluated(report: dict) -> str:
+    """What the before / after comparison is on: the task metric's eval examples, or held-out preference pairs."""
+    meta = report.get("meta", {})
+    if report.get("preference"):
+        return f"objective `{meta.get('objective', '?')}`, preference accuracy on held-out pairs"
+    return f"task metric `{meta.get('metric')}` on {meta.get('task_examples', '?')} eval examples"
+
+
 def _markdown(report: dict) -> str:
     meta = report.get("meta", {})
     out = [f"# Fine-tuning report (step {meta.get('step', '?')})", "",
-           f"Model `{meta.get('model', '?')}`, method `{meta.get('method', '?')}`; task metric `{meta.get('metric')}` on "
-           f"{meta.get('task_examples', '?')} eval examples; retain set: {meta.get('retain_prompts', '?')} prompts "
+           f"Model `{meta.get('model', '?')}`, method `{meta.get('method', '?')}`; " + _evaluated(report) + "; retain set: {meta.get('retain_prompts', '?')} prompts "
            f"({meta.get('retain_tokens', '?')} reply tokens) with {meta.get('qa_questions', '?')} known answers.", "",
            *_base_note(meta), *_settings(meta), format_tables(report, markdown=True), "", "## Sample replies", ""]
     for which, s in report.get("samples", {}).items():
@@ -184,10 +204,12 @@ def write_report(workdir: str | os.PathLike, report: dict, *, echo: bool = True)
 
 
 def build_report(task: dict[str, Any], forgetting: Any = None, base_replies: Any = None, *,
-                 meta: dict | None = None) -> dict:
+                 meta: dict | None = None, preference: dict | None = None) -> dict:
     """The report from `TaskResult`s by model name ("base", "prompted", "finetuned") and a `ForgettingResult`
     (with the `BaseReplies` it was measured on, for counts and QA samples)."""
     report: dict[str, Any] = {"task": {}, "forgetting": {}, "samples": {}, "meta": dict(meta or {})}
+    if preference is not None:
+        report["preference"] = preference
     for which in MODELS:
         result = task.get(which)
         if result is None:

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flax import nnx
 
@@ -72,12 +72,16 @@ def _quant_scope(c: Any) -> str:
 class Evaluation:
     """Task generation scores, baselines and forgetting metrics for one run (see the module docstring)."""
 
-    def __init__(self, config: Any, tokenizer: Any, workdir: str | os.PathLike, *, write: bool | None = None):
+    def __init__(self, config: Any, tokenizer: Any, workdir: str | os.PathLike, *, write: bool | None = None,
+                 preference: Callable[[nnx.Module], dict] | None = None):
+        """`preference`: model -> its metrics on held-out preference pairs (accuracy, margin), reported for the
+        base and the tuned model; a preference objective's eval data are pairs, not generation examples."""
         self.config, self.tokenizer, self.workdir = config, tokenizer, Path(workdir)
+        self.preference = preference
         self.write = _process_zero() if write is None else write
         d = config.data
         fields = Fields(d.messages_field, d.prompt_field, d.completion_field, d.text_field)
-        self.records = load_records(d.eval, fields) if d.eval else []
+        self.records = load_records(d.eval, fields) if d.eval and config.objective == "sft" else []
         self.shots = []
         if self.records and config.eval.few_shot > 0 and d.train:
             first = parse_sources(d.train)[0].path  # the task's own data, never the replay file
@@ -186,7 +190,8 @@ class Evaluation:
         task = self._task(model) if self.has_task else None
         forget = forgetting_metrics(model, base, self.tokenizer, replies)
         self._tracked = (step, task, forget)
-        return tracking_metrics(task, forget)
+        pref = {"pref_accuracy": self.preference(model)["accuracy"]} if self.preference else {}
+        return {**tracking_metrics(task, forget), **pref}
 
     def report(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1, *,
                extra_meta: dict | None = None) -> dict:
@@ -199,6 +204,10 @@ class Evaluation:
             task = self._task(model, which="fine-tuned model") if self.has_task else None
             with _phase("forgetting metrics"):
                 forget = forgetting_metrics(model, base, self.tokenizer, replies)
+        preference = None
+        if self.preference is not None:
+            with _phase("preference accuracy on held-out pairs, base and fine-tuned"):
+                preference = {"base": self.preference(base), "finetuned": self.preference(model)}
         results = dict(self.baselines(base))
         if task is not None:
             results["finetuned"] = task
@@ -207,13 +216,14 @@ class Evaluation:
                "lora_rank": c.lora.rank if c.method == "lora" else None}
         extra = dict(extra_meta or {})
         run.update(extra.pop("run", {}))  # e.g. wall_s from the loop
-        meta = {"step": step, "model": c.model.path, "method": c.method, "metric": c.eval.metric,
+        meta = {"step": step, "model": c.model.path, "method": c.method, "objective": c.objective,
+                "metric": c.eval.metric,
                 "few_shot": len(self.shots), "run": run, **extra}
         if c.train.frozen_quant != "none":  # "base" is the model as trained against: the quantized one
             where = ("every linear but the head" if c.train.frozen_quant_scope == "all_linears"
                      else f"the LoRA targets {c.lora.targets}")
             meta["base_quant"] = f"{c.train.frozen_quant} on {where}"
-        report = build_report(results, forget, replies, meta=meta)
+        report = build_report(results, forget, replies, meta=meta, preference=preference)
         if self.write:
             write_report(self.workdir, report)
             points = [base_point(results.get("base"), forget)]

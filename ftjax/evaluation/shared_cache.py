@@ -55,6 +55,9 @@ def base_content_id(model_path: str, dtypes: dict[str, Any]) -> dict[str, Any]:
     path = Path(model_path).expanduser()
     if path.is_file():
         files = {path.name: content_hash(path)}
+    elif (path / "checkpoints").is_dir():  # a training workdir as the base (SFT, then DPO): its trained weights
+        found = [path / "config.json", *(f for f in (path / "checkpoints").rglob("*") if f.is_file())]
+        files = {str(f.relative_to(path)): content_hash(f) for f in sorted(found)}
     elif path.is_dir():
         files = {f.name: content_hash(f) for f in sorted(path.iterdir()) if f.is_file() and f.suffix in _MODEL_SUFFIXES}
     else:  # a built-in name (the tiny random model): its weights follow from the name

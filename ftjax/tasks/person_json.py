@@ -99,17 +99,22 @@ def files(n_train: int = 3000, n_eval: int = 200, seed: int = 0) -> tuple[str, s
     The cache is $FTJAX_CACHE (default ~/.cache/ftjax); writes are atomic, so concurrent
     processes of a multi-host run can all call this.
     """
+    return cached_splits(f"person_json-{n_train}-{n_eval}-{seed}", lambda: split(n_train, n_eval, seed))
+
+
+def cached_splits(name: str, make) -> tuple[str, str]:
+    """(train.jsonl, eval.jsonl) under $FTJAX_CACHE/name: `make()`'s (train, eval) records, written once (atomic)."""
     import os
     import tempfile
     from pathlib import Path
 
     root = Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax"))
-    folder = root / f"person_json-{n_train}-{n_eval}-{seed}"
+    folder = root / name
     paths = (folder / "train.jsonl", folder / "eval.jsonl")
     if all(p.exists() for p in paths):
         return str(paths[0]), str(paths[1])
     folder.mkdir(parents=True, exist_ok=True)
-    for path, records in zip(paths, split(n_train, n_eval, seed)):
+    for path, records in zip(paths, make()):
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)

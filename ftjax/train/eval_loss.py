@@ -9,6 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.train.loss import chunked_cross_entropy
+from ftjax.train.regularizers import lora_base_trainable
+from ftjax.train.terms import BatchTerm, Forward, total_weight
 
 
 def make_eval_loss(graphdef: nnx.GraphDef, loss_chunk: int = 512):
@@ -23,10 +25,33 @@ def make_eval_loss(graphdef: nnx.GraphDef, loss_chunk: int = 512):
     return sums
 
 
-def eval_loss(sums_fn, trainable, frozen, batches: Iterable[dict]) -> float:
-    """Mean CE per trained token over all batches (one host fetch at the end)."""
-    total, weight = jnp.zeros(()), jnp.zeros(())
+def eval_loss(sums_fn, trainable, frozen, batches: Iterable[dict], weights=1.0) -> float:
+    """Mean CE per trained token over all batches (one host fetch at the end); with several terms' sums
+    (`make_terms_eval`), Σ weight · each term's mean."""
+    total, weight = 0.0, 0.0
     for batch in batches:
         s, w = sums_fn(trainable, frozen, batch)
         total, weight = total + s, weight + w
-    return float(total / jnp.maximum(weight, 1.0))
+    return float(jnp.sum(jnp.asarray(weights) * (total / jnp.maximum(weight, 1.0))))
+
+
+def make_terms_eval(graphdef: nnx.GraphDef, terms: list[BatchTerm]):
+    """jit((trainable, frozen: Frozen, batch) -> ([Σ value], [Σ normalizer]) per term): the eval loss of an
+    objective other than the CE alone (a preference loss on held-out pairs, with its NLL term), each term read
+    exactly as the train step reads it; `eval_loss(..., weights=[term weights])` combines them."""
+
+    @jax.jit
+    def sums(trainable, frozen, batch):
+        model = nnx.merge(graphdef, trainable, frozen.model)
+        args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
+        base = None
+        if any(t.reads_base for t in terms):  # the base copy where kept, else LoRA's zero adapters (no copy)
+            base_trainable = frozen.base if frozen.base is not None else lora_base_trainable(trainable)
+            base_model = nnx.merge(graphdef, base_trainable, frozen.model)
+            base = Forward(base_model, base_model.hidden(*args), batch)
+        forward = Forward(model, model.hidden(*args), batch, base)
+        outs = [t.fn(forward) for t in terms]
+        values = [o[0] if t.metrics else o for t, o in zip(terms, outs)]
+        return jnp.stack(values), jnp.stack([(t.normalizer or total_weight)(batch) for t in terms])
+
+    return sums

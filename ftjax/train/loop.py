@@ -25,19 +25,23 @@ from ftjax import metrics as metrics_lib
 from ftjax import stop
 from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
+from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
 from ftjax.evaluation.run import Evaluation
 from ftjax.provenance import base_identity, check_resume_config, check_same
 from ftjax.sharding import batch_sharding, batch_shards, mesh_from_config, parse_rules
 from ftjax.train import forget
 from ftjax.train.early_stop import EarlyStop
-from ftjax.train.eval_loss import eval_loss, make_eval_loss
+from ftjax.train.eval_loss import eval_loss, make_eval_loss, make_terms_eval
 from ftjax.train.memory import check_fits
 from ftjax.train.periodic import Evaluate, LogMetrics, Meter, Progress, SaveCheckpoint, Tick
+from ftjax.train.preference import WITH_REFERENCE
+from ftjax.train.preference_term import held_out_metrics
+from ftjax.train.reference_cache import with_reference
 from ftjax.train.setup import build_state
 from ftjax.train.state import TrainState, state_size
 from ftjax.train.step import Frozen, TrainStep, make_train_step
-from ftjax.train.terms import loss_terms, uses_base
+from ftjax.train.terms import TASK, loss_terms, uses_base
 
 
 def _evaluating(config) -> bool:
@@ -135,7 +139,8 @@ def prepare(config, workdir: Path) -> Job:
     check_batch_fits(config.train.batch_size, config.train.grad_accum, mesh, rules)
     tokenizer = load_tokenizer(config.model.path)
     model_cfg = model_config(config.model.path)
-    data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size)
+    build = data_lib.build_datasets if config.objective == "sft" else build_preference_datasets
+    data = build(config, tokenizer, vocab_size=model_cfg.vocab_size)  # preference pairs for DPO, IPO, ...
     if not config.forget.replay_fraction:
         _say(data.summary.format())
     _say(check_fits(config, model_cfg, mesh))  # stops here, before loading or compiling, if it cannot fit
@@ -146,19 +151,24 @@ def prepare(config, workdir: Path) -> Job:
     _say(f"{config.method}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}")
 
     # Forgetting control: the step-0 copy (full fine-tuning), then the control data (base replies, cached).
-    base_trainable = forget.base_copy(state) if forget.wants_base_copy(config, _evaluating(config)) else None
+    # ... and a continued adapter's starting copy (megabytes): DPO's reference and the report's base
+    keep_start = forget.wants_base_copy(config, _evaluating(config)) or setup.continues_adapter
+    base_trainable = forget.base_copy(state) if keep_start else None
     evaluation, base = None, None
     if _evaluating(config):  # task scores, baselines and forgetting (ftjax.evaluation)
-        evaluation = Evaluation(config, tokenizer, workdir)
+        evaluation = Evaluation(config, tokenizer, workdir, preference=held_out_metrics(config, data.eval))
         # LoRA: the base is the model with adapters detached (no copy); full: the step-0 copy
-        base = nnx.merge(state.graphdef, base_trainable, state.frozen) if config.method == "full" else None
+        base = nnx.merge(state.graphdef, base_trainable, state.frozen) if base_trainable is not None else None
     retain = forget.retain_data(config, tokenizer, workdir, state, base_trainable)
     if config.forget.replay_fraction:
         data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size,
                                        replay=(retain.replay_path, config.forget.replay_fraction))
         _say(data.summary.format())
     terms = loss_terms(config)
-    with_base = config.method == "full" and uses_base(terms)  # LoRA's base: its adapters zeroed, no copy
+    if config.method == "full" and config.objective in WITH_REFERENCE:  # the reference's log-probs, cached
+        data = with_reference(config, workdir, tokenizer, state.model(), data, _say)
+    # LoRA's base: its adapters zeroed (no copy), or the continued adapter's starting copy
+    with_base = (config.method == "full" or setup.continues_adapter) and uses_base(terms)
     step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=config.train.grad_accum,
                               rules=setup.rules, with_base=with_base)
     sharding = batch_sharding(mesh, setup.rules)
@@ -170,16 +180,22 @@ def prepare(config, workdir: Path) -> Job:
     keep_best = config.checkpoint.keep_best and data.eval is not None
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, keep_best=keep_best)
 
+    frozen = Frozen(state.frozen, base_trainable if with_base else None)
     run_eval = None
-    if data.eval is not None:
-        sums_fn = make_eval_loss(state.graphdef, config.train.loss_chunk)
+    if data.eval is not None:  # the objective on held-out data: the CE, or the preference loss on held-out pairs
+        sft = config.objective == "sft"
+        task_terms = [t for t in step_fn.batch_terms if t.stream == TASK]
+        sums_fn = make_eval_loss(state.graphdef, config.train.loss_chunk) if sft else make_terms_eval(
+            state.graphdef, task_terms)
 
         def run_eval(trainable) -> float:
             batches = data_lib.eval_iterator(data.eval, config.train.batch_size, sharding=sharding)
-            return eval_loss(sums_fn, trainable, state.frozen, batches)
+            if sft:
+                return eval_loss(sums_fn, trainable, state.frozen, batches)
+            return eval_loss(sums_fn, trainable, frozen, batches, [t.weight for t in task_terms])
 
     lora_params = n_trainable if config.method == "lora" else 0
-    job = Job(config, workdir, state, step_fn, Frozen(state.frozen, base_trainable if with_base else None), batches,
+    job = Job(config, workdir, state, step_fn, frozen, batches,
               ckpt, keep_best, provenance, state.trainable, state.opt_state, 0,
               EarlyStop(config.train.early_stop_patience), False, run_eval, evaluation, base,
               metrics_lib.flops_per_token(model_cfg, config.data.seq_len, config.method, lora_params))
@@ -237,7 +253,7 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
         _say(f"compiled the train step in {compile_s:.1f} s")
     peak, _ = metrics_lib.peak_flops(c.model.dtype)
     meter = Meter(c.train.batch_size * c.data.seq_len, job.flops_per_token, peak * jax.device_count(),
-                  c.train.max_consecutive_skips, [t.name for t in job.step_fn.terms])
+                  c.train.max_consecutive_skips, job.step_fn.metric_names)
     main = jax.process_index() == 0
     log = LogMetrics(c.train.log_every, meter, metrics_lib.MetricsWriter(job.workdir, enabled=main),
                      Progress(job.start, c.train.steps, main))

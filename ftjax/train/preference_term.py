@@ -10,7 +10,8 @@ ORPO and SimPO take none.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,9 @@ import numpy as np
 from flax import nnx
 
 from ftjax.data.pair_rows import PairRows
-from ftjax.train.preference import PreferenceConfig, ReplyLogps, pair_losses, pair_sums
-from ftjax.train.reply_logps import model_pair_logps, pair_logps
+from ftjax.train.preference import (LENGTH_NORMALIZED, PreferenceConfig, ReplyLogps, pair_losses, pair_sums,
+                                    preference_accuracy)
+from ftjax.train.reply_logps import head_pair_logps, model_pair_logps, pair_logps
 
 
 def reference_pair_logps(graphdef: nnx.GraphDef, reference_trainable: Any, frozen: Any, batch: dict,
@@ -28,6 +30,34 @@ def reference_pair_logps(graphdef: nnx.GraphDef, reference_trainable: Any, froze
     model = nnx.merge(graphdef, jax.lax.stop_gradient(reference_trainable), frozen)
     logps, _ = model_pair_logps(model, batch, max_pairs, chunk)
     return jax.tree.map(jax.lax.stop_gradient, logps)
+
+
+def preference_config(config) -> PreferenceConfig:
+    """The run config's objective and `pref.*` as a PreferenceConfig."""
+    p = config.pref
+    return PreferenceConfig(config.objective, float(p.beta), float(p.label_smoothing), float(p.gamma))
+
+
+def max_pairs_of(seq_len: int) -> int:
+    """Pair slots per row the step reserves: a row of `seq_len` positions holds at most this many pairs (each
+    half takes at least one position), so the static bound needs no look at the data."""
+    return max(1, (int(seq_len) + 1) // 2)
+
+
+def forward_sums(cfg: PreferenceConfig, forward: Any, max_pairs: int, chunk: int, reference: str | None
+                 ) -> dict[str, jax.Array]:
+    """`pair_sums` from the train step's pass (`ftjax.train.terms.Forward`): policy log-probs from its hidden
+    states; the reference from the base pass (`reference="base"`), the batch's cached `ref_logps` ("cache"),
+    or none (ORPO, SimPO)."""
+    policy, valid = head_pair_logps(forward.model, forward.hidden, forward.batch, max_pairs, chunk)
+    ref = None
+    if reference == "base":
+        base = forward.base
+        ref = jax.tree.map(jax.lax.stop_gradient, head_pair_logps(
+            base.model, jax.lax.stop_gradient(base.hidden), forward.batch, max_pairs, chunk)[0])
+    elif reference == "cache":
+        ref = batch_reference(forward.batch, max_pairs)
+    return pair_sums(pair_losses(cfg, policy, ref), valid)
 
 
 def preference_sums(cfg: PreferenceConfig, model: nnx.Module, batch: dict, max_pairs: int, chunk: int = 512, *,
@@ -52,23 +82,56 @@ def batch_reference(batch: dict, max_pairs: int) -> ReplyLogps:
     return jax.tree.map(jax.lax.stop_gradient, logps)
 
 
-def pair_reference_logps(model: nnx.Module, rows: PairRows, batch_size: int, chunk: int = 512) -> np.ndarray:
-    """One pass of `model` (the reference) over every row: [pairs, 2] summed log-probs (chosen, rejected) per
-    pair, indexed as `rows.pairs`, for `rows.with_reference` (full fine-tuning: computed once, then cached)."""
-    graphdef, state = nnx.split(model)
-    max_pairs = rows.max_pairs
+@functools.lru_cache(maxsize=8)
+def _pass_fn(graphdef: nnx.GraphDef, max_pairs: int, chunk: int):
+    """The jitted pass of one model structure (compiled once per structure and batch shape, not per call)."""
 
     @jax.jit
     def run(state, batch):
         logps, _ = model_pair_logps(nnx.merge(graphdef, state), batch, max_pairs, chunk)
-        return jnp.stack([logps.chosen, logps.rejected], axis=-1)
+        return jnp.stack(list(logps), axis=-1)
 
-    out = np.zeros((len(rows.pairs), 2), np.float32)
+    return run
+
+
+def pass_pair_logps(model: nnx.Module, rows: PairRows, batch_size: int, chunk: int = 512) -> ReplyLogps:
+    """One pass of `model` (no dropout) over every row: per pair, indexed as `rows.pairs`, the summed log-probs
+    and token counts of the chosen and the rejected reply (numpy [pairs] each)."""
+    graphdef, state = nnx.split(model)
+    max_pairs = rows.max_pairs
+    run = _pass_fn(graphdef, max_pairs, chunk)
+    out = np.zeros((len(rows.pairs), 4), np.float32)
     for lo in range(0, len(rows), batch_size):
         ids = np.arange(lo, lo + batch_size)
         batch = rows.batch(np.where(ids < len(rows), ids, -1))  # a fixed shape: one compile
-        got = np.asarray(run(state, {k: jnp.asarray(v) for k, v in batch.items()})).reshape(batch_size, max_pairs, 2)
+        got = np.asarray(run(state, {k: jnp.asarray(v) for k, v in batch.items()})).reshape(batch_size, max_pairs, 4)
         for j, r in enumerate(ids[ids < len(rows)]):
             items = rows.row_items(int(r))
             out[items] = got[j, :len(items)]
-    return out
+    return ReplyLogps(*out.T)
+
+
+def pair_reference_logps(model: nnx.Module, rows: PairRows, batch_size: int, chunk: int = 512) -> np.ndarray:
+    """[pairs, 2] summed log-probs (chosen, rejected) of `model` (the reference), indexed as `rows.pairs`, for
+    `rows.with_reference` (full fine-tuning: computed once, then cached)."""
+    logps = pass_pair_logps(model, rows, batch_size, chunk)
+    return np.stack([logps.chosen, logps.rejected], axis=-1)
+
+
+def held_out_accuracy(cfg: PreferenceConfig, model: nnx.Module, rows: PairRows, batch_size: int,
+                      chunk: int = 512) -> dict[str, float]:
+    """Preference accuracy on held-out pairs (`preference_accuracy`: the share whose chosen reply has the higher
+    log-prob, length-normalized for IPO / SimPO / ORPO), and the mean margin it compares."""
+    logps = pass_pair_logps(model, rows, batch_size, chunk)
+    chosen, rejected = logps.averaged() if cfg.objective in LENGTH_NORMALIZED else (logps.chosen, logps.rejected)
+    return {"accuracy": float(np.mean(preference_accuracy(cfg, logps))),
+            "margin": float(np.mean(np.asarray(chosen) - np.asarray(rejected))), "pairs": len(rows.pairs)}
+
+
+def held_out_metrics(config: Any, rows: PairRows | None) -> Callable[[nnx.Module], dict] | None:
+    """model -> `held_out_accuracy` on `rows` (the report's before / after) under a preference objective, else
+    None; what the loop and scripts/eval.py hand to `ftjax.evaluation.run.Evaluation`."""
+    if config.objective == "sft" or rows is None:
+        return None
+    cfg = preference_config(config)
+    return lambda model: held_out_accuracy(cfg, model, rows, config.train.batch_size, config.train.loss_chunk)

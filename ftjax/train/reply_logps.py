@@ -127,6 +127,12 @@ def model_pair_logps(model, batch: dict, max_pairs: int, chunk: int = 512, *, rn
     """`pair_logps` of a Llama-style model (`hidden` + `head_weight`) on a preference batch (its input_ids,
     positions, segment_ids, targets and reply_ids)."""
     h = model.hidden(batch["input_ids"], batch["positions"], batch["segment_ids"], rng=rng)
+    return head_pair_logps(model, h, batch, max_pairs, chunk)
+
+
+def head_pair_logps(model, h: jax.Array, batch: dict, max_pairs: int, chunk: int = 512
+                    ) -> tuple[ReplyLogps, jax.Array]:
+    """`pair_logps` from final hidden states `h` [B, T, D] already computed (the train step's forward pass)."""
     w, vocab_major = model.head_weight()
     logp = token_logps(h.astype(w.dtype), w, batch["targets"], chunk, vocab_major=vocab_major)
     return pair_logps(logp, batch["reply_ids"], max_pairs)

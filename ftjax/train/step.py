@@ -11,7 +11,8 @@ pass per batch stream the terms read (the task batch, `batch["retain"]` for KL t
 model's pass where a term asks for it, then every batch term on those outputs; step terms (L2 to the base)
 are added once per step. `frozen` is the model's frozen part, or `Frozen(model, base)` with the step-0 copy
 of the trainable weights (full fine-tuning; LoRA's base is the same model with zeroed adapters).
-`metrics["loss"]` is the task cross-entropy; every other term's unweighted value and `loss_total` join it.
+`metrics["loss"]` is the objective's own term (the task cross-entropy, or the preference loss); every other
+term's unweighted value, a term's own metrics (TRL's rewards/* and logps/*) and `loss_total` join it.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ftjax.data.packing import BATCH_KEYS
+from ftjax.data.packing import BATCH_KEYS, PAIR_KEYS
 from ftjax.errors import ConfigError
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards
 from ftjax.train.optimizer import Optimizer
 from ftjax.train.regularizers import lora_base_trainable
 from ftjax.train.state import StateShardings
-from ftjax.train.terms import TASK, BatchTerm, Forward, StepTerm, Term, cross_entropy, weighted_sum
+from ftjax.train.terms import (TASK, BatchTerm, Forward, StepTerm, Term, cross_entropy, total_weight,
+                                weighted_sum)
 
 
 @jax.tree_util.register_dataclass
@@ -52,7 +54,7 @@ def micro_batches(batch: dict, grad_accum: int) -> dict:
         rows = x.shape[0] // grad_accum
         return x.reshape(rows, grad_accum, *x.shape[1:]).swapaxes(0, 1)
 
-    return {k: one(batch[k]) for k in BATCH_KEYS}
+    return {k: one(v) for k, v in batch.items()}
 
 
 def check_batch(batch: dict, grad_accum: int, shards: int) -> None:
@@ -82,6 +84,7 @@ class TrainStep:
         self.step_terms = [t for t in terms if isinstance(t, StepTerm)]
         self.terms = self.batch_terms + self.step_terms  # the order of the sum and of `values`
         names = [t.name for t in self.terms]
+        self.metric_names = names + [k for t in self.batch_terms for k in t.metrics]  # a term's own metrics too
         if len(self.terms) != len(terms) or len(set(names)) != len(names) or any(t.weight < 0 for t in terms):
             raise ConfigError(f"loss terms must be BatchTerm/StepTerm with distinct names and weights >= 0, got "
                               + ", ".join(f"{getattr(t, 'name', t)}={getattr(t, 'weight', '?')}" for t in terms))
@@ -141,7 +144,7 @@ class TrainStep:
                 readers = ", ".join(t.name for t in self.batch_terms if t.stream == stream)
                 raise ConfigError(f"loss term {readers} reads batch[{stream!r}], which this batch lacks")
             check_batch(part, self.grad_accum, shards)
-            streams[stream] = {k: part[k] for k in BATCH_KEYS}
+            streams[stream] = {k: part[k] for k in BATCH_KEYS + PAIR_KEYS if k in part}
         return frozen, streams
 
     def _loss(self, trainable, frozen: Frozen, micro: dict, rng, totals: dict):
@@ -159,13 +162,18 @@ class TrainStep:
             # the base's pass has no dropout: the base distribution is deterministic
             base_pass = Forward(base, base.hidden(*args), mb) if stream in self._base_streams else None
             forwards[stream] = Forward(model, h, mb, base_pass)
-        values = tuple(t.fn(forwards[t.stream]) / totals[t.stream] for t in self.batch_terms)
-        return weighted_sum(self.batch_terms, values), values
+        values, extras = [], {}
+        for t in self.batch_terms:
+            out = t.fn(forwards[t.stream])
+            value, aux = out if t.metrics else (out, {})
+            values.append(value / totals[t.name])
+            extras.update({k: aux[k] / totals[t.name] for k in t.metrics})
+        return weighted_sum(self.batch_terms, values), (tuple(values), extras)
 
     def _step(self, trainable, opt_state, frozen: Frozen, streams: dict, rng):
         self.traces += 1
         with activation_sharding(self.mesh, self.rules):
-            totals = {s: _total_weight(b) for s, b in streams.items()}
+            totals = {t.name: (t.normalizer or total_weight)(streams[t.stream]) for t in self.batch_terms}
             micro = jax.lax.with_sharding_constraint(
                 {s: micro_batches(b, self.grad_accum) for s, b in streams.items()}, self._micro_sharding)
             rngs = jax.random.split(rng, self.grad_accum)
@@ -177,11 +185,12 @@ class TrainStep:
                 acc_values, acc_grads = acc
                 acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
                 acc_grads = jax.lax.with_sharding_constraint(acc_grads, self.trainable_sharding)
-                return (tuple(a + v for a, v in zip(acc_values, values)), acc_grads), None
+                return (jax.tree.map(jnp.add, acc_values, values), acc_grads), None
 
             zeros = jax.tree.map(jnp.zeros_like, trainable)
-            scalars = tuple(jnp.zeros((), jnp.float32) for _ in self.batch_terms)
-            (values, grads), _ = jax.lax.scan(accumulate, (scalars, zeros), (micro, rngs))
+            scalars = (tuple(jnp.zeros((), jnp.float32) for _ in self.batch_terms),
+                       {k: jnp.zeros((), jnp.float32) for t in self.batch_terms for k in t.metrics})
+            ((values, extras), grads), _ = jax.lax.scan(accumulate, (scalars, zeros), (micro, rngs))
             values = list(values)
             for term in self.step_terms:  # batch-independent: once per step, not per micro-batch
                 value, term_grads = jax.value_and_grad(term.fn)(trainable, frozen.base)
@@ -192,6 +201,7 @@ class TrainStep:
             trainable = optax.apply_updates(trainable, updates)
             metrics = {
                 **{t.name: v for t, v in zip(self.terms, values)},
+                **extras,
                 "grad_norm": optax.tree.norm(grads),
                 "lr": jnp.asarray(lr, jnp.float32),
                 "tokens": jnp.sum(streams[TASK]["loss_weights"] > 0).astype(jnp.int32),
@@ -209,12 +219,6 @@ def _all_adapters(trainable) -> bool:
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
     names = [" ".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p) for p in paths]
     return bool(names) and all("lora_a" in n or "lora_b" in n for n in names)
-
-
-def _total_weight(batch: dict) -> jax.Array:
-    """Σ loss weights of a global batch; an all-padding batch gives 1 (zero loss and gradients, not 0/0)."""
-    weight_sum = jnp.sum(batch["loss_weights"].astype(jnp.float32))
-    return jnp.where(weight_sum == 0, 1.0, weight_sum)
 
 
 def make_train_step(state, optimizer: Optimizer, mesh: Mesh, *, terms: Sequence[Term] | None = None,

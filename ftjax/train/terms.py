@@ -3,9 +3,11 @@
 A `BatchTerm` reads one forward pass over one micro-batch of one stream of the batch (the task batch itself,
 or a field of it such as `batch["retain"]`): the model (its head), the final hidden states, the micro-batch
 and, when it asks for it, the base model's pass over the same micro-batch. It returns Σ weight·value over
-the micro-batch's tokens; the step divides by the stream's total loss weight, so the micro-batches add up to
-a token-weighted mean over the global batch. A `StepTerm` does not read the batch (L2 to the base) and is
-added once per step. Each term's unweighted value is a metric under its name; `loss` is the task CE.
+the micro-batch's tokens (or pairs); the step divides by the term's normalizer of the global stream batch (its
+total loss weight, or its pair count for a preference loss), so the micro-batches add up to a mean over the
+global batch. A `StepTerm` does not read the batch (L2 to the base) and is
+added once per step. Each term's unweighted value is a metric under its name; `loss` is the objective's
+own term (the task CE, or the preference loss of `objective`).
 
 A new objective is one function returning a term plus one line in `loss_terms`.
 """
@@ -20,6 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ftjax.train.loss import head_cross_entropy
+from ftjax.train.preference import METRICS
+from ftjax.train.preference_term import forward_sums, global_pairs, max_pairs_of, preference_config
 from ftjax.train.regularizers import chunked_kl_to_base, l2_to_base
 
 TASK = "task"  # the stream that is the batch itself (its top-level arrays)
@@ -37,13 +41,18 @@ class Forward:
 
 @dataclasses.dataclass(frozen=True)
 class BatchTerm:
-    """`fn(forward) -> Σ w·value` over a micro-batch of `stream`; `reads_base`: `forward.base` is filled."""
+    """`fn(forward) -> Σ w·value` over a micro-batch of `stream`; `reads_base`: `forward.base` is filled.
+
+    The step divides the sum by `normalizer(global stream batch)` (default: its total loss weight). With
+    `metrics`, `fn` returns `(Σ, {metric: Σ})` and each metric, divided the same way, is logged too."""
 
     name: str
-    fn: Callable[[Forward], jax.Array]
+    fn: Callable[[Forward], Any]
     weight: float = 1.0
     stream: str = TASK
     reads_base: bool = False
+    normalizer: Callable[[dict], jax.Array] | None = None
+    metrics: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +77,27 @@ def cross_entropy(chunk: int) -> BatchTerm:
     return BatchTerm("loss", fn)
 
 
+def chosen_cross_entropy(weight: float, chunk: int) -> BatchTerm:
+    """Cross-entropy on the chosen replies of a preference batch (their `loss_weights`): ORPO's NLL term, or
+    `pref.sft_weight` added to DPO / IPO / SimPO."""
+    return dataclasses.replace(cross_entropy(chunk), name="nll_loss", weight=weight)
+
+
+def preference_loss(config) -> BatchTerm:
+    """The objective's loss per pair of the global batch, TRL's metrics beside it (ftjax/train/preference_term.py).
+    DPO / IPO reference: LoRA reads the base pass (adapters zeroed, or the starting adapter kept as the base);
+    full fine-tuning reads the batch's cached `ref_logps`."""
+    cfg, chunk = preference_config(config), config.train.loss_chunk
+    max_pairs = max_pairs_of(config.data.seq_len)
+    reference = ("base" if config.method == "lora" else "cache") if cfg.needs_reference else None
+
+    def fn(f: Forward):
+        sums = forward_sums(cfg, f, max_pairs, chunk, reference)
+        return sums["loss"], sums
+
+    return BatchTerm("loss", fn, reads_base=reference == "base", normalizer=global_pairs, metrics=METRICS)
+
+
 def kl_to_base(weight: float, chunk: int) -> BatchTerm:
     """KL(base ‖ tuned) on the retain stream's reply tokens (forgetting control, ftjax/train/regularizers.py)."""
 
@@ -84,12 +114,22 @@ def l2_to_base_term(weight: float) -> StepTerm:
 
 
 def loss_terms(config) -> list[Term]:
-    """The run's objective from its config: the task CE, then forgetting control's terms when weighted."""
-    f, chunk = config.forget, config.train.loss_chunk
-    terms: list[Term] = [cross_entropy(chunk)]
+    """The run's objective from its config: the task CE (or the preference loss, with the chosen replies' CE where
+    ORPO or pref.sft_weight asks), then forgetting control's terms when weighted."""
+    f, chunk, objective = config.forget, config.train.loss_chunk, config.objective
+    nll = 1.0 if objective == "orpo" else config.pref.sft_weight
+    terms: list[Term] = [cross_entropy(chunk)] if objective == "sft" else [preference_loss(config)]
+    terms += [chosen_cross_entropy(nll, chunk)] if objective != "sft" and nll else []
     terms += [kl_to_base(f.kl_weight, chunk)] if f.kl_weight else []
     terms += [l2_to_base_term(f.l2_weight)] if f.l2_weight else []
     return terms
+
+
+def total_weight(batch: dict) -> jax.Array:
+    """Σ loss weights of a global batch (a batch term's default normalizer); an all-padding batch gives 1 (zero
+    loss and gradients, not 0/0)."""
+    weight_sum = jnp.sum(batch["loss_weights"].astype(jnp.float32))
+    return jnp.where(weight_sum == 0, 1.0, weight_sum)
 
 
 def uses_base(terms: list) -> bool:
