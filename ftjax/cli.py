@@ -91,7 +91,11 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
 
 def run_app(main: Callable[[list[str]], None]) -> None:
-    """absl's app.run, with flag errors (a misspelled config key above all) as one line naming the fix."""
+    """absl's app.run, with flag errors (a misspelled config key above all) as one line naming the fix. Standard
+    output is line-buffered: piped to `tee` or a cluster's log file, each line shows when it is printed."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     app.run(run_main(main), flags_parser=_parse_flags)
 
 
