@@ -1,8 +1,12 @@
-"""Log filters the entry points install (scripts, `ftjax.cli`): Orbax warnings that say nothing to a user."""
+"""What a user watching a job sees besides its own lines: log filters the entry points install (Orbax
+warnings that say nothing to a user), and a heartbeat for long silent calls."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from typing import Callable, Iterator
 
 
 class _QuietOrbax(logging.Filter):
@@ -19,3 +23,22 @@ def quiet_orbax() -> None:
     logger = logging.getLogger("absl")
     if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
         logger.addFilter(_QuietOrbax())
+
+
+@contextlib.contextmanager
+def heartbeat(beat: Callable[[], None], every: float = 10.0) -> Iterator[None]:
+    """Call `beat` (e.g. a progress bar's refresh, which redraws its clock) every `every` seconds until the
+    block ends: one compiled call can run for a minute without a word otherwise."""
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(every):
+            beat()
+
+    thread = threading.Thread(target=run, name="ftjax-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

@@ -48,3 +48,15 @@ def test_first_logged_rate_is_the_real_rate_and_every_step_has_its_loss(tmp_path
     assert [len(r["step_losses"]) for r in logged] == [2, 1] and logged[1]["step_losses"][-1] == logged[1]["loss"]
     train, _ = loss_curve(logged)
     assert [s for s, _ in train] == list(range(1, c.train.steps + 1))
+
+
+def test_heartbeat_beats_during_the_block_and_stops_with_it():
+    """Generation batches and compiles run for a minute without a word; the heartbeat redraws meanwhile."""
+    from ftjax.logs import heartbeat
+
+    beats: list[float] = []
+    with heartbeat(lambda: beats.append(time.monotonic()), every=0.05):
+        time.sleep(0.5)
+    after = len(beats)
+    time.sleep(0.2)
+    assert after >= 3 and len(beats) == after

@@ -21,6 +21,7 @@ from ftjax.evaluation.conversations import Turns, as_record, few_shot_turns, spl
 from ftjax.evaluation.scorers import make_scorer
 from ftjax.evaluation.token_stats import TokenSums, even_batches, teacher_forced
 from ftjax.generate import encode_chat, generate_tokens, stop_ids, trim
+from ftjax.logs import heartbeat
 
 
 @dataclasses.dataclass
@@ -64,7 +65,7 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batches = even_batches(order, batch_size)
     rows: list[list[int]] = [[] for _ in prompt_ids]
-    with generation_progress(len(prompt_ids)) as bar:
+    with generation_progress(len(prompt_ids)) as bar, heartbeat(bar.refresh):  # a batch can take a minute
         for k, idx in enumerate(batches):
             batch = [prompt_ids[i] for i in idx]
             batch += [batch[-1]] * (len(batches[0]) - len(batch))
