@@ -1,0 +1,88 @@
+"""Gemma 2 / 3 and Phi-3 / 4 beyond the shared parity tables (tests/hf_helpers.py FAMILIES): the multimodal
+Gemma 3 folder's language model, the families refused by name, and a LoRA run with the default targets."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ftjax.errors import LoadError
+from ftjax.interop.hf import load_hf
+from ftjax.lora import apply_lora, linears
+from ftjax.models.registry import config_from_hf
+from ftjax.sharding import make_mesh
+from ftjax.train.optimizer import make_optimizer
+from ftjax.train.state import init_state
+from ftjax.train.step import make_train_step
+from hf_helpers import FAMILIES, MODEL_TOL, TINY, hf_logits, jax_logits, max_diff, random_ids, save, tiny_hf
+from test_train_step import optim
+from train_helpers import make_batch
+
+
+def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path, caplog):
+    """Gemma3ForConditionalGeneration's text logits (text-only ids) from the folder's language-model tensors."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    _, text = FAMILIES["gemma3"]
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = Gemma3Config(text_config={**TINY, **text}, vision_config=vision, mm_tokens_per_image=4,
+                       image_token_index=127)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_((0.2 if name.endswith("norm.weight") else 0.08) * torch.randn_like(p))
+    with caplog.at_level(logging.WARNING):
+        model = load_hf(save(hf, tmp_path))
+    assert any("vision tower ignored" in r.getMessage() for r in caplog.records)
+    assert model.config.model_type == "gemma3_text" and model.config.local_rope.theta == 100.0
+    ids = random_ids(2, 12, vocab=126)
+    assert max_diff(jax_logits(model, ids), hf_logits(hf, ids)) <= MODEL_TOL
+
+
+@pytest.mark.parametrize("model_type,name", [("phi3small", "Phi-3-small"), ("phimoe", "Phi-3.5-MoE")])
+def test_phi_variants_refused_by_name(model_type, name):
+    with pytest.raises(LoadError, match=f"{name} .* is not supported"):
+        config_from_hf({"model_type": model_type})
+
+
+def test_gemma3_default_pattern_is_five_local_to_one_global():
+    cfg = config_from_hf({**TINY, "model_type": "gemma3_text", "num_hidden_layers": 12, "sliding_window": 8})
+    assert cfg.sliding_layers == ((True,) * 5 + (False,)) * 2 and cfg.local_rope.theta == 10_000.0
+    assert cfg.rope.theta == 1_000_000.0 and cfg.tie_word_embeddings
+
+
+def test_default_targets_adapt_phis_fused_projections(tmp_path):
+    """Phi-3 stores qkv_proj / gate_up_proj fused: the default targets put one adapter on each fused output."""
+    model = load_hf(save(tiny_hf("phi3", **FAMILIES["phi3_window"][1]), tmp_path))
+    apply_lora(model, 2, 4.0, rngs=nnx.Rngs(0))
+    adapted = {path.split(".")[-1]: lin for path, lin in linears(model) if lin.lora is not None}
+    assert sorted(adapted) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert adapted["qkv_proj"].lora.lora_b[...].shape[-1] == (4 + 2 * 2) * 16  # q, k and v heads at once
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3_window"])
+def test_lora_training_loss_falls(family, tmp_path):
+    """The production step, default LoRA targets, 30 steps on one packed batch: the loss falls well below
+    its start (Gemma 2's final soft-cap of 2 bounds how far)."""
+    model_type, overrides = FAMILIES[family]
+    folder = save(tiny_hf(model_type, **overrides), tmp_path)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    opt = make_optimizer(optim("adamw", lr=3e-2), 30)
+    state = init_state(lambda: apply_lora(load_hf(folder), 4, 8.0, rngs=nnx.Rngs(1)), opt.tx, mesh,
+                       trainable=nnx.LoRAParam)
+    step = make_train_step(state, opt, mesh, loss_chunk=8)
+    batch = make_batch(4, 16, vocab=TINY["vocab_size"])
+    t, o, losses = state.trainable, state.opt_state, []
+    for i in range(30):
+        t, o, m = step(t, o, state.frozen, batch, jax.random.key(i))
+        losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all() and step.traces == 1
+    assert losses[-1] < 0.6 * losses[0], losses
