@@ -40,6 +40,12 @@ FAMILIES = {
                                    rope_scaling=dict(rope_type="linear", factor=2.0))),
     "phi3_window": ("phi3", dict(sliding_window=4)),
     "phi4_mini_partial_rotary": ("phi3", dict(partial_rotary_factor=0.75, tie_word_embeddings=True)),
+    # Phi-3.5 / Phi-4-mini's longrope, every position within the original length (short factors, scaled sin/cos)
+    "phi4_mini_longrope": ("phi3", dict(partial_rotary_factor=0.75, tie_word_embeddings=True,
+                                        original_max_position_embeddings=64,
+                                        rope_scaling=dict(rope_type="longrope",
+                                                          short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 5.0],
+                                                          long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 40.0]))),
 }
 
 

@@ -47,6 +47,17 @@ def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path, caplog):
     assert max_diff(jax_logits(model, ids), hf_logits(hf, ids)) <= MODEL_TOL
 
 
+def test_longrope_switches_to_long_factors_past_the_original_length(tmp_path):
+    """A call whose positions reach past original_max_position_embeddings (8) uses the long factors, a shorter
+    call the short ones: both as transformers."""
+    model_type, overrides = FAMILIES["phi4_mini_longrope"]
+    hf = tiny_hf(model_type, **{**overrides, "original_max_position_embeddings": 8})
+    model = load_hf(save(hf, tmp_path))
+    for length in (6, 12):
+        ids = random_ids(2, length, seed=length)
+        assert max_diff(jax_logits(model, ids), hf_logits(hf, ids)) <= MODEL_TOL
+
+
 @pytest.mark.parametrize("model_type,name", [("phi3small", "Phi-3-small"), ("phimoe", "Phi-3.5-MoE")])
 def test_phi_variants_refused_by_name(model_type, name):
     with pytest.raises(LoadError, match=f"{name} .* is not supported"):

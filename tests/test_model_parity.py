@@ -99,6 +99,8 @@ def test_config_mapping(run):
                            and cfg.sliding_layers == (True, False, True)),
         "phi3_window": lambda: cfg.packed_proj and cfg.sliding_window == 4 and cfg.rotary_dim is None,
         "phi4_mini_partial_rotary": lambda: cfg.packed_proj and cfg.rotary_dim == 12 and cfg.tie_word_embeddings,
+        "phi4_mini_longrope": lambda: (cfg.rope.kind == "longrope" and cfg.rope.factor == 4.0
+                                       and cfg.rope.attention_factor > 1.1 and cfg.rotary_dim == 12),
     }.get(name, lambda: cfg.num_kv_heads == 2 and not cfg.tie_word_embeddings)
     assert expect()
 

@@ -39,6 +39,10 @@ def config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         d["rope_scaling"] = {"rope_type": "llama3", "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
                              "high_freq_factor": rope.high_freq_factor,
                              "original_max_position_embeddings": rope.original_max_position_embeddings}
+    elif rope.kind == "longrope":
+        d["original_max_position_embeddings"] = rope.original_max_position_embeddings
+        d["rope_scaling"] = {"rope_type": "longrope", "factor": rope.factor, "attention_factor": rope.attention_factor,
+                             "short_factor": list(rope.short_factor), "long_factor": list(rope.long_factor)}
     if cfg.model_type == "llama":
         d["attention_bias"] = cfg.qkv_bias
         d["mlp_bias"] = cfg.mlp_bias

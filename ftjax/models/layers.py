@@ -129,7 +129,7 @@ def fused_linears(x: jax.Array, linears: tuple, rngs: tuple) -> list[jax.Array]:
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding settings; `kind` is default, linear or llama3 (transformers' rope types)."""
+    """Rotary embedding settings; `kind` is default, linear, llama3 or longrope (transformers' rope types)."""
 
     theta: float = 10000.0
     kind: str = "default"
@@ -137,10 +137,17 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple = ()  # longrope (Phi-3.5 / Phi-4-mini): per-frequency divisors up to the original length
+    long_factor: tuple = ()  # ... and past it
+    attention_factor: float = 1.0  # longrope: sin and cos scaled by it
 
 
-def rope_inv_freq(head_dim: int, rope: RopeConfig) -> jax.Array:
-    """Inverse frequencies, including Llama 3.1 style frequency-dependent scaling."""
+def rope_inv_freq(head_dim: int, rope: RopeConfig, *, long: bool = False) -> jax.Array:
+    """Inverse frequencies, including Llama 3.1 style frequency-dependent scaling (longrope: the short
+    factors, or the long ones with `long`)."""
+    if rope.kind == "longrope":
+        ext = jnp.asarray(rope.long_factor if long else rope.short_factor, jnp.float32)
+        return 1.0 / (ext * rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     inv = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if rope.kind == "linear":
         inv = inv / rope.factor
@@ -162,6 +169,17 @@ def rope_sin_cos(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, 
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.sin(emb), jnp.cos(emb)
+
+
+def rope_tables(positions: jax.Array, rotary_dim: int, rope: RopeConfig) -> tuple[jax.Array, jax.Array]:
+    """sin/cos of `rope` for `positions`. Longrope takes its long factors when any position of the call reaches
+    past the original length (transformers decides per forward call, over the whole batch, the same way)."""
+    inv = rope_inv_freq(rotary_dim, rope)
+    if rope.kind != "longrope":
+        return rope_sin_cos(positions, inv)
+    longer = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+    sin, cos = rope_sin_cos(positions, jnp.where(longer, rope_inv_freq(rotary_dim, rope, long=True), inv))
+    return sin * rope.attention_factor, cos * rope.attention_factor
 
 
 def apply_rope(x_btnh: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models.attention import Rows
-from ftjax.models.layers import MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, rope_inv_freq, rope_sin_cos
+from ftjax.models.layers import MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, rope_tables
 from ftjax.models.moe import MoEConfig, SparseMoE
 from ftjax.sharding import constrain
 
@@ -251,7 +251,7 @@ class Llama(nnx.Module):
     def _run_layers(self, x, positions, rows: Rows, kv, index, rng):
         cfg = self.config
         rotary = cfg.rotary_dim or cfg.head_dim
-        tables = [rope_sin_cos(positions, rope_inv_freq(rotary, r)) for r in cfg.ropes()]
+        tables = [rope_tables(positions, rotary, r) for r in cfg.ropes()]
         graphdef, state = nnx.split(self.layers)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
         windows = cfg.windows()

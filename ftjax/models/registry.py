@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ftjax.errors import LoadError
@@ -16,7 +17,7 @@ REFUSED = {  # families near a supported one, refused by name
     "phi3small": "Phi-3-small (model_type phi3small: block-sparse attention, gegelu MLP) is not supported",
     "phimoe": "Phi-3.5-MoE (model_type phimoe) is not supported",
 }
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 MODEL_CLASSES = {t: Llama for t in SUPPORTED_MODEL_TYPES}
 
 
@@ -34,6 +35,15 @@ def _rope(hf: dict, layer_type: str | None = None) -> RopeConfig:
         raise LoadError(f"rope type '{kind}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if kind == "default":
         return RopeConfig(theta=float(theta))
+    if kind == "longrope":  # transformers' defaults: factor from the two lengths, attention factor from it
+        original = int(merged.get("original_max_position_embeddings", hf.get("original_max_position_embeddings")))
+        factor = float(merged.get("factor") or hf.get("max_position_embeddings", original) / original)
+        attention = merged.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return RopeConfig(theta=float(theta), kind=kind, factor=factor, original_max_position_embeddings=original,
+                          short_factor=tuple(map(float, merged["short_factor"])),
+                          long_factor=tuple(map(float, merged["long_factor"])), attention_factor=float(attention))
     return RopeConfig(
         theta=float(theta), kind=kind, factor=float(merged.get("factor", 1.0)),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
