@@ -70,6 +70,27 @@ def test_gemma3_default_pattern_is_five_local_to_one_global():
     assert cfg.rope.theta == 1_000_000.0 and cfg.tie_word_embeddings
 
 
+def test_gemma2_keys_left_out_take_transformers_defaults():
+    cfg = config_from_hf({**TINY, "model_type": "gemma2", "head_dim": 16})
+    assert (cfg.attn_softcap, cfg.final_softcap, cfg.query_scale, cfg.sliding_window) == (50.0, 30.0, 1 / 16, 4096)
+    assert cfg.sliding_layers == (True, False) and cfg.tie_word_embeddings
+    assert config_from_hf({**TINY, "model_type": "gemma2", "final_logit_softcapping": None}).final_softcap is None
+
+
+def test_hub_multimodal_gemma3_config_fills_text_defaults():
+    """gemma-3-4b-it's config.json names only what differs from Gemma3TextConfig's defaults in text_config."""
+    hub = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024},
+           "vision_config": {"model_type": "siglip_vision_model"}}
+    cfg = config_from_hf(hub)
+    assert (cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) == (262_208, 8, 4, 256, 34)
+    assert cfg.query_scale == 256 ** -0.5 and cfg.sliding_window == 1024 and cfg.tie_word_embeddings
+    assert (cfg.rope.kind, cfg.rope.factor, cfg.rope.theta, cfg.local_rope.theta) == ("linear", 8.0, 1e6, 1e4)
+    assert [i for i, f in enumerate(cfg.sliding_layers) if not f] == [5, 11, 17, 23, 29]
+
+
 def test_default_targets_adapt_phis_fused_projections(tmp_path):
     """Phi-3 stores qkv_proj / gate_up_proj fused: the default targets put one adapter on each fused output."""
     model = load_hf(save(tiny_hf("phi3", **FAMILIES["phi3_window"][1]), tmp_path))

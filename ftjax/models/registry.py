@@ -13,6 +13,16 @@ from ftjax.models.moe import MoEConfig
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3_text",
                          "phi3")
 GEMMA = ("gemma2", "gemma3_text")
+# transformers' Gemma2Config / Gemma3TextConfig defaults for the keys a config.json may leave out (the Hub's
+# multimodal Gemma 3 folders, 4B/12B/27B, name only what differs in text_config)
+_GEMMA = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+              num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096,
+              tie_word_embeddings=True)
+FAMILY_DEFAULTS = {
+    "gemma2": dict(_GEMMA, vocab_size=256_000, max_position_embeddings=8192, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3_text": dict(_GEMMA, vocab_size=262_208, max_position_embeddings=131_072),
+}
 REFUSED = {  # families near a supported one, refused by name
     "phi3small": "Phi-3-small (model_type phi3small: block-sparse attention, gegelu MLP) is not supported",
     "phimoe": "Phi-3.5-MoE (model_type phimoe) is not supported",
@@ -141,6 +151,7 @@ def config_from_hf(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
     """Map an HF config.json dict onto ModelConfig; unknown families fail with the supported list."""
     hf = text_config(hf)[0]
     model_type = hf.get("model_type")
+    hf = {**FAMILY_DEFAULTS.get(model_type, {}), **hf}
     if model_type in REFUSED:
         raise LoadError(f"{source}: {REFUSED[model_type]}")
     if model_type not in SUPPORTED_MODEL_TYPES:
