@@ -18,7 +18,7 @@ from ftjax.sharding import make_mesh
 from ftjax.train.optimizer import make_optimizer
 from ftjax.train.state import init_state
 from ftjax.train.step import make_train_step
-from hf_helpers import FAMILIES, MODEL_TOL, TINY, hf_logits, jax_logits, max_diff, random_ids, save, tiny_hf
+from hf_helpers import FAMILIES, LAYER_TOL, MODEL_TOL, TINY, hf_logits, jax_logits, max_diff, random_ids, save, tiny_hf
 from test_train_step import optim
 from train_helpers import make_batch
 
@@ -118,3 +118,54 @@ def test_lora_training_loss_falls(family, tmp_path):
         losses.append(float(m["loss"]))
     assert np.isfinite(losses).all() and step.traces == 1
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- layer level
+
+
+def test_gemma_rmsnorm_parity():
+    """(1 + w) scaling in fp32 before the cast, as Gemma3RMSNorm (the stored weight is w, zero-initialized)."""
+    import jax.numpy as jnp
+    import torch
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from ftjax.models.layers import RMSNorm
+
+    rng = np.random.default_rng(0)
+    x = (3.0 * rng.standard_normal((2, 5, 64))).astype(np.float32)
+    w = (0.3 * rng.standard_normal(64)).astype(np.float32)
+    ref = Gemma3RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.as_tensor(w))
+        expected = ref(torch.as_tensor(x)).numpy()
+    norm = RMSNorm(64, eps=1e-6, offset=True)
+    assert float(jnp.abs(norm.scale[...]).max()) == 0.0
+    norm.scale[...] = jnp.asarray(w)
+    assert max_diff(norm(jnp.asarray(x)), expected) <= LAYER_TOL
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "phi3"])
+def test_mlp_parity(model_type):
+    """Gemma's GeGLU (gelu_pytorch_tanh) and Phi-3's fused gate_up_proj (gate first) vs transformers' MLPs."""
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2MLP
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
+
+    from ftjax.models.layers import MLP
+
+    hf_cfg = AutoConfig.for_model(model_type, **TINY)
+    torch.manual_seed(0)
+    ref = (Gemma2MLP if model_type == "gemma2" else Phi3MLP)(hf_cfg)
+    mlp = MLP(64, 128, activation="gelu_tanh" if model_type == "gemma2" else "silu", packed=model_type == "phi3",
+              rngs=nnx.Rngs(0))
+    names = ("gate_proj", "up_proj", "down_proj") if model_type == "gemma2" else ("gate_up_proj", "down_proj")
+    with torch.no_grad():
+        for name in names:
+            lin = getattr(ref, name)
+            lin.weight.normal_(0.0, 0.1)
+            getattr(mlp, name).kernel[...] = jnp.asarray(lin.weight.numpy().T)
+        x = np.random.default_rng(0).standard_normal((2, 6, 64)).astype(np.float32)
+        expected = ref(torch.as_tensor(x)).numpy()
+    assert max_diff(mlp(jnp.asarray(x)), expected) <= LAYER_TOL
