@@ -144,6 +144,8 @@ def test_config_built_from_a_model_config_maps_back_to_it(family):
     model_type, overrides = FAMILIES[family]
     cfg = config_from_hf(AutoConfig.for_model(model_type, **{**TINY, **overrides}).to_dict())
     assert config_from_hf(config_from_model(cfg)).replace(extra=()) == cfg.replace(extra=())
+    built = AutoConfig.for_model(**config_from_model(cfg)).to_dict()  # transformers' strict configs accept it
+    assert config_from_hf(built).replace(extra=()) == cfg.replace(extra=())
 
 
 # --- PEFT export ---

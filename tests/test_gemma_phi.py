@@ -24,7 +24,8 @@ from train_helpers import make_batch
 
 
 def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path, caplog):
-    """Gemma3ForConditionalGeneration's text logits (text-only ids) from the folder's language-model tensors."""
+    """Gemma3ForConditionalGeneration's text logits (text-only ids) from the folder's language-model tensors;
+    exported, the language model alone is a Gemma3ForCausalLM folder."""
     import torch
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
@@ -45,6 +46,14 @@ def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path, caplog):
     assert model.config.model_type == "gemma3_text" and model.config.local_rope.theta == 100.0
     ids = random_ids(2, 12, vocab=126)
     assert max_diff(jax_logits(model, ids), hf_logits(hf, ids)) <= MODEL_TOL
+    from transformers import AutoModelForCausalLM
+
+    from ftjax.interop.export_hf import export_hf
+
+    out = export_hf(model, tmp_path / "export", source=tmp_path)  # the text model, as Gemma3ForCausalLM
+    text = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert type(text).__name__ == "Gemma3ForCausalLM"
+    assert max_diff(hf_logits(text, ids), hf_logits(hf, ids)) <= MODEL_TOL
 
 
 def test_longrope_switches_to_long_factors_past_the_original_length(tmp_path):

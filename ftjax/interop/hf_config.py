@@ -64,6 +64,11 @@ def config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     return d
 
 
+def _int_if_whole(x: float) -> float | int:
+    """transformers' strict configs type some fields int (query_pre_attn_scalar)."""
+    return int(x) if float(x).is_integer() else x
+
+
 def _gemma_phi(cfg: ModelConfig) -> dict[str, Any]:
     """The config keys of Gemma 2/3 and Phi-3/4 that `config_from_hf` reads."""
     if cfg.model_type == "phi3":
@@ -77,7 +82,7 @@ def _gemma_phi(cfg: ModelConfig) -> dict[str, Any]:
     d = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": cfg.sliding_window,
          "layer_types": ["sliding_attention" if f and cfg.sliding_window else "full_attention" for f in flags],
          "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.final_softcap,
-         "query_pre_attn_scalar": round((cfg.query_scale or cfg.head_dim ** -0.5) ** -2, 6)}
+         "query_pre_attn_scalar": _int_if_whole(round((cfg.query_scale or cfg.head_dim ** -0.5) ** -2, 6))}
     if cfg.model_type == "gemma3_text":
         local = cfg.local_rope or cfg.rope
         d["rope_local_base_freq"] = local.theta
