@@ -22,6 +22,8 @@ from ftjax.models.layers import Linear, dense_kernel
 from ftjax.quant.weight import QuantizedParam
 
 UNSUPPORTED = ("lm_head",)  # the loss reads lm_head's kernel directly, so an adapter there would be ignored
+PACKED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                "up_proj": "gate_up_proj"}  # Phi-3's fused projections
 
 
 class LoRA(nnx.Module):
@@ -72,6 +74,14 @@ def matches(path: str, patterns: Sequence[str]) -> bool:
     return any(path == p or path.endswith("." + p) or fnmatch.fnmatchcase(path, p) for p in patterns)
 
 
+def default_targets(patterns: tuple[str, ...], names: set[str]) -> tuple[str, ...]:
+    """The default targets name Llama's projections; on a model that stores them fused (Phi-3: qkv_proj,
+    gate_up_proj) they mean the fused ones, one adapter over each fused output. Explicit targets stay as given."""
+    if patterns != parse_targets(LORA_TARGETS) or "qkv_proj" not in names:
+        return patterns
+    return tuple(dict.fromkeys(PACKED_NAMES.get(p, p) for p in patterns))
+
+
 def linears(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
     """Every `Linear` of the model with its dotted path."""
     for path, node in nnx.iter_graph(model):
@@ -89,8 +99,8 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Seq
         raise ConfigError(f"lora.rank must be >= 1, got {rank}")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {dropout}")
-    patterns = parse_targets(targets)
     candidates = list(linears(model))
+    patterns = default_targets(parse_targets(targets), {path.split(".")[-1] for path, _ in candidates})
     hit = {p: False for p in patterns}
     for path, linear in candidates:
         if not matches(path, patterns):
@@ -124,8 +134,10 @@ def kernel_dtype(kernel: nnx.Variable):
 def frozen_quant_kernels(model: nnx.Module, targets: str | Sequence[str] | None) -> list[tuple[str, Linear]]:
     """The linears whose kernels a quantized base holds quantized: those matching `targets` (the LoRA
     targets), or every linear for None; never the output head (the loss reads it whole, as QLoRA keeps it)."""
-    patterns = None if targets is None else parse_targets(targets)
-    return [(path, lin) for path, lin in linears(model) if path.split(".")[-1] not in UNSUPPORTED
+    candidates = list(linears(model))
+    names = {path.split(".")[-1] for path, _ in candidates}
+    patterns = None if targets is None else default_targets(parse_targets(targets), names)
+    return [(path, lin) for path, lin in candidates if path.split(".")[-1] not in UNSUPPORTED
             and (patterns is None or matches(path, patterns))]
 
 

@@ -31,6 +31,21 @@ FAMILIES = {
                                           max_window_layers=1)),
     "qwen3_layer_windows": ("qwen3", dict(num_hidden_layers=3, head_dim=16, use_sliding_window=True,
                                           sliding_window=4, max_window_layers=2)),
+    # soft-caps far below the real 50 / 30 so that they bend these logits; sliding, full, sliding layers
+    "gemma2": ("gemma2", dict(head_dim=16, num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=24,
+                              attn_logit_softcapping=3.0, final_logit_softcapping=2.0)),
+    # a 1:1 pattern on 3 layers (the real 5:1 needs 6), global rope linear-scaled, the local one its own base
+    "gemma3": ("gemma3_text", dict(head_dim=16, num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=24,
+                                   sliding_window_pattern=2, rope_theta=10000.0, rope_local_base_freq=100.0,
+                                   rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "phi3_window": ("phi3", dict(sliding_window=4)),
+    "phi4_mini_partial_rotary": ("phi3", dict(partial_rotary_factor=0.75, tie_word_embeddings=True)),
+    # Phi-3.5 / Phi-4-mini's longrope, every position within the original length (short factors, scaled sin/cos)
+    "phi4_mini_longrope": ("phi3", dict(partial_rotary_factor=0.75, tie_word_embeddings=True,
+                                        original_max_position_embeddings=64,
+                                        rope_scaling=dict(rope_type="longrope",
+                                                          short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 5.0],
+                                                          long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 40.0]))),
 }
 
 

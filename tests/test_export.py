@@ -25,6 +25,7 @@ from loop_helpers import ROOT, load_config
 GGUF_TOL = 1e-3  # the real SmolLM2 against transformers, as in test_smollm2 (30 layers of fp32 rounding)
 LORA_MARGIN = 1e-2  # adapters with non-zero B move the logits by far more than this
 TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+FAMILY_TARGETS = {"phi3": "qkv_proj,gate_up_proj"}  # Phi-3's fused projections, one adapter over each
 
 
 def _tuned(folder, *, rslora=False, targets=TARGETS, seed=1):
@@ -119,13 +120,14 @@ def test_export_of_a_sharded_model_equals_the_unsharded_export(tiny_folder, tmp_
         np.testing.assert_array_equal(sharded[name], plain[name], err_msg=name)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3", "phi4_mini_partial_rotary"])
 def test_hf_export_of_other_families(family, tmp_path):
-    """Biases (qwen2, tied head) and q/k norms (qwen3) go out under transformers' names."""
+    """Biases (qwen2, tied head), q/k norms (qwen3), Gemma's (1 + w) and post-norms, Phi's fused projections
+    go out under transformers' names."""
     model_type, overrides = FAMILIES[family]
     source = tmp_path / "source"
     tiny_hf(model_type, **overrides).save_pretrained(source)
-    model = _tuned(source, targets="q_proj,v_proj,up_proj")
+    model = _tuned(source, targets=FAMILY_TARGETS.get(model_type, "q_proj,v_proj,up_proj"))
     ids = random_ids(1, 8)
     out = export_hf(model, tmp_path / "out", source=source)
     assert max_diff(hf_logits(_hf(out), ids), jax_logits(model, ids)) <= MODEL_TOL
@@ -142,6 +144,8 @@ def test_config_built_from_a_model_config_maps_back_to_it(family):
     model_type, overrides = FAMILIES[family]
     cfg = config_from_hf(AutoConfig.for_model(model_type, **{**TINY, **overrides}).to_dict())
     assert config_from_hf(config_from_model(cfg)).replace(extra=()) == cfg.replace(extra=())
+    built = AutoConfig.for_model(**config_from_model(cfg)).to_dict()  # transformers' strict configs accept it
+    assert config_from_hf(built).replace(extra=()) == cfg.replace(extra=())
 
 
 # --- PEFT export ---
@@ -161,6 +165,23 @@ def test_peft_export_loads_in_peft_with_ftjax_logits(tiny_folder, ids, tmp_path,
     ours = jax_logits(model, ids)
     assert max_diff(theirs, ours) <= MODEL_TOL
     assert max_diff(theirs, base_logits) > LORA_MARGIN
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3_window"])
+def test_peft_export_of_other_families(family, ids, tmp_path):
+    """Default targets (Phi-3: over its fused qkv_proj / gate_up_proj, exported as is) load in PEFT with
+    ftjax's logits."""
+    from peft import PeftModel
+
+    model_type, overrides = FAMILIES[family]
+    source = tmp_path / "source"
+    hf = tiny_hf(model_type, **overrides)
+    hf.save_pretrained(source)
+    model = _tuned(source)
+    out = export_peft(model, tmp_path / "adapter", base_model_name_or_path=str(source))
+    theirs = hf_logits(PeftModel.from_pretrained(hf, str(out)).eval(), ids)
+    assert max_diff(theirs, jax_logits(model, ids)) <= MODEL_TOL
+    assert max_diff(theirs, hf_logits(tiny_hf(model_type, **overrides), ids)) > LORA_MARGIN
 
 
 def test_peft_adapter_names_its_hf_folder_base_so_auto_peft_loads_it(tiny_folder, ids, tmp_path):

@@ -74,7 +74,8 @@ def _decode_fn(model):
     return lambda *a: step(state, *(jnp.asarray(x) if isinstance(x, np.ndarray) else x for x in a))
 
 
-@pytest.mark.parametrize("family", ["llama_mqa_tied", "qwen2_layer_windows"])
+@pytest.mark.parametrize("family", ["llama_mqa_tied", "qwen2_layer_windows", "gemma2", "gemma3",
+                                    "phi4_mini_partial_rotary", "phi3_window"])
 def test_kv_cache_matches_full_forward(family, tmp_path):
     """Left-padded prefill then one-token steps: every real position's logits equal the full forward.
 

@@ -7,7 +7,10 @@ ignored) and pickled weights are refused unless torch's weights-only loader is a
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+import numpy as np
 
 from jax.sharding import Mesh
 
@@ -15,7 +18,7 @@ from ftjax.errors import LoadError
 from ftjax.interop.expert_layouts import ExpertLayouts
 from ftjax.interop.quantized_base import FrozenQuant
 from ftjax.interop.tensors import DictSource, SafetensorsFolder, TensorSource, load_params
-from ftjax.models.registry import config_from_hf
+from ftjax.models.registry import config_from_hf, text_config
 
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -60,6 +63,28 @@ def _torch_weights_only(folder: Path) -> TensorSource:
     return DictSource(tensors, str(folder))
 
 
+class LanguageModelSource:
+    """The text tensors of a multimodal Gemma 3 folder under the plain causal-LM names: `model.X` is read
+    from `language_model.model.X` (Hub layout) or `model.language_model.X` (transformers 5's module names)."""
+
+    def __init__(self, inner: TensorSource):
+        self.inner, self.where = inner, inner.where
+        names = inner.names()
+        self._map = {}
+        for name in names:
+            for prefix, plain in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                                  ("language_model.lm_head.", "lm_head.")):
+                if name.startswith(prefix):
+                    self._map[plain + name[len(prefix):]] = name
+        self._map.update({n: n for n in names if n.startswith("lm_head.")})
+
+    def names(self) -> set[str]:
+        return set(self._map)
+
+    def array(self, name: str) -> np.ndarray:
+        return self.inner.array(self._map[name])
+
+
 def tensor_source(folder: str | Path) -> TensorSource:
     """Safetensors when present; pickles only through the weights-only path."""
     folder = Path(folder)
@@ -80,6 +105,10 @@ def load_hf(folder: str | Path, *, dtype: str = "float32", param_dtype: str | No
     if overrides:
         cfg = cfg.replace(**overrides)
     source = tensor_source(folder)
+    if text_config(hf)[1]:
+        logging.getLogger(__name__).warning("%s: multimodal Gemma 3: its language model loaded, the vision tower "
+                                            "ignored", folder)
+        source = LanguageModelSource(source)
     if cfg.moe is not None:  # experts stored one tensor each or fused 3-D: both read as [E, in, out]
         source = ExpertLayouts(source, cfg.num_layers, cfg.moe.num_experts)
     return load_params(cfg, source, mesh, rules, quant=quant)

@@ -10,7 +10,8 @@ from typing import Any
 from ftjax.models.llama import ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM"}
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -38,6 +39,10 @@ def config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         d["rope_scaling"] = {"rope_type": "llama3", "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
                              "high_freq_factor": rope.high_freq_factor,
                              "original_max_position_embeddings": rope.original_max_position_embeddings}
+    elif rope.kind == "longrope":
+        d["original_max_position_embeddings"] = rope.original_max_position_embeddings
+        d["rope_scaling"] = {"rope_type": "longrope", "factor": rope.factor, "attention_factor": rope.attention_factor,
+                             "short_factor": list(rope.short_factor), "long_factor": list(rope.long_factor)}
     if cfg.model_type == "llama":
         d["attention_bias"] = cfg.qkv_bias
         d["mlp_bias"] = cfg.mlp_bias
@@ -52,16 +57,44 @@ def config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         if window is not None:
             flags = cfg.sliding_layers or (True,) * cfg.num_layers
             d["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags]
+    d.update(_gemma_phi(cfg))
     for k, v in cfg.extra:
         if k in TOKEN_IDS:
             d[k] = _extra_value(v)
     return d
 
 
+def _int_if_whole(x: float) -> float | int:
+    """transformers' strict configs type some fields int (query_pre_attn_scalar)."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _gemma_phi(cfg: ModelConfig) -> dict[str, Any]:
+    """The config keys of Gemma 2/3 and Phi-3/4 that `config_from_hf` reads."""
+    if cfg.model_type == "phi3":
+        d: dict[str, Any] = {"sliding_window": cfg.sliding_window}
+        if cfg.rotary_dim is not None:
+            d["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+        return d
+    if cfg.model_type not in ("gemma2", "gemma3_text"):
+        return {}
+    flags = cfg.sliding_layers or (True,) * cfg.num_layers
+    d = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": cfg.sliding_window,
+         "layer_types": ["sliding_attention" if f and cfg.sliding_window else "full_attention" for f in flags],
+         "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.final_softcap,
+         "query_pre_attn_scalar": _int_if_whole(round((cfg.query_scale or cfg.head_dim ** -0.5) ** -2, 6))}
+    if cfg.model_type == "gemma3_text":
+        local = cfg.local_rope or cfg.rope
+        d["rope_local_base_freq"] = local.theta
+        if cfg.rope.kind == "linear":
+            d["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope.factor}
+    return d
+
+
 def export_config(cfg: ModelConfig, source: dict[str, Any] | None, dtype: str, tokenizer=None) -> dict[str, Any]:
     """config.json for the export: the source's dict (all its keys kept) or one built from `cfg`, with
     the export dtype, the architecture class and token ids (from the tokenizer when the source has none)."""
-    out = dict(source) if source else config_from_model(cfg)
+    out = dict(source) if source and "text_config" not in source else config_from_model(cfg)  # multimodal: text
     out.pop("auto_map", None)  # never point loaders at remote code
     out.pop("quantization_config", None)  # exported weights are dense
     out["model_type"] = cfg.model_type

@@ -34,15 +34,19 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal", stddev=0.02
 
 
 class RMSNorm(nnx.Module):
-    """RMSNorm computed in fp32, as transformers' Llama does, then scaled in the input dtype."""
+    """RMSNorm computed in fp32, as transformers' Llama does, then scaled in the input dtype; with `offset`
+    (Gemma) the stored weight w scales by (1 + w), in fp32 before the cast, as transformers' Gemma does."""
 
-    def __init__(self, dim: int, *, eps: float, stack: tuple = (), param_dtype=jnp.float32):
-        self.eps = eps
-        self.scale = _param(None, (*stack, dim), ("layers",) * len(stack) + ("norm",), param_dtype, "ones")
+    def __init__(self, dim: int, *, eps: float, stack: tuple = (), param_dtype=jnp.float32, offset: bool = False):
+        self.eps, self.offset = eps, offset
+        self.scale = _param(None, (*stack, dim), ("layers",) * len(stack) + ("norm",), param_dtype,
+                            "zeros" if offset else "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
@@ -125,7 +129,7 @@ def fused_linears(x: jax.Array, linears: tuple, rngs: tuple) -> list[jax.Array]:
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding settings; `kind` is default, linear or llama3 (transformers' rope types)."""
+    """Rotary embedding settings; `kind` is default, linear, llama3 or longrope (transformers' rope types)."""
 
     theta: float = 10000.0
     kind: str = "default"
@@ -133,10 +137,17 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple = ()  # longrope (Phi-3.5 / Phi-4-mini): per-frequency divisors up to the original length
+    long_factor: tuple = ()  # ... and past it
+    attention_factor: float = 1.0  # longrope: sin and cos scaled by it
 
 
-def rope_inv_freq(head_dim: int, rope: RopeConfig) -> jax.Array:
-    """Inverse frequencies, including Llama 3.1 style frequency-dependent scaling."""
+def rope_inv_freq(head_dim: int, rope: RopeConfig, *, long: bool = False) -> jax.Array:
+    """Inverse frequencies, including Llama 3.1 style frequency-dependent scaling (longrope: the short
+    factors, or the long ones with `long`)."""
+    if rope.kind == "longrope":
+        ext = jnp.asarray(rope.long_factor if long else rope.short_factor, jnp.float32)
+        return 1.0 / (ext * rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     inv = 1.0 / (rope.theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if rope.kind == "linear":
         inv = inv / rope.factor
@@ -160,8 +171,23 @@ def rope_sin_cos(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, 
     return jnp.sin(emb), jnp.cos(emb)
 
 
+def rope_tables(positions: jax.Array, rotary_dim: int, rope: RopeConfig) -> tuple[jax.Array, jax.Array]:
+    """sin/cos of `rope` for `positions`. Longrope takes its long factors when any position of the call reaches
+    past the original length (transformers decides per forward call, over the whole batch, the same way)."""
+    inv = rope_inv_freq(rotary_dim, rope)
+    if rope.kind != "longrope":
+        return rope_sin_cos(positions, inv)
+    longer = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+    sin, cos = rope_sin_cos(positions, jnp.where(longer, rope_inv_freq(rotary_dim, rope, long=True), inv))
+    return sin * rope.attention_factor, cos * rope.attention_factor
+
+
 def apply_rope(x_btnh: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
-    """Rotate-half rotary embedding (the HF layout of q/k rows)."""
+    """Rotate-half rotary embedding (the HF layout of q/k rows); sin/cos narrower than the head rotate its
+    first dims only (partial rotary, Phi-4-mini)."""
+    rot = sin.shape[-1]
+    if rot < x_btnh.shape[-1]:
+        return jnp.concatenate([apply_rope(x_btnh[..., :rot], sin, cos), x_btnh[..., rot:]], axis=-1)
     half = x_btnh.shape[-1] // 2
     rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
     sin, cos = sin[:, :, None, :].astype(x_btnh.dtype), cos[:, :, None, :].astype(x_btnh.dtype)
@@ -184,6 +210,9 @@ class AttentionConfig:
     windows: tuple = (None,)  # the distinct sliding windows of the layers (None = full causal)
     softcap: float | None = None  # logit soft-cap
     fuse_qkv: bool = True  # q/k/v as one GEMM (off when the tensor axis splits heads: the concat would gather)
+    scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar**-0.5)
+    packed: bool = False  # q/k/v stored as one `qkv_proj` (Phi-3), one LoRA adapter over its fused output
+    norm_offset: bool = False  # q/k norms scale by (1 + w) (Gemma 3)
 
 
 class Attention(nnx.Module):
@@ -194,13 +223,18 @@ class Attention(nnx.Module):
         self.cfg = cfg
         n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
         kw: dict[str, Any] = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(d, n * h, axes=("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
-        self.k_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, **kw)
-        self.v_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, **kw)
+        if cfg.packed:
+            self.qkv_proj = Linear(d, (n + 2 * k) * h, axes=("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        else:
+            self.q_proj = Linear(d, n * h, axes=("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+            self.k_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, **kw)
+            self.v_proj = Linear(d, k * h, axes=("embed", "kv"), use_bias=cfg.qkv_bias, **kw)
         self.o_proj = Linear(n * h, d, axes=("heads", "embed"), use_bias=cfg.o_bias, **kw)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, stack=stack, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, stack=stack, param_dtype=param_dtype)
+            norm_kw: dict[str, Any] = dict(eps=cfg.rms_norm_eps, stack=stack, param_dtype=param_dtype,
+                                           offset=cfg.norm_offset)
+            self.q_norm = RMSNorm(h, **norm_kw)
+            self.k_norm = RMSNorm(h, **norm_kw)
         else:
             self.q_norm = self.k_norm = None
 
@@ -210,7 +244,10 @@ class Attention(nnx.Module):
         b, t, _ = x_btd.shape
         # One GEMM [D, (N + 2K)·H] instead of three (SmolLM2's k/v ones, 192 wide, run at about half the
         # rate of wide ones on CPU); not when the tensor axis splits the heads (the concat would gather).
-        if c.fuse_qkv:
+        if c.packed:
+            q, k, v = jnp.split(self.qkv_proj(x_btd, rngs[0]),
+                                [c.num_heads * c.head_dim, (c.num_heads + c.num_kv_heads) * c.head_dim], axis=-1)
+        elif c.fuse_qkv:
             q, k, v = fused_linears(x_btd, (self.q_proj, self.k_proj, self.v_proj), tuple(rngs))
         else:
             q, k, v = self.q_proj(x_btd, rngs[0]), self.k_proj(x_btd, rngs[1]), self.v_proj(x_btd, rngs[2])
@@ -229,8 +266,8 @@ class Attention(nnx.Module):
         `window_index` into cfg.windows (lax.switch: each kernel call keeps a static window)."""
         b, t = q_btnh.shape[:2]
         c = self.cfg
-        calls = [functools.partial(attention, rows=rows, softcap=c.softcap, window=w, implementation=c.implementation)
-                 for w in c.windows]
+        calls = [functools.partial(attention, rows=rows, scale=c.scale, softcap=c.softcap, window=w,
+                                   implementation=c.implementation) for w in c.windows]
         if len(calls) == 1:
             out = calls[0](q_btnh, k_bskh, v_bskh)
         else:
@@ -263,19 +300,28 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """Gated feed-forward: down(act(gate(x)) * up(x)), act silu (SwiGLU) or tanh-approximated gelu (Gemma's
+    GeGLU); with `packed` gate and up are one stored `gate_up_proj` (Phi-3), gate first."""
 
     def __init__(self, hidden: int, intermediate: int, *, use_bias: bool = False, stack: tuple = (),
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, param_dtype=jnp.float32, activation: str = "silu", packed: bool = False,
+                 rngs: nnx.Rngs):
         kw: dict[str, Any] = dict(stack=stack, dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=use_bias)
-        self.gate_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.activation = activation
+        if packed:
+            self.gate_up_proj = Linear(hidden, 2 * intermediate, axes=("embed", "mlp"), **kw)
+        else:
+            self.gate_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+            self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
         self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x_btd: jax.Array, rngs=(None, None, None)) -> jax.Array:
-        gate, up = self.gate_proj(x_btd, rngs[0]), self.up_proj(x_btd, rngs[1])
+        if hasattr(self, "gate_up_proj"):
+            gate, up = jnp.split(self.gate_up_proj(x_btd, rngs[0]), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x_btd, rngs[0]), self.up_proj(x_btd, rngs[1])
         gate = checkpoint_name(gate, "mlp_gate")
         up = checkpoint_name(up, "mlp_up")
-        h = swiglu(gate, up)
+        h = swiglu(gate, up) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True) * up
         h = constrain(h, ("batch", "length", "act_mlp"))
         return self.down_proj(h, rngs[2])

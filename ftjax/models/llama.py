@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) in Flax NNX.
+"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2; Gemma 2/3 and Phi-3/4 by their
+config switches) in Flax NNX.
 
 Layers are stacked (params [L, ...]) and run with `lax.scan`, so compile time does not grow
 with depth. Attention honors `segment_ids` (packed rows) and explicit `positions`.
@@ -15,7 +16,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.models.attention import Rows
-from ftjax.models.layers import MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, rope_inv_freq, rope_sin_cos
+from ftjax.models.layers import MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, rope_tables
 from ftjax.models.moe import MoEConfig, SparseMoE
 from ftjax.sharding import constrain
 
@@ -60,6 +61,16 @@ class ModelConfig:
     fuse_qkv: bool = True  # q/k/v as one GEMM; the loaders turn it off when the tensor axis splits heads
     extra: tuple = ()  # HF config items kept for export (hashable pairs)
     moe: MoEConfig | None = None  # mixture-of-experts MLP in every layer (Mixtral, Qwen3-MoE); None = dense
+    hidden_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (Gemma's GeGLU)
+    norm_offset: bool = False  # RMSNorms scale by (1 + w) (Gemma)
+    sandwich_norms: bool = False  # norms after attention and MLP too, before the residual add (Gemma 2/3)
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    attn_softcap: float | None = None  # attention-logit soft-cap (Gemma 2)
+    final_softcap: float | None = None  # output-logit soft-cap (Gemma 2)
+    query_scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim)
+    local_rope: RopeConfig | None = None  # the sliding-window layers' own rope (Gemma 3); None = `rope`
+    rotary_dim: int | None = None  # rotary on the first dims of each head only (Phi-4-mini); None = head_dim
+    packed_proj: bool = False  # qkv_proj / gate_up_proj stored fused (Phi-3)
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -77,7 +88,11 @@ class ModelConfig:
     def attention_config(self) -> AttentionConfig:
         return AttentionConfig(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.qkv_bias,
                                self.o_bias, self.qk_norm, self.rms_norm_eps, self.attention, self.windows(),
-                               None, self.fuse_qkv)
+                               self.attn_softcap, self.fuse_qkv, self.query_scale, self.packed_proj, self.norm_offset)
+
+    def ropes(self) -> tuple:
+        """The distinct rotary settings: (global,) or (global, local) when sliding layers have their own."""
+        return (self.rope,) if self.local_rope is None else (self.rope, self.local_rope)
 
 
 @jax.tree_util.register_dataclass
@@ -99,18 +114,24 @@ class KVCache:
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm attention + SwiGLU block; built stacked, called on one layer's slice."""
+    """Pre-norm attention + gated-MLP block (with `sandwich_norms`, Gemma's post-norms as well: then
+    `post_attention_layernorm` normalizes the attention output and `pre_feedforward_layernorm` the MLP
+    input, as transformers names them); built stacked, called on one layer's slice."""
 
     def __init__(self, cfg: ModelConfig, *, stack: tuple, rngs: nnx.Rngs):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt)
+        norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt,
+                               offset=cfg.norm_offset)
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg.attention_config(), stack=stack, dtype=dt, param_dtype=pdt, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm() if cfg.sandwich_norms else None
+        self.post_feedforward_layernorm = norm() if cfg.sandwich_norms else None
         if cfg.moe is not None:
             self.mlp = SparseMoE(cfg.hidden_size, cfg.moe, stack=stack, dtype=dt, param_dtype=pdt, rngs=rngs)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, stack=stack, dtype=dt,
-                           param_dtype=pdt, rngs=rngs)
+                           param_dtype=pdt, activation=cfg.hidden_act, packed=cfg.packed_proj, rngs=rngs)
 
     def __call__(self, x_btd, sin, cos, rows: Rows, kv=None, index=None, rng=None, window_index=None):
         """Returns the new residual stream, the (k, v) caches (None without a cache) and the router
@@ -131,10 +152,15 @@ class DecoderLayer(nnx.Module):
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
             kv = (k_all, v_all)
         attn = self.self_attn.attend(q, k, v, rows, window_index, rngs[3])
+        sandwich = self.pre_feedforward_layernorm is not None
+        if sandwich:
+            attn = self.post_attention_layernorm(attn)
         x_btd = checkpoint_name(x_btd + attn, "resid_mid")
-        h = self.post_attention_layernorm(x_btd)
+        h = (self.pre_feedforward_layernorm if sandwich else self.post_attention_layernorm)(x_btd)
         mlp_out, router_logits = self.mlp(h, rngs[4:7]) if isinstance(self.mlp, SparseMoE) else (
             self.mlp(h, rngs[4:7]), None)
+        if sandwich:
+            mlp_out = self.post_feedforward_layernorm(mlp_out)
         x_btd = x_btd + mlp_out
         return constrain(x_btd, ("batch", "length", "act_embed")), kv, router_logits
 
@@ -149,7 +175,7 @@ class Llama(nnx.Module):
             (0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))).astype(pdt),
             logical_axes=("vocab", "embed"))
         self.layers = DecoderLayer(cfg, stack=(cfg.num_layers,), rngs=rngs)
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, offset=cfg.norm_offset)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=jnp.dtype(cfg.dtype),
             param_dtype=pdt, rngs=rngs)
@@ -194,7 +220,10 @@ class Llama(nnx.Module):
         # fsdp-sharded table leaves its rows split by feature, which XLA can only reshard to split-by-batch
         # through a full rematerialization (it warns so on data x fsdp x tensor meshes)
         table = constrain(self.embed_tokens[...], ("vocab", None))
-        x = jnp.take(table, input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+        x = jnp.take(table, input_ids, axis=0)
+        if self.config.embed_scale:  # sqrt(hidden) rounded to the table's dtype first, as transformers' Gemma
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, jnp.float32).astype(x.dtype)
+        x = x.astype(jnp.dtype(self.config.dtype))
         return constrain(x, ("batch", "length", "act_embed"))
 
     def logits(self, h_btd) -> jax.Array:
@@ -206,11 +235,14 @@ class Llama(nnx.Module):
         else:
             w = self.lm_head.kernel[...].astype(dt)
             out = jnp.einsum("btd,dv->btv", h_btd.astype(dt), w, preferred_element_type=jnp.float32)
+        cap = self.config.final_softcap
+        if cap is not None:
+            out = cap * jnp.tanh(out / cap)
         return constrain(out, ("batch", "length", "act_vocab"))
 
     def head_weight(self) -> tuple[jax.Array, bool]:
         """The output head's weight in the compute dtype, and whether it is [V, D] (tied) or [D, V]:
-        what a fused loss needs to do the head's matmuls itself."""
+        what a fused loss needs to do the head's matmuls itself (not with a final soft-cap: see `logits`)."""
         dt = jnp.dtype(self.config.dtype)
         if self.lm_head is None:
             return self.embed_tokens[...].astype(dt), True
@@ -218,18 +250,27 @@ class Llama(nnx.Module):
 
     def _run_layers(self, x, positions, rows: Rows, kv, index, rng):
         cfg = self.config
-        sin, cos = rope_sin_cos(positions, rope_inv_freq(cfg.head_dim, cfg.rope))
+        rotary = cfg.rotary_dim or cfg.head_dim
+        tables = [rope_tables(positions, rotary, r) for r in cfg.ropes()]
         graphdef, state = nnx.split(self.layers)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
         windows = cfg.windows()
         window_index = None  # one window for every layer: static; else each layer's branch of the switch
         if len(windows) > 1:
             window_index = jnp.asarray([windows.index(w) for w in cfg.layer_windows()], jnp.int32)
+        rope_index = None  # sliding layers with their own rope (Gemma 3) pick table 1
+        if len(tables) > 1:
+            rope_index = jnp.asarray([int(w is not None) for w in cfg.layer_windows()], jnp.int32)
+            sin_all, cos_all = jnp.stack([s for s, _ in tables]), jnp.stack([c for _, c in tables])
 
         def body(carry, xs):
             x, caches = carry
-            layer_state, layer, layer_rng, layer_window = xs
+            layer_state, layer, layer_rng, layer_window, layer_rope = xs
             layer_kv = None if caches is None else (*caches, layer)
+            if layer_rope is None:
+                sin, cos = tables[0]
+            else:
+                sin, cos = sin_all[layer_rope], cos_all[layer_rope]
             layer_fn = nnx.merge(graphdef, layer_state)
             x, caches, router_logits = layer_fn(x, sin, cos, rows, layer_kv, index, layer_rng, layer_window)
             return (x, caches), router_logits
@@ -238,5 +279,5 @@ class Llama(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         layers = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, caches), router_logits = jax.lax.scan(body, (x, None if kv is None else (kv[0], kv[1])),
-                                                  (state, layers, layer_rngs, window_index))
+                                                  (state, layers, layer_rngs, window_index, rope_index))
         return x, caches, router_logits

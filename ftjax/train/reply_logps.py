@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from ftjax.errors import ConfigError
 from ftjax.sharding import constrain
 from ftjax.train.preference import ReplyLogps
 
@@ -133,6 +134,9 @@ def model_pair_logps(model, batch: dict, max_pairs: int, chunk: int = 512, *, rn
 def head_pair_logps(model, h: jax.Array, batch: dict, max_pairs: int, chunk: int = 512
                     ) -> tuple[ReplyLogps, jax.Array]:
     """`pair_logps` from final hidden states `h` [B, T, D] already computed (the train step's forward pass)."""
+    if getattr(model.config, "final_softcap", None) is not None:
+        raise ConfigError(f"preference objectives read the head as one linear; {model.config.model_type}'s "
+                          "final-logit soft-cap is not supported there")
     w, vocab_major = model.head_weight()
     logp = token_logps(h.astype(w.dtype), w, batch["targets"], chunk, vocab_major=vocab_major)
     return pair_logps(logp, batch["reply_ids"], max_pairs)
