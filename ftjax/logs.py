@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 class _QuietOrbax(logging.Filter):
@@ -42,3 +42,26 @@ def heartbeat(beat: Callable[[], None], every: float = 10.0) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def progress(total: int, unit: str, desc: str) -> Iterator[Any]:
+    """A tqdm bar (done / total with a rate) on process 0 that redraws its clock every 10 s while one long
+    item runs (a compiled generation batch takes a minute on a CPU); disabled elsewhere or with nothing to do."""
+    import jax
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=unit, desc=desc, leave=False, dynamic_ncols=True, mininterval=2.0,
+               disable=jax.process_index() != 0 or total == 0)
+    with bar, heartbeat(bar.refresh):
+        yield bar
+
+
+@contextlib.contextmanager
+def still(what: str, say: Callable[[str], None], every: float = 15.0) -> Iterator[None]:
+    """Say "  ... still WHAT (N s)" every `every` seconds while the block runs (an XLA compile of a large step)."""
+    import time
+
+    start = time.monotonic()
+    with heartbeat(lambda: say(f"  ... still {what} ({time.monotonic() - start:.0f} s)"), every):
+        yield

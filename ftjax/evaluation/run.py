@@ -47,7 +47,7 @@ def _process_zero() -> bool:
 @contextlib.contextmanager
 def _phase(what: str):
     """Costly evaluation phases announce themselves on process 0 when they start ("eval: ...") and say how
-    long they took when done: generation on a CPU takes minutes (progress inside: generation_progress)."""
+    long they took when done: generation on a CPU takes minutes (progress bars inside: ftjax.logs.progress)."""
     start = time.perf_counter()
     if _process_zero():
         print(f"eval: {what} ...", flush=True)

@@ -21,7 +21,7 @@ from ftjax.evaluation.conversations import Turns, as_record, few_shot_turns, spl
 from ftjax.evaluation.scorers import make_scorer
 from ftjax.evaluation.token_stats import TokenSums, even_batches, teacher_forced
 from ftjax.generate import encode_chat, generate_tokens, stop_ids, trim
-from ftjax.logs import heartbeat
+from ftjax.logs import progress
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batches = even_batches(order, batch_size)
     rows: list[list[int]] = [[] for _ in prompt_ids]
-    with generation_progress(len(prompt_ids)) as bar, heartbeat(bar.refresh):  # a batch can take a minute
+    with progress(len(prompt_ids), "prompt", "  generating") as bar:
         for k, idx in enumerate(batches):
             batch = [prompt_ids[i] for i in idx]
             batch += [batch[-1]] * (len(batches[0]) - len(batch))
@@ -76,15 +76,6 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
             bar.update(len(idx))
             stop.checkpoint()  # a stop asked for during generation ends it here, on every process alike
     return rows, eos
-
-
-def generation_progress(total: int):
-    """Prompts done / total with a rate, on process 0 (generation on a CPU takes minutes per phase)."""
-    import jax
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="prompt", desc="  generating", leave=False, dynamic_ncols=True, mininterval=2.0,
-                disable=jax.process_index() != 0 or total == 0)
 
 
 def generate_replies(model: nnx.Module, tokenizer: Any, prompts: Sequence[Turns], *, max_new_tokens: int,

@@ -28,6 +28,7 @@ from ftjax.checkpoint import Checkpoints
 from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
 from ftjax.evaluation.run import Evaluation
+from ftjax.logs import still
 from ftjax.provenance import base_identity, check_resume_config, check_same
 from ftjax.sharding import batch_sharding, batch_shards, mesh_from_config, parse_rules
 from ftjax.train import forget
@@ -247,7 +248,7 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
     first = next(job.batches) if last_step > job.start else None
     compile_s = None
     if first is not None:
-        with stop.phase("compiling the train step"):
+        with stop.phase("compiling the train step"), still("compiling the train step", _say):
             compile_s = job.step_fn.compile(trainable, opt_state, job.frozen, first,
                                             jax.random.fold_in(base_key, job.start + 1))
         _say(f"compiled the train step in {compile_s:.1f} s")
