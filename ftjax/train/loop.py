@@ -28,7 +28,7 @@ from ftjax.checkpoint import Checkpoints
 from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
 from ftjax.evaluation.run import Evaluation
-from ftjax.logs import still
+from ftjax.logs import heartbeat, still
 from ftjax.provenance import base_identity, check_resume_config, check_same
 from ftjax.sharding import batch_sharding, batch_shards, mesh_from_config, parse_rules
 from ftjax.train import forget
@@ -275,7 +275,7 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
     interrupted: stop.StopRequested | None = None
     meter.start(compile_s)
     try:
-        with stop.phase("training"):
+        with stop.phase("training"), heartbeat(log.progress.refresh):  # an eval at a step takes minutes
             for step in range(job.start + 1, last_step + 1):
                 rng = jax.random.fold_in(base_key, step)
                 batch = first if step == job.start + 1 else next(job.batches)

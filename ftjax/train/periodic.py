@@ -165,6 +165,11 @@ class Progress:
         post = {name: format(values[key], spec) for name, (key, spec) in shown.items() if key in values}
         self.bar.set_postfix(post)
 
+    def refresh(self) -> None:
+        """Redraw (its clock moves): the heartbeat while an eval or a save holds the step."""
+        if self.bar is not None:
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
