@@ -15,9 +15,10 @@ temperature 1; KL: the greedy reply's full distributions); forgetting is measure
 prompts, which no run trains on (out of sample). `forget.l2_weight` (Σ‖W − W_base‖²) is the third knob
 for full fine-tuning.
 
-Measured on the 2-core CPU (2026-11-29, README "Forgetting"): no control 100% exact, KL 2.47; replay
-96%, KL 0.95 (0.38x); kl_weight 1.0 96%, KL 0.62 (0.25x). 8-10 min per plain run, 15-20 min with a
-control (its step is about twice the work), plus 4 min once for replay's samples.
+Measured on the 2-core CPU (README "Forgetting"): no control 100% exact, KL 2.70 (re-run 2026-11-30: the
+2.47 first written did not reproduce); replay 96%, KL 0.95 (0.35x); kl_weight 1.0 96%, KL 0.62 (0.23x).
+8-10 min per plain run, 15-20 min with a control (its step is about twice the work), plus 4 min once for
+replay's samples.
 """
 
 from ftjax.config import DEFAULT_MODEL, default_config
