@@ -10,15 +10,13 @@ the pre-compile estimate, against 137.5 GiB with the bf16 base. Loading reads an
 tensor at a time on the host (host RAM: the bf16 embedding plus one layer's projections in fp32).
 """
 
-import importlib.util
 from pathlib import Path
+
+from ftjax.config import load_recipe
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("llama3_8b_qlora", Path(__file__).with_name("llama3_8b_qlora.py"))
-    qlora = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(qlora)
-    c = qlora.get_config()
+    c = load_recipe(Path(__file__).with_name("llama3_8b_qlora.py"))
     c.model.path = "/path/to/Meta-Llama-3-70B-Instruct"
     c.train.steps = 500
     c.optim.lr, c.optim.warmup_steps = 1e-4, 25

@@ -11,15 +11,13 @@ activations 2.72 GiB (one layer's dequantized weights included): 8.5 GiB, agains
 bf16 base. An estimate, not a measurement: scripts/benchmark.py with this config measures the peak.
 """
 
-import importlib.util
 from pathlib import Path
+
+from ftjax.config import load_recipe
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("llama3_8b_lora", Path(__file__).with_name("llama3_8b_lora.py"))
-    lora = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lora)
-    c = lora.get_config()  # bf16 compute and frozen weights, full remat, LoRA rank 16 on every projection
+    c = load_recipe(Path(__file__).with_name("llama3_8b_lora.py"))  # bf16 compute and frozen weights, full remat, LoRA rank 16 on every projection
     c.model.param_dtype = "bfloat16"  # the unquantized frozen weights (embedding, head, norms) as read
     c.train.frozen_quant = "nf4"
     c.mesh.data, c.mesh.fsdp = -1, 1  # one GPU (more: data parallel, each holding the whole NF4 base)

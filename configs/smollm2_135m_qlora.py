@@ -10,14 +10,12 @@ match). `--config.train.frozen_quant=gguf` trains on the shipped file's own Q4_1
 computes exactly what the LoRA recipe's dequantized base does, at ~0.16x the frozen linears' bytes.
 """
 
-import importlib.util
 from pathlib import Path
+
+from ftjax.config import load_recipe
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("smollm2_135m_lora", Path(__file__).with_name("smollm2_135m_lora.py"))
-    lora = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lora)
-    c = lora.get_config()
+    c = load_recipe(Path(__file__).with_name("smollm2_135m_lora.py"))
     c.train.frozen_quant = "nf4"
     return c

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import ml_collections
@@ -15,6 +18,16 @@ from ftjax.sharding import parse_rules
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def load_recipe(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The get_config() of a recipe file (configs/NAME.py): recipes build on each other and tests load them by
+    path (configs/ is a folder of files, not a package)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"configs.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def default_config() -> ml_collections.ConfigDict:

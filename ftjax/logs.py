@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 
@@ -60,8 +61,6 @@ def progress(total: int, unit: str, desc: str) -> Iterator[Any]:
 @contextlib.contextmanager
 def still(what: str, say: Callable[[str], None], every: float = 15.0) -> Iterator[None]:
     """Say "  ... still WHAT (N s)" every `every` seconds while the block runs (an XLA compile of a large step)."""
-    import time
-
     start = time.monotonic()
     with heartbeat(lambda: say(f"  ... still {what} ({time.monotonic() - start:.0f} s)"), every):
         yield

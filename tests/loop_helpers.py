@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 from pathlib import Path
+
+from ftjax.config import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str = "tiny_test"):
     """A configs/NAME.py recipe's get_config(), unlocked for test overrides."""
-    spec = importlib.util.spec_from_file_location(f"configs.{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_recipe(ROOT / "configs" / f"{name}.py")
 
 
 def metrics(workdir) -> list[dict]:

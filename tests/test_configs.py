@@ -7,7 +7,6 @@ error would add lines to stderr: one line on stderr proves it failed before comp
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from ftjax import config as config_lib
-from ftjax.config import default_config, flat_keys, get, validate
+from ftjax.config import default_config, flat_keys, get, load_recipe, validate
 from ftjax.errors import ConfigError
 from ftjax.sharding import RULES, parse_rules
 from loop_helpers import ROOT
@@ -36,10 +35,7 @@ CONTRACT_KEYS = (
 
 
 def _get_config(path: Path) -> ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_recipe(path)
 
 
 def _field_type(c: ConfigDict, key: str) -> type:

@@ -3,7 +3,6 @@ figures against each other (tokens/s from the step time, MFU from tokens/s, FLOP
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from flax import nnx
 
 from ftjax import metrics
+from ftjax.config import load_recipe
 from ftjax.lora import apply_lora, linears
 from ftjax.models.llama import Llama, ModelConfig
 
@@ -59,11 +59,7 @@ def test_lora_param_count_matches_adapters():
 
 
 def _tiny_config():
-    path = Path(__file__).resolve().parents[1] / "configs" / "tiny_test.py"
-    spec = importlib.util.spec_from_file_location("tiny_test_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_recipe(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.py")
 
 
 def test_benchmark_figures_are_consistent():
