@@ -8,9 +8,9 @@ import numpy as np
 
 def pair_rows(pairs, seq_len: int, packed: bool) -> dict:
     """All pairs in one row (packed) or one pair a row. Each half is its own segment (prompt + reply) with
-    positions from 0; reply targets carry reply ids 2k+1 (chosen) / 2k+2 (rejected), loss weight on chosen."""
+    positions from 0; reply targets (chosen in segment 2k+1, rejected in 2k+2) carry loss weight 1."""
     rows = [pairs] if packed else [[p] for p in pairs]
-    keys = ("input_ids", "targets", "segment_ids", "positions", "reply_ids")
+    keys = ("input_ids", "targets", "segment_ids", "positions")
     out = {k: np.zeros((len(rows), seq_len), np.int32) for k in keys}
     out["loss_weights"] = np.zeros((len(rows), seq_len), np.float32)
     for r, row in enumerate(rows):
@@ -23,8 +23,7 @@ def pair_rows(pairs, seq_len: int, packed: bool) -> dict:
                 sl = slice(pos, pos + n)
                 out["input_ids"][r, sl], out["targets"][r, sl] = ids[:-1], ids[1:]
                 out["segment_ids"][r, sl], out["positions"][r, sl] = seg, np.arange(n)
-                out["reply_ids"][r, pos + len(prompt) - 1:pos + n] = 2 * k + 1 + half
-                out["loss_weights"][r, pos + len(prompt) - 1:pos + n] = 1.0 - half
+                out["loss_weights"][r, pos + len(prompt) - 1:pos + n] = 1.0
                 pos += n
     return {k: jnp.asarray(v) for k, v in out.items()}
 

@@ -10,11 +10,13 @@ import collections
 import numpy as np
 import pytest
 
+from ftjax.data.packing import BATCH_KEYS
 from ftjax.data.pair_rows import make_pair_rows
 from ftjax.data.preference import (IDENTICAL, NO_TRAINED, OVERLONG, PreferenceFields, fit_pairs, read_pairs,
                                    read_pairs_tfds, tokenize_pairs, validate_pair)
 from ftjax.data.records import MISSING_FIELDS
 from ftjax.errors import DataError
+from ftjax.train.reply_logps import chosen_weights, reply_ids
 from data_helpers import smollm2_tokenizer, write_jsonl
 from hf_helpers import tiny_tokenizer
 
@@ -121,7 +123,7 @@ def test_rows_keep_both_halves_of_every_pair_together():
     batch = rows.batch(np.arange(len(rows)))
     for j in range(len(rows)):
         items = rows.row_items(j)
-        seg, reply = batch["segment_ids"][j], batch["reply_ids"][j]
+        seg, reply = batch["segment_ids"][j], np.asarray(reply_ids(batch))[j]
         assert seg.max() == 2 * len(items)
         for k, p in enumerate(items):
             for half, ex in enumerate((pairs.chosen, pairs.rejected)):
@@ -130,7 +132,8 @@ def test_rows_keep_both_halves_of_every_pair_together():
                 np.testing.assert_array_equal(batch["input_ids"][j][seg == s], ids[:-1])
                 np.testing.assert_array_equal(reply[seg == s] == s, mask[1:])
                 np.testing.assert_array_equal(batch["positions"][j][seg == s], np.arange(len(ids) - 1))
-                assert np.all(batch["loss_weights"][j][seg == s] == (mask[1:] if half == 0 else 0))
+                assert np.all(batch["loss_weights"][j][seg == s] == mask[1:])  # both replies' trained tokens
+                assert np.all(np.asarray(chosen_weights(batch))[j][seg == s] == (mask[1:] if half == 0 else 0))
     assert rows.max_pairs == int(np.diff(rows.offsets).max())
 
 
@@ -191,9 +194,11 @@ def test_build_from_config_splits_packs_and_loads_through_the_train_iterator(tmp
     assert train_pairs == set(range(s.train_examples))
     it = train_iterator(data.train, 4, seed=0, prefetch=0)
     batch = next(it)
-    assert batch["reply_ids"].shape == (4, 48) and batch["reply_ids"].max() <= 2 * data.train.max_pairs
-    chosen = (batch["reply_ids"] % 2 == 1)
-    np.testing.assert_array_equal(batch["loss_weights"] > 0, chosen)  # CE weights: the chosen replies only
+    assert set(batch) == set(BATCH_KEYS)  # an SFT batch's arrays: the replies are read from them
+    replies = np.asarray(reply_ids(batch))
+    assert replies.shape == (4, 48) and replies.max() <= 2 * data.train.max_pairs
+    chosen = (replies % 2 == 1)
+    np.testing.assert_array_equal(np.asarray(chosen_weights(batch)) > 0, chosen)  # CE weights: the chosen replies only
     with pytest.raises(DataError, match="vocabulary"):
         build_preference_datasets(c, tiny_tokenizer(), vocab_size=50)
 

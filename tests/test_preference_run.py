@@ -16,6 +16,7 @@ import pytest
 from ftjax import config as config_lib
 from ftjax.api import load_model
 from ftjax.checkpoint import Checkpoints
+from ftjax.data.packing import BATCH_KEYS
 from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
 from ftjax.evaluation.shared_cache import base_content_id
@@ -155,9 +156,10 @@ def test_compiled_dpo_step_holds_no_second_copy_of_the_weights(pair_files):
     dpo_mem = dpo.lower(*args).compile().memory_analysis()
     layer = _layer_bytes(s.frozen)
     assert layer > 0
-    # the same weights, optimizer state and batch; the pairs' reply ids are the only extra input (the SFT step's
-    # executable drops them unused): no copy of any weight for the reference
-    assert dpo_mem.argument_size_in_bytes == sft_mem.argument_size_in_bytes + batch["reply_ids"].nbytes
+    # the same weights, optimizer state and batch (a preference batch is an SFT batch's arrays): no copy of any
+    # weight for the reference
+    assert set(batch) == set(BATCH_KEYS)
+    assert dpo_mem.argument_size_in_bytes == sft_mem.argument_size_in_bytes
     assert dpo_mem.temp_size_in_bytes - sft_mem.temp_size_in_bytes < layer, (dpo_mem.temp_size_in_bytes,
                                                                              sft_mem.temp_size_in_bytes, layer)
 

@@ -16,7 +16,7 @@ import numpy as np
 from ftjax.data.examples import Examples
 
 BATCH_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
-PAIR_KEYS = ("reply_ids", "ref_logps")  # what preference batches add (ftjax/data/pair_rows.py), carried when present
+PAIR_KEYS = ("ref_logps",)  # what a full-FT preference batch adds (ftjax/data/pair_rows.py), carried when present
 
 
 def best_fit_rows(positions: np.ndarray, seq_len: int, order: np.ndarray | None = None) -> list[list[int]]:

@@ -2,14 +2,15 @@
 
 Pair k of a row (from 0) puts its chosen half in segment 2k+1 and its rejected half in segment 2k+2, each with
 positions from 0, so attention never crosses halves and a packed pair gives the log-probs it gives alone. A
-batch holds the train step's keys plus `reply_ids` (int32 [B, T]): the segment id where the target is a trained
-reply token, 0 elsewhere, what `ftjax.train.reply_logps.pair_logps` sums by. `loss_weights` mark the chosen
-reply's targets only (the SFT / ORPO cross-entropy on the chosen reply). Pairs are packed best-fit decreasing on
-their positions, as `ftjax.data.packing` packs examples.
+batch holds exactly the train step's keys (an SFT batch's arrays, nothing more): `loss_weights` mark the trained
+reply tokens of both halves, so a position's reply is its segment id where its weight is > 0
+(`ftjax.train.reply_logps.reply_ids`), odd for a chosen reply, even for a rejected one; the cross-entropy on the
+chosen reply (ORPO's NLL, `pref.sft_weight`) keeps the odd segments' weights. Pairs are packed best-fit
+decreasing on their positions, as `ftjax.data.packing` packs examples.
 
 With `reference` (per pair: the reference model's summed log-prob of the chosen and the rejected reply, computed
 once before full fine-tuning), batches also carry `ref_logps` (float32 [B, T]): each reply's reference log-prob
-at its first reply position, 0 elsewhere, so summing it by `reply_ids` gives the reference per reply.
+at its first reply position, 0 elsewhere, so summing it by reply gives the reference per reply.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 from ftjax.data.packing import BATCH_KEYS, group_rows
 from ftjax.data.preference import PairExamples
 
-PREFERENCE_KEYS = BATCH_KEYS + ("reply_ids",)
 
 
 @dataclasses.dataclass
@@ -55,7 +55,7 @@ class PairRows:
     def batch(self, rows: np.ndarray | list[int]) -> dict[str, np.ndarray]:
         """The rows as a preference batch; a row index < 0 gives an all-padding row."""
         b, t = len(rows), self.seq_len
-        keys = PREFERENCE_KEYS + (("ref_logps",) if self.reference is not None else ())
+        keys = BATCH_KEYS + (("ref_logps",) if self.reference is not None else ())
         out = {k: np.zeros((b, t), np.float32 if k in ("loss_weights", "ref_logps") else np.int32) for k in keys}
         ar = np.arange(t, dtype=np.int32)
         for j, r in enumerate(rows):
@@ -71,8 +71,7 @@ class PairRows:
                     out["targets"][j, pos:pos + n] = ex.ids[s + 1:s + n + 1]
                     out["segment_ids"][j, pos:pos + n] = seg
                     out["positions"][j, pos:pos + n] = ar[:n]
-                    out["reply_ids"][j, pos:pos + n] = np.where(trained, seg, 0)
-                    out["loss_weights"][j, pos:pos + n] = trained if half == 0 else 0.0
+                    out["loss_weights"][j, pos:pos + n] = trained
                     if self.reference is not None and trained.any():
                         out["ref_logps"][j, pos + int(np.argmax(trained))] = self.reference[p, half]
                     pos += n

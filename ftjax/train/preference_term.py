@@ -21,7 +21,7 @@ from flax import nnx
 from ftjax.data.pair_rows import PairRows
 from ftjax.train.preference import (LENGTH_NORMALIZED, PreferenceConfig, ReplyLogps, pair_losses, pair_sums,
                                     preference_accuracy)
-from ftjax.train.reply_logps import head_pair_logps, model_pair_logps, pair_logps
+from ftjax.train.reply_logps import head_pair_logps, model_pair_logps, pair_logps, reply_ids
 
 
 def reference_pair_logps(graphdef: nnx.GraphDef, reference_trainable: Any, frozen: Any, batch: dict,
@@ -70,7 +70,7 @@ def preference_sums(cfg: PreferenceConfig, model: nnx.Module, batch: dict, max_p
 
 def global_pairs(batch: dict) -> jax.Array:
     """Pairs in a global batch (rows' chosen-reply starts); an empty batch counts 1 (zero loss, not 0/0)."""
-    ids = batch["reply_ids"]
+    ids = reply_ids(batch)
     chosen = (ids > 0) & (ids % 2 == 1)
     starts = chosen & jnp.concatenate([jnp.ones_like(chosen[:, :1]), ids[:, 1:] != ids[:, :-1]], axis=1)
     return jnp.maximum(jnp.sum(starts.astype(jnp.float32)), 1.0)
@@ -78,7 +78,7 @@ def global_pairs(batch: dict) -> jax.Array:
 
 def batch_reference(batch: dict, max_pairs: int) -> ReplyLogps:
     """The reference log-probs a batch carries (`ref_logps`, from `PairRows.with_reference`)."""
-    logps, _ = pair_logps(batch["ref_logps"], batch["reply_ids"], max_pairs)
+    logps, _ = pair_logps(batch["ref_logps"], reply_ids(batch), max_pairs)
     return jax.tree.map(jax.lax.stop_gradient, logps)
 
 

@@ -1,7 +1,8 @@
 """Per-reply summed log-probs and token counts from hidden states and the output head, chunk by chunk.
 
-A preference row packs whole pairs: each reply's tokens carry `reply_ids` 2k+1 (chosen) or 2k+2 (rejected)
-for the row's k-th pair, 0 elsewhere (prompts, padding). `token_logps` gives log p(target) per position with
+A preference row packs whole pairs: the row's k-th pair is segments 2k+1 (chosen) and 2k+2 (rejected), and
+`reply_ids` reads a position's reply from the batch: its segment id where its target is a trained reply token
+(loss weight > 0), 0 elsewhere (prompts, padding). `token_logps` gives log p(target) per position with
 only one chunk's fp32 logits [B, chunk, V] alive, like `ftjax.train.loss.fused_cross_entropy`: with a frozen
 head (LoRA) the head's backward is done in the forward pass (d log p / dh per token is kept, then scaled by the
 incoming cotangent); a trained head (full fine-tuning) recomputes each chunk's logits in the backward pass.
@@ -101,6 +102,17 @@ def _token_logps_bwd(vocab_major, res, g_nbc):
 _token_logps.defvjp(_token_logps_fwd, _token_logps_bwd, symbolic_zeros=True)
 
 
+def reply_ids(batch: dict) -> jax.Array:
+    """int32 [B, T]: the reply each position's target belongs to (2k+1 chosen, 2k+2 rejected), 0 where none; a
+    preference batch carries no array for it, so the step's arguments are an SFT batch's."""
+    return jnp.where(batch["loss_weights"] > 0, batch["segment_ids"], 0).astype(jnp.int32)
+
+
+def chosen_weights(batch: dict) -> jax.Array:
+    """The loss weights of the chosen replies only (odd segments): what a cross-entropy on them weighs."""
+    return jnp.where(reply_ids(batch) % 2 == 1, batch["loss_weights"], 0.0)
+
+
 def reply_sums(logp_bt: jax.Array, reply_ids_bt: jax.Array, max_pairs: int) -> tuple[jax.Array, jax.Array]:
     """(Σ log p, token count) per reply slot [B, 2·max_pairs]: slot 2k is pair k's chosen reply, 2k+1 its
     rejected one; positions with reply id 0 (or beyond max_pairs) are left out."""
@@ -126,7 +138,7 @@ def pair_logps(logp_bt: jax.Array, reply_ids_bt: jax.Array, max_pairs: int) -> t
 def model_pair_logps(model, batch: dict, max_pairs: int, chunk: int = 512, *, rng=None
                      ) -> tuple[ReplyLogps, jax.Array]:
     """`pair_logps` of a Llama-style model (`hidden` + `head_weight`) on a preference batch (its input_ids,
-    positions, segment_ids, targets and reply_ids)."""
+    positions, segment_ids, targets and loss_weights)."""
     h = model.hidden(batch["input_ids"], batch["positions"], batch["segment_ids"], rng=rng)
     return head_pair_logps(model, h, batch, max_pairs, chunk)
 
@@ -139,4 +151,4 @@ def head_pair_logps(model, h: jax.Array, batch: dict, max_pairs: int, chunk: int
                           "final-logit soft-cap is not supported there")
     w, vocab_major = model.head_weight()
     logp = token_logps(h.astype(w.dtype), w, batch["targets"], chunk, vocab_major=vocab_major)
-    return pair_logps(logp, batch["reply_ids"], max_pairs)
+    return pair_logps(logp, reply_ids(batch), max_pairs)

@@ -25,6 +25,7 @@ from ftjax.train.loss import head_cross_entropy
 from ftjax.train.preference import METRICS
 from ftjax.train.preference_term import forward_sums, global_pairs, max_pairs_of, preference_config
 from ftjax.train.regularizers import chunked_kl_to_base, l2_to_base
+from ftjax.train.reply_logps import chosen_weights
 
 TASK = "task"  # the stream that is the batch itself (its top-level arrays)
 
@@ -78,9 +79,13 @@ def cross_entropy(chunk: int) -> BatchTerm:
 
 
 def chosen_cross_entropy(weight: float, chunk: int) -> BatchTerm:
-    """Cross-entropy on the chosen replies of a preference batch (their `loss_weights`): ORPO's NLL term, or
-    `pref.sft_weight` added to DPO / IPO / SimPO."""
-    return dataclasses.replace(cross_entropy(chunk), name="nll_loss", weight=weight)
+    """Cross-entropy on the chosen replies of a preference batch (its odd segments' `loss_weights`): ORPO's NLL
+    term, or `pref.sft_weight` added to DPO / IPO / SimPO; normalized by the chosen replies' total weight."""
+
+    def fn(f: Forward) -> jax.Array:
+        return head_cross_entropy(f.model, f.hidden, f.batch["targets"], chosen_weights(f.batch), chunk)
+
+    return BatchTerm("nll_loss", fn, weight, normalizer=lambda batch: total_weight(batch, chosen_weights(batch)))
 
 
 def preference_loss(config) -> BatchTerm:
@@ -125,10 +130,11 @@ def loss_terms(config) -> list[Term]:
     return terms
 
 
-def total_weight(batch: dict) -> jax.Array:
-    """Σ loss weights of a global batch (a batch term's default normalizer); an all-padding batch gives 1 (zero
-    loss and gradients, not 0/0)."""
-    weight_sum = jnp.sum(batch["loss_weights"].astype(jnp.float32))
+def total_weight(batch: dict, weights: jax.Array | None = None) -> jax.Array:
+    """Σ loss weights of a global batch (a batch term's default normalizer), or Σ `weights` given for it; an
+    all-padding batch gives 1 (zero loss and gradients, not 0/0)."""
+    weights = batch["loss_weights"] if weights is None else weights
+    weight_sum = jnp.sum(weights.astype(jnp.float32))
     return jnp.where(weight_sum == 0, 1.0, weight_sum)
 
 
