@@ -67,3 +67,46 @@ def test_remat_policies_keep_what_they_save():
     assert acts["full"] == int(cfg.num_layers * t * rows * d * 4 + layer + logits)
     assert acts["minimal"] == int(cfg.num_layers * t * rows * minimal * 4 + layer + logits)
     assert acts["full"] < acts["minimal"] < acts["dots"] < acts["none"]
+
+
+def _tiny_moe(implementation: str):
+    """tiny_config's attention (d 64, q 4 x 16, kv 2 x 16, 2 layers, tied 49152 vocab) with Qwen3-MoE layers:
+    8 experts of 32, top-2, q/k norms."""
+    from ftjax.models.moe import MoEConfig
+
+    return tiny_config().replace(model_type="qwen3_moe", qk_norm=True,
+                                 moe=MoEConfig(8, 2, 32, implementation=implementation))
+
+
+@pytest.mark.parametrize("implementation, grouped_rows", [
+    ("ragged", 1024 * 2),  # 8 x 128 tokens, each to its top-2 experts
+    ("tiled", 15 * 256),  # tiles of 2048 / 8 = 256 rows: 8 tiles + 8 - 1 group boundaries
+])
+def test_moe_counts_every_expert_and_the_routed_activations(implementation, grouped_rows):
+    """All experts' weights and the router are frozen, the attention adapters train; the MLP activations are
+    the routed copies through the grouped matmul (the tiled path's padded rows), plus every layer's router
+    logits; remat keeps the experts' gate and up at their routed width."""
+    import jax
+
+    c = load_config()
+    c.lora.targets = "q_proj,k_proj,v_proj,o_proj"
+    cfg = _tiny_moe(implementation)
+    mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    # by hand, per layer: norms 2*64 + q/k norms 2*16 + attention 64*64*2 + 64*32*2 + router 64*8 + experts 3*8*64*32
+    per_layer = 128 + 32 + 12288 + 512 + 49152
+    weights = 2 * per_layer + 49152 * 64 + 64  # + tied embedding + final norm = 3270016
+    parts = estimate(c, cfg, mesh)
+    assert parts["frozen"] == 4 * weights == 4 * 3270016
+    assert parts["trainable"] == 4 * 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))  # r=4 on q, k, v, o
+    tokens, t, d = 1024, 128, 64  # rows 8 x seq_len 128 on one device, fp32 (4 bytes)
+    attention = tokens * d * (15 + 5 * 4 * t / d) * 2  # Korthikanti's 34 less the dense MLP's 19, 16-bit x 2
+    routed = tokens * 4 * (d + 2 * d) + grouped_rows * 4 * (2 * d + 3 * 32) + tokens * (8 * 8 + 12 * 2)
+    logits = 8 * min(c.train.loss_chunk, t) * 49152 * 4 * 3
+    router_logits = 2 * tokens * 8 * 4
+    c.model.remat = "none"
+    assert estimate(c, cfg, mesh)["activations"] == int(2 * (attention + routed) + logits + router_logits)
+    c.model.remat = "minimal"
+    gate_up = 2 * 32 * grouped_rows / tokens  # per token
+    minimal = 3 * d + 64 + 2 * 32 + gate_up + 4 * 4
+    assert estimate(c, cfg, mesh)["activations"] == int(2 * tokens * minimal * 4 + attention + routed + logits
+                                                         + router_logits)
