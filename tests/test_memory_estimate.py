@@ -78,11 +78,13 @@ def _tiny_moe(implementation: str):
                                  moe=MoEConfig(8, 2, 32, implementation=implementation))
 
 
-@pytest.mark.parametrize("implementation, grouped_rows", [
-    ("ragged", 1024 * 2),  # 8 x 128 tokens, each to its top-2 experts
-    ("tiled", 15 * 256),  # tiles of 2048 / 8 = 256 rows: 8 tiles + 8 - 1 group boundaries
+@pytest.mark.parametrize("implementation, grouped_rows, tiled_extra", [
+    ("ragged", 1024 * 2, 0),  # 8 x 128 tokens, each to its top-2 experts
+    # tiles of 2048 / 8 = 256 rows: 8 tiles + 8 - 1 group boundaries = 15 (tile, expert) pairs; each pair's row
+    # masks (1 byte a value, input and output) and its copy of the expert's gate, up and down (fp32)
+    ("tiled", 15 * 256, 15 * 256 * 2 * 64 + 15 * 3 * 64 * 32 * 4),
 ])
-def test_moe_counts_every_expert_and_the_routed_activations(implementation, grouped_rows):
+def test_moe_counts_every_expert_and_the_routed_activations(implementation, grouped_rows, tiled_extra):
     """All experts' weights and the router are frozen, the attention adapters train; the MLP activations are
     the routed copies through the grouped matmul (the tiled path's padded rows), plus every layer's router
     logits; remat keeps the experts' gate and up at their routed width."""
@@ -100,7 +102,9 @@ def test_moe_counts_every_expert_and_the_routed_activations(implementation, grou
     assert parts["trainable"] == 4 * 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))  # r=4 on q, k, v, o
     tokens, t, d = 1024, 128, 64  # rows 8 x seq_len 128 on one device, fp32 (4 bytes)
     attention = tokens * d * (15 + 5 * 4 * t / d) * 2  # Korthikanti's 34 less the dense MLP's 19, 16-bit x 2
-    routed = tokens * 4 * (d + 2 * d) + grouped_rows * 4 * (2 * d + 3 * 32) + tokens * (8 * 8 + 12 * 2)
+    # per token the input and the top-2 outputs; per grouped row the sorted input and output, gate and up (fp32);
+    # fp32 router probabilities and logits over 8 experts, int32 indices of the top-2
+    routed = tokens * 4 * (d + 2 * d) + grouped_rows * 4 * (2 * d + 2 * 32) + tokens * (8 * 8 + 12 * 2) + tiled_extra
     logits = 8 * min(c.train.loss_chunk, t) * 49152 * 4 * 3
     router_logits = 2 * tokens * 8 * 4
     c.model.remat = "none"
