@@ -14,7 +14,7 @@ term is the routed one (`moe_layer_bytes`): the top-k copies of each token throu
 grouped matmul really runs (ragged_dot: tokens·k; the tiled path: its padded tiles), their gradients during one
 layer's backward, and the fp32 router logits that every layer returns for the balance loss. Sliding windows change
 no weight. Against XLA's count of the CPU (tiled) step this is still low, by ~25% at d=1024, 8 layers, E=32,
-top-4: XLA holds more of the tiled path per layer than its saved values (see the report of issue 19).
+top-4: XLA holds more of the tiled path per layer than its saved values (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
