@@ -33,7 +33,8 @@ HF_CONFIG = {
 
 
 def get_config():
-    c = load_recipe(Path(__file__).with_name("llama3_8b_lora.py"))  # bf16 compute and frozen weights, full remat, LoRA rank 16 on every projection
+    # bf16 compute and frozen weights, full remat, LoRA rank 16 on every projection, as for Llama-3-8B
+    c = load_recipe(Path(__file__).with_name("llama3_8b_lora.py"))
     c.model.path = "/path/to/gemma-3-4b-it"
     c.train.batch_size = 16  # one GPU: mesh.fsdp=-1 is the one device
     c.train.loss_chunk = 128  # 16 rows x 128 tokens x 262k vocabulary of fp32 logits: 2 GiB at a time

@@ -35,7 +35,10 @@ def matmul_params(cfg: ModelConfig) -> int:
     d, h = cfg.hidden_size, cfg.head_dim
     attn = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2
     moe = cfg.moe
-    mlp = 3 * d * cfg.intermediate_size if moe is None else d * moe.num_experts + moe.top_k * 3 * d * moe.intermediate_size
+    if moe is None:
+        mlp = 3 * d * cfg.intermediate_size
+    else:
+        mlp = d * moe.num_experts + moe.top_k * 3 * d * moe.intermediate_size
     return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
 
 

@@ -115,3 +115,32 @@ def test_moe_counts_every_expert_and_the_routed_activations(implementation, grou
     minimal = 3 * d + 64 + 2 * 32 + gate_up + 4 * 4
     assert estimate(c, cfg, mesh)["activations"] == int(2 * tokens * minimal * 4 + attention + routed + logits
                                                          + router_logits + backward)
+
+
+def test_recipe_estimate_counts_the_grouped_matmul_of_the_target_backend(tmp_path):
+    """A recipe's quoted figure for GPU counts ragged_dot's rows even when computed on a CPU host (whose own
+    `auto` is the tiled path), and equals `estimate` with the GPU's `auto` values spelled out."""
+    import dataclasses
+
+    import jax
+
+    from ftjax.backend_defaults import resolve_auto
+    from ftjax.models.registry import config_from_hf
+    from ftjax.train.memory import GIB, recipe_estimate
+    from loop_helpers import ROOT
+
+    hf = dict(model_type="qwen3_moe", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+              moe_intermediate_size=32)
+    recipe = tmp_path / "moe_recipe.py"
+    recipe.write_text(f"from ftjax.config import load_recipe\nHF_CONFIG = {hf!r}\n\n\ndef get_config():\n"
+                      f"    c = load_recipe({str(ROOT / 'configs' / 'tiny_test.py')!r})\n"
+                      "    c.mesh.data, c.data.seq_len, c.lora.targets = -1, 4096, 'q_proj,v_proj'\n    return c\n")
+    got = recipe_estimate(recipe, 1, backend="gpu")
+    c = resolve_auto(load_config(), "gpu")
+    c.data.seq_len, c.lora.targets = 4096, "q_proj,v_proj"  # 8 x 4096 tokens: the paths differ by > 0.01 GiB
+    cfg = config_from_hf(hf)
+    mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    for implementation, same in (("ragged", True), ("tiled", False)):
+        parts = estimate(c, cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=implementation)), mesh)
+        assert (got["activations"] == round(parts["activations"] / GIB, 2)) == same

@@ -94,12 +94,13 @@ def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, tile: int | 
     return out.reshape(n_tiles * tile, d)[:m]
 
 
-def resolved_implementation(implementation: str) -> str:
-    """'tiled' or 'ragged' for an implementation name ('auto' picks by platform: tiled on CPU)."""
+def resolved_implementation(implementation: str, backend: str | None = None) -> str:
+    """'tiled' or 'ragged' for an implementation name ('auto' picks by `backend`, default this platform's:
+    tiled on CPU)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"moe implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     if implementation == "auto":
-        return "tiled" if jax.default_backend() == "cpu" else "ragged"
+        return "tiled" if (backend or jax.default_backend()) == "cpu" else "ragged"
     return implementation
 
 

@@ -19,6 +19,7 @@ top-4: XLA holds more of the tiled path per layer than its saved values (benchma
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -212,5 +213,9 @@ def recipe_estimate(path: str | os.PathLike, devices: int, backend: str = "gpu")
     module = recipe_module(path)
     config = resolve_auto(module.get_config(), backend)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=jax.devices()[:devices])
-    parts = estimate(config, config_from_hf(module.HF_CONFIG), mesh)
+    cfg = config_from_hf(module.HF_CONFIG)
+    if cfg.moe is not None:  # the grouped matmul that backend runs, not this host's
+        cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=resolved_implementation(
+            cfg.moe.implementation, backend)))
+    parts = estimate(config, cfg, mesh)
     return {**{k: round(v / GIB, 2) for k, v in parts.items()}, "total": round(sum(parts.values()) / GIB, 2)}
