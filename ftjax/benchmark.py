@@ -28,9 +28,11 @@ from ftjax.train.setup import build_state
 from ftjax.train.state import state_size
 from ftjax.train.step import make_train_step
 
+_ATTENTION = ("attention 12*N*H*sum over layers of keys (causal T/2, so 6*L*N*H*T; a sliding window W < T: "
+              "W - W^2/2T), fwd+bwd; P: matmul params a token passes through incl. head (MoE: router + top-k experts)")
 FLOP_FORMULAS = {
-    "full": "6*P + 6*L*N*H*T (P: matmul params incl. head; causal attention fwd+bwd)",
-    "lora": "4*P_frozen + 6*P_lora + 6*L*N*H*T (no weight gradients for frozen weights)",
+    "full": "6*P + attention; " + _ATTENTION,
+    "lora": "4*P_frozen + 6*P_lora + attention (no weight gradients for frozen weights); " + _ATTENTION,
 }
 
 

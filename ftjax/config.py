@@ -20,14 +20,19 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def load_recipe(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The get_config() of a recipe file (configs/NAME.py): recipes build on each other and tests load them by
-    path (configs/ is a folder of files, not a package)."""
+def recipe_module(path: str | os.PathLike) -> Any:
+    """A recipe file (configs/NAME.py) as a module: configs/ is a folder of files, not a package."""
     path = Path(path)
     spec = importlib.util.spec_from_file_location(f"configs.{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
+
+
+def load_recipe(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The get_config() of a recipe file (configs/NAME.py): recipes build on each other and tests load them by
+    path."""
+    return recipe_module(path).get_config()
 
 
 def default_config() -> ml_collections.ConfigDict:

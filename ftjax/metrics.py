@@ -1,9 +1,11 @@
 """Honest throughput numbers and the run's records: FLOP counts, MFU, metrics.jsonl, TensorBoard, loss.png.
 
-FLOPs per trained token (P = matmul weights incl. the output head, T = sequence length):
+FLOPs per trained token (P = matmul weights a token passes through, incl. the output head; T = sequence length):
   full fine-tuning: 6·P + attention
   LoRA:             4·P_frozen + 6·P_lora + attention   (no weight gradients for frozen weights)
-  attention (causal, forward + backward): 6 · layers · heads · head_dim · T
+  attention (forward + backward): 12 · heads · head_dim · Σ_layers keys, keys per query as the area under
+    the mask: causal T/2 (so 6 · layers · heads · head_dim · T), a sliding window W < T: W − W²/2T
+  mixture of experts: a layer's MLP weights in P are its router (D·E) and its top-k experts (k · 3·D·F), not all E
 """
 
 from __future__ import annotations
@@ -28,16 +30,29 @@ ACCELERATOR_PEAKS = {
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in matmuls per token: attention, MLP and the output head."""
+    """Weights that take part in matmuls per token: attention, MLP (an MoE layer: router + the top-k experts
+    a token is routed to) and the output head."""
     d, h = cfg.hidden_size, cfg.head_dim
     attn = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2
-    mlp = 3 * d * cfg.intermediate_size
+    moe = cfg.moe
+    if moe is None:
+        mlp = 3 * d * cfg.intermediate_size
+    else:
+        mlp = d * moe.num_experts + moe.top_k * 3 * d * moe.intermediate_size
     return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size
 
 
+def attended_keys(seq_len: int, window: int | None) -> float:
+    """Keys per query, as the area under the causal mask over T²: T/2, or W − W²/2T for a window W < T."""
+    if window is None or window >= seq_len:
+        return seq_len / 2
+    return window - window * window / (2 * seq_len)
+
+
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Causal QK^T and AV, forward + backward."""
-    return 6.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    """QK^T and AV over each layer's attended keys (sliding-window layers: their window only), fwd + bwd."""
+    keys = sum(attended_keys(seq_len, w) for w in cfg.layer_windows())
+    return 12.0 * cfg.num_heads * cfg.head_dim * keys
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, method: str, lora_params: int = 0) -> float:

@@ -60,7 +60,32 @@ def _other_value(value, kind: type) -> str:
 def test_the_recipes_are_all_here():
     names = {p.stem for p in CONFIGS}
     assert {"tiny_test", "smollm2_135m_lora", "smollm2_135m_full", "llama3_8b_lora", "llama3_70b_lora_fsdp",
-            "qwen3_8b_lora"} <= names
+            "qwen3_8b_lora", "gemma3_4b_lora"} <= names
+
+
+def test_gemma3_4b_recipe_shape_and_quoted_memory_estimate():
+    """The recipe's HF_CONFIG is Gemma-3-4B's text model as transformers reads it (34 layers, 5:1 local/global
+    over 1024 tokens, query_pre_attn_scalar 256), and its docstring quotes what recipe_estimate computes."""
+    import re
+
+    from transformers import AutoConfig
+
+    from ftjax.config import recipe_module
+    from ftjax.models.registry import config_from_hf
+    from ftjax.train.memory import recipe_estimate
+
+    path = ROOT / "configs" / "gemma3_4b_lora.py"
+    hf = recipe_module(path).HF_CONFIG
+    cfg = config_from_hf(hf)
+    assert config_from_hf(AutoConfig.for_model(**hf).to_dict()).replace(extra=()) == cfg.replace(extra=())
+    assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+            cfg.head_dim, cfg.vocab_size) == (34, 2560, 10240, 8, 4, 256, 262208)
+    assert cfg.layer_windows() == ((1024,) * 5 + (None,)) * 5 + (1024,) * 4 and cfg.query_scale == 256 ** -0.5
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    quoted = {k: float(v) for k, v in re.findall(r"(frozen|LoRA|Adam|activations|total) ([\d.]+) GiB", doc)}
+    got = recipe_estimate(path, 1)
+    assert quoted == {"frozen": got["frozen"], "LoRA": got["trainable"], "Adam": got["opt_state"],
+                      "activations": got["activations"], "total": got["total"]}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

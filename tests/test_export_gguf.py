@@ -172,6 +172,19 @@ def test_refusals_are_one_line(tuned, source, tmp_path):
     assert not (tmp_path / "k.gguf").exists() and not (tmp_path / "t.gguf").exists()
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3_window"])
+def test_families_llama_cpp_runs_differently_are_refused_in_one_line(family, tmp_path):
+    """Gemma 2/3 and Phi-3/4 (the MoE families: tests/test_moe.py): llama.cpp has other architectures for them,
+    which this export does not write; refused before anything is fetched or written."""
+    from hf_helpers import FAMILIES
+
+    model_type, overrides = FAMILIES[family]
+    model = ftjax.load_model(_saved(tmp_path / "src", tiny_hf(model_type, vocab_size=VOCAB, **overrides)))
+    with pytest.raises(ConfigError, match=f"llama.cpp has no architecture for model_type '{model_type}'") as e:
+        export_gguf(model, tmp_path / "m.gguf", source=tmp_path / "src")
+    assert "\n" not in str(e.value) and not (tmp_path / "m.gguf").exists()
+
+
 def _saved(folder, model):
     model.save_pretrained(folder)
     bpe_tokenizer().save_pretrained(folder)

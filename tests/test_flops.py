@@ -15,6 +15,7 @@ from ftjax import metrics
 from ftjax.config import load_recipe
 from ftjax.lora import apply_lora, linears
 from ftjax.models.llama import Llama, ModelConfig
+from ftjax.models.moe import MoEConfig
 
 # 2 layers, d=8, 2 heads x 4 dims, 1 kv head, mlp 12, vocab 100, tied head.
 CFG = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=12, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -56,6 +57,57 @@ def test_lora_param_count_matches_adapters():
     model = nnx.eval_shape(lambda: apply_lora(Llama(CFG, rngs=nnx.Rngs(0)), 2, 4.0, rngs=nnx.Rngs(1)))
     _, lora, _ = nnx.split(model, nnx.LoRAParam, ...)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora)) == LORA_R2
+
+
+# The same shapes with a Mixtral MLP: 4 experts of mlp 6, top-2. By hand, per layer: attention 192; router 8*4 = 32;
+# the 2 experts a token goes to 2 * 3*8*6 = 288 (the other 2 experts' 288 are not counted): 512; two layers 1024;
+# head 800.
+MIXTRAL = CFG.replace(model_type="mixtral", moe=MoEConfig(num_experts=4, top_k=2, intermediate_size=6))
+P_MIXTRAL = 1824
+# Gemma 3's 5:1 pattern on 6 layers (5 sliding over W = 4 keys, the last global), T = 16. Keys per query, the area
+# under the mask / T: global T/2 = 8; window W - W^2/2T = 4 - 16/32 = 3.5. Attention fwd+bwd per token
+# 12*N*H*sum(keys) = 12*2*4*(5*3.5 + 8) = 96*25.5.
+GEMMA3 = CFG.replace(model_type="gemma3_text", num_layers=6, sliding_window=4, sliding_layers=(True,) * 5 + (False,),
+                     hidden_act="gelu_tanh")
+ATTN_GEMMA3 = 2448
+P_GEMMA3 = 6 * 480 + 800  # 3680: GeGLU has the same three MLP matmuls
+
+
+def test_mixtral_counts_router_and_top_k_experts_only():
+    assert metrics.matmul_params(MIXTRAL) == P_MIXTRAL
+    assert metrics.attention_flops_per_token(MIXTRAL, T) == ATTN  # no window: as the dense model
+    assert metrics.flops_per_token(MIXTRAL, T, "full") == 6 * P_MIXTRAL + ATTN == 12480
+    lora_attention = 2 * (32 + 24 + 24 + 32)  # r=2 on q, k, v, o of both layers (the experts frozen)
+    assert metrics.flops_per_token(MIXTRAL, T, "lora", lora_attention) == 4 * P_MIXTRAL + 6 * 224 + ATTN == 10176
+    more_experts = MIXTRAL.replace(moe=MoEConfig(num_experts=16, top_k=2, intermediate_size=6))
+    assert metrics.matmul_params(more_experts) == P_MIXTRAL + 2 * 8 * 12  # only the router grows with E
+
+
+def test_moe_matmul_params_match_model_kernels():
+    """Attention linears + head + the router + top-k / E of the experts' weights, from the model's own shapes."""
+    model = nnx.eval_shape(lambda: Llama(MIXTRAL, rngs=nnx.Rngs(0)))
+    kernels = sum(int(np.prod(lin.kernel.get_value().shape)) for _, lin in linears(model))
+    experts = sum(int(np.prod(w.get_value().shape)) for w in (model.layers.mlp.experts.gate_proj,
+                                                               model.layers.mlp.experts.up_proj,
+                                                               model.layers.mlp.experts.down_proj))
+    router = int(np.prod(model.layers.mlp.router.get_value().shape))
+    head = int(np.prod(model.embed_tokens.get_value().shape))
+    assert kernels + router + experts * 2 // 4 + head == metrics.matmul_params(MIXTRAL)
+
+
+def test_sliding_window_layers_count_their_window_only():
+    from ftjax.models.registry import config_from_hf
+
+    hf = dict(model_type="gemma3_text", vocab_size=100, hidden_size=8, intermediate_size=12, num_hidden_layers=6,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=4, sliding_window=4)
+    assert config_from_hf(hf).layer_windows() == GEMMA3.layer_windows() == (4,) * 5 + (None,)  # Gemma 3's 5:1
+    assert metrics.attention_flops_per_token(GEMMA3, T) == ATTN_GEMMA3
+    assert metrics.matmul_params(GEMMA3) == P_GEMMA3
+    assert metrics.flops_per_token(GEMMA3, T, "full") == 6 * P_GEMMA3 + ATTN_GEMMA3
+    mistral = CFG.replace(model_type="mistral", sliding_window=4)  # every layer: 12*2*4 * 2*3.5
+    assert metrics.attention_flops_per_token(mistral, T) == 672
+    assert metrics.attention_flops_per_token(mistral.replace(sliding_window=T), T) == ATTN  # a window >= T: causal
+    assert metrics.attended_keys(T, T - 1) == T / 2 - 1 / (2 * T)  # (T² - 1) / 2T: continuous at W = T
 
 
 def _tiny_config():

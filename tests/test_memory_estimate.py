@@ -67,3 +67,80 @@ def test_remat_policies_keep_what_they_save():
     assert acts["full"] == int(cfg.num_layers * t * rows * d * 4 + layer + logits)
     assert acts["minimal"] == int(cfg.num_layers * t * rows * minimal * 4 + layer + logits)
     assert acts["full"] < acts["minimal"] < acts["dots"] < acts["none"]
+
+
+def _tiny_moe(implementation: str):
+    """tiny_config's attention (d 64, q 4 x 16, kv 2 x 16, 2 layers, tied 49152 vocab) with Qwen3-MoE layers:
+    8 experts of 32, top-2, q/k norms."""
+    from ftjax.models.moe import MoEConfig
+
+    return tiny_config().replace(model_type="qwen3_moe", qk_norm=True,
+                                 moe=MoEConfig(8, 2, 32, implementation=implementation))
+
+
+@pytest.mark.parametrize("implementation, grouped_rows, tiled_extra", [
+    ("ragged", 1024 * 2, 0),  # 8 x 128 tokens, each to its top-2 experts
+    # tiles of 2048 / 8 = 256 rows: 8 tiles + 8 - 1 group boundaries = 15 (tile, expert) pairs; each pair's row
+    # masks (1 byte a value, input and output) and its copy of the expert's gate, up and down (fp32)
+    ("tiled", 15 * 256, 15 * 256 * 2 * 64 + 15 * 3 * 64 * 32 * 4),
+])
+def test_moe_counts_every_expert_and_the_routed_activations(implementation, grouped_rows, tiled_extra):
+    """All experts' weights and the router are frozen, the attention adapters train; the MLP activations are
+    the routed copies through the grouped matmul (the tiled path's padded rows), plus every layer's router
+    logits; remat keeps the experts' gate and up at their routed width."""
+    import jax
+
+    c = load_config()
+    c.lora.targets = "q_proj,k_proj,v_proj,o_proj"
+    cfg = _tiny_moe(implementation)
+    mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    # by hand, per layer: norms 2*64 + q/k norms 2*16 + attention 64*64*2 + 64*32*2 + router 64*8 + experts 3*8*64*32
+    per_layer = 128 + 32 + 12288 + 512 + 49152
+    weights = 2 * per_layer + 49152 * 64 + 64  # + tied embedding + final norm = 3270016
+    parts = estimate(c, cfg, mesh)
+    assert parts["frozen"] == 4 * weights == 4 * 3270016
+    assert parts["trainable"] == 4 * 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))  # r=4 on q, k, v, o
+    tokens, t, d = 1024, 128, 64  # rows 8 x seq_len 128 on one device, fp32 (4 bytes)
+    attention = tokens * d * (15 + 5 * 4 * t / d) * 2  # Korthikanti's 34 less the dense MLP's 19, 16-bit x 2
+    # per token the input and the top-2 outputs; per grouped row the sorted input and output, gate and up (fp32);
+    # fp32 router probabilities and logits over 8 experts, int32 indices of the top-2
+    routed = tokens * 4 * (d + 2 * d) + grouped_rows * 4 * (2 * d + 2 * 32) + tokens * (8 * 8 + 12 * 2) + tiled_extra
+    logits = 8 * min(c.train.loss_chunk, t) * 49152 * 4 * 3
+    router_logits = 2 * tokens * 8 * 4
+    backward = routed  # one layer's backward: the gradients of its routed buffers
+    c.model.remat = "none"
+    assert estimate(c, cfg, mesh)["activations"] == int(2 * (attention + routed) + logits + router_logits + backward)
+    c.model.remat = "minimal"
+    gate_up = 2 * 32 * grouped_rows / tokens  # per token
+    minimal = 3 * d + 64 + 2 * 32 + gate_up + 4 * 4
+    assert estimate(c, cfg, mesh)["activations"] == int(2 * tokens * minimal * 4 + attention + routed + logits
+                                                         + router_logits + backward)
+
+
+def test_recipe_estimate_counts_the_grouped_matmul_of_the_target_backend(tmp_path):
+    """A recipe's quoted figure for GPU counts ragged_dot's rows even when computed on a CPU host (whose own
+    `auto` is the tiled path), and equals `estimate` with the GPU's `auto` values spelled out."""
+    import dataclasses
+
+    import jax
+
+    from ftjax.backend_defaults import resolve_auto
+    from ftjax.models.registry import config_from_hf
+    from ftjax.train.memory import GIB, recipe_estimate
+    from loop_helpers import ROOT
+
+    hf = dict(model_type="qwen3_moe", vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+              moe_intermediate_size=32)
+    recipe = tmp_path / "moe_recipe.py"
+    recipe.write_text(f"from ftjax.config import load_recipe\nHF_CONFIG = {hf!r}\n\n\ndef get_config():\n"
+                      f"    c = load_recipe({str(ROOT / 'configs' / 'tiny_test.py')!r})\n"
+                      "    c.mesh.data, c.data.seq_len, c.lora.targets = -1, 4096, 'q_proj,v_proj'\n    return c\n")
+    got = recipe_estimate(recipe, 1, backend="gpu")
+    c = resolve_auto(load_config(), "gpu")
+    c.data.seq_len, c.lora.targets = 4096, "q_proj,v_proj"  # 8 x 4096 tokens: the paths differ by > 0.01 GiB
+    cfg = config_from_hf(hf)
+    mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    for implementation, same in (("ragged", True), ("tiled", False)):
+        parts = estimate(c, cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=implementation)), mesh)
+        assert (got["activations"] == round(parts["activations"] / GIB, 2)) == same

@@ -1,6 +1,7 @@
 """Mixture of experts (Mixtral, Qwen3-MoE): the grouped paths vs a dense all-experts reference, their
 compiled cost, parity with transformers (layer and model, batch/padding/packing, KV cache), both on-disk
-expert layouts, the balance loss vs transformers' own, LoRA training, and 1 vs 8 devices (fsdp x expert)."""
+expert layouts, the balance loss vs transformers' own, LoRA training, 1 vs 8 devices (fsdp x expert), and
+HF export (transformers' logits, bit-equal reload, per-expert Hub names)."""
 
 from __future__ import annotations
 
@@ -234,9 +235,101 @@ def test_missing_expert_and_dense_layers_fail_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_export_refused_in_one_line(run, tmp_path):
-    with pytest.raises(ConfigError, match="export of mixture-of-experts models .* not supported"):
-        export_hf(run["model"], tmp_path / "out")
+# ----------------------------------------------------------------------------- export
+
+
+def _attention_tuned(model, seed=2):
+    from ftjax.lora import apply_lora
+    from hf_helpers import randomize_lora_b
+
+    return randomize_lora_b(apply_lora(nnx.clone(model), 4, 8.0, targets="q_proj,v_proj,o_proj",
+                                       rngs=nnx.Rngs(seed)), seed=seed)
+
+
+def test_hf_export_loads_in_transformers_with_ftjax_logits(run, tmp_path):
+    """Attention LoRA merged, experts written per expert under the Hub's names (what transformers' own
+    save_pretrained writes), config.json built from the model: transformers loads every tensor, none missing or
+    unexpected, to the family's config and ftjax's logits."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from test_export import LORA_MARGIN
+
+    model = _attention_tuned(run["model"])
+    out = export_hf(model, tmp_path / "out")
+    theirs, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    ids = random_ids(2, T, seed=6)
+    got = hf_logits(theirs.eval(), ids)
+    assert max_diff(got, jax_logits(model, ids)) <= MODEL_TOL and max_diff(got, hf_logits(run["hf"], ids)) > LORA_MARGIN
+    ref = run["hf"].config
+    for key in ("num_experts_per_tok", "num_local_experts", "num_experts", "norm_topk_prob", "moe_intermediate_size",
+                "intermediate_size", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "sliding_window",
+                "use_sliding_window"):
+        assert getattr(theirs.config, key, None) == getattr(ref, key, None), key
+    run["hf"].save_pretrained(tmp_path / "hub")
+    names = lambda folder: set(safe_open(folder / "model.safetensors", "np").keys())  # noqa: E731
+    assert names(out) == names(tmp_path / "hub")
+
+
+def test_exported_folder_loads_back_into_ftjax_identically(run, tmp_path):
+    """Merged export (the source's config.json carried, shards of 100 KB) -> ftjax: every weight bit-equal."""
+    from ftjax.lora import merged
+
+    source = save(run["hf"], tmp_path / "source")
+    model = merged(_attention_tuned(run["model"]))
+    out = export_hf(model, tmp_path / "out", source=source, max_shard_size="100KB")
+    assert len(list(out.glob("model-*.safetensors"))) > 2
+    back = load_hf(out)
+    assert back.config.replace(extra=()) == model.config.replace(extra=())
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(back))):
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
+
+
+@pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
+def test_export_of_a_model_split_fsdp_by_expert_equals_the_unsharded_export(run, tmp_path):
+    """Experts split over `expert` and fsdp: each expert's tensor is fetched to the same bytes as on one device."""
+    from safetensors.numpy import load_file
+
+    model = _attention_tuned(run["model"])
+    plain = load_file(export_hf(model, tmp_path / "plain") / "model.safetensors")
+    graphdef, state = nnx.split(model)
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 1, 2), ("data", "fsdp", "tensor", "expert"))
+    shardings = state_shardings(state, mesh, {**RULES, "expert": "expert"})
+    assert shardings["layers"]["mlp"]["experts"]["down_proj"].spec[1] == "expert"
+    out = export_hf(nnx.merge(graphdef, jax.device_put(state, shardings)), tmp_path / "sharded")
+    sharded = load_file(out / "model.safetensors")
+    assert sharded.keys() == plain.keys()
+    for name in plain:
+        np.testing.assert_array_equal(sharded[name], plain[name], err_msg=name)
+
+
+def test_config_built_from_a_model_config_maps_back_to_it(run):
+    """Without an HF source, the built config.json maps back onto the same ModelConfig, also through
+    transformers' own config class."""
+    from transformers import AutoConfig
+
+    from ftjax.interop.hf_config import config_from_model
+    from ftjax.models.registry import config_from_hf
+
+    cfg = run["model"].config.replace(extra=())
+    assert config_from_hf(config_from_model(cfg)) == cfg
+    assert config_from_hf(AutoConfig.for_model(**config_from_model(cfg)).to_dict()).replace(extra=()) == cfg
+
+
+def test_export_refusals_are_one_line(run, tmp_path):
+    """GGUF (llama.cpp's MoE layout is not written) and LoRA params that the HF merge would drop are refused."""
+    from ftjax.interop.export_gguf import export_gguf
+
+    with pytest.raises(ConfigError, match=f"llama.cpp has no architecture for model_type '{run['name']}'") as e:
+        export_gguf(run["model"], tmp_path / "m.gguf")
+    assert "\n" not in str(e.value)
+    model = nnx.clone(run["model"])
+    model.layers.mlp.experts.gate_lora = nnx.LoRAParam(jnp.zeros((2, 4, 64, 2)))
+    with pytest.raises(ConfigError, match="LoRA params outside a Linear are not merged .*gate_lora") as e:
+        export_hf(model, tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.gguf").exists()
 
 
 # ----------------------------------------------------------------------------- balance loss

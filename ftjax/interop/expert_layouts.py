@@ -21,6 +21,19 @@ _ROUTER = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight$")
 _MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 
 
+def hub_expert_name(model_type: str, layer: int, proj: str, expert: int) -> str:
+    """The per-expert tensor name Hub checkpoints use (and transformers 5's save_pretrained writes), [out, in]."""
+    if model_type == "mixtral":
+        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_MIXTRAL[proj]}.weight"
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def hub_router_name(model_type: str, layer: int) -> str:
+    """The router's [E, D] tensor name in Hub checkpoints (Mixtral keeps its `block_sparse_moe` module name)."""
+    module = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    return f"model.layers.{layer}.{module}.gate.weight"
+
+
 class _PerExpert:
     """[E, in, out] over one [out, in] tensor per expert."""
 

@@ -20,6 +20,7 @@ from flax import nnx
 from ftjax.dtypes import dtype_name
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop import gather
+from ftjax.interop.expert_layouts import hub_expert_name, hub_router_name
 from ftjax.interop.hf_config import export_config, generation_config
 from ftjax.interop.safetensors_writer import TensorPlan, parse_size, plan_shards, write_safetensors
 from ftjax.interop.sources import hf_configs, pretrained_tokenizer
@@ -45,8 +46,26 @@ def _adapters(model: nnx.Module) -> dict[tuple, Any]:
             if isinstance(node, Linear) and node.lora is not None}
 
 
-def _plan(path: tuple, value: jax.Array, lora: Any, layer: int | None, dtype: str) -> TensorPlan:
+def _unmerged_lora(model: nnx.Module, adapters: dict[tuple, Any]) -> list[str]:
+    """LoRA params that no adapted Linear holds (so this export would drop them): their paths."""
+    held = {k[:-1] + ("lora",) for k in adapters}
+    return ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+            if tuple(p[:-1]) not in held]
+
+
+def _expert_plans(model_type: str, path: tuple, value: jax.Array, layer: int, dtype: str) -> list[TensorPlan]:
+    """One layer's stacked experts [E, in, out] as the Hub's per-expert [out, in] tensors (what transformers 5
+    writes by default, reads through its conversion mapping, and what vLLM and transformers 4 read)."""
+    num_experts, in_dim, out_dim = value.shape[1:]
+    return [TensorPlan(hub_expert_name(model_type, layer, path[-1], e), (out_dim, in_dim), np.dtype(dtype),
+                       functools.partial(gather.tensor, value, layer, dtype, True, e)) for e in range(num_experts)]
+
+
+def _plan(path: tuple, value: jax.Array, lora: Any, layer: int | None, dtype: str,
+          model_type: str = "") -> TensorPlan:
     name, transpose = hf_tensor_name(path, layer)
+    if path[-1] == "router":
+        name = hub_router_name(model_type, layer)
     shape = tuple(value.shape[1:] if layer is not None else value.shape)
     shape = shape[::-1] if transpose else shape
     if lora is None:
@@ -64,14 +83,22 @@ def hf_tensor_plans(model: nnx.Module, dtype: str) -> list[TensorPlan]:
     """
     params = nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
     adapters = _adapters(model)
+    unmerged = _unmerged_lora(model, adapters)
+    if unmerged:
+        raise ConfigError(f"HF export: LoRA params outside a Linear are not merged (e.g. {unmerged[0]})")
     stacked = [(tuple(p), v) for p, v in params if is_stacked(tuple(p))]
     single = [(tuple(p), v) for p, v in params if not is_stacked(tuple(p))]
     order = lambda pv: (pv[0] != ("embed_tokens",), pv[0][0] == "lm_head")  # noqa: E731
     single.sort(key=order)
     plans = [_plan(p, v.get_value(), adapters.get(p), None, dtype) for p, v in single if p == ("embed_tokens",)]
     n_layers = model.config.num_layers
+    model_type = model.config.model_type
     for i in range(n_layers):
-        plans += [_plan(p, v.get_value(), adapters.get(p), i, dtype) for p, v in stacked]
+        for p, v in stacked:
+            if p[-2:-1] == ("experts",):
+                plans += _expert_plans(model_type, p, v.get_value(), i, dtype)
+            else:
+                plans.append(_plan(p, v.get_value(), adapters.get(p), i, dtype, model_type))
     plans += [_plan(p, v.get_value(), adapters.get(p), None, dtype) for p, v in single if p != ("embed_tokens",)]
     return plans
 
@@ -98,8 +125,6 @@ def export_hf(model: nnx.Module, out: str | Path, *, source: str | Path | None =
     dtype the weights are held in (fp32 stays fp32; a run with bf16 frozen weights exports bf16).
     """
     cfg = model.config
-    if cfg.moe is not None:
-        raise ConfigError(f"export of mixture-of-experts models ({cfg.model_type}) to HF is not supported yet")
     dtype = dtype_name(dtype if dtype is not None else model.embed_tokens[...].dtype)
     out = Path(out)
     main = jax.process_index() == 0

@@ -39,15 +39,18 @@ def _dense(x: jax.Array | QuantizedWeight) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
-def _slice(x: jax.Array, layer: jax.Array | None, *, dtype: str, transpose: bool) -> jax.Array:
-    x = _dense(_layer(x, layer)).astype(dtype)
+def _slice(x: jax.Array, layer: jax.Array | None, expert: jax.Array | None, *, dtype: str,
+           transpose: bool) -> jax.Array:
+    x = _dense(_layer(_layer(x, layer), expert)).astype(dtype)
     return x.T if transpose else x
 
 
-def tensor(x: jax.Array, layer: int | None, dtype: str, transpose: bool = False) -> np.ndarray:
-    """Layer `layer` of a stacked param (or the whole param when None), cast and maybe transposed."""
-    idx = None if layer is None else np.int32(layer)  # host scalar: replicated on every process
-    return to_host(_slice(x, idx, dtype=dtype, transpose=transpose))
+def tensor(x: jax.Array, layer: int | None, dtype: str, transpose: bool = False,
+           expert: int | None = None) -> np.ndarray:
+    """Layer `layer` of a stacked param (or the whole param when None), cast and maybe transposed;
+    `expert` then picks one expert's matrix of a stacked [E, in, out] experts param."""
+    idx = lambda i: None if i is None else np.int32(i)  # noqa: E731  host scalar: replicated on every process
+    return to_host(_slice(x, idx(layer), idx(expert), dtype=dtype, transpose=transpose))
 
 
 @functools.partial(jax.jit, static_argnames=("replicated",))

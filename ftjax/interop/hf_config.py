@@ -11,7 +11,7 @@ from ftjax.models.llama import ModelConfig
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                 "phi3": "Phi3ForCausalLM"}
+                 "phi3": "Phi3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -58,6 +58,7 @@ def config_from_model(cfg: ModelConfig) -> dict[str, Any]:
             flags = cfg.sliding_layers or (True,) * cfg.num_layers
             d["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags]
     d.update(_gemma_phi(cfg))
+    d.update(_moe(cfg))
     for k, v in cfg.extra:
         if k in TOKEN_IDS:
             d[k] = _extra_value(v)
@@ -89,6 +90,24 @@ def _gemma_phi(cfg: ModelConfig) -> dict[str, Any]:
         if cfg.rope.kind == "linear":
             d["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope.factor}
     return d
+
+
+def _moe(cfg: ModelConfig) -> dict[str, Any]:
+    """The config keys of Mixtral / Qwen3-MoE that `config_from_hf` reads; every layer sparse (ftjax has no
+    dense layers among the experts); the balance-loss coefficient is transformers' default (it only matters
+    when transformers trains with output_router_logits)."""
+    moe = cfg.moe
+    if moe is None:
+        return {}
+    d: dict[str, Any] = {"num_experts_per_tok": moe.top_k, "router_aux_loss_coef": 0.001,
+                         "output_router_logits": False}
+    if cfg.model_type == "mixtral":
+        return {**d, "num_local_experts": moe.num_experts, "intermediate_size": moe.intermediate_size,
+                "sliding_window": cfg.sliding_window}
+    return {**d, "num_experts": moe.num_experts, "moe_intermediate_size": moe.intermediate_size,
+            "norm_topk_prob": moe.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "attention_bias": cfg.qkv_bias, "use_sliding_window": cfg.sliding_window is not None,
+            "sliding_window": cfg.sliding_window}
 
 
 def export_config(cfg: ModelConfig, source: dict[str, Any] | None, dtype: str, tokenizer=None) -> dict[str, Any]:

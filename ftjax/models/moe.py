@@ -94,13 +94,29 @@ def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, tile: int | 
     return out.reshape(n_tiles * tile, d)[:m]
 
 
-def grouped_expert_mlp(implementation: str):
-    """The grouped-matmul function for an implementation name ('auto' picks by platform)."""
+def resolved_implementation(implementation: str, backend: str | None = None) -> str:
+    """'tiled' or 'ragged' for an implementation name ('auto' picks by `backend`, default this platform's:
+    tiled on CPU)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"moe implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     if implementation == "auto":
-        implementation = "tiled" if jax.default_backend() == "cpu" else "ragged"
-    return tiled_expert_mlp if implementation == "tiled" else ragged_expert_mlp
+        return "tiled" if (backend or jax.default_backend()) == "cpu" else "ragged"
+    return implementation
+
+
+def grouped_rows(cfg: MoEConfig, tokens: int) -> int:
+    """Rows the grouped matmuls run over for `tokens` tokens: tokens·k for ragged_dot; the tiled path's
+    (tiles + E − 1) tiles of `tile_rows` rows (at most ~2× that)."""
+    m = tokens * cfg.top_k
+    if resolved_implementation(cfg.implementation) == "ragged":
+        return m
+    tile = tile_rows(m, cfg.num_experts)
+    return (-(-m // tile) + cfg.num_experts - 1) * tile
+
+
+def grouped_expert_mlp(implementation: str):
+    """The grouped-matmul function for an implementation name ('auto' picks by platform)."""
+    return tiled_expert_mlp if resolved_implementation(implementation) == "tiled" else ragged_expert_mlp
 
 
 class SparseMoE(nnx.Module):

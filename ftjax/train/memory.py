@@ -9,10 +9,17 @@ Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight k
 trainable weights (`base_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
 A quantized base (train.frozen_quant) counts its kernels' own arrays, and one layer of them dequantized among the
 activations; `ftjax.train.compiled_memory` checks the whole against XLA's count of the compiled step.
+Mixture of experts: the weights are the model's own (all E experts, the router, their adapters); a layer's MLP
+term is the routed one (`moe_layer_bytes`): the top-k copies of each token through the experts, over the rows the
+grouped matmul really runs (ragged_dot: tokens·k; the tiled path: its padded tiles), their gradients during one
+layer's backward, and the fp32 router logits that every layer returns for the balance loss. Sliding windows change
+no weight. Against XLA's count of the CPU (tiled) step this is still low, by ~25% at d=1024, 8 layers, E=32,
+top-4: XLA holds more of the tiled path per layer than its saved values (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -22,15 +29,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax.backend_defaults import resolve_auto
+from ftjax.config import recipe_module
 from ftjax.errors import ConfigError
 from ftjax.interop.gguf import gguf_tensor_name, qtype_name, read_gguf_header
 from ftjax.interop.quantized_base import from_config as frozen_quant
 from ftjax.interop.sources import resolve
 from ftjax.lora import apply_lora, frozen_quant_kernels, trainable_filter
 from ftjax.models.llama import Llama, ModelConfig
-from ftjax.models.registry import hf_tensor_name
+from ftjax.models.moe import grouped_rows, resolved_implementation, tile_rows
+from ftjax.models.registry import config_from_hf, hf_tensor_name
 from ftjax.quant.weight import QuantizedParam, abstract_weight
-from ftjax.sharding import batch_shards, parse_rules, state_shardings
+from ftjax.sharding import batch_shards, make_mesh, parse_rules, state_shardings
 from ftjax.train.optimizer import make_optimizer
 
 GIB = 1024**3
@@ -56,11 +65,35 @@ def device_capacity() -> tuple[int, str]:
     return ram // max(jax.local_device_count(), 1), "host RAM / local devices"
 
 
-def saved_widths(config, cfg: ModelConfig) -> dict[str, int]:
+def mlp_width(cfg: ModelConfig, tokens: int) -> float:
+    """Values per token of each MLP intermediate (gate, up): the intermediate size; an MoE layer: the experts'
+    size times the grouped rows per token (top-k, and the tiled path's padding)."""
+    if cfg.moe is None:
+        return cfg.intermediate_size
+    return cfg.moe.intermediate_size * grouped_rows(cfg.moe, tokens) / tokens
+
+
+def moe_layer_bytes(cfg: ModelConfig, tokens: int, itemsize: int) -> float:
+    """What one MoE layer's MLP keeps for the backward pass, `tokens` tokens on a device (no remat): its input and
+    the top-k outputs per token; per grouped row the sorted input and output, gate and up; fp32 router
+    probabilities and logits, int32 routing indices; the tiled path adds its row masks (1 byte a value) and one
+    copy of the gate, up and down weights per (tile, expert) pair."""
+    moe, d, f = cfg.moe, cfg.hidden_size, cfg.moe.intermediate_size
+    rows = grouped_rows(moe, tokens)
+    out = (tokens * itemsize * (d + moe.top_k * d) + rows * itemsize * (2 * d + 2 * f)
+           + tokens * (8 * moe.num_experts + 12 * moe.top_k))
+    if resolved_implementation(moe.implementation) == "tiled":
+        pairs = rows // tile_rows(tokens * moe.top_k, moe.num_experts)
+        out += rows * 2 * d + pairs * 3 * d * f * itemsize
+    return out
+
+
+def saved_widths(config, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
     """Per remat policy, the values per token one layer keeps for the backward pass (models/llama.py's
     REMAT_POLICIES): the layer input always; `minimal` adds its named projection outputs and residual
-    (and the LoRA hidden states), `dots` every matmul output."""
-    d, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    (and the LoRA hidden states), `dots` every matmul output. `tokens` per device sizes an MoE's routed rows."""
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    i = mlp_width(cfg, tokens)
     targets = config.lora.targets
     targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
     lora = config.lora.rank * len(targets) if config.method == "lora" else 0
@@ -83,13 +116,21 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     scale = jnp.dtype(config.model.dtype).itemsize / 2
     tensor = mesh.shape["tensor"]
     scores = 5 * cfg.num_heads * t / d if config.model.attention == "xla" else 0  # flash kernels keep no [T, S]
-    per_layer = t * rows * d * (34 + scores) * scale / tensor
-    saved = saved_widths(config, cfg).get(config.model.remat)
+    if cfg.moe is None:
+        per_layer = t * rows * d * (34 + scores) * scale / tensor
+    else:  # attention and norms (34 - the dense MLP's 19), then the routed MLP
+        itemsize = jnp.dtype(config.model.dtype).itemsize
+        per_layer = (t * rows * d * (15 + scores) * scale + moe_layer_bytes(cfg, t * rows, itemsize)) / tensor
+    saved = saved_widths(config, cfg, t * rows).get(config.model.remat)
     if saved is None:  # remat=none: every intermediate of every layer lives until the backward pass
         acts = cfg.num_layers * per_layer
     else:  # the saved tensors of every layer, plus one layer's worth during its recomputation
         acts = cfg.num_layers * t * rows * saved * 2 * scale / tensor + per_layer
     acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3  # logits chunk, fp32, fwd+bwd
+    if cfg.moe is not None:  # every layer's router logits, fp32, returned for the balance loss; and during one
+        # layer's backward the gradients of its routed buffers, as large as the buffers
+        acts += cfg.num_layers * t * rows * cfg.moe.num_experts * 4
+        acts += moe_layer_bytes(cfg, t * rows, jnp.dtype(config.model.dtype).itemsize) / tensor
     if config.forget.kl_weight:
         acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
     if quant is not None:  # one layer's quantized kernels dequantized (fp32, then a compute-dtype copy)
@@ -162,3 +203,19 @@ def check_fits(config, model_cfg: ModelConfig, mesh: Mesh) -> str:
         raise ConfigError(f"{line}: does not fit; use model.remat=full, a larger mesh.fsdp, "
                           "train.grad_accum or a smaller train.batch_size")
     return line
+
+
+def recipe_estimate(path: str | os.PathLike, devices: int, backend: str = "gpu") -> dict[str, float]:
+    """GiB per device of a recipe run on `devices` devices of `backend` (its `auto` keys resolved for that
+    backend), the model's shape from the recipe's HF_CONFIG: the figure a recipe's docstring quotes, from
+    shapes alone (no weights, no accelerator; the host needs `devices` JAX devices, e.g. XLA_FLAGS=
+    --xla_force_host_platform_device_count=8)."""
+    module = recipe_module(path)
+    config = resolve_auto(module.get_config(), backend)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=jax.devices()[:devices])
+    cfg = config_from_hf(module.HF_CONFIG)
+    if cfg.moe is not None:  # the grouped matmul that backend runs, not this host's
+        cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=resolved_implementation(
+            cfg.moe.implementation, backend)))
+    parts = estimate(config, cfg, mesh)
+    return {**{k: round(v / GIB, 2) for k, v in parts.items()}, "total": round(sum(parts.values()) / GIB, 2)}
