@@ -50,8 +50,8 @@ def _other_value(value, kind: type) -> str:
         return str(not value).lower()
     if kind is int:
         return str(value + 3 if value != -3 else 5)
-    if kind is float:
-        return repr(value + 0.25)
+    if kind is float:  # a float placeholder (None: the model's own value) too
+        return repr((value or 0.0) + 0.25)
     if kind is str:
         return f"{value or ''}x"
     raise AssertionError(f"unexpected config type {kind}")
@@ -146,6 +146,19 @@ def test_bad_flags_fail_in_one_line_before_compiling(tmp_path, flag_args, messag
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines[:5]
     assert proc.stdout == ""
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_mesh_expert_needs_experts_it_divides():
+    """mesh.expert > 1 on a dense model is a one-line ConfigError (a MoE model's non-dividing count: test_moe.py)."""
+    from train_helpers import TINY
+
+    c = default_config()
+    c.mesh.expert = 2
+    with pytest.raises(ConfigError, match=r"^config.mesh.expert=2 splits the experts .* is dense; use mesh.data or "
+                                          r"mesh.fsdp$"):
+        config_lib.validate_for_model(validate(c), TINY)
+    c.mesh.expert = 1
+    config_lib.validate_for_model(c, TINY)
 
 
 def test_every_key_is_checked_in_one_place():

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from jax.sharding import Mesh
 
+from ftjax.config import default_config, validate, validate_for_model
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.export_hf import export_hf
 from ftjax.interop.hf import load_hf
 from ftjax.models import moe as M
-from ftjax.sharding import RULES, activation_sharding, batch_sharding, state_shardings
+from ftjax.sharding import make_mesh, mesh_from_config
 from hf_helpers import LAYER_TOL, MODEL_TOL, hf_logits, jax_logits, max_diff, random_ids, save, tiny_hf
 from test_generate import check_kv_cache_matches_full_forward
 from test_model_parity import CUT, PAD_LEFT, PAD_RIGHT, T, _batch, hf_references
@@ -273,6 +273,80 @@ def test_model_router_logits_and_aux_loss_match_transformers(run):
     assert abs(float(aux) - float(out.aux_loss)) <= MODEL_TOL * float(out.aux_loss)
 
 
+def _padded_batch(rows, length, vocab, seed=0):
+    """Unpacked rows with right-padded tails of different lengths (padding: segment 0, no loss)."""
+    from train_helpers import make_batch
+
+    batch = make_batch(rows, length, seed=seed, vocab=vocab, packed=False)
+    for r in range(rows):
+        batch["segment_ids"][r, length - 1 - r % 4:] = 0
+        batch["loss_weights"][r, length - 1 - r % 4:] = 0.0
+    return batch
+
+
+@pytest.mark.parametrize("run", ["mixtral"], indirect=True)
+def test_router_balance_term_in_the_step_matches_transformers(run):
+    """The step's loss and gradients (router logits from its one forward pass) = token CE + w · transformers'
+    load_balancing_loss_func on the same router logits, logged as `router_balance`; with grad_accum=2 the term
+    is the mean of the two micro-batches' transformers losses."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from ftjax.train.optimizer import make_optimizer
+    from ftjax.train.state import place_state
+    from ftjax.train.step import make_train_step
+    from ftjax.train.terms import loss_terms
+
+    model, moe = run["model"], run["model"].config.moe
+    batch = _padded_batch(8, 12, vocab=128)
+    config = _step_config("unused", fsdp=1)
+    config.moe.router_aux_weight = 0.5  # large enough to move the gradients
+    assert [t.name for t in loss_terms(config)] == ["loss"]  # no model (dense): no balance term
+    graphdef, params = nnx.split(model)
+
+    def hf_balance(router_logits, rows):
+        logits = tuple(torch.as_tensor(np.array(lg[rows]).reshape(-1, moe.num_experts)) for lg in router_logits)
+        mask = torch.as_tensor(batch["segment_ids"][rows] > 0)
+        return float(load_balancing_loss_func(logits, moe.num_experts, moe.top_k, mask))
+
+    def reference(params):
+        m = nnx.merge(graphdef, params)
+        h, router_logits = m.hidden_and_router_logits(batch["input_ids"], batch["positions"], batch["segment_ids"])
+        logp = jax.nn.log_softmax(m.logits(h), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        ce = jnp.sum(nll * batch["loss_weights"]) / jnp.sum(batch["loss_weights"])
+        return ce + 0.5 * M.load_balancing_loss(router_logits, moe.top_k, batch["segment_ids"] > 0), (ce,
+                                                                                                   router_logits)
+
+    (ref_total, (ref_ce, router_logits)), ref_grads = jax.value_and_grad(reference, has_aux=True)(params)
+    balance = hf_balance(router_logits, slice(None))
+    assert abs(float(ref_total) - (float(ref_ce) + 0.5 * balance)) <= 1e-5 * float(ref_total)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    for grad_accum in (1, 2):
+        config.train.grad_accum = grad_accum
+        terms = loss_terms(config, model.config)
+        assert [t.name for t in terms] == ["loss", "router_balance"] and terms[1].weight == 0.5
+        optimizer = make_optimizer(config.optim, 10)
+        state = place_state(nnx.clone(model), optimizer.tx, mesh)
+        step = make_train_step(state, optimizer, mesh, terms=terms, grad_accum=grad_accum)
+        before = jax.tree.map(np.asarray, state.trainable)
+        after, _, metrics = step(state.trainable, state.opt_state, state.frozen, batch, jax.random.key(0))
+        if grad_accum == 1:
+            assert abs(float(metrics["loss"]) - float(ref_ce)) <= 1e-5 * float(ref_ce)
+            assert abs(float(metrics["router_balance"]) - balance) <= 1e-5 * balance
+            assert abs(float(metrics["loss_total"]) - float(ref_total)) <= 1e-5 * float(ref_total)
+            grads = jax.tree.map(lambda b, a: b - np.asarray(a), before, after)  # sgd, lr 1
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+                assert max_diff(a, b) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
+        else:  # micro-batch i holds rows i, i+2, ... (ftjax.train.step.micro_batches)
+            mean = (hf_balance(router_logits, slice(0, None, 2)) + hf_balance(router_logits, slice(1, None, 2))) / 2
+            assert abs(float(metrics["router_balance"]) - mean) <= 1e-5 * mean and abs(mean - balance) > 1e-4
+    assert config.moe.router_aux_weight is not None and default_config().moe.router_aux_weight is None
+    config.moe.router_aux_weight = None  # unset: the model's own coefficient (transformers' router_aux_loss_coef)
+    assert loss_terms(config, model.config)[1].weight == run["hf"].config.router_aux_loss_coef
+    config.moe.router_aux_weight = 0.0
+    assert [t.name for t in loss_terms(config, model.config)] == ["loss"]
+
+
 # ----------------------------------------------------------------------------- training and sharding
 
 
@@ -292,33 +366,54 @@ def _loss_fn(graphdef, batch, balance_weight=0.01):
     return loss
 
 
-@pytest.mark.slow  # ~30-60 s: two whole-model gradient compiles, one over 8 devices
+def _step_config(folder, **mesh):
+    """Full fine-tuning of the model in `folder` by plain SGD at lr 1 (the update is minus the gradient)."""
+    c = default_config()
+    c.model.path, c.method, c.model.dtype = str(folder), "full", "float32"
+    c.optim.update(dict(name="sgd", lr=1.0, schedule="constant", momentum=0.0, clip_norm=0.0))
+    c.mesh.update(dict(data=1, **mesh))
+    return validate(c)
+
+
+def _one_step(config, batch, mesh=None):
+    """(metrics, gradients, trainable shardings) of one train step built from `config` (its mesh by default)."""
+    from ftjax.train.setup import build_state
+    from ftjax.train.step import make_train_step
+    from ftjax.train.terms import loss_terms
+
+    mesh = mesh or mesh_from_config(config)
+    setup = build_state(config, mesh)
+    state = setup.state
+    terms = loss_terms(config, setup.model_config)
+    step = make_train_step(state, setup.optimizer, mesh, terms=terms, rules=setup.rules)
+    before = jax.tree.map(np.asarray, state.trainable)
+    after, _, metrics = step(state.trainable, state.opt_state, state.frozen,
+                             jax.device_put(batch, step.batch_sharding), jax.random.key(0))
+    grads = jax.tree.map(lambda b, a: b - np.asarray(a), before, after)  # sgd, lr 1: after = before - grad
+    return jax.device_get(metrics), grads, state.shardings.trainable
+
+
+@pytest.mark.slow  # ~30-60 s: two whole-model train-step compiles, one over 8 devices
 @pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
-def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run):
+def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run, tmp_path):
     """Loss and gradients of every weight on 1 device = on 8 simulated devices, fsdp 4 x expert 2
-    (experts split over `expert`, tokens over both), with the rules table placing the `expert` axis."""
+    (experts split over `expert`, tokens over both), through the train step built from the config alone."""
     from train_helpers import make_batch
 
-    model = run["model"]
-    batch = {k: jnp.asarray(v) for k, v in make_batch(8, 12, vocab=128).items()}
-    graphdef, params = nnx.split(model)
-    loss = _loss_fn(graphdef, batch)
-    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(params)
-
-    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 1, 2), ("data", "fsdp", "tensor", "expert"))
-    rules = {**RULES, "expert": "expert", "batch": ("data", "fsdp", "expert")}
-    shardings = state_shardings(params, mesh, rules)
+    folder = save(run["hf"], tmp_path / "m")
+    batch = make_batch(8, 12, vocab=128)
+    with pytest.raises(ConfigError, match="mesh.expert=3 does not divide the model's 8 experts"):
+        validate_for_model(_step_config(folder, fsdp=1, expert=3), run["model"].config)
+    one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    ref_metrics, ref_grads, _ = _one_step(_step_config(folder, fsdp=1, expert=1), batch, one)
+    metrics, grads, shardings = _one_step(_step_config(folder, fsdp=4, expert=2), batch)
+    assert "router_balance" in metrics
     assert shardings["layers"]["mlp"]["experts"]["gate_proj"].spec[1] == "expert"
-    placed = jax.device_put(params, shardings)
-    sharded_batch = jax.device_put(batch, batch_sharding(mesh, rules))
-
-    def sharded(params, batch):
-        with activation_sharding(mesh, rules):
-            return jax.value_and_grad(_loss_fn(graphdef, batch))(params)
-
-    got_loss, got_grads = jax.jit(sharded, out_shardings=(None, shardings))(placed, sharded_batch)
-    assert abs(float(got_loss) - float(ref_loss)) <= 1e-5 * float(ref_loss)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
+    assert len(shardings["layers"]["mlp"]["experts"]["gate_proj"].mesh.devices.reshape(-1)) == 8
+    for name, ref in ref_metrics.items():
+        if name in ("loss", "loss_total", "router_balance"):
+            assert abs(float(metrics[name]) - float(ref)) <= 1e-5 * float(ref), name
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert max_diff(a, b) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
 
 

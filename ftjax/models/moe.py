@@ -34,6 +34,7 @@ class MoEConfig:
     top_k: int
     intermediate_size: int
     norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001  # the HF config's weight of the balance loss (ftjax: moe.router_aux_weight)
     implementation: str = "auto"  # auto (tiled on CPU, ragged elsewhere) | ragged | tiled
 
 
@@ -159,7 +160,7 @@ def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | 
     _, selected = jax.lax.top_k(probs, top_k)
     counts = jnp.sum(jax.nn.one_hot(selected, e, dtype=jnp.float32), axis=-2)  # [L, N, E]
     w = jnp.ones(logits.shape[1], jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
-    rows = logits.shape[0] * jnp.sum(w)
+    rows = logits.shape[0] * jnp.maximum(jnp.sum(w), 1.0)  # an all-padding batch: 0, not 0/0
     routed = jnp.einsum("lne,n->e", counts, w) / rows
     prob = jnp.einsum("lne,n->e", probs, w) / rows
     return e * jnp.sum(routed * prob)
