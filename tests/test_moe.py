@@ -89,6 +89,44 @@ def test_grouped_equals_dense_reference(implementation):
         assert max_diff(a, b) <= LAYER_TOL * max(1.0, float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("implementation", ["tiled", "ragged"])
+def test_grouped_with_expert_lora_equals_dense_reference(implementation):
+    """Per-expert adapters over gate|up and down inside the grouped path = the dense reference on W_e + s·A_e·B_e,
+    in outputs and gradients (input, router, expert weights, both adapters' A and B); merging folds them in."""
+    from ftjax.lora import apply_lora, merged
+
+    block = apply_lora(_block(implementation=implementation), 3, 6.0, targets="experts", rngs=nnx.Rngs(3))
+    e = block.experts
+    for i, adapter in enumerate((e.gate_up_lora, e.down_lora)):
+        assert adapter.lora_a[...].shape == ((8, 16, 3), (8, 24, 3))[i] and adapter.scale == 2.0
+        adapter.lora_b[...] = 0.5 * jax.random.normal(jax.random.key(10 + i), adapter.lora_b[...].shape)
+    x = jax.random.normal(jax.random.key(1), (2, 13, 16))
+    graphdef, params = nnx.split(block)
+
+    def grouped(params, x):
+        return nnx.merge(graphdef, params)(x)[0]
+
+    def dense(params, x):
+        p = nnx.merge(graphdef, params)
+        e = p.experts
+        delta = lambda m: m.scale * jnp.einsum("eir,ero->eio", m.lora_a[...], m.lora_b[...])  # noqa: E731
+        gate_up = jnp.concatenate([e.gate_proj[...], e.up_proj[...]], axis=-1) + delta(e.gate_up_lora)
+        down = e.down_proj[...] + delta(e.down_lora)
+        y = dense_moe(x.reshape(-1, 16), p.router[...], gate_up[..., :24], gate_up[..., 24:], down, 2, False)
+        return y.reshape(x.shape)
+
+    y, ref = jax.jit(grouped)(params, x), jax.jit(dense)(params, x)
+    plain = _block(implementation=implementation)(x)[0]  # the same weights without adapters
+    assert max_diff(y, ref) <= LAYER_TOL and max_diff(ref, plain) > 0.1
+    assert max_diff(merged(block)(x)[0], ref) <= LAYER_TOL
+    probe = jax.random.normal(jax.random.key(2), y.shape)
+    grad = lambda fn: jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) * probe), argnums=(0, 1)))  # noqa: E731
+    g, g_ref = grad(grouped)(params, x), grad(dense)(params, x)
+    assert len(jax.tree.leaves(g)) == 9  # router, 3 expert weights, 2 adapters x (A, B), the input
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert max_diff(a, b) <= LAYER_TOL * max(1.0, float(jnp.abs(b).max()))
+
+
 def test_tiled_matmul_with_empty_and_straddling_groups():
     """Groups of 0 rows, and tiles of 4 that hold the rows of up to three experts, vs a per-group loop."""
     sizes = np.array([5, 0, 13, 2, 0, 1, 7, 0], np.int32)
@@ -418,20 +456,23 @@ def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run, tmp_path):
 
 
 @pytest.mark.parametrize("run", ["mixtral"], indirect=True)
-def test_lora_on_attention_learns_with_router_and_experts_frozen(run):
-    """A short LoRA run (q/k/v/o adapters, the balance term added) memorizes a batch; the router and
-    experts are outside the trainable set."""
+@pytest.mark.parametrize("targets", ["q_proj,k_proj,v_proj,o_proj", "q_proj,v_proj,experts"])
+def test_lora_learns_with_router_and_experts_frozen(run, targets):
+    """A short LoRA run (attention adapters, or some with the experts' gate|up and down adapters; the balance term
+    added) memorizes a batch; the router and the experts' own weights are outside the trainable set."""
     import optax
 
     from ftjax.lora import apply_lora, trainable_filter
 
     model = nnx.clone(run["model"])
     model.lm_head.kernel[...] = 30.0 * model.lm_head.kernel[...]  # pre-trained-like head scale
-    apply_lora(model, 4, 8.0, targets="q_proj,k_proj,v_proj,o_proj", rngs=nnx.Rngs(1))
+    apply_lora(model, 4, 8.0, targets=targets, rngs=nnx.Rngs(1))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter("lora"), ...)
     paths = {p[-1] for p, _ in nnx.to_flat_state(trainable)}
     assert paths == {"lora_a", "lora_b"}
-    assert any(p[-1] == "router" for p, _ in nnx.to_flat_state(frozen))
+    adapted = {p[-2] for p, _ in nnx.to_flat_state(trainable)}
+    assert ({"gate_up_lora", "down_lora"} <= adapted) == ("experts" in targets)
+    assert {"router", "gate_proj", "up_proj", "down_proj"} <= {p[-1] for p, _ in nnx.to_flat_state(frozen)}
     from train_helpers import make_batch
 
     batch = {k: jnp.asarray(v) for k, v in make_batch(4, 12, vocab=128).items()}
@@ -449,6 +490,9 @@ def test_lora_on_attention_learns_with_router_and_experts_frozen(run):
         trainable, opt_state, loss = step(trainable, opt_state)
         losses.append(float(loss))
     assert losses[0] > 3.5 and losses[-1] < 0.5 * losses[0]
+    trained_b = [float(jnp.abs(v[...]).max()) for p, v in nnx.to_flat_state(trainable)
+                 if p[-2:] == ("down_lora", "lora_b")]
+    assert len(trained_b) == ("experts" in targets) and all(b > 1e-3 for b in trained_b)  # the experts' adapters moved
 
 
 @pytest.mark.parametrize("run", ["mixtral"], indirect=True)
