@@ -512,3 +512,34 @@ def test_attention_lora_exports_to_peft_with_ftjax_logits(run, tmp_path):
     base = hf_logits(run["hf"], ids)
     theirs = hf_logits(PeftModel.from_pretrained(copy.deepcopy(run["hf"]), str(out)).eval(), ids)
     assert max_diff(theirs, jax_logits(model, ids)) <= MODEL_TOL and max_diff(theirs, base) > LORA_MARGIN
+
+
+@pytest.mark.parametrize("targets", ["q_proj,v_proj,experts", "experts.down_proj"])
+def test_expert_lora_exports_to_peft_target_parameters_with_ftjax_logits(run, targets, tmp_path):
+    """Expert adapters (with attention adapters, or alone): the PEFT folder (target_parameters on the fused
+    experts) loads onto transformers' model with ftjax's logits, and back into ftjax with the same adapters."""
+    import json
+
+    from peft import PeftModel
+
+    from ftjax.interop.peft import export_peft, load_peft
+    from ftjax.lora import apply_lora
+    from hf_helpers import randomize_lora_b
+    from test_export import LORA_MARGIN
+
+    model = randomize_lora_b(apply_lora(nnx.clone(run["model"]), 4, 8.0, targets=targets, rngs=nnx.Rngs(2)), seed=2)
+    experts = model.layers.mlp.experts
+    for i, adapter in enumerate(a for a in (experts.gate_up_lora, experts.down_lora) if a is not None):
+        adapter.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(20 + i), adapter.lora_b[...].shape)
+    out = export_peft(model, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    want = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"] if targets.endswith(",experts") else [
+        "mlp.experts.down_proj"]
+    assert config["target_parameters"] == want
+    ids = random_ids(2, T, seed=6)
+    base = hf_logits(run["hf"], ids)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(run["hf"]), str(out)).eval()
+    theirs = hf_logits(peft_model, ids)
+    assert max_diff(theirs, jax_logits(model, ids)) <= MODEL_TOL and max_diff(theirs, base) > LORA_MARGIN
+    back = load_peft(nnx.clone(run["model"]), out)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(back, nnx.LoRAParam), nnx.state(model, nnx.LoRAParam))
