@@ -60,7 +60,7 @@ def _other_value(value, kind: type) -> str:
 def test_the_recipes_are_all_here():
     names = {p.stem for p in CONFIGS}
     assert {"tiny_test", "smollm2_135m_lora", "smollm2_135m_full", "llama3_8b_lora", "llama3_70b_lora_fsdp",
-            "qwen3_8b_lora"} <= names
+            "qwen3_8b_lora", "qwen3_30b_a3b_lora"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -159,6 +159,11 @@ def test_mesh_expert_needs_experts_it_divides():
         config_lib.validate_for_model(validate(c), TINY)
     c.mesh.expert = 1
     config_lib.validate_for_model(c, TINY)
+    from ftjax.models.moe import MoEConfig
+
+    recipe = validate(load_recipe(ROOT / "configs" / "qwen3_30b_a3b_lora.py"))  # Qwen3-30B-A3B: 128 experts, top-8
+    assert (recipe.mesh.fsdp, recipe.mesh.expert) == (4, 2)
+    config_lib.validate_for_model(recipe, TINY.replace(moe=MoEConfig(128, 8, 768)))
 
 
 def test_every_key_is_checked_in_one_place():
