@@ -2,7 +2,8 @@
 
 The adapter params are `nnx.LoRAParam`, so `nnx.split(model, nnx.LoRAParam, ...)` partitions
 the model into what trains and what stays frozen. Adapters on stacked linears hold stacked
-params ([L, in, r] / [L, r, out]) and are sliced per layer by the model's `lax.scan`.
+params ([L, in, r] / [L, r, out]) and are sliced per layer by the model's `lax.scan`; a mixture-of-experts
+model's experts take per-expert adapters ([L, E, in, r] / [L, E, r, out]) that its grouped matmuls apply.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ UNSUPPORTED = ("lm_head",)  # the loss reads lm_head's kernel directly, so an ad
 # The experts' adapters, by the names PEFT's `target_parameters` gives transformers 5's fused expert weights: one
 # over gate|up (ftjax keeps gate and up apart; the adapter's output is split between them) and one over down.
 EXPERT_TARGETS = ("gate_up_proj", "down_proj")
+EXPERT_NAMES = {"gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj",
+                "down_proj": "experts.down_proj"}  # the default targets' MLP names on a mixture-of-experts model
 PACKED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
                 "up_proj": "gate_up_proj"}  # Phi-3's fused projections
 
@@ -80,10 +83,18 @@ def matches(path: str, patterns: Sequence[str]) -> bool:
 
 def default_targets(patterns: tuple[str, ...], names: set[str]) -> tuple[str, ...]:
     """The default targets name Llama's projections; on a model that stores them fused (Phi-3: qkv_proj,
-    gate_up_proj) they mean the fused ones, one adapter over each fused output. Explicit targets stay as given."""
-    if patterns != parse_targets(LORA_TARGETS) or "qkv_proj" not in names:
+    gate_up_proj) they mean the fused ones, one adapter over each fused output; on a mixture-of-experts model
+    (`names` holds "experts", no gate_proj linear) the MLP's mean the experts' gate|up and down. Explicit targets
+    stay as given."""
+    if patterns != parse_targets(LORA_TARGETS):
         return patterns
-    return tuple(dict.fromkeys(PACKED_NAMES.get(p, p) for p in patterns))
+    if "qkv_proj" in names:
+        renames = PACKED_NAMES
+    elif "experts" in names and "gate_proj" not in names:
+        renames = EXPERT_NAMES
+    else:
+        return patterns
+    return tuple(dict.fromkeys(renames.get(p, p) for p in patterns))
 
 
 def linears(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
@@ -95,7 +106,8 @@ def linears(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
 
 def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Sequence[str] = LORA_TARGETS,
                dropout: float = 0.0, rslora: bool = False, rngs: nnx.Rngs) -> nnx.Module:
-    """Attach a fresh adapter (A random, B zero) to every matching linear, in place; returns the model.
+    """Attach a fresh adapter (A random, B zero) to every matching linear, and to the experts' gate|up and down
+    weights that a pattern naming the experts matches (`expert_match`), in place; returns the model.
 
     A pattern that matches nothing is an error, so a misspelled target cannot silently train nothing.
     """
@@ -104,7 +116,9 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Seq
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {dropout}")
     candidates = list(linears(model))
-    patterns = default_targets(parse_targets(targets), {path.split(".")[-1] for path, _ in candidates})
+    experts = expert_params(model)
+    names = {path.split(".")[-1] for path, _ in candidates} | ({"experts"} if experts else set())
+    patterns = default_targets(parse_targets(targets), names)
     hit = {p: False for p in patterns}
     for path, linear in candidates:
         if not matches(path, patterns):
@@ -122,7 +136,7 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Seq
         linear.lora = nnx.data(LoRA(linear.in_features, linear.out_features, rank=rank, alpha=alpha,
                                     in_axis=axes[-2], out_axis=axes[-1], stack=stack, dropout=dropout,
                                     rslora=rslora, rngs=rngs))
-    for path, experts, name in expert_params(model):
+    for path, module, name in experts:
         hits = [p for p in patterns if expert_match(path, p)]
         if not hits:
             continue
@@ -130,12 +144,12 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Seq
         if dropout:
             raise ConfigError(f"lora.targets matches '{path}': expert adapters take no lora.dropout (PEFT's "
                               f"target_parameters neither); set lora.dropout=0")
-        attach_expert_lora(experts, name, rank, alpha, rslora, rngs)
+        attach_expert_lora(module, name, rank, alpha, rslora, rngs)
     missing = [p for p, ok in hit.items() if not ok]
     if missing:
         names = sorted({path.split(".")[-1] for path, _ in candidates})
-        experts = " or the experts (experts.gate_up_proj, experts.down_proj)" if any(expert_params(model)) else ""
-        raise ConfigError(f"lora.targets pattern(s) {', '.join(missing)} match no linear layer{experts} "
+        also = " or the experts (experts.gate_up_proj, experts.down_proj)" if experts else ""
+        raise ConfigError(f"lora.targets pattern(s) {', '.join(missing)} match no linear layer{also} "
                           f"(linear layers: {', '.join(names)})")
     return model
 

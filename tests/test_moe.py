@@ -19,6 +19,7 @@ from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.export_hf import export_hf
 from ftjax.interop.hf import load_hf
 from ftjax.models import moe as M
+from ftjax.models.llama import Llama
 from ftjax.sharding import make_mesh, mesh_from_config
 from hf_helpers import LAYER_TOL, MODEL_TOL, hf_logits, jax_logits, max_diff, random_ids, save, tiny_hf
 from test_generate import check_kv_cache_matches_full_forward
@@ -125,6 +126,24 @@ def test_grouped_with_expert_lora_equals_dense_reference(implementation):
     assert len(jax.tree.leaves(g)) == 9  # router, 3 expert weights, 2 adapters x (A, B), the input
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         assert max_diff(a, b) <= LAYER_TOL * max(1.0, float(jnp.abs(b).max()))
+
+
+def test_expert_targets_default_and_refusals():
+    """The default targets on a MoE model mean attention + the experts' gate|up and down (as on a dense model every
+    projection); a bare 'down_proj' is no expert target; expert adapters refuse dropout (as PEFT) in one line."""
+    from ftjax.lora import apply_lora
+    from train_helpers import TINY
+
+    build = lambda: Llama(TINY.replace(moe=M.MoEConfig(4, 2, 16)), rngs=nnx.Rngs(0))  # noqa: E731
+    model = apply_lora(build(), 2, 4.0, rngs=nnx.Rngs(0))
+    adapted = {".".join(p[-3:-1]) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    assert adapted == {"q_proj.lora", "k_proj.lora", "v_proj.lora", "o_proj.lora", "experts.gate_up_lora",
+                       "experts.down_lora"}
+    assert model.layers.mlp.experts.gate_up_lora.lora_b[...].shape == (2, 4, 2, 32)
+    with pytest.raises(ConfigError, match=r"pattern\(s\) down_proj match no linear layer or the experts"):
+        apply_lora(build(), 2, 4.0, targets="q_proj,down_proj", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=r"expert adapters take no lora.dropout .*; set lora.dropout=0$"):
+        apply_lora(build(), 2, 4.0, targets="experts", dropout=0.1, rngs=nnx.Rngs(0))
 
 
 def test_tiled_matmul_with_empty_and_straddling_groups():
@@ -404,10 +423,11 @@ def _loss_fn(graphdef, batch, balance_weight=0.01):
     return loss
 
 
-def _step_config(folder, **mesh):
-    """Full fine-tuning of the model in `folder` by plain SGD at lr 1 (the update is minus the gradient)."""
+def _step_config(folder, method="full", targets="experts", **mesh):
+    """Fine-tuning of the model in `folder` (full, or LoRA on `targets`) by plain SGD at lr 1 (the update is minus
+    the gradient)."""
     c = default_config()
-    c.model.path, c.method, c.model.dtype = str(folder), "full", "float32"
+    c.model.path, c.method, c.model.dtype, c.lora.targets = str(folder), method, "float32", targets
     c.optim.update(dict(name="sgd", lr=1.0, schedule="constant", momentum=0.0, clip_norm=0.0))
     c.mesh.update(dict(data=1, **mesh))
     return validate(c)
@@ -431,11 +451,13 @@ def _one_step(config, batch, mesh=None):
     return jax.device_get(metrics), grads, state.shardings.trainable
 
 
-@pytest.mark.slow  # ~30-60 s: two whole-model train-step compiles, one over 8 devices
+@pytest.mark.slow  # ~20-30 s each: two whole-model train-step compiles, one over 8 devices
 @pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
-def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run, tmp_path):
-    """Loss and gradients of every weight on 1 device = on 8 simulated devices, fsdp 4 x expert 2
-    (experts split over `expert`, tokens over both), through the train step built from the config alone."""
+@pytest.mark.parametrize("method,weight", [("full", "gate_proj"), ("lora", "gate_up_lora")])
+def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run, method, weight, tmp_path):
+    """Loss and gradients of every trained weight (full fine-tuning, or LoRA on q/v and the experts) on 1 device
+    = on 8 simulated devices, fsdp 4 x expert 2 (experts split over `expert`, tokens over both), through the
+    train step built from the config alone."""
     from train_helpers import make_batch
 
     folder = save(run["hf"], tmp_path / "m")
@@ -443,14 +465,17 @@ def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run, tmp_path):
     with pytest.raises(ConfigError, match="mesh.expert=3 does not divide the model's 8 experts"):
         validate_for_model(_step_config(folder, fsdp=1, expert=3), run["model"].config)
     one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    ref_metrics, ref_grads, _ = _one_step(_step_config(folder, fsdp=1, expert=1), batch, one)
-    metrics, grads, shardings = _one_step(_step_config(folder, fsdp=4, expert=2), batch)
+    targets = "q_proj,v_proj,experts"
+    ref_metrics, ref_grads, _ = _one_step(_step_config(folder, method, targets, fsdp=1, expert=1), batch, one)
+    metrics, grads, shardings = _one_step(_step_config(folder, method, targets, fsdp=4, expert=2), batch)
     assert "router_balance" in metrics
-    assert shardings["layers"]["mlp"]["experts"]["gate_proj"].spec[1] == "expert"
-    assert len(shardings["layers"]["mlp"]["experts"]["gate_proj"].mesh.devices.reshape(-1)) == 8
+    placed = shardings["layers"]["mlp"]["experts"][weight]
+    placed = placed if method == "full" else placed["lora_a"]
+    assert placed.spec[1] == "expert" and len(placed.mesh.devices.reshape(-1)) == 8
     for name, ref in ref_metrics.items():
         if name in ("loss", "loss_total", "router_balance"):
             assert abs(float(metrics[name]) - float(ref)) <= 1e-5 * float(ref), name
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads)) > 1e-3
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert max_diff(a, b) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
 
