@@ -568,3 +568,33 @@ def test_expert_lora_exports_to_peft_target_parameters_with_ftjax_logits(run, ta
     assert max_diff(theirs, jax_logits(model, ids)) <= MODEL_TOL and max_diff(theirs, base) > LORA_MARGIN
     back = load_peft(nnx.clone(run["model"]), out)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(back, nnx.LoRAParam), nnx.state(model, nnx.LoRAParam))
+
+
+@pytest.mark.slow  # ~10-15 s: a whole loop run (data, 8-device compile, 8 steps)
+@pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
+def test_lora_run_over_fsdp_by_expert_learns_and_logs_the_balance_term(run, tmp_path):
+    """`ftjax.train.loop.run` on a Qwen3-MoE folder with the default LoRA targets (attention + experts), over
+    fsdp 4 x expert 2: the loss falls and metrics.jsonl logs `router_balance` beside it (transformers' definition
+    gives top_k for a perfectly balanced router; this random one stays near it)."""
+    import json
+
+    from ftjax.train.loop import run as train
+    from hf_helpers import tiny_tokenizer
+    from loop_helpers import load_config, metrics
+
+    folder = save(run["hf"], tmp_path / "m")
+    tiny_tokenizer().save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    records = [{"text": " ".join(f"w{(start + i) % 40}" for i in range(24))} for start in rng.integers(0, 40, 64)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    c = load_config("tiny_test")
+    c.model.path, c.data.train, c.data.eval, c.data.seq_len = str(folder), str(tmp_path / "train.jsonl"), None, 32
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 4, 2
+    c.checkpoint.every, c.train.steps, c.optim.lr = 0, 8, 3e-2
+    train(c, tmp_path / "run")
+    logged = metrics(tmp_path / "run")
+    assert logged[-1]["loss"] < 0.7 * logged[0]["loss"]
+    top_k = run["model"].config.moe.top_k
+    assert all(0.9 * top_k < m["router_balance"] < 2.0 * top_k for m in logged)
+    first = logged[0]  # the model's router_aux_loss_coef: transformers' default 0.001
+    assert abs(first["loss_total"] - first["loss"] - 0.001 * first["router_balance"]) <= 1e-5 * first["loss"]
