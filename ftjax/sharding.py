@@ -63,8 +63,8 @@ def parse_rules(text: str, key: str = "mesh.rules") -> dict[str, Any]:
     return rules
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None,
-              expert: int = 1) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
+              devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor, expert) mesh over all processes' devices; one size may be -1 (the rest)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor, expert]

@@ -159,6 +159,11 @@ def test_mesh_expert_needs_experts_it_divides():
         config_lib.validate_for_model(validate(c), TINY)
     c.mesh.expert = 1
     config_lib.validate_for_model(c, TINY)
+    from ftjax.sharding import make_mesh
+
+    assert dict(make_mesh(1, 4, 1, 2).shape) == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 2}  # 8 test devices
+    with pytest.raises(ConfigError, match="^mesh data=1 fsdp=3 tensor=1 expert=2 does not divide the 8 available"):
+        make_mesh(1, 3, 1, 2)
     from ftjax.models.moe import MoEConfig
 
     recipe = validate(load_recipe(ROOT / "configs" / "qwen3_30b_a3b_lora.py"))  # Qwen3-30B-A3B: 128 experts, top-8
