@@ -1,6 +1,8 @@
-"""Mixture of experts (Mixtral, Qwen3-MoE): the grouped paths vs a dense all-experts reference, their
-compiled cost, parity with transformers (layer and model, batch/padding/packing, KV cache), both on-disk
-expert layouts, the balance loss vs transformers' own, LoRA training, and 1 vs 8 devices (fsdp x expert)."""
+"""Mixture of experts (Mixtral, Qwen3-MoE): the grouped paths (with and without expert LoRA) vs a dense
+all-experts reference, their compiled cost, parity with transformers (layer and model, batch/padding/packing,
+KV cache), both on-disk expert layouts, the balance loss and the step's balance term vs transformers' own, LoRA
+training (attention and experts), expert LoRA through PEFT's target_parameters, and 1 vs 8 devices
+(fsdp x expert, the mesh from the config)."""
 
 from __future__ import annotations
 
