@@ -541,7 +541,8 @@ def test_attention_lora_exports_to_peft_with_ftjax_logits(run, tmp_path):
     assert max_diff(theirs, jax_logits(model, ids)) <= MODEL_TOL and max_diff(theirs, base) > LORA_MARGIN
 
 
-@pytest.mark.parametrize("targets", ["q_proj,v_proj,experts", "experts.down_proj"])
+@pytest.mark.parametrize("run,targets", [("mixtral", "q_proj,v_proj,experts"), ("qwen3_moe", "q_proj,v_proj,experts"),
+                                         ("mixtral", "experts.down_proj")], indirect=["run"])
 def test_expert_lora_exports_to_peft_target_parameters_with_ftjax_logits(run, targets, tmp_path):
     """Expert adapters (with attention adapters, or alone): the PEFT folder (target_parameters on the fused
     experts) loads onto transformers' model with ftjax's logits, and back into ftjax with the same adapters."""
