@@ -105,7 +105,7 @@ def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
     """Build the state from `config` (model, adapters, optimizer), place a random batch, compile the step."""
     t0 = time.perf_counter()
     devs = list(devices) if devices is not None else None
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devs)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devs, expert=config.mesh.expert)
     setup = build_state(config, mesh)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,

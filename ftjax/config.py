@@ -56,6 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
         gamma=0.5,  # SimPO's target reward margin
         sft_weight=0.0,  # weight of a cross-entropy term on the chosen reply (ORPO has its own built in)
     )
+    # router_aux_weight: weight of a mixture-of-experts model's router balance loss (ftjax/train/terms.py); unset =
+    # the model's own router_aux_loss_coef (its HF config.json; transformers adds it only with output_router_logits),
+    # 0 = off
+    c.moe = dict(router_aux_weight=config_dict.placeholder(float))
     c.lora = dict(rank=16, alpha=32.0, dropout=0.0, targets=LORA_TARGETS, rslora=False)
     c.data = dict(
         train=config_dict.placeholder(str),
@@ -108,8 +112,10 @@ def default_config() -> ml_collections.ConfigDict:
         momentum=0.9,  # sgd; 0 = plain SGD
     )
     # rules: overrides of the logical-axis -> mesh-axis table (ftjax/sharding.py RULES), e.g.
-    # "embed=tensor,mlp=fsdp" or "batch=data+fsdp,length=" (nothing or none = replicated)
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules="")
+    # "embed=tensor,mlp=fsdp" or "batch=data+fsdp,length=" (nothing or none = replicated).
+    # expert: devices a mixture-of-experts layer's experts are split over (expert parallelism; tokens split over
+    # it too, as over data and fsdp); must divide the model's expert count; 1 for dense models
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, expert=1, rules="")
     # keep: the latest N checkpoints; keep_best: with eval data, also the one with the lowest eval loss
     c.checkpoint = dict(every=0, keep=2, keep_best=True)
     c.eval = dict(
@@ -213,6 +219,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mesh.data": _MESH_AXIS,
     "mesh.fsdp": _MESH_AXIS,
     "mesh.tensor": _MESH_AXIS,
+    "mesh.expert": _AT_LEAST_1,
     "checkpoint.every": _AT_LEAST_0,
     "checkpoint.keep": _AT_LEAST_1,
     "eval.every": _AT_LEAST_0,
@@ -228,6 +235,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pref.label_smoothing": (lambda v: 0.0 <= v < 0.5, "be in [0, 0.5)"),
     "pref.gamma": _AT_LEAST_0,
     "pref.sft_weight": _AT_LEAST_0,
+    "moe.router_aux_weight": (lambda v: v is None or v >= 0, "be >= 0 (0: off), or unset for the model's own"),
 }
 
 # Any value of the key's type (the locked ConfigDict checks types): paths and names, checked where they are
@@ -249,6 +257,21 @@ def get(c: ml_collections.ConfigDict, key: str):
             raise ConfigError(unknown_key_message(c, key))
         node = node[part]
     return node
+
+
+def validate_for_model(c: ml_collections.ConfigDict, model_cfg) -> None:
+    """The keys that depend on the model (its ModelConfig), checked once its config is read, before loading."""
+    if c.moe.router_aux_weight and model_cfg.moe is None:
+        raise ConfigError(f"config.moe.router_aux_weight={c.moe.router_aux_weight} weights a mixture-of-experts "
+                          f"router's balance loss, but {c.model.path} is dense")
+    if c.mesh.expert == 1:
+        return
+    if model_cfg.moe is None:
+        raise ConfigError(f"config.mesh.expert={c.mesh.expert} splits the experts of a mixture-of-experts model, "
+                          f"but {c.model.path} is dense; use mesh.data or mesh.fsdp")
+    if model_cfg.moe.num_experts % c.mesh.expert:
+        raise ConfigError(f"config.mesh.expert={c.mesh.expert} does not divide the model's "
+                          f"{model_cfg.moe.num_experts} experts")
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

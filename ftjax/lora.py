@@ -2,7 +2,8 @@
 
 The adapter params are `nnx.LoRAParam`, so `nnx.split(model, nnx.LoRAParam, ...)` partitions
 the model into what trains and what stays frozen. Adapters on stacked linears hold stacked
-params ([L, in, r] / [L, r, out]) and are sliced per layer by the model's `lax.scan`.
+params ([L, in, r] / [L, r, out]) and are sliced per layer by the model's `lax.scan`; a mixture-of-experts
+model's experts take per-expert adapters ([L, E, in, r] / [L, E, r, out]) that its grouped matmuls apply.
 """
 
 from __future__ import annotations
@@ -19,9 +20,15 @@ from jax.ad_checkpoint import checkpoint_name
 from ftjax.config import LORA_TARGETS
 from ftjax.errors import ConfigError
 from ftjax.models.layers import Linear, dense_kernel
+from ftjax.models.moe import Experts
 from ftjax.quant.weight import QuantizedParam
 
 UNSUPPORTED = ("lm_head",)  # the loss reads lm_head's kernel directly, so an adapter there would be ignored
+# The experts' adapters, by the names PEFT's `target_parameters` gives transformers 5's fused expert weights: one
+# over gate|up (ftjax keeps gate and up apart; the adapter's output is split between them) and one over down.
+EXPERT_TARGETS = ("gate_up_proj", "down_proj")
+EXPERT_NAMES = {"gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj",
+                "down_proj": "experts.down_proj"}  # the default targets' MLP names on a mixture-of-experts model
 PACKED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
                 "up_proj": "gate_up_proj"}  # Phi-3's fused projections
 
@@ -31,8 +38,8 @@ class LoRA(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, in_axis: str | None,
                  out_axis: str | None, stack: tuple = (), dropout: float = 0.0, rslora: bool = False,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
-        lead = ("layers",) * len(stack)
+                 param_dtype=jnp.float32, lead_axes: tuple | None = None, rngs: nnx.Rngs):
+        lead = ("layers",) * len(stack) if lead_axes is None else lead_axes  # an expert adapter: (layers, expert)
         # PEFT's default: kaiming_uniform_(a=sqrt(5)) on A [r, in] is U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / math.sqrt(in_features)
         a = jax.random.uniform(rngs.params(), (*stack, in_features, rank), jnp.float32, -bound, bound)
@@ -76,10 +83,18 @@ def matches(path: str, patterns: Sequence[str]) -> bool:
 
 def default_targets(patterns: tuple[str, ...], names: set[str]) -> tuple[str, ...]:
     """The default targets name Llama's projections; on a model that stores them fused (Phi-3: qkv_proj,
-    gate_up_proj) they mean the fused ones, one adapter over each fused output. Explicit targets stay as given."""
-    if patterns != parse_targets(LORA_TARGETS) or "qkv_proj" not in names:
+    gate_up_proj) they mean the fused ones, one adapter over each fused output; on a mixture-of-experts model
+    (`names` holds "experts", no gate_proj linear) the MLP's mean the experts' gate|up and down. Explicit targets
+    stay as given."""
+    if patterns != parse_targets(LORA_TARGETS):
         return patterns
-    return tuple(dict.fromkeys(PACKED_NAMES.get(p, p) for p in patterns))
+    if "qkv_proj" in names:
+        renames = PACKED_NAMES
+    elif "experts" in names and "gate_proj" not in names:
+        renames = EXPERT_NAMES
+    else:
+        return patterns
+    return tuple(dict.fromkeys(renames.get(p, p) for p in patterns))
 
 
 def linears(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
@@ -91,7 +106,8 @@ def linears(model: nnx.Module) -> Iterator[tuple[str, Linear]]:
 
 def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Sequence[str] = LORA_TARGETS,
                dropout: float = 0.0, rslora: bool = False, rngs: nnx.Rngs) -> nnx.Module:
-    """Attach a fresh adapter (A random, B zero) to every matching linear, in place; returns the model.
+    """Attach a fresh adapter (A random, B zero) to every matching linear, and to the experts' gate|up and down
+    weights that a pattern naming the experts matches (`expert_match`), in place; returns the model.
 
     A pattern that matches nothing is an error, so a misspelled target cannot silently train nothing.
     """
@@ -100,7 +116,9 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Seq
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {dropout}")
     candidates = list(linears(model))
-    patterns = default_targets(parse_targets(targets), {path.split(".")[-1] for path, _ in candidates})
+    experts = expert_params(model)
+    names = {path.split(".")[-1] for path, _ in candidates} | ({"experts"} if experts else set())
+    patterns = default_targets(parse_targets(targets), names)
     hit = {p: False for p in patterns}
     for path, linear in candidates:
         if not matches(path, patterns):
@@ -118,12 +136,53 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, *, targets: str | Seq
         linear.lora = nnx.data(LoRA(linear.in_features, linear.out_features, rank=rank, alpha=alpha,
                                     in_axis=axes[-2], out_axis=axes[-1], stack=stack, dropout=dropout,
                                     rslora=rslora, rngs=rngs))
+    for path, module, name in experts:
+        hits = [p for p in patterns if expert_match(path, p)]
+        if not hits:
+            continue
+        hit.update({p: True for p in hits})
+        if dropout:
+            raise ConfigError(f"lora.targets matches '{path}': expert adapters take no lora.dropout (PEFT's "
+                              f"target_parameters neither); set lora.dropout=0")
+        attach_expert_lora(module, name, rank, alpha, rslora, rngs)
     missing = [p for p, ok in hit.items() if not ok]
     if missing:
         names = sorted({path.split(".")[-1] for path, _ in candidates})
-        raise ConfigError(f"lora.targets pattern(s) {', '.join(missing)} match no linear layer "
+        also = " or the experts (experts.gate_up_proj, experts.down_proj)" if experts else ""
+        raise ConfigError(f"lora.targets pattern(s) {', '.join(missing)} match no linear layer{also} "
                           f"(linear layers: {', '.join(names)})")
     return model
+
+
+def expert_params(model: nnx.Module) -> list[tuple[str, Experts, str]]:
+    """(dotted path, experts module, name) of each mixture-of-experts weight an adapter may target
+    (`layers.mlp.experts.gate_up_proj`, `layers.mlp.experts.down_proj`)."""
+    return [(".".join(str(p) for p in (*path, name)), node, name) for path, node in nnx.iter_graph(model)
+            if isinstance(node, Experts) for name in EXPERT_TARGETS]
+
+
+def expert_match(path: str, pattern: str) -> bool:
+    """An expert weight matches a pattern that names the experts: 'experts' (both), 'experts.down_proj',
+    'mlp.experts.gate_up_proj' (PEFT's target_parameters), or an fnmatch pattern such as '*experts*'. A bare
+    'down_proj' means the dense MLP's linear, not the experts."""
+    return "experts" in pattern and (matches(path, (pattern,)) or matches(path.rsplit(".", 1)[0], (pattern,)))
+
+
+def attach_expert_lora(experts: Experts, name: str, rank: int, alpha: float, rslora: bool, rngs: nnx.Rngs) -> None:
+    """A per-expert adapter (A [*stack, E, in, r] random, B zero) over gate|up or down, in place."""
+    attr = f"{name.removesuffix('_proj')}_lora"
+    if getattr(experts, attr) is not None:
+        raise ConfigError(f"the experts' {name} already has a LoRA adapter")
+    if name == "gate_up_proj":
+        w = experts.gate_proj
+        *stack, in_f, out_f = w.get_value().shape
+        out_f *= 2
+    else:
+        w = experts.down_proj
+        *stack, in_f, out_f = w.get_value().shape
+    axes = w.get_metadata().get("logical_axes")
+    setattr(experts, attr, nnx.data(LoRA(in_f, out_f, rank=rank, alpha=alpha, in_axis=axes[-2], out_axis=axes[-1],
+                                         stack=tuple(stack), rslora=rslora, lead_axes=tuple(axes[:-2]), rngs=rngs)))
 
 
 def kernel_dtype(kernel: nnx.Variable):
@@ -151,7 +210,8 @@ def trainable_filter(method: str):
 
 
 def merge_lora(model: nnx.Module) -> dict[str, LoRA]:
-    """Fold each adapter into its kernel (W + scale·A·B, computed in fp32) and detach it, in place.
+    """Fold each adapter into its kernel (W + scale·A·B, computed in fp32) and detach it, in place; the experts'
+    adapters too (gate|up's update split between gate_proj and up_proj).
 
     Returns the detached adapters by path, which `unmerge_lora` takes to undo the merge.
     """
@@ -167,13 +227,34 @@ def merge_lora(model: nnx.Module) -> dict[str, LoRA]:
             linear.kernel[...] = merged_kernel
         adapters[path] = linear.lora
         linear.lora = None
+    for path, experts, name in expert_params(model):
+        attr = f"{name.removesuffix('_proj')}_lora"
+        lora = getattr(experts, attr)
+        if lora is not None:
+            _add_expert_delta(experts, name, lora.delta())
+            adapters[path] = lora
+            setattr(experts, attr, None)
     return adapters
+
+
+def _add_expert_delta(experts: Experts, name: str, delta: jax.Array) -> None:
+    """W += delta over the experts' weights (gate|up's split in two), computed in fp32."""
+    weights = (experts.down_proj,) if name == "down_proj" else (experts.gate_proj, experts.up_proj)
+    parts = jnp.split(delta, len(weights), axis=-1)
+    for w, d in zip(weights, parts):
+        w[...] = (w[...].astype(jnp.float32) + d).astype(w[...].dtype)
 
 
 def unmerge_lora(model: nnx.Module, adapters: dict[str, LoRA]) -> nnx.Module:
     """Subtract merged adapters from their kernels and re-attach them (inverse of `merge_lora`)."""
     by_path = dict(linears(model))
+    experts_by_path = {path: (experts, name) for path, experts, name in expert_params(model)}
     for path, lora in adapters.items():
+        if path in experts_by_path:
+            experts, name = experts_by_path[path]
+            _add_expert_delta(experts, name, -lora.delta())
+            setattr(experts, f"{name.removesuffix('_proj')}_lora", lora)
+            continue
         linear = by_path[path]
         kernel = linear.kernel[...]
         linear.kernel[...] = (kernel.astype(jnp.float32) - lora.delta()).astype(kernel.dtype)

@@ -61,7 +61,7 @@ def check_same(recorded: dict[str, Any], current: dict[str, Any], what: str) -> 
 # Keys a resumed run may change: how long it runs, how it logs, evaluates and saves, where it runs.
 # Every other key, including keys added to the config later, must equal the recorded run's.
 MAY_CHANGE_ON_RESUME = ("train.steps", "train.log_every", "eval.*", "checkpoint.*", "mesh.data", "mesh.fsdp",
-                        "mesh.tensor", "data.prefetch", "model.path")  # model.path: the base's content is checked
+                        "mesh.tensor", "mesh.expert", "data.prefetch", "model.path")  # model.path: the base's content is checked
 
 
 def check_resume_config(recorded: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any]) -> None:

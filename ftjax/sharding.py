@@ -14,12 +14,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
-# Logical axis -> mesh axes. Parameters: embed over fsdp, heads/kv/mlp/vocab over tensor.
-# Activations: batch over (data, fsdp). Anything unnamed or absent is replicated.
+# Logical axis -> mesh axes. Parameters: embed over fsdp, heads/kv/mlp/vocab over tensor, a mixture-of-experts
+# layer's experts over expert. Activations: batch over (data, fsdp, expert): the expert axis also splits the
+# tokens (expert parallelism), so it holds no idle replicas on dense layers. Anything unnamed or absent is replicated.
 RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "act_embed": None,
     "act_heads": "tensor",
@@ -35,7 +36,7 @@ RULES: dict[str, Any] = {
     "layers": None,
     "norm": None,
     "lora_rank": None,
-    "expert": None,  # the experts of a mixture-of-experts layer: replicated unless a rule places them
+    "expert": "expert",  # the experts of a mixture-of-experts layer (mesh.expert; size 1: replicated)
 }
 
 
@@ -62,24 +63,22 @@ def parse_rules(text: str, key: str = "mesh.rules") -> dict[str, Any]:
     return rules
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all processes' devices; one size may be -1 (the rest)."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
+              devices: Sequence[Any] | None = None) -> Mesh:
+    """A (data, fsdp, tensor, expert) mesh over all processes' devices; one size may be -1 (the rest)."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, tensor, expert]
     n = len(devices)
+    named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if a != "expert" or s != 1)
     if sizes.count(-1) > 1:
-        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor, mesh.expert may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if any(s == 0 or s < -1 for s in sizes) or n % known:
-        raise ConfigError(
-            f"mesh data={data} fsdp={fsdp} tensor={tensor} does not divide the {n} available devices"
-        )
+        raise ConfigError(f"mesh {named} does not divide the {n} available devices")
     sizes = [n // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != n:
-        raise ConfigError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} "
-            f"devices, but {n} are available"
-        )
+        product = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if a != "expert" or s != 1)
+        raise ConfigError(f"mesh {product} = {int(np.prod(sizes))} devices, but {n} are available")
     try:
         from jax.experimental import mesh_utils
 
@@ -89,9 +88,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return Mesh(grid, MESH_AXES)
 
 
-def mesh_from_config(config) -> Mesh:
-    """The (data, fsdp, tensor) mesh of `config.mesh` over every process's devices."""
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
+    """The (data, fsdp, tensor, expert) mesh of `config.mesh` over `devices` (default: every process's)."""
+    m = config.mesh
+    return make_mesh(m.data, m.fsdp, m.tensor, expert=m.expert, devices=devices)
+
+
+def _size(mesh: Mesh, axis: str) -> int:
+    """A mesh axis's size; 1 for an axis the mesh lacks (meshes built by hand with fewer axes)."""
+    return mesh.shape.get(axis, 1)
 
 
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict | None = None) -> PartitionSpec:
@@ -108,11 +113,11 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
         kept = []
         size = 1
         for t in targets:
-            if t in used or mesh.shape[t] == 1:
+            if t in used or _size(mesh, t) == 1:
                 continue
-            if dim % (size * mesh.shape[t]) == 0:
+            if dim % (size * _size(mesh, t)) == 0:
                 kept.append(t)
-                size *= mesh.shape[t]
+                size *= _size(mesh, t)
         used.update(kept)
         out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*out)
@@ -126,7 +131,7 @@ def splits(mesh: Mesh | None, rules: dict | None, *logical: str) -> bool:
     for name in logical:
         target = rules.get(name)
         axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        if any(mesh.shape[a] > 1 for a in axes):
+        if any(_size(mesh, a) > 1 for a in axes):
             return True
     return False
 
@@ -160,11 +165,11 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
 
 
 def batch_sharding(mesh: Mesh, rules: dict | None = None) -> NamedSharding:
-    """Sharding of [batch, length] arrays: rows over the mesh axes `batch` maps to (data, fsdp)."""
+    """Sharding of [batch, length] arrays: rows over the mesh axes `batch` maps to (data, fsdp, expert)."""
     rules = RULES if rules is None else rules
     target = rules.get("batch")
     targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-    kept = tuple(t for t in targets if mesh.shape[t] > 1)
+    kept = tuple(t for t in targets if _size(mesh, t) > 1)
     return NamedSharding(mesh, PartitionSpec(kept if kept else None))
 
 

@@ -50,8 +50,8 @@ def _other_value(value, kind: type) -> str:
         return str(not value).lower()
     if kind is int:
         return str(value + 3 if value != -3 else 5)
-    if kind is float:
-        return repr(value + 0.25)
+    if kind is float:  # a float placeholder (None: the model's own value) too
+        return repr((value or 0.0) + 0.25)
     if kind is str:
         return f"{value or ''}x"
     raise AssertionError(f"unexpected config type {kind}")
@@ -60,30 +60,50 @@ def _other_value(value, kind: type) -> str:
 def test_the_recipes_are_all_here():
     names = {p.stem for p in CONFIGS}
     assert {"tiny_test", "smollm2_135m_lora", "smollm2_135m_full", "llama3_8b_lora", "llama3_70b_lora_fsdp",
-            "qwen3_8b_lora", "gemma3_4b_lora"} <= names
+            "qwen3_8b_lora", "gemma3_4b_lora", "qwen3_30b_a3b_lora"} <= names
 
 
-def test_gemma3_4b_recipe_shape_and_quoted_memory_estimate():
-    """The recipe's HF_CONFIG is Gemma-3-4B's text model as transformers reads it (34 layers, 5:1 local/global
-    over 1024 tokens, query_pre_attn_scalar 256), and its docstring quotes what recipe_estimate computes."""
-    import re
-
+def _recipe_shape(name: str):
+    """A recipe's HF_CONFIG as ftjax reads it, checked equal to what transformers' own config class makes of it."""
     from transformers import AutoConfig
 
     from ftjax.config import recipe_module
     from ftjax.models.registry import config_from_hf
-    from ftjax.train.memory import recipe_estimate
 
-    path = ROOT / "configs" / "gemma3_4b_lora.py"
-    hf = recipe_module(path).HF_CONFIG
+    hf = recipe_module(ROOT / "configs" / f"{name}.py").HF_CONFIG
     cfg = config_from_hf(hf)
     assert config_from_hf(AutoConfig.for_model(**hf).to_dict()).replace(extra=()) == cfg.replace(extra=())
+    return cfg
+
+
+def test_gemma3_4b_recipe_shape():
+    """Gemma-3-4B's text model as transformers reads it: 34 layers, 5:1 local/global over 1024 tokens,
+    query_pre_attn_scalar 256."""
+    cfg = _recipe_shape("gemma3_4b_lora")
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
             cfg.head_dim, cfg.vocab_size) == (34, 2560, 10240, 8, 4, 256, 262208)
     assert cfg.layer_windows() == ((1024,) * 5 + (None,)) * 5 + (1024,) * 4 and cfg.query_scale == 256 ** -0.5
+
+
+def test_qwen3_30b_a3b_recipe_shape():
+    """Qwen3-30B-A3B as transformers reads it: 48 layers, 128 experts of 768 with top-8, every layer sparse."""
+    cfg = _recipe_shape("qwen3_30b_a3b_lora")
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.vocab_size) == (48, 2048, 32, 4, 128, 151936)
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.intermediate_size) == (128, 8, 768)
+
+
+@pytest.mark.parametrize("name,devices", [("gemma3_4b_lora", 1), ("qwen3_30b_a3b_lora", 8)])
+def test_recipe_docstring_quotes_its_memory_estimate(name, devices):
+    """The per-device figures a recipe's docstring quotes are what recipe_estimate computes (on `devices`)."""
+    import re
+
+    from ftjax.train.memory import recipe_estimate
+
+    path = ROOT / "configs" / f"{name}.py"
     doc = ast.get_docstring(ast.parse(path.read_text()))
     quoted = {k: float(v) for k, v in re.findall(r"(frozen|LoRA|Adam|activations|total) ([\d.]+) GiB", doc)}
-    got = recipe_estimate(path, 1)
+    got = recipe_estimate(path, devices)
     assert quoted == {"frozen": got["frozen"], "LoRA": got["trainable"], "Adam": got["opt_state"],
                       "activations": got["activations"], "total": got["total"]}
 
@@ -171,6 +191,29 @@ def test_bad_flags_fail_in_one_line_before_compiling(tmp_path, flag_args, messag
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines[:5]
     assert proc.stdout == ""
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_mesh_expert_needs_experts_it_divides():
+    """mesh.expert > 1 on a dense model is a one-line ConfigError (a MoE model's non-dividing count: test_moe.py)."""
+    from train_helpers import TINY
+
+    c = default_config()
+    c.mesh.expert = 2
+    with pytest.raises(ConfigError, match=r"^config.mesh.expert=2 splits the experts .* is dense; use mesh.data or "
+                                          r"mesh.fsdp$"):
+        config_lib.validate_for_model(validate(c), TINY)
+    c.mesh.expert = 1
+    config_lib.validate_for_model(c, TINY)
+    from ftjax.sharding import make_mesh
+
+    assert dict(make_mesh(1, 4, 1, 2).shape) == {"data": 1, "fsdp": 4, "tensor": 1, "expert": 2}  # 8 test devices
+    with pytest.raises(ConfigError, match="^mesh data=1 fsdp=3 tensor=1 expert=2 does not divide the 8 available"):
+        make_mesh(1, 3, 1, 2)
+    from ftjax.models.moe import MoEConfig
+
+    recipe = validate(load_recipe(ROOT / "configs" / "qwen3_30b_a3b_lora.py"))  # Qwen3-30B-A3B: 128 experts, top-8
+    assert (recipe.mesh.fsdp, recipe.mesh.expert) == (4, 2)
+    config_lib.validate_for_model(recipe, TINY.replace(moe=MoEConfig(128, 8, 768)))
 
 
 def test_every_key_is_checked_in_one_place():

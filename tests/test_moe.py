@@ -1,7 +1,8 @@
-"""Mixture of experts (Mixtral, Qwen3-MoE): the grouped paths vs a dense all-experts reference, their
-compiled cost, parity with transformers (layer and model, batch/padding/packing, KV cache), both on-disk
-expert layouts, the balance loss vs transformers' own, LoRA training, 1 vs 8 devices (fsdp x expert), and
-HF export (transformers' logits, bit-equal reload, per-expert Hub names)."""
+"""Mixture of experts (Mixtral, Qwen3-MoE): the grouped paths (with and without expert LoRA) vs a dense
+all-experts reference, their compiled cost, parity with transformers (layer and model, batch/padding/packing,
+KV cache), both on-disk expert layouts, the balance loss and the step's balance term vs transformers' own, LoRA
+training (attention and experts), expert LoRA through PEFT's target_parameters, 1 vs 8 devices (fsdp x expert,
+the mesh from the config), and HF export (transformers' logits, bit-equal reload, per-expert Hub names)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from jax.sharding import Mesh
 
+from ftjax.config import default_config, validate, validate_for_model
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.export_hf import export_hf
 from ftjax.interop.hf import load_hf
 from ftjax.models import moe as M
-from ftjax.sharding import RULES, activation_sharding, batch_sharding, state_shardings
+from ftjax.models.llama import Llama
+from ftjax.sharding import make_mesh, mesh_from_config
 from hf_helpers import LAYER_TOL, MODEL_TOL, hf_logits, jax_logits, max_diff, random_ids, save, tiny_hf
 from test_generate import check_kv_cache_matches_full_forward
 from test_model_parity import CUT, PAD_LEFT, PAD_RIGHT, T, _batch, hf_references
@@ -88,6 +90,62 @@ def test_grouped_equals_dense_reference(implementation):
     g, g_ref = grad(grouped)(params, x), grad(dense)(params, x)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         assert max_diff(a, b) <= LAYER_TOL * max(1.0, float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("implementation", ["tiled", "ragged"])
+def test_grouped_with_expert_lora_equals_dense_reference(implementation):
+    """Per-expert adapters over gate|up and down inside the grouped path = the dense reference on W_e + s·A_e·B_e,
+    in outputs and gradients (input, router, expert weights, both adapters' A and B); merging folds them in."""
+    from ftjax.lora import apply_lora, merged
+
+    block = apply_lora(_block(implementation=implementation), 3, 6.0, targets="experts", rngs=nnx.Rngs(3))
+    e = block.experts
+    for i, adapter in enumerate((e.gate_up_lora, e.down_lora)):
+        assert adapter.lora_a[...].shape == ((8, 16, 3), (8, 24, 3))[i] and adapter.scale == 2.0
+        adapter.lora_b[...] = 0.5 * jax.random.normal(jax.random.key(10 + i), adapter.lora_b[...].shape)
+    x = jax.random.normal(jax.random.key(1), (2, 13, 16))
+    graphdef, params = nnx.split(block)
+
+    def grouped(params, x):
+        return nnx.merge(graphdef, params)(x)[0]
+
+    def dense(params, x):
+        p = nnx.merge(graphdef, params)
+        e = p.experts
+        delta = lambda m: m.scale * jnp.einsum("eir,ero->eio", m.lora_a[...], m.lora_b[...])  # noqa: E731
+        gate_up = jnp.concatenate([e.gate_proj[...], e.up_proj[...]], axis=-1) + delta(e.gate_up_lora)
+        down = e.down_proj[...] + delta(e.down_lora)
+        y = dense_moe(x.reshape(-1, 16), p.router[...], gate_up[..., :24], gate_up[..., 24:], down, 2, False)
+        return y.reshape(x.shape)
+
+    y, ref = jax.jit(grouped)(params, x), jax.jit(dense)(params, x)
+    plain = _block(implementation=implementation)(x)[0]  # the same weights without adapters
+    assert max_diff(y, ref) <= LAYER_TOL and max_diff(ref, plain) > 0.1
+    assert max_diff(merged(block)(x)[0], ref) <= LAYER_TOL
+    probe = jax.random.normal(jax.random.key(2), y.shape)
+    grad = lambda fn: jax.jit(jax.grad(lambda p, x: jnp.sum(fn(p, x) * probe), argnums=(0, 1)))  # noqa: E731
+    g, g_ref = grad(grouped)(params, x), grad(dense)(params, x)
+    assert len(jax.tree.leaves(g)) == 9  # router, 3 expert weights, 2 adapters x (A, B), the input
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert max_diff(a, b) <= LAYER_TOL * max(1.0, float(jnp.abs(b).max()))
+
+
+def test_expert_targets_default_and_refusals():
+    """The default targets on a MoE model mean attention + the experts' gate|up and down (as on a dense model every
+    projection); a bare 'down_proj' is no expert target; expert adapters refuse dropout (as PEFT) in one line."""
+    from ftjax.lora import apply_lora
+    from train_helpers import TINY
+
+    build = lambda: Llama(TINY.replace(moe=M.MoEConfig(4, 2, 16)), rngs=nnx.Rngs(0))  # noqa: E731
+    model = apply_lora(build(), 2, 4.0, rngs=nnx.Rngs(0))
+    adapted = {".".join(p[-3:-1]) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    assert adapted == {"q_proj.lora", "k_proj.lora", "v_proj.lora", "o_proj.lora", "experts.gate_up_lora",
+                       "experts.down_lora"}
+    assert model.layers.mlp.experts.gate_up_lora.lora_b[...].shape == (2, 4, 2, 32)
+    with pytest.raises(ConfigError, match=r"pattern\(s\) down_proj match no linear layer or the experts"):
+        apply_lora(build(), 2, 4.0, targets="q_proj,down_proj", rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match=r"expert adapters take no lora.dropout .*; set lora.dropout=0$"):
+        apply_lora(build(), 2, 4.0, targets="experts", dropout=0.1, rngs=nnx.Rngs(0))
 
 
 def test_tiled_matmul_with_empty_and_straddling_groups():
@@ -366,6 +424,80 @@ def test_model_router_logits_and_aux_loss_match_transformers(run):
     assert abs(float(aux) - float(out.aux_loss)) <= MODEL_TOL * float(out.aux_loss)
 
 
+def _padded_batch(rows, length, vocab, seed=0):
+    """Unpacked rows with right-padded tails of different lengths (padding: segment 0, no loss)."""
+    from train_helpers import make_batch
+
+    batch = make_batch(rows, length, seed=seed, vocab=vocab, packed=False)
+    for r in range(rows):
+        batch["segment_ids"][r, length - 1 - r % 4:] = 0
+        batch["loss_weights"][r, length - 1 - r % 4:] = 0.0
+    return batch
+
+
+@pytest.mark.parametrize("run", ["mixtral"], indirect=True)
+def test_router_balance_term_in_the_step_matches_transformers(run):
+    """The step's loss and gradients (router logits from its one forward pass) = token CE + w · transformers'
+    load_balancing_loss_func on the same router logits, logged as `router_balance`; with grad_accum=2 the term
+    is the mean of the two micro-batches' transformers losses."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from ftjax.train.optimizer import make_optimizer
+    from ftjax.train.state import place_state
+    from ftjax.train.step import make_train_step
+    from ftjax.train.terms import loss_terms
+
+    model, moe = run["model"], run["model"].config.moe
+    batch = _padded_batch(8, 12, vocab=128)
+    config = _step_config("unused", fsdp=1)
+    config.moe.router_aux_weight = 0.5  # large enough to move the gradients
+    assert [t.name for t in loss_terms(config)] == ["loss"]  # no model (dense): no balance term
+    graphdef, params = nnx.split(model)
+
+    def hf_balance(router_logits, rows):
+        logits = tuple(torch.as_tensor(np.array(lg[rows]).reshape(-1, moe.num_experts)) for lg in router_logits)
+        mask = torch.as_tensor(batch["segment_ids"][rows] > 0)
+        return float(load_balancing_loss_func(logits, moe.num_experts, moe.top_k, mask))
+
+    def reference(params):
+        m = nnx.merge(graphdef, params)
+        h, router_logits = m.hidden_and_router_logits(batch["input_ids"], batch["positions"], batch["segment_ids"])
+        logp = jax.nn.log_softmax(m.logits(h), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        ce = jnp.sum(nll * batch["loss_weights"]) / jnp.sum(batch["loss_weights"])
+        return ce + 0.5 * M.load_balancing_loss(router_logits, moe.top_k, batch["segment_ids"] > 0), (ce,
+                                                                                                   router_logits)
+
+    (ref_total, (ref_ce, router_logits)), ref_grads = jax.value_and_grad(reference, has_aux=True)(params)
+    balance = hf_balance(router_logits, slice(None))
+    assert abs(float(ref_total) - (float(ref_ce) + 0.5 * balance)) <= 1e-5 * float(ref_total)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    for grad_accum in (1, 2):
+        config.train.grad_accum = grad_accum
+        terms = loss_terms(config, model.config)
+        assert [t.name for t in terms] == ["loss", "router_balance"] and terms[1].weight == 0.5
+        optimizer = make_optimizer(config.optim, 10)
+        state = place_state(nnx.clone(model), optimizer.tx, mesh)
+        step = make_train_step(state, optimizer, mesh, terms=terms, grad_accum=grad_accum)
+        before = jax.tree.map(np.asarray, state.trainable)
+        after, _, metrics = step(state.trainable, state.opt_state, state.frozen, batch, jax.random.key(0))
+        if grad_accum == 1:
+            assert abs(float(metrics["loss"]) - float(ref_ce)) <= 1e-5 * float(ref_ce)
+            assert abs(float(metrics["router_balance"]) - balance) <= 1e-5 * balance
+            assert abs(float(metrics["loss_total"]) - float(ref_total)) <= 1e-5 * float(ref_total)
+            grads = jax.tree.map(lambda b, a: b - np.asarray(a), before, after)  # sgd, lr 1
+            for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+                assert max_diff(a, b) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
+        else:  # micro-batch i holds rows i, i+2, ... (ftjax.train.step.micro_batches)
+            mean = (hf_balance(router_logits, slice(0, None, 2)) + hf_balance(router_logits, slice(1, None, 2))) / 2
+            assert abs(float(metrics["router_balance"]) - mean) <= 1e-5 * mean and abs(mean - balance) > 1e-4
+    assert config.moe.router_aux_weight is not None and default_config().moe.router_aux_weight is None
+    config.moe.router_aux_weight = None  # unset: the model's own coefficient (transformers' router_aux_loss_coef)
+    assert loss_terms(config, model.config)[1].weight == run["hf"].config.router_aux_loss_coef
+    config.moe.router_aux_weight = 0.0
+    assert [t.name for t in loss_terms(config, model.config)] == ["loss"]
+
+
 # ----------------------------------------------------------------------------- training and sharding
 
 
@@ -385,51 +517,81 @@ def _loss_fn(graphdef, batch, balance_weight=0.01):
     return loss
 
 
-@pytest.mark.slow  # ~30-60 s: two whole-model gradient compiles, one over 8 devices
+def _step_config(folder, method="full", targets="experts", **mesh):
+    """Fine-tuning of the model in `folder` (full, or LoRA on `targets`) by plain SGD at lr 1 (the update is minus
+    the gradient)."""
+    c = default_config()
+    c.model.path, c.method, c.model.dtype, c.lora.targets = str(folder), method, "float32", targets
+    c.optim.update(dict(name="sgd", lr=1.0, schedule="constant", momentum=0.0, clip_norm=0.0))
+    c.mesh.update(dict(data=1, **mesh))
+    return validate(c)
+
+
+def _one_step(config, batch, mesh=None):
+    """(metrics, gradients, trainable shardings) of one train step built from `config` (its mesh by default)."""
+    from ftjax.train.setup import build_state
+    from ftjax.train.step import make_train_step
+    from ftjax.train.terms import loss_terms
+
+    mesh = mesh or mesh_from_config(config)
+    setup = build_state(config, mesh)
+    state = setup.state
+    terms = loss_terms(config, setup.model_config)
+    step = make_train_step(state, setup.optimizer, mesh, terms=terms, rules=setup.rules)
+    before = jax.tree.map(np.asarray, state.trainable)
+    after, _, metrics = step(state.trainable, state.opt_state, state.frozen,
+                             jax.device_put(batch, step.batch_sharding), jax.random.key(0))
+    grads = jax.tree.map(lambda b, a: b - np.asarray(a), before, after)  # sgd, lr 1: after = before - grad
+    return jax.device_get(metrics), grads, state.shardings.trainable
+
+
+@pytest.mark.slow  # ~20-30 s each: two whole-model train-step compiles, one over 8 devices
 @pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
-def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run):
-    """Loss and gradients of every weight on 1 device = on 8 simulated devices, fsdp 4 x expert 2
-    (experts split over `expert`, tokens over both), with the rules table placing the `expert` axis."""
+@pytest.mark.parametrize("method,weight", [("full", "gate_proj"), ("lora", "gate_up_lora")])
+def test_same_loss_on_one_device_and_eight_split_fsdp_by_expert(run, method, weight, tmp_path):
+    """Loss and gradients of every trained weight (full fine-tuning, or LoRA on q/v and the experts) on 1 device
+    = on 8 simulated devices, fsdp 4 x expert 2 (experts split over `expert`, tokens over both), through the
+    train step built from the config alone."""
     from train_helpers import make_batch
 
-    model = run["model"]
-    batch = {k: jnp.asarray(v) for k, v in make_batch(8, 12, vocab=128).items()}
-    graphdef, params = nnx.split(model)
-    loss = _loss_fn(graphdef, batch)
-    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(params)
-
-    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 1, 2), ("data", "fsdp", "tensor", "expert"))
-    rules = {**RULES, "expert": "expert", "batch": ("data", "fsdp", "expert")}
-    shardings = state_shardings(params, mesh, rules)
-    assert shardings["layers"]["mlp"]["experts"]["gate_proj"].spec[1] == "expert"
-    placed = jax.device_put(params, shardings)
-    sharded_batch = jax.device_put(batch, batch_sharding(mesh, rules))
-
-    def sharded(params, batch):
-        with activation_sharding(mesh, rules):
-            return jax.value_and_grad(_loss_fn(graphdef, batch))(params)
-
-    got_loss, got_grads = jax.jit(sharded, out_shardings=(None, shardings))(placed, sharded_batch)
-    assert abs(float(got_loss) - float(ref_loss)) <= 1e-5 * float(ref_loss)
-    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
+    folder = save(run["hf"], tmp_path / "m")
+    batch = make_batch(8, 12, vocab=128)
+    with pytest.raises(ConfigError, match="mesh.expert=3 does not divide the model's 8 experts"):
+        validate_for_model(_step_config(folder, fsdp=1, expert=3), run["model"].config)
+    one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    targets = "q_proj,v_proj,experts"
+    ref_metrics, ref_grads, _ = _one_step(_step_config(folder, method, targets, fsdp=1, expert=1), batch, one)
+    metrics, grads, shardings = _one_step(_step_config(folder, method, targets, fsdp=4, expert=2), batch)
+    assert "router_balance" in metrics
+    placed = shardings["layers"]["mlp"]["experts"][weight]
+    placed = placed if method == "full" else placed["lora_a"]
+    assert placed.spec[1] == "expert" and len(placed.mesh.devices.reshape(-1)) == 8
+    for name, ref in ref_metrics.items():
+        if name in ("loss", "loss_total", "router_balance"):
+            assert abs(float(metrics[name]) - float(ref)) <= 1e-5 * float(ref), name
+    assert max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads)) > 1e-3
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert max_diff(a, b) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize("run", ["mixtral"], indirect=True)
-def test_lora_on_attention_learns_with_router_and_experts_frozen(run):
-    """A short LoRA run (q/k/v/o adapters, the balance term added) memorizes a batch; the router and
-    experts are outside the trainable set."""
+@pytest.mark.parametrize("targets", ["q_proj,k_proj,v_proj,o_proj", "q_proj,v_proj,experts"])
+def test_lora_learns_with_router_and_experts_frozen(run, targets):
+    """A short LoRA run (attention adapters, or some with the experts' gate|up and down adapters; the balance term
+    added) memorizes a batch; the router and the experts' own weights are outside the trainable set."""
     import optax
 
     from ftjax.lora import apply_lora, trainable_filter
 
     model = nnx.clone(run["model"])
     model.lm_head.kernel[...] = 30.0 * model.lm_head.kernel[...]  # pre-trained-like head scale
-    apply_lora(model, 4, 8.0, targets="q_proj,k_proj,v_proj,o_proj", rngs=nnx.Rngs(1))
+    apply_lora(model, 4, 8.0, targets=targets, rngs=nnx.Rngs(1))
     graphdef, trainable, frozen = nnx.split(model, trainable_filter("lora"), ...)
     paths = {p[-1] for p, _ in nnx.to_flat_state(trainable)}
     assert paths == {"lora_a", "lora_b"}
-    assert any(p[-1] == "router" for p, _ in nnx.to_flat_state(frozen))
+    adapted = {p[-2] for p, _ in nnx.to_flat_state(trainable)}
+    assert ({"gate_up_lora", "down_lora"} <= adapted) == ("experts" in targets)
+    assert {"router", "gate_proj", "up_proj", "down_proj"} <= {p[-1] for p, _ in nnx.to_flat_state(frozen)}
     from train_helpers import make_batch
 
     batch = {k: jnp.asarray(v) for k, v in make_batch(4, 12, vocab=128).items()}
@@ -447,6 +609,9 @@ def test_lora_on_attention_learns_with_router_and_experts_frozen(run):
         trainable, opt_state, loss = step(trainable, opt_state)
         losses.append(float(loss))
     assert losses[0] > 3.5 and losses[-1] < 0.5 * losses[0]
+    trained_b = [float(jnp.abs(v[...]).max()) for p, v in nnx.to_flat_state(trainable)
+                 if p[-2:] == ("down_lora", "lora_b")]
+    assert len(trained_b) == ("experts" in targets) and all(b > 1e-3 for b in trained_b)  # the experts' adapters moved
 
 
 @pytest.mark.parametrize("run", ["mixtral"], indirect=True)
@@ -466,3 +631,65 @@ def test_attention_lora_exports_to_peft_with_ftjax_logits(run, tmp_path):
     base = hf_logits(run["hf"], ids)
     theirs = hf_logits(PeftModel.from_pretrained(copy.deepcopy(run["hf"]), str(out)).eval(), ids)
     assert max_diff(theirs, jax_logits(model, ids)) <= MODEL_TOL and max_diff(theirs, base) > LORA_MARGIN
+
+
+@pytest.mark.parametrize("run,targets", [("mixtral", "q_proj,v_proj,experts"), ("qwen3_moe", "q_proj,v_proj,experts"),
+                                         ("mixtral", "experts.down_proj")], indirect=["run"])
+def test_expert_lora_exports_to_peft_target_parameters_with_ftjax_logits(run, targets, tmp_path):
+    """Expert adapters (with attention adapters, or alone): the PEFT folder (target_parameters on the fused
+    experts) loads onto transformers' model with ftjax's logits, and back into ftjax with the same adapters."""
+    import json
+
+    from peft import PeftModel
+
+    from ftjax.interop.peft import export_peft, load_peft
+    from ftjax.lora import apply_lora
+    from hf_helpers import randomize_lora_b
+    from test_export import LORA_MARGIN
+
+    model = randomize_lora_b(apply_lora(nnx.clone(run["model"]), 4, 8.0, targets=targets, rngs=nnx.Rngs(2)), seed=2)
+    experts = model.layers.mlp.experts
+    for i, adapter in enumerate(a for a in (experts.gate_up_lora, experts.down_lora) if a is not None):
+        adapter.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(20 + i), adapter.lora_b[...].shape)
+    out = export_peft(model, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    want = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"] if targets.endswith(",experts") else [
+        "mlp.experts.down_proj"]
+    assert config["target_parameters"] == want
+    ids = random_ids(2, T, seed=6)
+    base = hf_logits(run["hf"], ids)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(run["hf"]), str(out)).eval()
+    theirs = hf_logits(peft_model, ids)
+    assert max_diff(theirs, jax_logits(model, ids)) <= MODEL_TOL and max_diff(theirs, base) > LORA_MARGIN
+    back = load_peft(nnx.clone(run["model"]), out)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(back, nnx.LoRAParam), nnx.state(model, nnx.LoRAParam))
+
+
+@pytest.mark.slow  # ~10-15 s: a whole loop run (data, 8-device compile, 8 steps)
+@pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
+def test_lora_run_over_fsdp_by_expert_learns_and_logs_the_balance_term(run, tmp_path):
+    """`ftjax.train.loop.run` on a Qwen3-MoE folder with the default LoRA targets (attention + experts), over
+    fsdp 4 x expert 2: the loss falls and metrics.jsonl logs `router_balance` beside it (transformers' definition
+    gives top_k for a perfectly balanced router; this random one stays near it)."""
+    import json
+
+    from ftjax.train.loop import run as train
+    from hf_helpers import tiny_tokenizer
+    from loop_helpers import load_config, metrics
+
+    folder = save(run["hf"], tmp_path / "m")
+    tiny_tokenizer().save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    records = [{"text": " ".join(f"w{(start + i) % 40}" for i in range(24))} for start in rng.integers(0, 40, 64)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    c = load_config("tiny_test")
+    c.model.path, c.data.train, c.data.eval, c.data.seq_len = str(folder), str(tmp_path / "train.jsonl"), None, 32
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert = 1, 4, 2
+    c.checkpoint.every, c.train.steps, c.optim.lr = 0, 8, 3e-2
+    train(c, tmp_path / "run")
+    logged = metrics(tmp_path / "run")
+    assert logged[-1]["loss"] < 0.7 * logged[0]["loss"]
+    top_k = run["model"].config.moe.top_k
+    assert all(0.9 * top_k < m["router_balance"] < 2.0 * top_k for m in logged)
+    first = logged[0]  # the model's router_aux_loss_coef: transformers' default 0.001
+    assert abs(first["loss_total"] - first["loss"] - 0.001 * first["router_balance"]) <= 1e-5 * first["loss"]

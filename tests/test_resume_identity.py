@@ -48,7 +48,7 @@ def test_keys_that_may_change_do_not_stop_a_resume():
     recorded = _cfg()
     current = _cfg(**{"train.steps": 500, "train.log_every": 1, "eval.every": 5, "eval.max_examples": 10,
                       "checkpoint.every": 3, "checkpoint.keep": 9, "mesh.data": 2, "mesh.fsdp": 4,
-                      "data.prefetch": 0})
+                      "mesh.expert": 2, "data.prefetch": 0})
     check_resume_config(recorded, current, DEFAULTS)
 
 

@@ -3,6 +3,12 @@
 PEFT names each factor `base_model.model.<HF module>.lora_A.weight` [r, in] and `lora_B.weight`
 [out, r] (torch Linear layout, the transpose of ftjax's A [in, r] / B [r, out]); its scale is
 lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, the same as `ftjax.lora.LoRA.scale`.
+
+The experts' adapters go through PEFT's `target_parameters` on transformers 5's fused 3-D expert weights
+(`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F]): PEFT's ParamWrapper holds one
+`lora_A.weight` [E·r, in] (expert-major rows) and one `lora_B.weight` [out, r·E] (rank-major columns) per
+weight, and nests its wrappers in the module's parameter order, so gate_up_proj's factors sit under
+`experts.base_layer.` when down_proj is adapted too.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from ftjax.interop import gather
 from ftjax.interop.safetensors_reader import SafetensorsFile
 from ftjax.interop.safetensors_writer import TensorPlan, write_safetensors
 from ftjax.interop.smollm2 import default_gguf_path
-from ftjax.lora import LoRA, apply_lora, linears
+from ftjax.lora import LoRA, apply_lora, expert_params, linears
 from ftjax.models.registry import hf_tensor_name
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -34,6 +40,37 @@ PREFIX = "base_model.model."
 def adapters(model: nnx.Module) -> list[tuple[tuple[str, ...], LoRA]]:
     """(linear path, adapter) for every linear that carries a LoRA adapter."""
     return [(tuple(path.split(".")), linear.lora) for path, linear in linears(model) if linear.lora is not None]
+
+
+def expert_adapters(model: nnx.Module) -> list[tuple[tuple[str, ...], LoRA]]:
+    """(experts weight path `layers.mlp.experts.gate_up_proj`, adapter) for each adapted expert weight, in
+    transformers' parameter order (gate_up_proj, then down_proj)."""
+    found = [(tuple(path.split(".")), getattr(experts, f"{name.removesuffix('_proj')}_lora"))
+             for path, experts, name in expert_params(model)]
+    return [(path, lora) for path, lora in found if lora is not None]
+
+
+def expert_tensor_names(found: list[tuple[tuple[str, ...], LoRA]], layer: int) -> list[str]:
+    """PEFT's tensor-name prefix of each expert adapter in `found` for one layer (nested wrappers: every
+    weight but the last adapted one sits one `base_layer.` deeper per wrapper around it)."""
+    names = []
+    for i, (path, _) in enumerate(found):
+        module = ".".join(["model", "layers", str(layer), *path[1:-1]])
+        names.append(PREFIX + module + ".base_layer" * (len(found) - 1 - i))
+    return names
+
+
+def to_peft_expert(x: np.ndarray, which: str) -> np.ndarray:
+    """ftjax's per-expert factor (A [E, in, r] or B [E, r, out]) -> PEFT's (A [E·r, in] or B [out, r·E])."""
+    e, m, n = x.shape
+    return x.transpose(0, 2, 1).reshape(e * n, m) if which == "lora_A" else x.transpose(2, 1, 0).reshape(n, m * e)
+
+
+def from_peft_expert(x: np.ndarray, which: str, experts: int) -> np.ndarray:
+    """The inverse of `to_peft_expert`."""
+    if which == "lora_A":
+        return x.reshape(experts, -1, x.shape[-1]).transpose(0, 2, 1)
+    return x.reshape(x.shape[0], -1, experts).transpose(2, 1, 0)
 
 
 def module_name(path: tuple[str, ...], layer: int | None) -> str:
@@ -66,14 +103,16 @@ def base_reference(path_or_name: str | Path | None) -> tuple[str | None, str | N
 
 def adapter_config(model: nnx.Module, base_model_name_or_path: str | None = None) -> dict[str, Any]:
     """The LoraConfig PEFT needs to rebuild these adapters (targets by module name, as PEFT matches them)."""
-    found = adapters(model)
+    linear_found, experts_found = adapters(model), expert_adapters(model)
+    found = linear_found + experts_found
     if not found:
         raise ConfigError("the model has no LoRA adapters to export (a full fine-tuning run exports with "
                           "--format=hf)")
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": _shared(found, "rank"), "lora_alpha": _shared(found, "alpha"), "use_rslora": _shared(found, "rslora"),
-        "lora_dropout": _shared(found, "dropout"), "target_modules": sorted({p[-1] for p, _ in found}),
+        "lora_dropout": _shared(found, "dropout"), "target_modules": sorted({p[-1] for p, _ in linear_found}),
+        "target_parameters": sorted(".".join(p[1:]) for p, _ in experts_found) or None,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
     }
@@ -94,6 +133,24 @@ def _plans(found: list[tuple[tuple[str, ...], LoRA]], num_layers: int, dtype: st
     return sorted(plans, key=lambda t: t.name)
 
 
+def _expert_factor(x: jax.Array, layer: int, dtype: str, which: str) -> np.ndarray:
+    return to_peft_expert(gather.tensor(x, layer, dtype), which)
+
+
+def _expert_plans(found: list[tuple[tuple[str, ...], LoRA]], num_layers: int, dtype: str | None) -> list[TensorPlan]:
+    """The experts' factors in PEFT's ParamWrapper layout, one layer's [E, ., .] slice at a time."""
+    plans = []
+    for layer in range(num_layers):
+        for (_, lora), name in zip(found, expert_tensor_names(found, layer)):
+            for which, x in (("lora_A", lora.lora_a[...]), ("lora_B", lora.lora_b[...])):
+                dt = dtype or x.dtype.name
+                e, m, n = x.shape[-3:]
+                shape = (e * n, m) if which == "lora_A" else (n, m * e)
+                fetch = functools.partial(_expert_factor, x, layer, dt, which)
+                plans.append(TensorPlan(f"{name}.{which}.weight", shape, np.dtype(dt), fetch))
+    return plans
+
+
 def export_peft(model: nnx.Module, out: str | Path, *, base_model_name_or_path: str | None = None,
                 dtype: Any = None) -> Path:
     """Write the model's adapters as a PEFT folder that `PeftModel.from_pretrained(hf_base, out)` loads.
@@ -104,7 +161,10 @@ def export_peft(model: nnx.Module, out: str | Path, *, base_model_name_or_path: 
     base, gguf_file = base_reference(base_model_name_or_path)
     config = adapter_config(model, base)
     found = adapters(model)
-    plans = _plans(found, model.config.num_layers, dtype_name(dtype) if dtype is not None else None)
+    dt = dtype_name(dtype) if dtype is not None else None
+    plans = _plans(found, model.config.num_layers, dt) + _expert_plans(expert_adapters(model), model.config.num_layers,
+                                                                        dt)
+    plans = sorted(plans, key=lambda t: t.name)
     out = Path(out)
     main = jax.process_index() == 0
     if main:
@@ -142,8 +202,9 @@ def load_peft(model: nnx.Module, folder: str | Path, *, seed: int = 0) -> nnx.Mo
     cfg = json.loads((folder / CONFIG).read_text())
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise LoadError(f"{folder / CONFIG}: only plain LoRA adapters (no DoRA, no per-module rank/alpha) load")
-    targets = cfg["target_modules"]
+    targets = cfg["target_modules"] or []
     targets = targets.split(",") if isinstance(targets, str) else list(targets)
+    targets += list(cfg.get("target_parameters") or [])  # the experts' (mlp.experts.gate_up_proj, ...)
     apply_lora(model, int(cfg["r"]), float(cfg["lora_alpha"]), targets=targets, dropout=float(cfg["lora_dropout"]),
                rslora=bool(cfg.get("use_rslora", False)), rngs=nnx.Rngs(seed))
     weights = SafetensorsFile(folder / WEIGHTS)
@@ -163,4 +224,16 @@ def load_peft(model: nnx.Module, folder: str | Path, *, seed: int = 0) -> nnx.Mo
                 raise LoadError(f"{folder / WEIGHTS}: {which} of {'.'.join(path)} stacks to {value.shape} "
                                 f"in ftjax layout, expected {var[...].shape}")
             var[...] = jax.device_put(jnp.asarray(value, var[...].dtype), var[...].sharding)
+    found = expert_adapters(model)
+    layers = range(model.config.num_layers)
+    prefixes = [expert_tensor_names(found, layer) for layer in layers]
+    for i, (_, lora) in enumerate(found):
+        for which, var in (("lora_A", lora.lora_a), ("lora_B", lora.lora_b)):
+            parts = []
+            for layer in layers:
+                name = f"{prefixes[layer][i]}.{which}.weight"
+                if name not in names:
+                    raise LoadError(f"{folder / WEIGHTS}: tensor {name} is missing")
+                parts.append(from_peft_expert(np.asarray(weights.array(name), np.float32), which, var[...].shape[1]))
+            var[...] = jax.device_put(jnp.asarray(np.stack(parts), var[...].dtype), var[...].sharding)
     return model

@@ -34,6 +34,7 @@ class MoEConfig:
     top_k: int
     intermediate_size: int
     norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001  # the HF config's weight of the balance loss (ftjax: moe.router_aux_weight)
     implementation: str = "auto"  # auto (tiled on CPU, ragged elsewhere) | ragged | tiled
 
 
@@ -46,11 +47,29 @@ def route(logits_ne: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.A
     return weights, experts.astype(jnp.int32)
 
 
-def ragged_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes) -> jax.Array:
+def expert_swiglu(gmm, x, gate_edf, up_edf, down_efd, lora=None) -> jax.Array:
+    """SwiGLU of rows grouped by expert, `gmm(rows, w_e..)` multiplying each row by its expert's matrix; with
+    `lora` = (gate_up, down), each None or (A [E, in, r], B [E, r, out], scale), a row x of expert e also gets
+    (x @ A_e) @ B_e · scale: one adapter over the fused gate|up output and one over down (PEFT's
+    `target_parameters` on transformers' `experts.gate_up_proj` / `experts.down_proj`)."""
+    gate_up, down = lora or (None, None)
+    gate, up = gmm(x, gate_edf), gmm(x, up_edf)
+    if gate_up is not None:
+        a, b, scale = gate_up
+        delta = gmm(checkpoint_name(gmm(x, a), "lora_hidden"), b) * jnp.asarray(scale, x.dtype)
+        f = gate_edf.shape[-1]
+        gate, up = gate + delta[..., :f], up + delta[..., f:]
+    h = swiglu(checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up"))
+    y = gmm(h, down_efd)
+    if down is not None:
+        a, b, scale = down
+        y = y + gmm(gmm(h, a), b) * jnp.asarray(scale, h.dtype)
+    return y
+
+
+def ragged_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, lora=None) -> jax.Array:
     """SwiGLU of rows sorted by expert (group_sizes [E] rows each) through `jax.lax.ragged_dot`."""
-    gate = checkpoint_name(jax.lax.ragged_dot(x_md, gate_edf, group_sizes), "mlp_gate")
-    up = checkpoint_name(jax.lax.ragged_dot(x_md, up_edf, group_sizes), "mlp_up")
-    return jax.lax.ragged_dot(swiglu(gate, up), down_efd, group_sizes)
+    return expert_swiglu(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), x_md, gate_edf, up_edf, down_efd, lora)
 
 
 def tile_rows(rows: int, num_experts: int) -> int:
@@ -60,7 +79,8 @@ def tile_rows(rows: int, num_experts: int) -> int:
     return max(8, -(-per_expert // 8) * 8)
 
 
-def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, tile: int | None = None) -> jax.Array:
+def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, lora=None, tile: int | None = None
+                     ) -> jax.Array:
     """The same grouped SwiGLU as `ragged_expert_mlp`, as one batched matmul over (tile, expert) pairs.
 
     The sorted rows are cut into tiles of `tile` rows; each expert's rows span a run of tiles, and a
@@ -86,9 +106,8 @@ def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, tile: int | 
     mask = (valid[:, None] & (row >= starts[expert][:, None]) & (row < ends[expert][:, None]))[..., None]
     x_tiles = jnp.pad(x_md, ((0, n_tiles * tile - m), (0, 0))).reshape(n_tiles, tile, d)
     x_ptd = jnp.where(mask, x_tiles[tile_of], jnp.zeros((), x_md.dtype))
-    gate = checkpoint_name(jnp.einsum("ptd,pdf->ptf", x_ptd, gate_edf[expert]), "mlp_gate")
-    up = checkpoint_name(jnp.einsum("ptd,pdf->ptf", x_ptd, up_edf[expert]), "mlp_up")
-    y_ptd = jnp.einsum("ptf,pfd->ptd", swiglu(gate, up), down_efd[expert])
+    y_ptd = expert_swiglu(lambda x, w: jnp.einsum("pti,pio->pto", x, w[expert]), x_ptd, gate_edf, up_edf, down_efd,
+                          lora)
     y_ptd = jnp.where(mask, y_ptd, jnp.zeros((), y_ptd.dtype))
     out = jnp.zeros((n_tiles, tile, d), y_ptd.dtype).at[tile_of].add(y_ptd)
     return out.reshape(n_tiles * tile, d)[:m]
@@ -123,7 +142,7 @@ class SparseMoE(nnx.Module):
     """Router + E SwiGLU experts stacked [E, D, F]; returns the output and the router logits [B, T, E].
 
     The router is a plain `nnx.Param` (not a `Linear`), so LoRA never wraps it and the LoRA filter
-    leaves it frozen; the experts are plain params too (LoRA on attention only, for now).
+    leaves it frozen; the experts are plain params too, with optional per-expert adapters (ftjax.lora).
     """
 
     def __init__(self, hidden: int, cfg: MoEConfig, *, stack: tuple = (), dtype=jnp.float32,
@@ -147,7 +166,7 @@ class SparseMoE(nnx.Module):
         w = self.experts
         y_sorted = grouped_expert_mlp(cfg.implementation)(
             x[order // cfg.top_k], w.gate_proj[...].astype(self.dtype), w.up_proj[...].astype(self.dtype),
-            w.down_proj[...].astype(self.dtype), group_sizes)
+            w.down_proj[...].astype(self.dtype), group_sizes, w.adapters(self.dtype))
         y_nkd = y_sorted[jnp.argsort(order)].reshape(b * t, cfg.top_k, d)
         y = jnp.einsum("nkd,nk->nd", y_nkd, weights.astype(y_nkd.dtype))
         y = constrain(y.reshape(b, t, d), ("batch", "length", "act_embed"))
@@ -155,7 +174,8 @@ class SparseMoE(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """The experts' SwiGLU weights, [*stack, E, D, F] (gate, up) and [*stack, E, F, D] (down)."""
+    """The experts' SwiGLU weights, [*stack, E, D, F] (gate, up) and [*stack, E, F, D] (down); `gate_up_lora` /
+    `down_lora` are per-expert adapters set from outside by ftjax.lora (A [*stack, E, in, r], B [*stack, E, r, out])."""
 
     def __init__(self, hidden: int, num_experts: int, intermediate: int, *, lead: tuple, stack: tuple,
                  param_dtype, rngs: nnx.Rngs):
@@ -163,6 +183,15 @@ class Experts(nnx.Module):
         self.gate_proj = _param(rngs, shape_in, lead + ("expert", "embed", "mlp"), param_dtype)
         self.up_proj = _param(rngs, shape_in, lead + ("expert", "embed", "mlp"), param_dtype)
         self.down_proj = _param(rngs, shape_out, lead + ("expert", "mlp", "embed"), param_dtype)
+        self.gate_up_lora: nnx.Module | None = None
+        self.down_lora: nnx.Module | None = None
+
+    def adapters(self, dtype) -> tuple | None:
+        """(gate_up, down) for `expert_swiglu`, each (A, B, scale) in `dtype` or None; None without adapters."""
+        if self.gate_up_lora is None and self.down_lora is None:
+            return None
+        one = lambda m: None if m is None else (m.lora_a[...].astype(dtype), m.lora_b[...].astype(dtype), m.scale)
+        return one(self.gate_up_lora), one(self.down_lora)
 
 
 def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
@@ -175,7 +204,7 @@ def load_balancing_loss(router_logits: jax.Array, top_k: int, mask: jax.Array | 
     _, selected = jax.lax.top_k(probs, top_k)
     counts = jnp.sum(jax.nn.one_hot(selected, e, dtype=jnp.float32), axis=-2)  # [L, N, E]
     w = jnp.ones(logits.shape[1], jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
-    rows = logits.shape[0] * jnp.sum(w)
+    rows = logits.shape[0] * jnp.maximum(jnp.sum(w), 1.0)  # an all-padding batch: 0, not 0/0
     routed = jnp.einsum("lne,n->e", counts, w) / rows
     prob = jnp.einsum("lne,n->e", probs, w) / rows
     return e * jnp.sum(routed * prob)

@@ -91,7 +91,8 @@ def _moe(hf: dict, model_type: str, source: str) -> MoEConfig | None:
     """The experts of Mixtral / Qwen3-MoE; a scanned stack needs every layer sparse, so dense layers refuse."""
     if model_type == "mixtral":
         return MoEConfig(int(hf.get("num_local_experts", 8)), int(hf.get("num_experts_per_tok", 2)),
-                         int(hf["intermediate_size"]), norm_topk_prob=True)
+                         int(hf["intermediate_size"]), norm_topk_prob=True,
+                         router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
     if model_type != "qwen3_moe":
         return None
     experts = int(hf.get("num_experts", hf.get("num_local_experts", 128)))  # saved as num_local_experts
@@ -102,7 +103,8 @@ def _moe(hf: dict, model_type: str, source: str) -> MoEConfig | None:
                         f"decoder_sparse_step={hf.get('decoder_sparse_step')}) are not supported: ftjax needs "
                         "every layer sparse")
     return MoEConfig(experts, int(hf.get("num_experts_per_tok", 8)), int(hf.get("moe_intermediate_size", 768)),
-                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
+                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                     router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
 
 
 def _gemma_phi(hf: dict, model_type: str, head_dim: int, source: str) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from ftjax.train.reference_cache import with_reference
 from ftjax.train.setup import build_state
 from ftjax.train.state import TrainState, state_size
 from ftjax.train.step import Frozen, TrainStep, make_train_step
-from ftjax.train.terms import TASK, loss_terms, uses_base
+from ftjax.train.terms import ROUTER_BALANCE, TASK, loss_terms, uses_base
 
 
 def _evaluating(config) -> bool:
@@ -140,6 +140,7 @@ def prepare(config, workdir: Path) -> Job:
     check_batch_fits(config.train.batch_size, config.train.grad_accum, mesh, rules)
     tokenizer = load_tokenizer(config.model.path)
     model_cfg = model_config(config.model.path)
+    config_lib.validate_for_model(config, model_cfg)
     build = data_lib.build_datasets if config.objective == "sft" else build_preference_datasets
     data = build(config, tokenizer, vocab_size=model_cfg.vocab_size)  # preference pairs for DPO, IPO, ...
     if not config.forget.replay_fraction:
@@ -165,7 +166,7 @@ def prepare(config, workdir: Path) -> Job:
         data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size,
                                        replay=(retain.replay_path, config.forget.replay_fraction))
         _say(data.summary.format())
-    terms = loss_terms(config)
+    terms = loss_terms(config, model_cfg)
     if config.method == "full" and config.objective in WITH_REFERENCE:  # the reference's log-probs, cached
         data = with_reference(config, workdir, tokenizer, state.model(), data, _say)
     # LoRA's base: its adapters zeroed (no copy), or the continued adapter's starting copy
@@ -185,7 +186,8 @@ def prepare(config, workdir: Path) -> Job:
     run_eval = None
     if data.eval is not None:  # the objective on held-out data: the CE, or the preference loss on held-out pairs
         sft = config.objective == "sft"
-        task_terms = [t for t in step_fn.batch_terms if t.stream == TASK]
+        # the objective's terms (not the router's balance loss, which is no held-out loss)
+        task_terms = [t for t in step_fn.batch_terms if t.stream == TASK and t.name != ROUTER_BALANCE]
         sums_fn = make_eval_loss(state.graphdef, config.train.loss_chunk) if sft else make_terms_eval(
             state.graphdef, task_terms)
 

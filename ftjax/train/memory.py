@@ -39,7 +39,7 @@ from ftjax.models.llama import Llama, ModelConfig
 from ftjax.models.moe import grouped_rows, resolved_implementation, tile_rows
 from ftjax.models.registry import config_from_hf, hf_tensor_name
 from ftjax.quant.weight import QuantizedParam, abstract_weight
-from ftjax.sharding import batch_shards, make_mesh, parse_rules, state_shardings
+from ftjax.sharding import batch_shards, mesh_from_config, parse_rules, state_shardings
 from ftjax.train.optimizer import make_optimizer
 
 GIB = 1024**3
@@ -212,7 +212,7 @@ def recipe_estimate(path: str | os.PathLike, devices: int, backend: str = "gpu")
     --xla_force_host_platform_device_count=8)."""
     module = recipe_module(path)
     config = resolve_auto(module.get_config(), backend)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=jax.devices()[:devices])
+    mesh = mesh_from_config(config, devices=jax.devices()[:devices])
     cfg = config_from_hf(module.HF_CONFIG)
     if cfg.moe is not None:  # the grouped matmul that backend runs, not this host's
         cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=resolved_implementation(

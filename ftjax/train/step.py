@@ -65,7 +65,7 @@ def check_batch(batch: dict, grad_accum: int, shards: int) -> None:
     rows = batch["input_ids"].shape[0]
     if rows % (grad_accum * shards):
         raise ConfigError(f"global batch of {rows} rows does not split into train.grad_accum={grad_accum} "
-                          f"micro-batches over {shards} batch shards (mesh.data x mesh.fsdp)")
+                          f"micro-batches over {shards} batch shards (mesh.data x mesh.fsdp x mesh.expert)")
 
 
 class TrainStep:
@@ -158,10 +158,11 @@ class TrainStep:
         for i, stream in enumerate(self.streams):
             mb = micro[stream]
             args = (mb["input_ids"], mb["positions"], mb["segment_ids"])
-            h = model.hidden(*args, rng=rng if i == 0 else jax.random.fold_in(rng, i))
+            stream_rng = rng if i == 0 else jax.random.fold_in(rng, i)
+            h, router_logits = model.hidden_and_router_logits(*args, rng=stream_rng)  # logits: None if dense
             # the base's pass has no dropout: the base distribution is deterministic
             base_pass = Forward(base, base.hidden(*args), mb) if stream in self._base_streams else None
-            forwards[stream] = Forward(model, h, mb, base_pass)
+            forwards[stream] = Forward(model, h, mb, base_pass, router_logits)
         values, extras = [], {}
         for t in self.batch_terms:
             out = t.fn(forwards[t.stream])

@@ -9,7 +9,8 @@ global batch. A `StepTerm` does not read the batch (L2 to the base) and is
 added once per step. Each term's unweighted value is a metric under its name; `loss` is the objective's
 own term (the task CE, or the preference loss of `objective`).
 
-A new objective is one function returning a term plus one line in `loss_terms`.
+A new objective is one function returning a term plus one line in `loss_terms`. A mixture-of-experts model's
+router balance loss is one: it reads the router logits of the same forward pass (`Forward.router_logits`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax.models.moe import load_balancing_loss
 from ftjax.train.loss import head_cross_entropy
 from ftjax.train.preference import METRICS
 from ftjax.train.preference_term import forward_sums, global_pairs, max_pairs_of, preference_config
@@ -38,6 +40,7 @@ class Forward:
     hidden: jax.Array  # [B, T, D] final hidden states
     batch: dict  # the micro-batch: input_ids, targets, loss_weights, segment_ids, positions
     base: "Forward | None" = None  # the base model's pass over the same micro-batch (constant), if asked for
+    router_logits: jax.Array | None = None  # [L, B, T, E] of a mixture-of-experts model's pass; None if dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,15 +121,43 @@ def l2_to_base_term(weight: float) -> StepTerm:
     return StepTerm("l2_reg", l2_to_base, weight, needs_base=True)
 
 
-def loss_terms(config) -> list[Term]:
+ROUTER_BALANCE = "router_balance"
+
+
+def router_balance(weight: float, top_k: int, grad_accum: int) -> BatchTerm:
+    """A mixture-of-experts model's load-balancing loss: transformers' `load_balancing_loss_func` over every
+    layer's router logits of the micro-batch's tokens (padding, segment 0, left out, as its attention mask does).
+    It is not a sum over tokens, so the normalizer is the micro-batch count: with grad_accum=1 it equals
+    transformers' loss on the global batch; with grad_accum > 1 it is the mean of the micro-batches' losses (what
+    HF Trainer's gradient accumulation adds up)."""
+
+    def fn(f: Forward) -> jax.Array:
+        return load_balancing_loss(f.router_logits, top_k, f.batch["segment_ids"] > 0)
+
+    return BatchTerm(ROUTER_BALANCE, fn, weight, normalizer=lambda batch: jnp.asarray(grad_accum, jnp.float32))
+
+
+def router_aux_weight(config, model_cfg) -> float:
+    """moe.router_aux_weight, or (unset) the model's own `router_aux_loss_coef`; 0 for a dense model."""
+    moe = getattr(model_cfg, "moe", None)
+    if moe is None:
+        return 0.0
+    weight = config.moe.router_aux_weight
+    return moe.router_aux_loss_coef if weight is None else float(weight)
+
+
+def loss_terms(config, model_cfg=None) -> list[Term]:
     """The run's objective from its config: the task CE (or the preference loss, with the chosen replies' CE where
-    ORPO or pref.sft_weight asks), then forgetting control's terms when weighted."""
+    ORPO or pref.sft_weight asks), then forgetting control's terms when weighted, then a mixture-of-experts model's
+    (`model_cfg`) router balance loss."""
     f, chunk, objective = config.forget, config.train.loss_chunk, config.objective
     nll = 1.0 if objective == "orpo" else config.pref.sft_weight
     terms: list[Term] = [cross_entropy(chunk)] if objective == "sft" else [preference_loss(config)]
     terms += [chosen_cross_entropy(nll, chunk)] if objective != "sft" and nll else []
     terms += [kl_to_base(f.kl_weight, chunk)] if f.kl_weight else []
     terms += [l2_to_base_term(f.l2_weight)] if f.l2_weight else []
+    aux = router_aux_weight(config, model_cfg)
+    terms += [router_balance(aux, model_cfg.moe.top_k, config.train.grad_accum)] if aux else []
     return terms
 
 
