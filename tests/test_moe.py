@@ -22,7 +22,7 @@ from ftjax.interop.export_hf import export_hf
 from ftjax.interop.hf import load_hf
 from ftjax.models import moe as M
 from ftjax.models.llama import Llama
-from ftjax.sharding import make_mesh, mesh_from_config
+from ftjax.sharding import make_mesh, mesh_from_config, state_shardings
 from hf_helpers import LAYER_TOL, MODEL_TOL, hf_logits, jax_logits, max_diff, random_ids, save, tiny_hf
 from test_generate import check_kv_cache_matches_full_forward
 from test_model_parity import CUT, PAD_LEFT, PAD_RIGHT, T, _batch, hf_references
@@ -352,8 +352,8 @@ def test_export_of_a_model_split_fsdp_by_expert_equals_the_unsharded_export(run,
     model = _attention_tuned(run["model"])
     plain = load_file(export_hf(model, tmp_path / "plain") / "model.safetensors")
     graphdef, state = nnx.split(model)
-    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(1, 4, 1, 2), ("data", "fsdp", "tensor", "expert"))
-    shardings = state_shardings(state, mesh, {**RULES, "expert": "expert"})
+    mesh = make_mesh(1, 4, 1, expert=2, devices=jax.devices()[:8])
+    shardings = state_shardings(state, mesh)  # the default rules place `expert` on the expert axis
     assert shardings["layers"]["mlp"]["experts"]["down_proj"].spec[1] == "expert"
     out = export_hf(nnx.merge(graphdef, jax.device_put(state, shardings)), tmp_path / "sharded")
     sharded = load_file(out / "model.safetensors")
