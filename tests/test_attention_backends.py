@@ -88,6 +88,7 @@ def check(implementation, window, softcap, *, dtype=jnp.float32, packed=True, se
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("implementation", ["xla", "splash", "pallas_gpu"])
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_backend_matches_reference(implementation, case):
     """fp32 on CPU: xla directly, splash and the Pallas GPU kernel in interpret mode (or their xla fallback)."""
     window, softcap = CASES[case]
@@ -112,6 +113,7 @@ def test_kernel_path_is_taken_without_a_dense_mask():
         assert f"bool[{B},1,{T},{T}]" not in text, implementation
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_fallback_logs_once(caplog):
     """A feature the backend lacks (a window for the Pallas GPU kernel) goes to xla, logged once."""
     A._said.clear()

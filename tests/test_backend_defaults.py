@@ -62,6 +62,7 @@ def step_losses(dtype: str, frozen: str, method: str) -> list[float]:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_bf16_step_matches_fp32(method):
     want = step_losses("float32", "float32", method)
     got = step_losses("bfloat16", "bfloat16", method)

@@ -183,6 +183,7 @@ def _train(tmp_path: Path, *flag_args: str, devices: int = 4) -> tuple[subproces
     (["--config.mesh.data=2", "--config.mesh.fsdp=4"], "error: mesh data=2 fsdp=4 tensor=1 does not divide the 4 "
      "available devices"),
 ], ids=["misspelled-key", "missing-data", "mesh-not-dividing", "mesh-too-big"])
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_bad_flags_fail_in_one_line_before_compiling(tmp_path, flag_args, message):
     proc, seconds = _train(tmp_path, *flag_args)
     print(f"{' '.join(flag_args)}: exit {proc.returncode} after {seconds:.1f} s")  # a figure, not a timed test

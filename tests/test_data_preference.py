@@ -137,6 +137,7 @@ def test_rows_keep_both_halves_of_every_pair_together():
     assert rows.max_pairs == int(np.diff(rows.offsets).max())
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_packed_rows_give_the_log_probs_of_one_pair_per_row():
     import jax
     from flax import nnx
@@ -203,6 +204,7 @@ def test_build_from_config_splits_packs_and_loads_through_the_train_iterator(tmp
         build_preference_datasets(c, tiny_tokenizer(), vocab_size=50)
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_reference_log_probs_computed_once_ride_the_batch_and_sum_back_per_reply():
     import jax
 

@@ -102,6 +102,7 @@ def scripted(monkeypatch):
     return script
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_the_loop_stops_saves_logs_and_reports_at_the_stop_step(scripted, tmp_path, capsys):
     from ftjax.checkpoint import Checkpoints
     from ftjax.train.loop import run
@@ -129,6 +130,7 @@ def test_the_loop_stops_saves_logs_and_reports_at_the_stop_step(scripted, tmp_pa
         assert all(np.array_equal(a, b) for a, b in zip(reported, saved)) == same, which
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_a_resumed_run_stops_where_a_straight_run_does(scripted, tmp_path, capsys):
     from ftjax.checkpoint import Checkpoints
     from ftjax.train.loop import run

@@ -245,6 +245,7 @@ def _checkpoint_state(workdir, step):
     return ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_lora_checkpoint_holds_no_base_weights(workdir):
     tree = ocp.PyTreeCheckpointHandler().metadata(workdir / "checkpoints" / "2" / "state").tree
     leaves = [(tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in p), m)
@@ -258,6 +259,7 @@ def test_lora_checkpoint_holds_no_base_weights(workdir):
 
 
 @pytest.mark.filterwarnings("ignore:Sharding info not provided")
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_load_model_of_a_workdir_equals_merging_the_checkpoint_by_hand(workdir, workdir_logits):
     c = load_config()
     raw = _checkpoint_state(workdir, 2)["trainable"]
@@ -315,6 +317,7 @@ def _export_script(*args):
                           text=True, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_export_script_writes_an_hf_folder_of_the_run(workdir, workdir_logits, tmp_path):
     out = tmp_path / "hf"
     proc = _export_script(f"--workdir={workdir}", "--format=hf", f"--out={out}", "--step=latest")
@@ -338,6 +341,7 @@ def test_export_script_refuses_peft_for_full_fine_tuning(tmp_path):
     assert len(lines) == 1 and "--format=peft needs a LoRA run" in lines[0] and "--format=hf" in lines[0]
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_export_script_writes_a_gguf_of_the_run(workdir, workdir_logits, tmp_path):
     proc = _export_script(f"--workdir={workdir}", "--format=gguf", "--quant=f32", f"--out={tmp_path}",
                           "--step=latest")

@@ -114,6 +114,7 @@ def _tiny_config():
     return load_recipe(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.py")
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_benchmark_figures_are_consistent():
     """scripts/benchmark.py's record on the tiny config: every derived figure follows from the measured ones."""
     from ftjax.benchmark import run_benchmark

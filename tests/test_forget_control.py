@@ -53,6 +53,7 @@ def copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_l2_term_and_its_gradient(mesh1):
     """l2_reg = Σ‖W − W0‖² (numpy) and the update differs from the CE-only one by exactly lr · 2w(W − W0)."""
     opt, w, lr = sgd(), 0.3, 0.5
@@ -79,6 +80,7 @@ def lora_state(opt, mesh):
                       trainable=nnx.LoRAParam)
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_kl_term_is_zero_at_the_base_and_exact_after(mesh1):
     """LoRA: zero adapters are the base, so the KL term and its gradient vanish at step 0; with adapters
     moved, kl_reg equals a direct token-mean KL(base ‖ tuned) on the retain batch. No base copy is kept."""
@@ -219,6 +221,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_kl_regularizer_lowers_the_measured_forgetting(runs):
     """The issue's acceptance: same seed, same data (replay on in both); only forget.kl_weight differs."""
     kl = {k: json.loads((w / "report.json").read_text())["forgetting"]["kl_to_base"] for k, w in runs.items()}
@@ -229,6 +232,7 @@ def test_kl_regularizer_lowers_the_measured_forgetting(runs):
     assert all("kl_reg" not in r for r in metrics(runs["plain"]))
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_resume_is_exact_with_replay_and_kl(runs, tmp_path):
     """Replay batches and the retain iterator resume exactly: 3 steps + resume + 3 = 6 straight, bitwise."""
     c = forget_config(tmp_path, kl=50.0, final_eval=False)

@@ -58,6 +58,7 @@ def logits_loss_and_lora_grads(model: nnx.Module, batch: dict):
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_quantized_base_equals_the_dequantized_fp32_model(scheme):
     """Logits, loss and every LoRA gradient of the quantized-base model equal the dequantized model's."""
     quantized, reference = lora_models(scheme)
@@ -134,6 +135,7 @@ def _step_temp_bytes(scheme: str | None, remat: str) -> tuple[int, int]:
     return compiled.memory_analysis().temp_size_in_bytes, layer_bytes
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_the_step_keeps_one_layer_of_dequantized_weights_at_a_time():
     """Temporaries of the nf4-base step < the fp32-base step's + one layer's full-precision frozen kernels
     (the four-layer stack dequantized at once, or kept for the backward pass, would exceed it: without the
@@ -282,6 +284,7 @@ def test_benchmark_reports_the_bytes_a_quantized_base_saves():
     assert rec["frozen_bytes_saved"] == unquantized - held > 0 and rec["model"]["frozen_quant"] == "nf4"
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_hf_export_of_a_quantized_base_holds_its_dequantized_merged_weights():
     """--format=hf (and gguf, which reads the same plans) from a QLoRA model: every tensor equals the export
     of the same model with the dequantized base, LoRA merged."""
@@ -322,6 +325,7 @@ def test_memory_estimate_of_llama3_8b_qlora_is_within_10_percent_of_xla():
     assert compiled <= 10 * GIB
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_sharded_qlora_step_equals_one_device():
     """An nf4-base LoRA step on a data=2 x fsdp=2 x tensor=2 mesh (quantized arrays sharded like their kernels,
     blocks whole) gives one device's loss and updated adapters."""

@@ -134,6 +134,7 @@ def test_default_targets_adapt_phis_fused_projections(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3_window"])
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_lora_training_loss_falls(family, tmp_path):
     """The production step, default LoRA targets, 30 steps on one packed batch: the loss falls well below
     its start (Gemma 2's final soft-cap of 2 bounds how far)."""

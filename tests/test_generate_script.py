@@ -5,11 +5,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from ftjax.tasks import person_json
 from hf_helpers import tiny_hf, tiny_tokenizer
 from loop_helpers import ROOT
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_interactive_chat_prompts_explains_leaving_and_replies_as_generate(tmp_path):
     import ftjax
     from ftjax.generate import generate

@@ -33,6 +33,7 @@ def sleep_term(seconds: float) -> BatchTerm:
     return BatchTerm("sleep", fn)
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_first_logged_rate_is_the_real_rate_and_every_step_has_its_loss(tmp_path, monkeypatch):
     c = load_config()
     c.train.steps, c.train.log_every, c.train.grad_accum = 3, 2, 1

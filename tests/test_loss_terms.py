@@ -55,6 +55,7 @@ def direct(graphdef, frozen, batch):
     return f
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_a_term_defined_here_trains_exactly_like_its_direct_computation():
     """Over two micro-batches: the term's sums add up to the global token-weighted mean."""
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])

@@ -173,6 +173,7 @@ def _flops(e, k, implementation, tokens=256, d=64, f=128):
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_tiled_cost_grows_with_top_k_not_experts():
     """Compiled FLOPs of the tiled path: x4 top-k -> ~x4; x4 experts -> about the same (within 2x the
     routed rows' 3 matmuls). On CPU, ragged_dot lowers to a dense all-experts product: its FLOPs grow with E."""
@@ -244,6 +245,7 @@ def test_config_mapping(run):
     assert cfg.moe.norm_topk_prob == (run["name"] == "mixtral")
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_kv_cache_decoding_matches_full_forward(run):
     check_kv_cache_matches_full_forward(run["model"])
 

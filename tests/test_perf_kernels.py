@@ -66,6 +66,7 @@ def test_fused_linears_match_separate(bias, targets, dropout):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (3, 3), (4, 1)])
 @pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_grouped_attention_matches_jax(heads, kv_heads, window):
     b, t, h = 2, 32, 8
     kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)

@@ -73,6 +73,7 @@ def lora_model():
     return model
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_packed_pairs_give_the_log_probs_of_unpacked_pairs(lora_model):
     rng = np.random.default_rng(3)
     ids = lambda n: rng.integers(3, TINY.vocab_size, n).tolist()  # noqa: E731
@@ -107,6 +108,7 @@ def test_accuracy_compares_summed_or_averaged_log_probs_by_objective():
         assert float(preference_accuracy(PreferenceConfig(objective), p)[0]) == 1.0  # per token: -1 > -2
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_micro_batch_sums_combine_into_the_whole_batch_mean(lora_model):
     """Per-pair sums of two halves of a batch, divided by the global pair count, give the whole batch's mean."""
     from ftjax.train.preference import PreferenceConfig, metric_means

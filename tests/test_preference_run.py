@@ -111,6 +111,7 @@ def _step_inputs(c, mesh=None):
     return mesh, setup, batch
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_lora_reference_is_the_model_with_adapters_removed_and_a_fresh_adapter_gives_ln2(pair_files):
     c = _config(pair_files)
     mesh, setup, batch = _step_inputs(c)
@@ -144,6 +145,7 @@ def _layer_bytes(frozen) -> int:
     return sum(x.size * x.dtype.itemsize // x.shape[0] for x in stacked)
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_compiled_dpo_step_holds_no_second_copy_of_the_weights(pair_files):
     c = _config(pair_files)
     c.train.batch_size = 1  # one device: the figures are the whole step's

@@ -105,6 +105,7 @@ def _as_peft(model, grads, folder) -> dict[str, np.ndarray]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_fresh_adapter_dpo_loss_is_ln2_and_reference_is_the_base(setup):
     cfg = PreferenceConfig("dpo", beta=0.1)
     loss, metrics, _ = _ours(setup.model, cfg)

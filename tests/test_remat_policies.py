@@ -38,6 +38,7 @@ def loss_and_grads(remat: str, method: str, batch: dict):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_remat_policies_match_no_remat(method):
     assert causal_blocks(LENGTH) == 4
     batch = make_batch(2, LENGTH)

@@ -103,6 +103,7 @@ def assert_same_training(got, want, start, must_move=lambda path: True):
 
 
 @pytest.mark.parametrize("name", list(MESHES))
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_full_finetuning_same_on_every_mesh(initial, reference, batch, name):
     data, fsdp, tensor, accum = MESHES[name]
     got = train(initial, "full", batch, data, fsdp, tensor, accum)

@@ -47,6 +47,7 @@ def straight(tmp_path_factory):
     return workdir, result
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_records_hold_the_runs_values(straight):
     workdir, result = straight
     records = metrics(workdir)
@@ -77,6 +78,7 @@ def test_records_hold_the_runs_values(straight):
     assert (workdir / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_resume_is_bitwise_identical(straight, tmp_path, capsys):
     workdir, _ = straight
     run(_config(), tmp_path, until=4)
@@ -113,6 +115,7 @@ def _train_subprocess(workdir, fault: str, *flags: str) -> subprocess.CompletedP
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_sigterm_saves_the_current_step_and_exits_143_with_the_command_that_finishes(tmp_path):
     proc = _train_subprocess(tmp_path, "term@3", "--config.checkpoint.every=100")
     assert proc.returncode == 143, proc.stderr[-2000:]
@@ -126,6 +129,7 @@ def test_sigterm_saves_the_current_step_and_exits_143_with_the_command_that_fini
     assert proc.returncode == 0, proc.stderr[-2000:]  # schedulers that want a stop to count as success
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_sigkill_then_resume_ends_at_the_same_loss(straight, tmp_path):
     workdir, result = straight
     proc = _train_subprocess(tmp_path, "kill@5", "--config.checkpoint.every=2")
@@ -139,6 +143,7 @@ def test_sigkill_then_resume_ends_at_the_same_loss(straight, tmp_path):
     assert final["step"] == STEPS and final["loss"] == result["loss"]
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_load_model_reads_a_workdir(straight):
     import ftjax
     from flax import nnx
