@@ -32,7 +32,8 @@ _ATTENTION = ("attention 12*N*H*sum over layers of keys (causal T/2, so 6*L*N*H*
               "W - W^2/2T), fwd+bwd; P: matmul params a token passes through incl. head (MoE: router + top-k experts)")
 FLOP_FORMULAS = {
     "full": "6*P + attention; " + _ATTENTION,
-    "lora": "4*P_frozen + 6*P_lora + attention (no weight gradients for frozen weights); " + _ATTENTION,
+    "lora": "4*P_frozen + 6*P_lora + attention (no weight gradients for frozen weights; P_lora: adapter params a "
+            "token runs through, MoE: the top-k experts' adapters); " + _ATTENTION,
 }
 
 
@@ -97,8 +98,8 @@ class Bench:
         return self.config.train.batch_size * self.config.data.seq_len
 
     def flops_per_token(self) -> float:
-        lora = self.n_trainable if self.config.method == "lora" else 0
-        return metrics_lib.flops_per_token(self.model_cfg, self.config.data.seq_len, self.config.method, lora)
+        return metrics_lib.training_flops_per_token(self.model_cfg, self.config.data.seq_len, self.config.method,
+                                                    self.trainable)
 
 
 def prepare(config, devices: Sequence[Any] | None = None) -> Bench:

@@ -3,6 +3,8 @@
 FLOPs per trained token (P = matmul weights a token passes through, incl. the output head; T = sequence length):
   full fine-tuning: 6·P + attention
   LoRA:             4·P_frozen + 6·P_lora + attention   (no weight gradients for frozen weights)
+    P_lora: the adapter params a token runs through: every Linear's adapter, and of a mixture of experts'
+    per-expert adapters the top-k of E (k/E of them)
   attention (forward + backward): 12 · heads · head_dim · Σ_layers keys, keys per query as the area under
     the mask: causal T/2 (so 6 · layers · heads · head_dim · T), a sliding window W < T: W − W²/2T
   mixture of experts: a layer's MLP weights in P are its router (D·E) and its top-k experts (k · 3·D·F), not all E
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from ftjax.models.llama import ModelConfig
 
@@ -62,6 +65,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, method: str, lora_params: in
     if method == "full":
         return 6.0 * p + attn
     return 4.0 * p + 6.0 * lora_params + attn
+
+
+def active_lora_params(cfg: ModelConfig, lora: nnx.State) -> int:
+    """Adapter params a token runs through (P_lora): all of each Linear's adapter; of the experts' per-expert
+    adapters (params with an `expert` axis, [L, E, ...]) only the top-k of E experts the token is routed to."""
+    total = 0
+    for _, var in nnx.to_flat_state(lora):
+        n = math.prod(var.get_value().shape)
+        if "expert" in (var.get_metadata().get("logical_axes") or ()):
+            n = n // cfg.moe.num_experts * cfg.moe.top_k
+        total += n
+    return total
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, method: str, trainable: nnx.State) -> float:
+    """`flops_per_token` of a run, P_lora counted from its trainable state (the adapters, for LoRA)."""
+    return flops_per_token(cfg, seq_len, method, active_lora_params(cfg, trainable) if method == "lora" else 0)
 
 
 def measured_cpu_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:

@@ -41,9 +41,11 @@ def main(argv):
 
     config = config_from_workdir(FLAGS.workdir)
     if FLAGS.format == "gguf":
-        from ftjax.interop.export_gguf import check_quant
+        from ftjax.api import model_config
+        from ftjax.interop.export_gguf import check_architecture, check_quant
 
         check_quant(FLAGS.quant)  # before any weight is loaded
+        check_architecture(model_config(FLAGS.workdir))  # e.g. a mixture of experts: no llama.cpp layout written
     if FLAGS.format == "peft" and config.method != "lora":
         raise ConfigError(f"{FLAGS.workdir}: --format=peft needs a LoRA run, this one is method={config.method} "
                           "(export it with --format=hf)")

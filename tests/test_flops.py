@@ -83,6 +83,22 @@ def test_mixtral_counts_router_and_top_k_experts_only():
     assert metrics.matmul_params(more_experts) == P_MIXTRAL + 2 * 8 * 12  # only the router grows with E
 
 
+def test_mixtral_expert_lora_counts_top_k_experts_adapters_only():
+    """r=2 on attention and the experts. By hand: attention adapters 224 (as above); each expert's gate|up adapter
+    2*(8 + 2*6) = 40 and down adapter 2*(6 + 8) = 28: 68 an expert, 4 experts x 2 layers = 544 held, of which a
+    token runs its top-2 experts' in each layer: 2 * 2 * 68 = 272."""
+    targets = "q_proj,k_proj,v_proj,o_proj,experts"
+    model = nnx.eval_shape(lambda: apply_lora(Llama(MIXTRAL, rngs=nnx.Rngs(0)), 2, 4.0, targets=targets,
+                                              rngs=nnx.Rngs(1)))
+    _, lora, _ = nnx.split(model, nnx.LoRAParam, ...)
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora)) == 224 + 544
+    assert metrics.active_lora_params(MIXTRAL, lora) == 224 + 272 == 496
+    assert metrics.training_flops_per_token(MIXTRAL, T, "lora", lora) == 4 * P_MIXTRAL + 6 * 496 + ATTN == 11808
+    assert metrics.training_flops_per_token(MIXTRAL, T, "full", lora) == 6 * P_MIXTRAL + ATTN  # no adapters
+    dense = nnx.eval_shape(lambda: apply_lora(Llama(CFG, rngs=nnx.Rngs(0)), 2, 4.0, rngs=nnx.Rngs(1)))
+    assert metrics.active_lora_params(CFG, nnx.split(dense, nnx.LoRAParam, ...)[1]) == LORA_R2  # all of them
+
+
 def test_moe_matmul_params_match_model_kernels():
     """Attention linears + head + the router + top-k / E of the experts' weights, from the model's own shapes."""
     model = nnx.eval_shape(lambda: Llama(MIXTRAL, rngs=nnx.Rngs(0)))

@@ -298,25 +298,37 @@ def test_missing_expert_and_dense_layers_fail_in_one_line(tmp_path):
 # ----------------------------------------------------------------------------- export
 
 
-def _attention_tuned(model, seed=2):
+def _tuned(model, targets="q_proj,v_proj,o_proj", seed=2):
+    """A copy with adapters on `targets`, every B non-zero (the experts' adapters too)."""
     from ftjax.lora import apply_lora
     from hf_helpers import randomize_lora_b
 
-    return randomize_lora_b(apply_lora(nnx.clone(model), 4, 8.0, targets="q_proj,v_proj,o_proj",
-                                       rngs=nnx.Rngs(seed)), seed=seed)
+    model = randomize_lora_b(apply_lora(nnx.clone(model), 4, 8.0, targets=targets, rngs=nnx.Rngs(seed)), seed=seed)
+    experts = model.layers.mlp.experts
+    for i, adapter in enumerate(a for a in (experts.gate_up_lora, experts.down_lora) if a is not None):
+        adapter.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(20 + i), adapter.lora_b[...].shape)
+    return model
 
 
 def test_hf_export_loads_in_transformers_with_ftjax_logits(run, tmp_path):
-    """Attention LoRA merged, experts written per expert under the Hub's names (what transformers' own
+    """Attention and expert LoRA merged (each expert's adapter folded into that expert's tensors, to the bytes of
+    exporting `ftjax.lora.merged`), experts written per expert under the Hub's names (what transformers' own
     save_pretrained writes), config.json built from the model: transformers loads every tensor, none missing or
     unexpected, to the family's config and ftjax's logits."""
     from safetensors import safe_open
+    from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
+    from ftjax.lora import merged
     from test_export import LORA_MARGIN
 
-    model = _attention_tuned(run["model"])
+    model = _tuned(run["model"], "q_proj,v_proj,experts")
     out = export_hf(model, tmp_path / "out")
+    ours = load_file(out / "model.safetensors")
+    folded = load_file(export_hf(merged(model), tmp_path / "merged") / "model.safetensors")
+    assert ours.keys() == folded.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], folded[name], err_msg=name)
     theirs, info = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info
     ids = random_ids(2, T, seed=6)
@@ -337,7 +349,7 @@ def test_exported_folder_loads_back_into_ftjax_identically(run, tmp_path):
     from ftjax.lora import merged
 
     source = save(run["hf"], tmp_path / "source")
-    model = merged(_attention_tuned(run["model"]))
+    model = merged(_tuned(run["model"]))
     out = export_hf(model, tmp_path / "out", source=source, max_shard_size="100KB")
     assert len(list(out.glob("model-*.safetensors"))) > 2
     back = load_hf(out)
@@ -347,16 +359,20 @@ def test_exported_folder_loads_back_into_ftjax_identically(run, tmp_path):
 
 
 @pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
-def test_export_of_a_model_split_fsdp_by_expert_equals_the_unsharded_export(run, tmp_path):
-    """Experts split over `expert` and fsdp: each expert's tensor is fetched to the same bytes as on one device."""
+@pytest.mark.parametrize("targets", ["q_proj,v_proj,o_proj", "q_proj,v_proj,experts"])
+def test_export_of_a_model_split_fsdp_by_expert_equals_the_unsharded_export(run, targets, tmp_path):
+    """Experts (and their adapters) split over `expert` and fsdp: each expert's tensor is fetched (its adapter
+    folded in) to the same bytes as on one device."""
     from safetensors.numpy import load_file
 
-    model = _attention_tuned(run["model"])
+    model = _tuned(run["model"], targets)
     plain = load_file(export_hf(model, tmp_path / "plain") / "model.safetensors")
     graphdef, state = nnx.split(model)
     mesh = make_mesh(1, 4, 1, expert=2, devices=jax.devices()[:8])
     shardings = state_shardings(state, mesh)  # the default rules place `expert` on the expert axis
-    assert shardings["layers"]["mlp"]["experts"]["down_proj"].spec[1] == "expert"
+    experts = shardings["layers"]["mlp"]["experts"]
+    assert experts["down_proj"].spec[1] == "expert"
+    assert "experts" not in targets or experts["gate_up_lora"]["lora_a"].spec[1] == "expert"
     out = export_hf(nnx.merge(graphdef, jax.device_put(state, shardings)), tmp_path / "sharded")
     sharded = load_file(out / "model.safetensors")
     assert sharded.keys() == plain.keys()
@@ -378,18 +394,38 @@ def test_config_built_from_a_model_config_maps_back_to_it(run):
 
 
 def test_export_refusals_are_one_line(run, tmp_path):
-    """GGUF (llama.cpp's MoE layout is not written) and LoRA params that the HF merge would drop are refused."""
+    """GGUF (llama.cpp's MoE layout is not written; with expert adapters too) and LoRA params that the HF merge
+    would drop are refused."""
     from ftjax.interop.export_gguf import export_gguf
 
-    with pytest.raises(ConfigError, match=f"llama.cpp has no architecture for model_type '{run['name']}'") as e:
-        export_gguf(run["model"], tmp_path / "m.gguf")
-    assert "\n" not in str(e.value)
-    model = nnx.clone(run["model"])
+    for tuned in (run["model"], _tuned(run["model"], "q_proj,experts")):
+        with pytest.raises(ConfigError, match=f"llama.cpp has no architecture for model_type '{run['name']}'") as e:
+            export_gguf(tuned, tmp_path / "m.gguf")
+        assert "\n" not in str(e.value)
+    model = _tuned(run["model"], "experts")  # the experts' own adapters are merged; a stray LoRA param is not
     model.layers.mlp.experts.gate_lora = nnx.LoRAParam(jnp.zeros((2, 4, 64, 2)))
     with pytest.raises(ConfigError, match="LoRA params outside a Linear are not merged .*gate_lora") as e:
         export_hf(model, tmp_path / "out")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("run", ["qwen3_moe"], indirect=True)
+def test_export_script_refuses_gguf_of_a_moe_run_in_one_line_before_loading(run, tmp_path):
+    """scripts/export.py --format=gguf of an expert-LoRA run: exit 2 and one line, before any checkpoint is read
+    (this workdir has none)."""
+    from loop_helpers import load_config
+    from test_export import _export_script
+
+    c = load_config()
+    c.model.path, c.lora.targets = str(save(run["hf"], tmp_path / "m")), "q_proj,experts"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(c.to_json_best_effort())
+    proc = _export_script(f"--workdir={tmp_path / 'run'}", "--format=gguf", f"--out={tmp_path / 'm.gguf'}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "llama.cpp has no architecture for model_type 'qwen3_moe'" in lines[0]
+    assert not (tmp_path / "m.gguf").exists()
 
 
 # ----------------------------------------------------------------------------- balance loss
@@ -622,12 +658,9 @@ def test_attention_lora_exports_to_peft_with_ftjax_logits(run, tmp_path):
     from peft import PeftModel
 
     from ftjax.interop.peft import export_peft
-    from ftjax.lora import apply_lora
-    from hf_helpers import randomize_lora_b
     from test_export import LORA_MARGIN
 
-    model = randomize_lora_b(apply_lora(nnx.clone(run["model"]), 4, 8.0, targets="q_proj,v_proj,o_proj",
-                                    rngs=nnx.Rngs(2)), seed=2)
+    model = _tuned(run["model"])
     out = export_peft(model, tmp_path / "adapter")
     ids = random_ids(2, T, seed=6)
     base = hf_logits(run["hf"], ids)
@@ -645,14 +678,9 @@ def test_expert_lora_exports_to_peft_target_parameters_with_ftjax_logits(run, ta
     from peft import PeftModel
 
     from ftjax.interop.peft import export_peft, load_peft
-    from ftjax.lora import apply_lora
-    from hf_helpers import randomize_lora_b
     from test_export import LORA_MARGIN
 
-    model = randomize_lora_b(apply_lora(nnx.clone(run["model"]), 4, 8.0, targets=targets, rngs=nnx.Rngs(2)), seed=2)
-    experts = model.layers.mlp.experts
-    for i, adapter in enumerate(a for a in (experts.gate_up_lora, experts.down_lora) if a is not None):
-        adapter.lora_b[...] = 0.2 * jax.random.normal(jax.random.key(20 + i), adapter.lora_b[...].shape)
+    model = _tuned(run["model"], targets)
     out = export_peft(model, tmp_path / "adapter")
     config = json.loads((out / "adapter_config.json").read_text())
     want = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"] if targets.endswith(",experts") else [

@@ -1,9 +1,9 @@
 """ftjax model -> HF folder (config.json, safetensors shards, tokenizer, generation_config.json).
 
-LoRA adapters are folded in tensor by tensor (W + scale·A·B in fp32), and every tensor is cut,
-cast and transposed on the devices and fetched alone, so neither a merged copy of the model nor
-the whole model on one device ever exists. Multi-host: every process takes part in each gather,
-process 0 writes.
+LoRA adapters are folded in tensor by tensor (W + scale·A·B in fp32; a mixture-of-experts model's per-expert
+adapters expert by expert), and every tensor is cut, cast and transposed on the devices and fetched alone, so
+neither a merged copy of the model nor the whole model on one device ever exists. Multi-host: every process
+takes part in each gather, process 0 writes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ftjax.interop.hf_config import export_config, generation_config
 from ftjax.interop.safetensors_writer import TensorPlan, parse_size, plan_shards, write_safetensors
 from ftjax.interop.sources import hf_configs, pretrained_tokenizer
 from ftjax.models.layers import Linear
+from ftjax.models.moe import Experts
 from ftjax.models.registry import hf_tensor_name, is_stacked
 
 INDEX = "model.safetensors.index.json"
@@ -46,19 +47,45 @@ def _adapters(model: nnx.Module) -> dict[tuple, Any]:
             if isinstance(node, Linear) and node.lora is not None}
 
 
-def _unmerged_lora(model: nnx.Module, adapters: dict[tuple, Any]) -> list[str]:
-    """LoRA params that no adapted Linear holds (so this export would drop them): their paths."""
-    held = {k[:-1] + ("lora",) for k in adapters}
+def _expert_adapters(model: nnx.Module) -> dict[tuple, tuple[tuple, Any, tuple[int, int] | None]]:
+    """expert weight path -> (its adapter's path, the adapter, the columns of the adapter's output it takes):
+    gate|up's adapter is split between gate_proj (first half) and up_proj (second half), as `merge_lora` does."""
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, Experts):
+            continue
+        f = node.gate_proj.get_value().shape[-1]
+        for name, attr, columns in (("gate_proj", "gate_up_lora", (0, f)), ("up_proj", "gate_up_lora", (f, 2 * f)),
+                                    ("down_proj", "down_lora", None)):
+            if getattr(node, attr) is not None:
+                out[tuple(path) + (name,)] = (tuple(path) + (attr,), getattr(node, attr), columns)
+    return out
+
+
+def _unmerged_lora(model: nnx.Module, adapters: dict[tuple, Any], expert_adapters: dict[tuple, tuple]) -> list[str]:
+    """LoRA params that no adapted Linear or experts weight holds (so this export would drop them): their paths."""
+    held = {k[:-1] + ("lora",) for k in adapters} | {held for held, _, _ in expert_adapters.values()}
     return ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
             if tuple(p[:-1]) not in held]
 
 
-def _expert_plans(model_type: str, path: tuple, value: jax.Array, layer: int, dtype: str) -> list[TensorPlan]:
+def _expert_fetch(value: jax.Array, layer: int, dtype: str, expert: int, adapter: tuple | None):
+    """Fetches expert `expert`'s [out, in] tensor of one layer, its adapter's update folded in when it has one."""
+    if adapter is None:
+        return functools.partial(gather.tensor, value, layer, dtype, True, expert)
+    _, lora, columns = adapter
+    return functools.partial(gather.merged_tensor, value, lora.lora_a[...], lora.lora_b[...], lora.scale, layer,
+                             dtype, True, expert, columns)
+
+
+def _expert_plans(model_type: str, path: tuple, value: jax.Array, layer: int, dtype: str,
+                  adapter: tuple | None) -> list[TensorPlan]:
     """One layer's stacked experts [E, in, out] as the Hub's per-expert [out, in] tensors (what transformers 5
-    writes by default, reads through its conversion mapping, and what vLLM and transformers 4 read)."""
+    writes by default, reads through its conversion mapping, and what vLLM and transformers 4 read), each
+    expert's adapter (if any) folded in on its own."""
     num_experts, in_dim, out_dim = value.shape[1:]
     return [TensorPlan(hub_expert_name(model_type, layer, path[-1], e), (out_dim, in_dim), np.dtype(dtype),
-                       functools.partial(gather.tensor, value, layer, dtype, True, e)) for e in range(num_experts)]
+                       _expert_fetch(value, layer, dtype, e, adapter)) for e in range(num_experts)]
 
 
 def _plan(path: tuple, value: jax.Array, lora: Any, layer: int | None, dtype: str,
@@ -82,8 +109,8 @@ def hf_tensor_plans(model: nnx.Module, dtype: str) -> list[TensorPlan]:
     Tied embeddings have no lm_head param, hence no lm_head.weight.
     """
     params = nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))
-    adapters = _adapters(model)
-    unmerged = _unmerged_lora(model, adapters)
+    adapters, expert_adapters = _adapters(model), _expert_adapters(model)
+    unmerged = _unmerged_lora(model, adapters, expert_adapters)
     if unmerged:
         raise ConfigError(f"HF export: LoRA params outside a Linear are not merged (e.g. {unmerged[0]})")
     stacked = [(tuple(p), v) for p, v in params if is_stacked(tuple(p))]
@@ -96,7 +123,7 @@ def hf_tensor_plans(model: nnx.Module, dtype: str) -> list[TensorPlan]:
     for i in range(n_layers):
         for p, v in stacked:
             if p[-2:-1] == ("experts",):
-                plans += _expert_plans(model_type, p, v.get_value(), i, dtype)
+                plans += _expert_plans(model_type, p, v.get_value(), i, dtype, expert_adapters.get(p))
             else:
                 plans.append(_plan(p, v.get_value(), adapters.get(p), i, dtype, model_type))
     plans += [_plan(p, v.get_value(), adapters.get(p), None, dtype) for p, v in single if p != ("embed_tokens",)]

@@ -38,6 +38,11 @@ def _dense(x: jax.Array | QuantizedWeight) -> jax.Array:
     return x.dequantize() if isinstance(x, QuantizedWeight) else x
 
 
+def _index(i: int | None) -> np.int32 | None:
+    """A layer or expert index as a host scalar (replicated on every process), or None."""
+    return None if i is None else np.int32(i)
+
+
 @functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
 def _slice(x: jax.Array, layer: jax.Array | None, expert: jax.Array | None, *, dtype: str,
            transpose: bool) -> jax.Array:
@@ -49,35 +54,41 @@ def tensor(x: jax.Array, layer: int | None, dtype: str, transpose: bool = False,
            expert: int | None = None) -> np.ndarray:
     """Layer `layer` of a stacked param (or the whole param when None), cast and maybe transposed;
     `expert` then picks one expert's matrix of a stacked [E, in, out] experts param."""
-    idx = lambda i: None if i is None else np.int32(i)  # noqa: E731  host scalar: replicated on every process
-    return to_host(_slice(x, idx(layer), idx(expert), dtype=dtype, transpose=transpose))
+    return to_host(_slice(x, _index(layer), _index(expert), dtype=dtype, transpose=transpose))
 
 
 @functools.partial(jax.jit, static_argnames=("replicated",))
-def _layer_replicated(x: jax.Array, layer: jax.Array | None, *, replicated: NamedSharding | None) -> jax.Array:
-    """One layer's slice (or the whole param), whole on every device: merges then do the same arithmetic on
-    the same shapes however the model is sharded (a partitioned merge can round the last bit differently)."""
-    x = _layer(x, layer)
+def _layer_replicated(x: jax.Array, layer: jax.Array | None, expert: jax.Array | None, *,
+                      replicated: NamedSharding | None) -> jax.Array:
+    """One layer's slice (or the whole param; `expert` then picks one expert's), whole on every device: merges
+    then do the same arithmetic on the same shapes however the model is sharded (a partitioned merge can round
+    the last bit differently)."""
+    x = _layer(_layer(x, layer), expert)
     return _dense(x if replicated is None else jax.lax.with_sharding_constraint(x, replicated))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "dtype", "transpose"))
-def _merged(kernel: jax.Array, a: jax.Array, b: jax.Array, *, scale: float, dtype: str, transpose: bool) -> jax.Array:
-    """W + scale·A·B in fp32 (what `ftjax.lora.merge_lora` computes), then cast."""
+@functools.partial(jax.jit, static_argnames=("scale", "dtype", "transpose", "columns"))
+def _merged(kernel: jax.Array, a: jax.Array, b: jax.Array, *, scale: float, dtype: str, transpose: bool,
+            columns: tuple[int, int] | None) -> jax.Array:
+    """W + scale·A·B in fp32 (what `ftjax.lora.merge_lora` computes), then cast; `columns` keeps that slice of
+    A·B's outputs (an adapter over a fused output, e.g. the experts' gate|up, split between its kernels), cut
+    after the whole product as the merge cuts it (a product over fewer columns can round differently)."""
     delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    delta = delta if columns is None else delta[..., columns[0]:columns[1]]
     w = (kernel.astype(jnp.float32) + scale * delta).astype(dtype)
     return w.T if transpose else w
 
 
 def merged_tensor(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, layer: int | None, dtype: str,
-                  transpose: bool = False) -> np.ndarray:
+                  transpose: bool = False, expert: int | None = None,
+                  columns: tuple[int, int] | None = None) -> np.ndarray:
     """One layer's kernel with its LoRA update folded in, cast and maybe transposed; the same bytes on any
-    sharding of the model (the three slices are made whole on every device before the merge)."""
-    idx = None if layer is None else np.int32(layer)  # host scalar: replicated on every process
+    sharding of the model (the three slices are made whole on every device before the merge). `expert` picks
+    one expert of stacked [E, ...] experts and their per-expert adapter; `columns` a slice of B's outputs."""
     sharding = getattr(kernel, "sharding", None)
     replicated = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
-    parts = [_layer_replicated(x, idx, replicated=replicated) for x in (kernel, a, b)]
-    return to_host(_merged(*parts, scale=float(scale), dtype=dtype, transpose=transpose))
+    parts = [_layer_replicated(x, _index(layer), _index(expert), replicated=replicated) for x in (kernel, a, b)]
+    return to_host(_merged(*parts, scale=float(scale), dtype=dtype, transpose=transpose, columns=columns))
 
 
 def barrier(name: str) -> None:

@@ -197,11 +197,10 @@ def prepare(config, workdir: Path) -> Job:
                 return eval_loss(sums_fn, trainable, state.frozen, batches)
             return eval_loss(sums_fn, trainable, frozen, batches, [t.weight for t in task_terms])
 
-    lora_params = n_trainable if config.method == "lora" else 0
     job = Job(config, workdir, state, step_fn, frozen, batches,
               ckpt, keep_best, provenance, state.trainable, state.opt_state, 0,
               EarlyStop(config.train.early_stop_patience), False, run_eval, evaluation, base,
-              metrics_lib.flops_per_token(model_cfg, config.data.seq_len, config.method, lora_params))
+              metrics_lib.training_flops_per_token(model_cfg, config.data.seq_len, config.method, state.trainable))
     _resume(job)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
