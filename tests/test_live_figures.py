@@ -39,7 +39,7 @@ def test_first_logged_rate_is_the_real_rate_and_every_step_has_its_loss(tmp_path
     c.train.steps, c.train.log_every, c.train.grad_accum = 3, 2, 1
     c.eval.final, c.checkpoint.every = False, 0
     terms = loop.loss_terms
-    monkeypatch.setattr(loop, "loss_terms", lambda config: [*terms(config), sleep_term(SLEEP_S)])
+    monkeypatch.setattr(loop, "loss_terms", lambda config, *model_cfg: [*terms(config, *model_cfg), sleep_term(SLEEP_S)])
     loop.run(c, tmp_path)
     logged = metrics(tmp_path)
     first = logged[0]
