@@ -18,23 +18,8 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# The longest modules (measured by --durations on this 2-core machine), longest first: bin/test's two xdist
-# workers take modules in collection order, so starting the long ones first keeps one worker from running
-# the last long module alone at the end (longest-processing-time-first scheduling).
-LONGEST_MODULES = ("test_multihost", "test_stop_phases", "test_preference_run", "test_train_loop",
-                   "test_forget_control", "test_perf_kernels", "test_evaluation_script", "test_stop",
-                   "test_early_stop", "test_workdir_loader", "test_export", "test_moe")
-
-
-def _module_rank(item) -> int:
-    name = item.module.__name__.rpartition(".")[2] if getattr(item, "module", None) else ""
-    return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest modules first (a stable sort: each module's tests keep their order); tests marked `gpu` run
-    only where JAX's default backend is a GPU."""
-    items.sort(key=_module_rank)
+    """Tests marked `gpu` run only where JAX's default backend is a GPU."""
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs a GPU (JAX default backend is %s)" % jax.default_backend())
