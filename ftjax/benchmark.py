@@ -22,7 +22,7 @@ import numpy as np
 from ftjax import metrics as metrics_lib
 from ftjax.config import DEFAULT_MODEL, LORA_TARGETS, default_config
 from ftjax.data.packing import BATCH_KEYS
-from ftjax.sharding import make_mesh
+from ftjax.sharding import mesh_from_config
 from ftjax.train.memory import frozen_bytes
 from ftjax.train.setup import build_state
 from ftjax.train.state import state_size
@@ -106,7 +106,7 @@ def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
     """Build the state from `config` (model, adapters, optimizer), place a random batch, compile the step."""
     t0 = time.perf_counter()
     devs = list(devices) if devices is not None else None
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devs, expert=config.mesh.expert)
+    mesh = mesh_from_config(config, devices=devs)
     setup = build_state(config, mesh)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,

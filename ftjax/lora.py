@@ -168,9 +168,14 @@ def expert_match(path: str, pattern: str) -> bool:
     return "experts" in pattern and (matches(path, (pattern,)) or matches(path.rsplit(".", 1)[0], (pattern,)))
 
 
+def expert_lora_attr(name: str) -> str:
+    """The Experts attribute holding the adapter over `name` (gate_up_proj -> gate_up_lora, down_proj -> down_lora)."""
+    return f"{name.removesuffix('_proj')}_lora"
+
+
 def attach_expert_lora(experts: Experts, name: str, rank: int, alpha: float, rslora: bool, rngs: nnx.Rngs) -> None:
     """A per-expert adapter (A [*stack, E, in, r] random, B zero) over gate|up or down, in place."""
-    attr = f"{name.removesuffix('_proj')}_lora"
+    attr = expert_lora_attr(name)
     if getattr(experts, attr) is not None:
         raise ConfigError(f"the experts' {name} already has a LoRA adapter")
     if name == "gate_up_proj":
@@ -228,7 +233,7 @@ def merge_lora(model: nnx.Module) -> dict[str, LoRA]:
         adapters[path] = linear.lora
         linear.lora = None
     for path, experts, name in expert_params(model):
-        attr = f"{name.removesuffix('_proj')}_lora"
+        attr = expert_lora_attr(name)
         lora = getattr(experts, attr)
         if lora is not None:
             _add_expert_delta(experts, name, lora.delta())
@@ -253,7 +258,7 @@ def unmerge_lora(model: nnx.Module, adapters: dict[str, LoRA]) -> nnx.Module:
         if path in experts_by_path:
             experts, name = experts_by_path[path]
             _add_expert_delta(experts, name, -lora.delta())
-            setattr(experts, f"{name.removesuffix('_proj')}_lora", lora)
+            setattr(experts, expert_lora_attr(name), lora)
             continue
         linear = by_path[path]
         kernel = linear.kernel[...]

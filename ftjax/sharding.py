@@ -63,22 +63,25 @@ def parse_rules(text: str, key: str = "mesh.rules") -> dict[str, Any]:
     return rules
 
 
+def _named(sizes: Sequence[int], sep: str) -> str:
+    """Mesh sizes as `data=2 fsdp=4 ...` for an error line (expert only when it is not 1)."""
+    return sep.join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if a != "expert" or s != 1)
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
               devices: Sequence[Any] | None = None) -> Mesh:
     """A (data, fsdp, tensor, expert) mesh over all processes' devices; one size may be -1 (the rest)."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor, expert]
     n = len(devices)
-    named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if a != "expert" or s != 1)
     if sizes.count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor, mesh.expert may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if any(s == 0 or s < -1 for s in sizes) or n % known:
-        raise ConfigError(f"mesh {named} does not divide the {n} available devices")
+        raise ConfigError(f"mesh {_named(sizes, ' ')} does not divide the {n} available devices")
     sizes = [n // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != n:
-        product = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes) if a != "expert" or s != 1)
-        raise ConfigError(f"mesh {product} = {int(np.prod(sizes))} devices, but {n} are available")
+        raise ConfigError(f"mesh {_named(sizes, ' x ')} = {int(np.prod(sizes))} devices, but {n} are available")
     try:
         from jax.experimental import mesh_utils
 

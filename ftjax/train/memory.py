@@ -113,14 +113,15 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     rules = parse_rules(config.mesh.rules)
     rows = config.train.batch_size // config.train.grad_accum // batch_shards(mesh, rules)
     t, d, cfg = config.data.seq_len, model_cfg.hidden_size, model_cfg
-    scale = jnp.dtype(config.model.dtype).itemsize / 2
+    itemsize = jnp.dtype(config.model.dtype).itemsize
+    scale = itemsize / 2
     tensor = mesh.shape["tensor"]
     scores = 5 * cfg.num_heads * t / d if config.model.attention == "xla" else 0  # flash kernels keep no [T, S]
     if cfg.moe is None:
         per_layer = t * rows * d * (34 + scores) * scale / tensor
     else:  # attention and norms (34 - the dense MLP's 19), then the routed MLP
-        itemsize = jnp.dtype(config.model.dtype).itemsize
-        per_layer = (t * rows * d * (15 + scores) * scale + moe_layer_bytes(cfg, t * rows, itemsize)) / tensor
+        routed = moe_layer_bytes(cfg, t * rows, itemsize)
+        per_layer = (t * rows * d * (15 + scores) * scale + routed) / tensor
     saved = saved_widths(config, cfg, t * rows).get(config.model.remat)
     if saved is None:  # remat=none: every intermediate of every layer lives until the backward pass
         acts = cfg.num_layers * per_layer
@@ -130,7 +131,7 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     if cfg.moe is not None:  # every layer's router logits, fp32, returned for the balance loss; and during one
         # layer's backward the gradients of its routed buffers, as large as the buffers
         acts += cfg.num_layers * t * rows * cfg.moe.num_experts * 4
-        acts += moe_layer_bytes(cfg, t * rows, jnp.dtype(config.model.dtype).itemsize) / tensor
+        acts += routed / tensor
     if config.forget.kl_weight:
         acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
     if quant is not None:  # one layer's quantized kernels dequantized (fp32, then a compute-dtype copy)
