@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.models.llama import KVCache
+from ftjax.placement import fetch, split_rows
 
 MIN_BUCKET = 16
 
@@ -146,16 +147,19 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     eos = np.atleast_1d(np.asarray(eos_ids if eos_ids is not None else (), np.int32))
     eos = np.pad(eos, (0, -(-max(eos.size, 1) // 4) * 4 - eos.size), constant_values=-1)  # -1 matches nothing;
     # padded to a multiple of 4 so a different number of EOS ids rarely means a new compile
-    batch = left_pad(prompts, pad_id)
     graphdef, state = nnx.split(model)
     greedy = temperature == 0.0
-    tokens, logits = _generate(
-        graphdef, state, batch.input_ids, batch.segment_ids, batch.positions, batch.lengths, eos,
-        np.int32(pad_id), jax.random.key(seed), np.float32(temperature if not greedy else 1.0),
-        np.float32(top_p), max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),
-        use_top_p=(not greedy) and top_p < 1.0, return_logits=return_logits)
-    tokens = np.asarray(tokens)
-    return (tokens, np.asarray(logits)) if return_logits else tokens
+    with split_rows(model) as split:  # rows over the mesh's batch axes; extra rows repeat the last prompt
+        extra = [prompts[-1]] * (split.rows(len(prompts)) - len(prompts)) if len(prompts) else []
+        batch = left_pad([*prompts, *extra], pad_id)
+        tokens, logits = _generate(
+            graphdef, state, *split.put(batch.input_ids, batch.segment_ids, batch.positions, batch.lengths), eos,
+            np.int32(pad_id), jax.random.key(seed), np.float32(temperature if not greedy else 1.0),
+            np.float32(top_p), max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),
+            use_top_p=(not greedy) and top_p < 1.0, return_logits=return_logits)
+    n = len(prompts)
+    tokens = fetch(tokens)[:n]
+    return (tokens, fetch(logits)[:n]) if return_logits else tokens
 
 
 def trim(row: Sequence[int], eos_ids: Sequence[int]) -> list[int]:

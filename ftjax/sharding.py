@@ -196,6 +196,11 @@ def activation_sharding(mesh: Mesh, rules: dict | None = None):
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> tuple[Mesh, dict] | None:
+    """The (mesh, rules) of the enclosing `activation_sharding`, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical axes; a no-op outside `activation_sharding`."""
     active = _ACTIVE.get()

@@ -8,6 +8,7 @@ Every process writes to the same workdir, as hosts on a shared filesystem do; me
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -140,6 +141,23 @@ def test_two_processes_give_the_losses_of_one(runs):
             np.testing.assert_allclose(two[step][key], one[step][key], rtol=RTOL, err_msg=f"{key} at step {step}")
         assert two[step]["trained_tokens"] == one[step]["trained_tokens"]  # the same global batch
     assert two[STEPS]["eval_loss"] == pytest.approx(one[STEPS]["eval_loss"], rel=RTOL)
+    # The final report's rows are split over both processes' devices: it says what one process says.
+    reports = {name: json.loads((root / name / "report.json").read_text()) for name in ("two", "one")}
+    for part in ("task", "forgetting"):
+        flat_two, flat_one = (_flat(reports[name][part]) for name in ("two", "one"))
+        assert flat_two == pytest.approx(flat_one, rel=RTOL), part
+    assert reports["two"]["samples"] == reports["one"]["samples"]  # the same greedy replies
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, float]:
+    """{"a.b": value} of a nested dict of numbers (None kept)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def test_only_process_0_prints_and_both_save_one_checkpoint(runs):

@@ -23,6 +23,7 @@ from flax import nnx
 from ftjax.evaluation.divergence import token_kl, token_nll
 from ftjax.generate import bucket_length
 from ftjax.logs import progress
+from ftjax.placement import fetch, split_rows
 
 Sequences = Sequence[tuple[np.ndarray, np.ndarray]]
 
@@ -143,15 +144,14 @@ def teacher_forced(model: nnx.Module, sequences: Sequences, *, base: nnx.Module 
     out = {k: np.zeros(n, np.float64) for k in ("nll", "base_nll", "kl", "tokens")}
     order = sorted(range(n), key=lambda i: len(sequences[i][0]))
     batches = even_batches(order, batch_size)
-    rows = len(batches[0]) if batches else 0
-    with progress(n, "seq", "  scoring") as bar:  # minutes for a few hundred sequences on a CPU
+    with split_rows(model) as split, progress(n, "seq", "  scoring") as bar:  # minutes for hundreds on a CPU
+        rows = split.rows(len(batches[0])) if batches else 0  # padding rows weigh 0
         for idx in batches:
             longest = max(len(sequences[i][0]) - 1 for i in idx)
             b = _batch([sequences[i] for i in idx], rows, _padded_length(longest, chunk))
             measured, targets, weights, c = _measured(b, chunk)
-            nll, base_nll, kl = jax.device_get(_sums(
-                graphdef, state, base_graphdef, base_state, b["input_ids"], b["segment_ids"], b["positions"],
-                measured, targets, weights, chunk=c))
+            placed = split.put(b["input_ids"], b["segment_ids"], b["positions"], measured, targets, weights)
+            nll, base_nll, kl = map(fetch, _sums(graphdef, state, base_graphdef, base_state, *placed, chunk=c))
             k = len(idx)
             out["nll"][idx], out["base_nll"][idx], out["kl"][idx] = nll[:k], base_nll[:k], kl[:k]
             out["tokens"][idx] = b["weights"][:k].sum(axis=1)

@@ -30,7 +30,7 @@ from ftjax.errors import ConfigError
 from ftjax.evaluation.run import Evaluation
 from ftjax.logs import heartbeat, still
 from ftjax.provenance import base_identity, check_resume_config, check_same
-from ftjax.sharding import batch_sharding, batch_shards, mesh_from_config, parse_rules
+from ftjax.sharding import activation_sharding, batch_sharding, batch_shards, mesh_from_config, parse_rules
 from ftjax.train import forget
 from ftjax.train.early_stop import EarlyStop
 from ftjax.train.eval_loss import eval_loss, make_eval_loss, make_terms_eval
@@ -127,8 +127,9 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     config_lib.validate(config)
     with stop.listening():  # also when called as a library, not only through scripts/train.py
         job = prepare(config, Path(workdir))
-        step, stopped_early, last = steps(job, until)
-        return finish(job, step, stopped_early, last)
+        with activation_sharding(job.step_fn.mesh, job.step_fn.rules):  # evals split their rows as steps do
+            step, stopped_early, last = steps(job, until)
+            return finish(job, step, stopped_early, last)
 
 
 def prepare(config, workdir: Path) -> Job:
@@ -161,7 +162,8 @@ def prepare(config, workdir: Path) -> Job:
         evaluation = Evaluation(config, tokenizer, workdir, preference=held_out_metrics(config, data.eval))
         # LoRA: the base is the model with adapters detached (no copy); full: the step-0 copy
         base = nnx.merge(state.graphdef, base_trainable, state.frozen) if base_trainable is not None else None
-    retain = forget.retain_data(config, tokenizer, workdir, state, base_trainable)
+    with activation_sharding(mesh, rules):  # the base's replies: rows split over the batch axes
+        retain = forget.retain_data(config, tokenizer, workdir, state, base_trainable)
     if config.forget.replay_fraction:
         data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size,
                                        replay=(retain.replay_path, config.forget.replay_fraction))
