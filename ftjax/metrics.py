@@ -12,9 +12,11 @@ FLOPs per trained token (P = matmul weights a token passes through, incl. the ou
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -84,8 +86,10 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, method: str, traina
     return flops_per_token(cfg, seq_len, method, active_lora_params(cfg, trainable) if method == "lora" else 0)
 
 
+@functools.cache
 def measured_cpu_peak(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
-    """FLOP/s of a large matmul in `dtype` on the default device (the CPU's practical peak)."""
+    """FLOP/s of a large matmul in `dtype` on the default device (the CPU's practical peak); measured once per
+    process (~1 s: a run asks at its start and its end)."""
     import jax
     import jax.numpy as jnp
 
@@ -111,6 +115,21 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
     return measured_cpu_peak(dtype), f"{kind}: measured {dtype} matmul 2048^3"
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: its writer imports torch when installed only to
+    accept torch tensors (ftjax logs floats), 1.8 s of every run's start here. Torch stays importable after."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError; tensorboardX treats torch as absent
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
 
@@ -119,9 +138,7 @@ class MetricsWriter:
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self._tb = _summary_writer_class()(str(Path(workdir) / "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

@@ -65,7 +65,13 @@ def hf_smollm2_tokenizer(smollm2_gguf_path):
     return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
 
 
+@pytest.fixture(scope="session")
+def _session_shared_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("ftjax_cache")
+
+
 @pytest.fixture(autouse=True)
-def _own_shared_cache(tmp_path_factory, monkeypatch):
-    """Each test gets an empty $FTJAX_CACHE (base results shared across workdirs), never ~/.cache/ftjax."""
-    monkeypatch.setenv("FTJAX_CACHE", str(tmp_path_factory.mktemp("ftjax_cache")))
+def _own_shared_cache(_session_shared_cache, monkeypatch):
+    """The test session's own $FTJAX_CACHE, never ~/.cache/ftjax: runs on the same base and data share their base
+    results there as a user's runs do (keyed by content; a test of the cache itself sets its own)."""
+    monkeypatch.setenv("FTJAX_CACHE", str(_session_shared_cache))
