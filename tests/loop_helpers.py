@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -14,6 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_config(name: str = "tiny_test"):
     """A configs/NAME.py recipe's get_config(), unlocked for test overrides."""
     return load_recipe(ROOT / "configs" / f"{name}.py")
+
+
+def script_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """The environment of a scripts/ subprocess on `devices` simulated CPU devices (-O0, as the tests' own). A run
+    whose subject is not the mesh takes one: ~40% less CPU than eight for the same job."""
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
 
 
 def metrics(workdir) -> list[dict]:

@@ -4,7 +4,6 @@ from the checkpoint gives the loop's own final eval loss."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 
 from ftjax.evaluation.report import check_report
 from ftjax.train.loop import run
-from loop_helpers import ROOT, load_config, metrics
+from loop_helpers import ROOT, load_config, metrics, script_env
 
 MODEL_TOL = 1e-4
 
@@ -25,7 +24,7 @@ def test_eval_script_reports_a_trained_workdir(tmp_path):
     run(c, workdir)
     loop_eval_loss = [r["eval_loss"] for r in metrics(workdir) if "eval_loss" in r][-1]
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    env = script_env()  # one device: restored from a checkpoint saved on eight
     out = subprocess.run([sys.executable, "scripts/eval.py", f"--workdir={workdir}", "--metric=person_json",
                           f"--max_examples={len(open(c.data.eval).readlines())}"],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

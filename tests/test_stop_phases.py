@@ -5,7 +5,6 @@ the export) an uninterrupted run writes. A resume on a changed config is refused
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import sys
 import pytest
 
 from ftjax.errors import ConfigError
-from loop_helpers import ROOT
+from loop_helpers import ROOT, script_env
 
 STEPS = "--config.train.steps=4"
 
@@ -31,7 +30,7 @@ def _train(workdir, *flags, cache, fault: str = "", cmd: list[str] | None = None
 
 
 def _run(cmd: list[str], cache, fault: str = "") -> subprocess.CompletedProcess:
-    env = {**os.environ, "FTJAX_FAULT": fault, "FTJAX_CACHE": str(cache)}
+    env = script_env(FTJAX_FAULT=fault, FTJAX_CACHE=str(cache))  # one device: stops, not the mesh, are the subject
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ import ftjax
 from ftjax.checkpoint import Checkpoints
 from ftjax.sharding import mesh_from_config
 from ftjax.train.setup import build_state
-from loop_helpers import ROOT, load_config
+from loop_helpers import ROOT, load_config, script_env
 
 EVAL_LOSSES = {1: 3.0, 2: 1.0, 3: 2.0}  # best: step 2; latest: step 3
 
@@ -47,7 +46,7 @@ def _b(step: int) -> float:
 
 
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = script_env()  # one device: which checkpoint, not the mesh, is the subject
     return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=600)
 
