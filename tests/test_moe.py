@@ -404,7 +404,8 @@ def test_export_refusals_are_one_line(run, tmp_path):
         assert "\n" not in str(e.value)
     model = _tuned(run["model"], "experts")  # the experts' own adapters are merged; a stray LoRA param is not
     model.layers.mlp.experts.gate_lora = nnx.LoRAParam(jnp.zeros((2, 4, 64, 2)))
-    with pytest.raises(ConfigError, match="LoRA params outside a Linear are not merged .*gate_lora") as e:
+    refused = "LoRA params that adapt neither a Linear nor an expert weight cannot be merged .*gate_lora"
+    with pytest.raises(ConfigError, match=refused) as e:
         export_hf(model, tmp_path / "out")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "m.gguf").exists()

@@ -112,7 +112,8 @@ def hf_tensor_plans(model: nnx.Module, dtype: str) -> list[TensorPlan]:
     adapters, expert_adapters = _adapters(model), _expert_adapters(model)
     unmerged = _unmerged_lora(model, adapters, expert_adapters)
     if unmerged:
-        raise ConfigError(f"HF export: LoRA params outside a Linear are not merged (e.g. {unmerged[0]})")
+        raise ConfigError(f"HF export: LoRA params that adapt neither a Linear nor an expert weight cannot be merged "
+                          f"(e.g. {unmerged[0]})")
     stacked = [(tuple(p), v) for p, v in params if is_stacked(tuple(p))]
     single = [(tuple(p), v) for p, v in params if not is_stacked(tuple(p))]
     order = lambda pv: (pv[0] != ("embed_tokens",), pv[0][0] == "lm_head")  # noqa: E731
