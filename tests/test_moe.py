@@ -474,6 +474,7 @@ def _padded_batch(rows, length, vocab, seed=0):
     return batch
 
 
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 @pytest.mark.parametrize("run", ["mixtral"], indirect=True)
 def test_router_balance_term_in_the_step_matches_transformers(run):
     """The step's loss and gradients (router logits from its one forward pass) = token CE + w · transformers'
