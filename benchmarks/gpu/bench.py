@@ -193,24 +193,24 @@ def ftjax_largest(shape: str, seq_len: int, steps: int, warmup: int, max_batch: 
     fits: compiled memory at batch 1 and 2 gives bytes per row, then the largest batch under 92% is run."""
     import jax
 
-    import ftjax.api
+    import ftjax.interop.sources
     from ftjax import config as config_lib
     from ftjax.benchmark import Bench, random_batch, summarize
     from ftjax.metrics import peak_flops
     from ftjax.models.registry import config_from_hf
-    from ftjax.sharding import make_mesh
+    from ftjax.sharding import mesh_from_config
     from ftjax.train.setup import build_state
     from ftjax.train.state import state_size
     from ftjax.train.step import BATCH_KEYS, make_train_step
 
     # the tiny-random-llama path, with this shape: random weights initialized on the device, no folder
-    ftjax.api.tiny_config = lambda dtype="float32", param_dtype=None: config_from_hf(
+    ftjax.interop.sources.tiny_config = lambda dtype="float32", param_dtype=None: config_from_hf(
         hf_shape(shape), dtype=dtype, param_dtype=param_dtype or dtype)
     c = config_lib.default_config()
     c.model.path, c.method, c.data.seq_len, c.train.batch_size = "tiny-random-llama", "lora", seq_len, 1
     c = config_lib.validate(c)
     t0 = time.perf_counter()
-    mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    mesh = mesh_from_config(c)
     setup = build_state(c, mesh)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=1, loss_chunk=c.train.loss_chunk)
@@ -220,7 +220,7 @@ def ftjax_largest(shape: str, seq_len: int, steps: int, warmup: int, max_batch: 
         host = random_batch(b, seq_len, setup.model_config.vocab_size)
         batch = {k: jax.device_put(host[k], step.batch_sharding) for k in BATCH_KEYS}
         t = time.perf_counter()
-        comp = step._jitted.lower(state.trainable, state.opt_state, state.frozen, batch, rng, None, None).compile()
+        comp = step.lower(state.trainable, state.opt_state, state.frozen, batch, rng).compile()
         m = comp.memory_analysis()
         need = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
         return comp, batch, need, time.perf_counter() - t
@@ -235,7 +235,8 @@ def ftjax_largest(shape: str, seq_len: int, steps: int, warmup: int, max_batch: 
     for b in sorted({best, max(1, best * 3 // 4), max(1, best // 2)}, reverse=True):
         comp, batch, need, compile_s = compiled_for(b)
         c.train.batch_size = b
-        bench = Bench(c, setup.model_config, comp, state.trainable, state.opt_state, state.frozen, batch, rng,
+        frozen, streams = step.arguments(state.trainable, state.frozen, batch)  # what the compiled step takes
+        bench = Bench(c, setup.model_config, comp, state.trainable, state.opt_state, frozen, streams, rng,
                       state_size(state.trainable)[1], mesh.size, compile_s, time.perf_counter() - t0)
         try:
             bench.run(warmup)
