@@ -149,7 +149,7 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     # padded to a multiple of 4 so a different number of EOS ids rarely means a new compile
     graphdef, state = nnx.split(model)
     greedy = temperature == 0.0
-    with split_rows(model) as split:  # rows over the mesh's batch axes; extra rows repeat the last prompt
+    with split_rows(state) as split:  # rows over the mesh's batch axes; extra rows repeat the last prompt
         extra = [prompts[-1]] * (split.rows(len(prompts)) - len(prompts)) if len(prompts) else []
         batch = left_pad([*prompts, *extra], pad_id)
         tokens, logits = _generate(

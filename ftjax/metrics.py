@@ -118,7 +118,7 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
 def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch: its writer imports torch when installed only to
     accept torch tensors (ftjax logs floats), 1.8 s of every run's start here. Torch stays importable after."""
-    if "torch" in sys.modules:
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:  # nothing left to keep out
         from tensorboardX import SummaryWriter
 
         return SummaryWriter

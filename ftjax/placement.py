@@ -12,16 +12,16 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from ftjax.sharding import RULES, active_mesh, activation_sharding, batch_sharding, batch_shards
 
 
-def model_mesh(model: Any) -> Mesh | None:
-    """The multi-device mesh a model's parameters are placed on (None: one device, or not placed by a mesh)."""
-    for leaf in jax.tree.leaves(nnx.state(model)):
+def model_mesh(state: Any) -> Mesh | None:
+    """The multi-device mesh a model's state (`nnx.split`'s, which callers already hold) is placed on (None: one
+    device, or not placed by a mesh)."""
+    for leaf in jax.tree.leaves(state):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding):
             return sharding.mesh if sharding.mesh.size > 1 else None
@@ -54,16 +54,16 @@ def fetch(x: jax.Array) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def split_rows(model: Any) -> Iterator[RowSplit]:
-    """The row split for computations of `model` traced inside this context: over the active activation mesh
-    (the training loop's, with its `mesh.rules`), else over the mesh the model's parameters live on with the
+def split_rows(state: Any) -> Iterator[RowSplit]:
+    """The row split for computations of a model (its `state`) traced inside this context: over the active
+    activation mesh (the training loop's, with its `mesh.rules`), else over the mesh the state lives on with the
     default rules, whose activation constraints then apply too. One device: no split."""
     active = active_mesh()
     if active is not None:
         mesh, rules = active
         yield _split(mesh, rules)
         return
-    mesh = model_mesh(model)
+    mesh = model_mesh(state)
     if mesh is None:
         yield RowSplit(None, 1)
         return

@@ -7,7 +7,6 @@ error would add lines to stderr: one line on stderr proves it failed before comp
 from __future__ import annotations
 
 import ast
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from ftjax import config as config_lib
 from ftjax.config import default_config, flat_keys, get, load_recipe, validate
 from ftjax.errors import ConfigError
 from ftjax.sharding import RULES, parse_rules
-from loop_helpers import ROOT
+from loop_helpers import ROOT, script_env
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
@@ -167,8 +166,7 @@ def test_mesh_rules_override_the_table_from_the_command_line_and_bad_names_are_c
 
 
 def _train(tmp_path: Path, *flag_args: str, devices: int = 4) -> tuple[subprocess.CompletedProcess, float]:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-           "JAX_LOG_COMPILES": "1"}
+    env = script_env(devices, JAX_LOG_COMPILES="1")
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), f"--config={ROOT / 'configs' / 'tiny_test.py'}",
            f"--workdir={tmp_path / 'run'}", *flag_args]
     t = time.perf_counter()

@@ -47,8 +47,8 @@ def _scaled(model):
 def test_split_rows_give_the_one_device_results(one_device, inputs, sizes):
     seqs, prompts = inputs
     model = load_pretrained("tiny-random-llama", "float32", "float32", mesh=make_mesh(*sizes))
-    assert model_mesh(one_device) is None and model_mesh(model).size == 8
-    with split_rows(model) as split:
+    assert model_mesh(nnx.state(one_device)) is None and model_mesh(nnx.state(model)).size == 8
+    with split_rows(nnx.state(model)) as split:
         assert split.shards == sizes[0] * sizes[1] and split.rows(13) == -(-13 // split.shards) * split.shards
 
     want, got = (teacher_forced(_scaled(m), seqs, base=m, batch_size=13) for m in (one_device, model))

@@ -144,7 +144,7 @@ def teacher_forced(model: nnx.Module, sequences: Sequences, *, base: nnx.Module 
     out = {k: np.zeros(n, np.float64) for k in ("nll", "base_nll", "kl", "tokens")}
     order = sorted(range(n), key=lambda i: len(sequences[i][0]))
     batches = even_batches(order, batch_size)
-    with split_rows(model) as split, progress(n, "seq", "  scoring") as bar:  # minutes for hundreds on a CPU
+    with split_rows(state) as split, progress(n, "seq", "  scoring") as bar:  # minutes for hundreds on a CPU
         rows = split.rows(len(batches[0])) if batches else 0  # padding rows weigh 0
         for idx in batches:
             longest = max(len(sequences[i][0]) - 1 for i in idx)
