@@ -159,6 +159,7 @@ def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -
                   "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "dtype": c.model.dtype,
                   "frozen_dtype": c.train.frozen_dtype, "frozen_quant": c.train.frozen_quant, "remat": c.model.remat, "attention": c.model.attention},
         "lora": {"rank": c.lora.rank, "alpha": c.lora.alpha, "targets": c.lora.targets} if c.method == "lora" else None,
+        "attention_kernel": cfg.attention_kernels(c.data.seq_len),
         "optimizer": c.optim.name,
         "batch": c.train.batch_size,
         "seq_len": c.data.seq_len,

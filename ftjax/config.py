@@ -66,6 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
         eval=config_dict.placeholder(str),
         seq_len=512,
         packing=True,
+        # packed rows hold at most this many examples (pair halves for preference data); 0 = no bound. cuDNN's
+        # packed layout (the GPU default) reserves a slot per segment; a row of shorter examples starts a new row
+        max_segments=32,
         overlong="drop",  # drop | truncate | error
         # data.train: "a.jsonl" or a mixture "a.jsonl:0.7,b.jsonl:0.3" (relative weights; see ftjax/data/mixture.py)
         eval_fraction=0.0,  # with data.eval empty: fraction of each train source held out for eval (by seed)
@@ -200,6 +203,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.eval_fraction": _FRACTION,
     "data.max_dropped_fraction": _CLOSED_FRACTION,
     "data.prefetch": _AT_LEAST_0,
+    "data.max_segments": (lambda v: v == 0 or v >= 2, "be 0 (no bound) or >= 2"),
     "train.batch_size": _AT_LEAST_1,
     "train.steps": _AT_LEAST_1,
     "train.grad_accum": _AT_LEAST_1,
@@ -247,6 +251,14 @@ _FREE = ("seed", "model.path", "lora.targets", "lora.rslora", "data.train", "dat
 # eval.metric: its scorer names (ftjax.scorer_names.check_metric); mesh.rules: ftjax.sharding.parse_rules.
 CHECKED_KEYS = (*_CHOICES, *_RANGES, *_FREE, "eval.metric", "mesh.rules")
 AUTO_KEYS = ("model.dtype", "model.remat", "model.attention", "train.frozen_dtype")  # resolved per backend
+
+
+def segments_per_row(c: ml_collections.ConfigDict) -> int:
+    """The most segments (examples; a preference pair is two) a row of this run's data holds: what the packers
+    keep to and the model's attention may count on (ModelConfig.max_segments). 0: no bound."""
+    if not c.data.packing:
+        return 1 if c.objective == "sft" else 2
+    return int(c.data.max_segments)
 
 
 def get(c: ml_collections.ConfigDict, key: str):

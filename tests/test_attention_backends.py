@@ -67,14 +67,15 @@ CASES = {  # name: (window, softcap)
 }
 
 
-def check(implementation, window, softcap, *, dtype=jnp.float32, packed=True, seg=None):
+def check(implementation, window, softcap, *, dtype=jnp.float32, packed=True, seg=None, max_segments=0):
     q, k, v, do = inputs()
     seg = jnp.asarray(packed_segments() if seg is None else seg)
     rows = A.Rows(seg, seg)
 
     def got_fn(q, k, v):
         return A.attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), rows, softcap=softcap, window=window,
-                           implementation=implementation, packed=packed).astype(jnp.float32)
+                           implementation=implementation, packed=packed,
+                           max_segments=max_segments).astype(jnp.float32)
 
     got = value_and_grads(jax.jit(got_fn), q, k, v, do)
     want = value_and_grads(lambda q, k, v: reference(q, k, v, seg, window=window, softcap=softcap), q, k, v, do)
@@ -135,13 +136,16 @@ def test_unknown_backend_is_an_error():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("packed", [True, False])
-def test_cudnn_matches_reference(case, packed):
+@pytest.mark.parametrize("rows", ["one_a_row", "packed_bounded", "packed_unbounded"])
+def test_cudnn_matches_reference(case, rows):
     """cuDNN in bf16 against the fp32 reference: one segment per row (the kernel's own causal/window
-    masking) and packed rows (the Pallas GPU flash kernel, or xla where it lacks a feature)."""
+    masking), packed rows of at most 4 segments (cuDNN's packed layout) and packed rows without a bound (the
+    Pallas GPU flash kernel), or xla where the kernel lacks a feature."""
     window, softcap = CASES[case]
+    packed = rows != "one_a_row"
     seg = packed_segments() if packed else np.ones((B, T), np.int32)
-    check("cudnn", window, softcap, dtype=jnp.bfloat16, packed=packed, seg=seg)
+    check("cudnn", window, softcap, dtype=jnp.bfloat16, packed=packed, seg=seg,
+          max_segments=4 if rows == "packed_bounded" else 0)
 
 
 @pytest.mark.gpu

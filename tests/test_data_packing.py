@@ -112,3 +112,24 @@ def test_best_fit_is_near_optimal_and_unpacked_mode_is_one_per_row(tmp_path):
     rows = _build(tmp_path, n=10, seq_len=160, packing=False)
     assert len(rows) == 10 and all(len(rows.row_items(r)) == 1 for r in range(10))
     assert rows.efficiency() == rows.positions_used() / (10 * 160)
+
+
+def test_segment_cap_bounds_rows_and_changes_nothing_below_it():
+    """data.max_segments: no row holds more items than the cap (every item still placed once, within seq_len);
+    a cap no row reaches gives the uncapped rows; the model is told the same bound (config.segments_per_row)."""
+    from ftjax import config as config_lib
+
+    sizes = np.random.default_rng(1).integers(1, 12, 400)  # short items: uncapped rows hold ~40
+    free = best_fit_rows(sizes, 256)
+    capped = best_fit_rows(sizes, 256, max_items=8)
+    assert max(len(g) for g in free) > 8
+    assert max(len(g) for g in capped) <= 8
+    assert sorted(i for g in capped for i in g) == list(range(400))
+    assert max(sizes[g].sum() for g in capped) <= 256
+    assert best_fit_rows(sizes, 256, max_items=max(len(g) for g in free)) == free
+    c = config_lib.default_config()
+    assert config_lib.segments_per_row(c) == c.data.max_segments == 32
+    c.data.packing = False
+    assert config_lib.segments_per_row(c) == 1
+    c.objective = "dpo"
+    assert config_lib.segments_per_row(c) == 2

@@ -215,9 +215,10 @@ def build_datasets(config: Any, tokenizer: Any, *, vocab_size: int | None = None
         train = Examples.concat([train, rep.take(rep_idx)])
         summary.fingerprints[REPLAY_LABEL] = {**rep_src.fingerprint, "fraction": float(replay[1])}
     order = np.random.default_rng([seed, 0x7061636B]).permutation(len(train))
-    train_rows = make_rows(train, int(d.seq_len), bool(d.packing), order)
-    eval_rows = make_rows(eval_examples, int(d.seq_len), bool(d.packing)) if eval_examples is not None and len(
-        eval_examples) else None
+    cap = int(d.max_segments)
+    train_rows = make_rows(train, int(d.seq_len), bool(d.packing), order, cap)
+    eval_rows = make_rows(eval_examples, int(d.seq_len), bool(d.packing), max_segments=cap) if (
+        eval_examples is not None and len(eval_examples)) else None
 
     unique_train = np.concatenate([p.digests for p in train_parts]) if train_parts else np.zeros(0, np.uint64)
     summary.duplicates_train = int(len(unique_train) - len(np.unique(unique_train)))

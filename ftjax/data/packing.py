@@ -19,8 +19,10 @@ BATCH_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions"
 PAIR_KEYS = ("ref_logps",)  # what a full-FT preference batch adds (ftjax/data/pair_rows.py), carried when present
 
 
-def best_fit_rows(positions: np.ndarray, seq_len: int, order: np.ndarray | None = None) -> list[list[int]]:
-    """Group items (each `positions[i]` ≤ seq_len) into rows of total ≤ seq_len, best-fit decreasing."""
+def best_fit_rows(positions: np.ndarray, seq_len: int, order: np.ndarray | None = None, max_items: int = 0
+                  ) -> list[list[int]]:
+    """Group items (each `positions[i]` ≤ seq_len) into rows of total ≤ seq_len, best-fit decreasing; with
+    `max_items` > 0 a row that holds that many items takes no more."""
     order = np.arange(len(positions)) if order is None else np.asarray(order)
     order = order[np.argsort(-positions[order], kind="stable")]
     rows: list[list[int]] = []
@@ -39,7 +41,7 @@ def best_fit_rows(positions: np.ndarray, seq_len: int, order: np.ndarray | None 
             rows.append([])
         rows[r].append(i)
         left = free - need
-        if left > 0:
+        if left > 0 and not (max_items and len(rows[r]) >= max_items):
             if left not in rows_by_free:
                 rows_by_free[left] = []
                 bisect.insort(free_sizes, left)
@@ -90,19 +92,22 @@ class Rows:
         return self.positions_used() / max(1, len(self) * self.seq_len)
 
 
-def make_rows(examples: Examples, seq_len: int, packing: bool, order: np.ndarray | None = None) -> Rows:
-    """Rows from examples that each fit (≤ seq_len+1 tokens); `order` breaks packing ties / orders unpacked rows."""
+def make_rows(examples: Examples, seq_len: int, packing: bool, order: np.ndarray | None = None,
+              max_segments: int = 0) -> Rows:
+    """Rows from examples that each fit (≤ seq_len+1 tokens); `order` breaks packing ties / orders unpacked rows;
+    packed rows hold at most `max_segments` examples (0: no bound)."""
     positions = examples.lengths - 1
     if positions.size and (positions.max() > seq_len or positions.min() < 1):
         raise ValueError("every example must have 2..seq_len+1 tokens before it is packed")
-    return Rows(examples, seq_len, *group_rows(positions, seq_len, packing, order))
+    return Rows(examples, seq_len, *group_rows(positions, seq_len, packing, order, max_segments))
 
 
-def group_rows(positions: np.ndarray, seq_len: int, packing: bool, order: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets [R+1], items): items of `positions` each ≤ seq_len, best-fit packed or one a row (in `order`)."""
+def group_rows(positions: np.ndarray, seq_len: int, packing: bool, order: np.ndarray | None = None,
+               max_items: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [R+1], items): items of `positions` each ≤ seq_len, best-fit packed (at most `max_items` a row,
+    0: no bound) or one a row (in `order`)."""
     if packing:
-        groups = best_fit_rows(positions, seq_len, order)
+        groups = best_fit_rows(positions, seq_len, order, max_items)
     else:
         groups = [[i] for i in (range(len(positions)) if order is None else np.asarray(order).tolist())]
     offsets = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(np.int64)

@@ -84,9 +84,11 @@ class PairRows:
         return self.positions_used() / max(1, len(self) * self.seq_len)
 
 
-def make_pair_rows(pairs: PairExamples, seq_len: int, packing: bool, order: np.ndarray | None = None) -> PairRows:
-    """Rows of whole pairs (each ≤ seq_len positions, see `fit_pairs`); `packing=False` puts one pair a row."""
+def make_pair_rows(pairs: PairExamples, seq_len: int, packing: bool, order: np.ndarray | None = None,
+                   max_segments: int = 0) -> PairRows:
+    """Rows of whole pairs (each ≤ seq_len positions, see `fit_pairs`); `packing=False` puts one pair a row;
+    packed rows hold at most `max_segments` halves (0: no bound)."""
     positions = pairs.positions()
     if positions.size and positions.max() > seq_len:
         raise ValueError("every pair must fit one row (fit_pairs) before it is packed")
-    return PairRows(pairs, seq_len, *group_rows(positions, seq_len, packing, order))
+    return PairRows(pairs, seq_len, *group_rows(positions, seq_len, packing, order, max_segments // 2))

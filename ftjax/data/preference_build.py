@@ -99,8 +99,8 @@ def build_preference_datasets(config: Any, tokenizer: Any, *, vocab_size: int | 
     if not len(train):
         raise DataError("no preference pairs are left after validation and the overlong policy")
     order = np.random.default_rng([seed, 0x7061636B]).permutation(len(train))
-    train_rows = make_pair_rows(train, int(d.seq_len), bool(d.packing), order)
-    eval_rows = (make_pair_rows(eval_pairs, int(d.seq_len), bool(d.packing))
+    train_rows = make_pair_rows(train, int(d.seq_len), bool(d.packing), order, int(d.max_segments))
+    eval_rows = (make_pair_rows(eval_pairs, int(d.seq_len), bool(d.packing), max_segments=int(d.max_segments))
                  if eval_pairs is not None and len(eval_pairs) else None)
 
     summary.train_examples, summary.train_rows = len(train), len(train_rows)

@@ -104,7 +104,7 @@ def retain_iterator(replay_path: str, tokenizer: Any, *, seq_len: int, batch_siz
 
 
 def reply_iterator(replies: BaseReplies, *, seq_len: int, batch_size: int, seed: int, packing: bool = True,
-                   sharding: Any = None, prefetch: int = 2):
+                   max_segments: int = 0, sharding: Any = None, prefetch: int = 2):
     """Endless shuffled batches of the retain prompts + the base model's own reply tokens (weighted), for the
     KL-to-base term: the very positions `forgetting.kl_to_base` measures, token ids exactly as generated."""
     seqs = replies.sequences()
@@ -115,16 +115,16 @@ def reply_iterator(replies: BaseReplies, *, seq_len: int, batch_size: int, seed:
                   np.concatenate([t for _, t in seqs]).astype(bool), starts, lengths, np.zeros(n, np.uint64),
                   np.zeros(n, np.int32), np.arange(1, n + 1, dtype=np.int64), np.asarray(["retain replies"]))
     return _batches(ex, "the base model's retain replies", seq_len=seq_len, batch_size=batch_size, seed=seed,
-                    packing=packing, sharding=sharding, prefetch=prefetch)
+                    packing=packing, max_segments=max_segments, sharding=sharding, prefetch=prefetch)
 
 
 def _batches(ex: Examples, what: str, *, seq_len: int, batch_size: int, seed: int, packing: bool, sharding: Any,
-             prefetch: int):
+             prefetch: int, max_segments: int = 0):
     ex = ex.with_lengths(np.minimum(ex.lengths, seq_len + 1))
     ex = ex.take(np.flatnonzero(ex.trained_targets() > 0))  # a reply cut off entirely has nothing to measure
     if not len(ex):
         raise DataError(f"forget.kl_weight needs retain data: no reply tokens of {what} fit in "
                         f"data.seq_len={seq_len}")
     order = np.random.default_rng([seed, 0x72657461]).permutation(len(ex))
-    rows = make_rows(ex, seq_len, packing, order)
+    rows = make_rows(ex, seq_len, packing, order, max_segments)
     return train_iterator(rows, batch_size, seed=seed, sharding=sharding, prefetch=prefetch)

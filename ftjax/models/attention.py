@@ -3,8 +3,10 @@
 Backends (`implementation`):
   xla         masked softmax in plain XLA ops (on CPU the grouped form below, tuned there); the only
               backend that builds a [B, 1, T, S] mask, and the fallback of every other one
-  cudnn       cuDNN fused attention (GPU, bf16/fp16) with the kernel's own causal / window masking;
-              packed rows (segment ids) go to the Pallas GPU flash kernel, which takes segment ids
+  cudnn       cuDNN fused attention (GPU, bf16/fp16), ftjax/models/cudnn_packed.py: rows of one example
+              (`packed=False`) with the kernel's own causal / window masking; packed rows (segment ids, at
+              most `max_segments` a row) in cuDNN's packed layout ("cudnn_packed"); packed rows without
+              that bound, or where the installed jax lacks the layout, go to the Pallas GPU kernel
   pallas_gpu  jax.experimental.pallas.ops.gpu.attention (Triton flash attention with segment ids)
   splash      jax.experimental.pallas.ops.tpu.splash_attention (segment ids, soft-cap, causal/local)
 The Pallas kernels run in interpret mode off their platform (how the CPU tests check them). A backend
@@ -21,9 +23,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from ftjax.models import cudnn_packed
 from ftjax.sharding import per_shard
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_gpu", "splash")
+KERNELS = {  # what a kernel name of `choose_kernel` runs, for log lines and benchmark records
+    "xla": "xla (masked softmax)", "splash": "splash (mosaic)", "pallas_gpu": "pallas_gpu (triton, segment ids)",
+    "cudnn": "cudnn (fused attention, one example a row)", "cudnn_packed": "cudnn_packed (packed layout, segment offsets)"}
 _log = logging.getLogger(__name__)
 _said: set[tuple[str, str]] = set()
 
@@ -125,11 +131,11 @@ def _xla(q, k, v, rows: Rows, scale: float, softcap: float | None, window: int |
     return grouped_attention(q, k, v, mask, scale=scale, softcap=softcap)
 
 
-def fallback(implementation: str, reason: str) -> None:
-    """Log once per (backend, reason) that a call went to the XLA backend instead."""
+def fallback(implementation: str, reason: str, instead: str = "xla") -> None:
+    """Log once per (backend, reason) that a call went to another kernel (the XLA backend) instead."""
     if (implementation, reason) not in _said:
         _said.add((implementation, reason))
-        _log.warning("attention: %s does not support %s; using xla for these calls", implementation, reason)
+        _log.warning("attention: %s does not support %s; using %s for these calls", implementation, reason, instead)
 
 
 def _block(n: int, sizes=(512, 256, 128)) -> int | None:
@@ -173,60 +179,84 @@ def _splash(q, k, v, rows: Rows, *, scale: float, softcap: float | None, window:
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _cudnn(q, k, v, scale: float, window: int | None) -> jax.Array:
-    """cuDNN fused attention, causal (and windowed) by the kernel's own masking; one segment per row."""
-    local = None if window is None else (window - 1, 0)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=local,
-                                        implementation="cudnn")
-
-
-def _unsupported(implementation: str, q, k, rows: Rows, softcap, window, packed: bool) -> str | None:
-    """Why `implementation` cannot take this call (None: it can)."""
+def _unsupported(kernel: str, q, k, rows: Rows, softcap, window) -> str | None:
+    """Why `kernel` cannot take this call (None: it can)."""
     if not rows.training:
         return "explicit slots (KV-cache decode)"
-    if implementation == "splash":
+    if kernel == "splash":
         if _block(q.shape[1]) is None or _block(k.shape[1]) is None:
             return "lengths that are not a multiple of 128"
         return None
-    if implementation == "pallas_gpu" or packed:
-        if softcap is not None:
-            return "a logit soft-cap"
+    if softcap is not None:
+        return "a logit soft-cap"
+    if kernel == "pallas_gpu":
         if window is not None:
             return "a sliding window"
         if _block(q.shape[1], (128, 64)) is None:
             return "lengths that are not a multiple of 64"
         return None
-    if q.dtype not in (jnp.bfloat16, jnp.float16):  # cudnn
+    if q.dtype not in (jnp.bfloat16, jnp.float16):  # cudnn, cudnn_packed
         return f"{q.dtype} inputs (bf16/fp16 only)"
-    if softcap is not None:
-        return "a logit soft-cap"
+    if kernel == "cudnn_packed" and window is not None:
+        return "a sliding window on packed rows"
     return None
+
+
+def choose_kernel(implementation: str, q, k, rows: Rows, *, softcap=None, window=None, packed: bool = True,
+                  max_segments: int = 0, log: bool = True) -> str:
+    """The kernel (a key of KERNELS) that takes this call: `implementation`, for cudnn the one for the rows'
+    layout (`cudnn_packed.gpu_kernel`), or xla where that kernel lacks a feature of the call (logged once)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation == "xla":
+        return "xla"
+    kernel = implementation
+    if implementation == "cudnn":
+        kernel, why = cudnn_packed.gpu_kernel(packed, max_segments)
+        if why is not None and log and rows.training:
+            fallback(implementation, why, kernel)
+    reason = _unsupported(kernel, q, k, rows, softcap, window)
+    if reason is not None:
+        if log:
+            fallback(kernel, reason)
+        return "xla"
+    return kernel
+
+
+def kernel_names(implementation: str, *, dtype, seq_len: int, heads: int, kv_heads: int, head_dim: int,
+                 windows=(None,), softcap=None, max_segments: int = 0) -> str:
+    """What a model's training rows run (KERNELS' descriptions, one per distinct choice over its windows)."""
+    q = jax.ShapeDtypeStruct((1, seq_len, heads, head_dim), jnp.dtype(dtype))
+    k = jax.ShapeDtypeStruct((1, seq_len, kv_heads, head_dim), jnp.dtype(dtype))
+    seg = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    names = [choose_kernel(implementation, q, k, Rows(seg, seg), softcap=softcap, window=w,
+                           packed=max_segments != 1, max_segments=max_segments, log=False) for w in windows]
+    return ", ".join(KERNELS[n] for n in dict.fromkeys(names))
 
 
 def attention(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, rows: Rows, *, scale: float | None = None,
               softcap: float | None = None, window: int | None = None, implementation: str = "xla",
-              packed: bool = True) -> jax.Array:
+              packed: bool = True, max_segments: int = 0) -> jax.Array:
     """Causal grouped-query attention [B, T, N, H] over `rows` (segment ids, slots).
 
     `window` (static): a query sees the keys at most window - 1 slots before it. `softcap`: scores become
     softcap·tanh(scores / softcap) after scaling. `packed=False` promises one segment per row (cuDNN then
-    needs no segment ids). Unknown backends raise ValueError.
+    needs no segment ids); `max_segments` > 0 promises at most that many segments a row (cuDNN's packed layout
+    reserves a slot for each). Unknown backends raise ValueError.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     scale = 1.0 / math.sqrt(q_btnh.shape[-1]) if scale is None else float(scale)
-    if implementation != "xla":
-        uses_packed = implementation == "cudnn" and packed
-        reason = _unsupported(implementation, q_btnh, k_bskh, rows, softcap, window, uses_packed)
-        if reason is not None:
-            fallback(implementation, reason)
-        elif implementation == "splash":
-            return _on_shards(functools.partial(_splash, scale=scale, softcap=softcap, window=window), q_btnh,
-                              k_bskh, v_bskh, rows)
-        elif implementation == "pallas_gpu" or uses_packed:
-            return _on_shards(functools.partial(_pallas_gpu, scale=scale), q_btnh, k_bskh, v_bskh, rows)
-        else:  # XLA partitions cuDNN's custom call itself
-            return _cudnn(q_btnh, k_bskh, v_bskh, scale, window)
+    kernel = choose_kernel(implementation, q_btnh, k_bskh, rows, softcap=softcap, window=window, packed=packed,
+                           max_segments=max_segments)
+    if kernel == "splash":
+        return _on_shards(functools.partial(_splash, scale=scale, softcap=softcap, window=window), q_btnh,
+                          k_bskh, v_bskh, rows)
+    if kernel == "pallas_gpu":
+        return _on_shards(functools.partial(_pallas_gpu, scale=scale), q_btnh, k_bskh, v_bskh, rows)
+    if kernel == "cudnn":  # XLA partitions cuDNN's custom calls itself
+        return cudnn_packed.row_attention(q_btnh, k_bskh, v_bskh, scale=scale, window=window)
+    if kernel == "cudnn_packed":
+        return cudnn_packed.packed_attention(q_btnh, k_bskh, v_bskh, rows.q_segment_ids, scale=scale,
+                                             slots=max_segments)
     return _xla(q_btnh, k_bskh, v_bskh, rows, scale, softcap, window)
 
 

@@ -213,6 +213,7 @@ class AttentionConfig:
     scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar**-0.5)
     packed: bool = False  # q/k/v stored as one `qkv_proj` (Phi-3), one LoRA adapter over its fused output
     norm_offset: bool = False  # q/k norms scale by (1 + w) (Gemma 3)
+    max_segments: int = 0  # segments a training row holds at most: 1 = one example a row, 0 = no bound
 
 
 class Attention(nnx.Module):
@@ -267,7 +268,8 @@ class Attention(nnx.Module):
         b, t = q_btnh.shape[:2]
         c = self.cfg
         calls = [functools.partial(attention, rows=rows, scale=c.scale, softcap=c.softcap, window=w,
-                                   implementation=c.implementation) for w in c.windows]
+                                   implementation=c.implementation, packed=c.max_segments != 1,
+                                   max_segments=c.max_segments) for w in c.windows]
         if len(calls) == 1:
             out = calls[0](q_btnh, k_bskh, v_bskh)
         else:

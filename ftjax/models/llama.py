@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ftjax.models.attention import Rows
+from ftjax.models.attention import Rows, kernel_names
 from ftjax.models.layers import MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, rope_tables
 from ftjax.models.moe import MoEConfig, SparseMoE
 from ftjax.sharding import constrain
@@ -71,6 +71,9 @@ class ModelConfig:
     local_rope: RopeConfig | None = None  # the sliding-window layers' own rope (Gemma 3); None = `rope`
     rotary_dim: int | None = None  # rotary on the first dims of each head only (Phi-4-mini); None = head_dim
     packed_proj: bool = False  # qkv_proj / gate_up_proj stored fused (Phi-3)
+    # the most segments (examples) a training row holds, from data.packing / data.max_segments: 1 = one a row
+    # (cuDNN then needs no segment ids), n > 1 = cuDNN's packed layout with n slots, 0 = no bound
+    max_segments: int = 0
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -88,7 +91,14 @@ class ModelConfig:
     def attention_config(self) -> AttentionConfig:
         return AttentionConfig(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.qkv_bias,
                                self.o_bias, self.qk_norm, self.rms_norm_eps, self.attention, self.windows(),
-                               self.attn_softcap, self.fuse_qkv, self.query_scale, self.packed_proj, self.norm_offset)
+                               self.attn_softcap, self.fuse_qkv, self.query_scale, self.packed_proj, self.norm_offset,
+                               max_segments=self.max_segments)
+
+    def attention_kernels(self, seq_len: int) -> str:
+        """What attention kernel its training rows of `seq_len` run (for log lines and benchmark records)."""
+        return kernel_names(self.attention, dtype=self.dtype, seq_len=seq_len, heads=self.num_heads,
+                            kv_heads=self.num_kv_heads, head_dim=self.head_dim, windows=self.windows(),
+                            softcap=self.attn_softcap, max_segments=self.max_segments)
 
     def ropes(self) -> tuple:
         """The distinct rotary settings: (global,) or (global, local) when sliding layers have their own."""
@@ -163,6 +173,16 @@ class DecoderLayer(nnx.Module):
             mlp_out = self.post_feedforward_layernorm(mlp_out)
         x_btd = x_btd + mlp_out
         return constrain(x_btd, ("batch", "length", "act_embed")), kv, router_logits
+
+
+def bound_segments(model: nnx.Module, max_segments: int) -> None:
+    """Tell a built model's attention, in place, the most segments a training row of its data holds
+    (ModelConfig.max_segments): a run sets it from its data settings whatever the model was built or loaded with."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Llama):
+            node.config = node.config.replace(max_segments=max_segments)
+        elif isinstance(node, Attention):
+            node.cfg = dataclasses.replace(node.cfg, max_segments=max_segments)
 
 
 class Llama(nnx.Module):

@@ -104,7 +104,8 @@ def retain_batches(config, retain: RetainData | None, sharding):
     if not config.forget.kl_weight:
         return None
     return reply_iterator(retain.replies, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
-                          seed=config.seed, packing=config.data.packing, sharding=sharding,
+                          seed=config.seed, packing=config.data.packing,
+                          max_segments=config.data.max_segments, sharding=sharding,
                           prefetch=config.data.prefetch)
 
 

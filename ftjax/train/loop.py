@@ -151,7 +151,8 @@ def prepare(config, workdir: Path) -> Job:
     setup = build_state(config, mesh)
     state = setup.state
     n_trainable = state_size(state.trainable)[1]
-    _say(f"{config.method}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}")
+    _say(f"{config.method}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}; attention "
+         f"{setup.model_config.attention_kernels(config.data.seq_len)}")
 
     # Forgetting control: the step-0 copy (full fine-tuning), then the control data (base replies, cached).
     # ... and a continued adapter's starting copy (megabytes): DPO's reference and the report's base

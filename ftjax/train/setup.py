@@ -9,10 +9,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax.backend_defaults import resolve_auto
+from ftjax.config import segments_per_row
 from ftjax.dtypes import frozen_dtype
 from ftjax.interop.quantized_base import from_config as frozen_quant
 from ftjax.interop.sources import load_pretrained, resolve
 from ftjax.lora import apply_lora, trainable_filter
+from ftjax.models.llama import bound_segments
 from ftjax.sharding import parse_rules
 from ftjax.train.optimizer import Optimizer, make_optimizer
 from ftjax.train.state import TrainState, place_state
@@ -39,6 +41,7 @@ def build_model(config, mesh: Mesh) -> tuple[nnx.Module, bool]:
         model, continues = load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
                                            rules=parse_rules(config.mesh.rules), remat=config.model.remat,
                                            attention=config.model.attention, quant=frozen_quant(config)), False
+    bound_segments(model, segments_per_row(config))  # the rows this run's data makes (its attention kernel)
     if config.method == "lora" and not continues:
         # Adapters are small; place_state moves them into their shardings with everything else.
         apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
