@@ -151,6 +151,7 @@ def test_benchmark_figures_are_consistent():
     assert rec["peak_memory_bytes"] > 0 and rec["compile_s"] > 0
     assert rec["batch"] == c.train.batch_size and rec["seq_len"] == c.data.seq_len
     assert np.isfinite(rec["final_loss"])
+    assert rec["attention_kernel"] == "xla (masked softmax)"  # what the CPU's attention ran, named in the record
     for key in ("platform", "cpu_count", "load_avg"):
         assert key in rec["machine"]
 

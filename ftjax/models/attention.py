@@ -29,7 +29,8 @@ from ftjax.sharding import per_shard
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_gpu", "splash")
 KERNELS = {  # what a kernel name of `choose_kernel` runs, for log lines and benchmark records
     "xla": "xla (masked softmax)", "splash": "splash (mosaic)", "pallas_gpu": "pallas_gpu (triton, segment ids)",
-    "cudnn": "cudnn (fused attention, one example a row)", "cudnn_packed": "cudnn_packed (packed layout, segment offsets)"}
+    "cudnn": "cudnn (fused attention, one example a row)",
+    "cudnn_packed": "cudnn_packed (packed layout, segment offsets)"}
 _log = logging.getLogger(__name__)
 _said: set[tuple[str, str]] = set()
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 try:  # jax 0.10.2 and 0.11.x: dot_product_attention(query, key, value, bias, mask, q_seqlen, kv_seqlen,
-    # q_offsets, kv_offsets, fp8_params, *, scale, mask_type, seed, dropout_rate, qkv_layout, sliding_window_length, ...)
+    # q_offsets, kv_offsets, fp8_params, *, scale, mask_type, seed, dropout_rate, qkv_layout, ...)
     from jax._src.cudnn import fused_attention_stablehlo as _fa
 except ImportError:  # pragma: no cover - a jax without it takes the Pallas alternative
     _fa = None
