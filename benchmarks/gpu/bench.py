@@ -319,7 +319,7 @@ def sub(args: list[str], env: dict | None = None, timeout: float = 600) -> tuple
 
     timer = threading.Timer(max(timeout, 1.0), kill)
     timer.start()
-    records, tail = [], deque(maxlen=8)
+    records, tail = [], deque(maxlen=20)
     try:
         for line in p.stdout:
             if line.startswith("{"):
@@ -338,7 +338,8 @@ def sub(args: list[str], env: dict | None = None, timeout: float = 600) -> tuple
     say(f"  exit {code} in {time.perf_counter() - t0:.1f} s")
     if killed:
         return records, f"timed out after {timeout:.0f} s"
-    return records, None if code == 0 else f"exit {code}: {tail[-1][:300] if tail else 'no output'}"
+    errors = [ln for ln in tail if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", ln)]  # the traceback's last line
+    return records, None if code == 0 else f"exit {code}: {(errors or list(tail) or ['no output'])[-1][:300]}"
 
 
 def first(records: list[dict]) -> dict:
@@ -416,6 +417,7 @@ def print_table(rows: list[dict], ratios: list[tuple[str, str]], peaks: dict, wa
               f"{r['final_loss'] if r['final_loss'] is None else round(r['final_loss'], 3)} | {r['attention']} |")
     by = {r["run"]: r for r in rows if "failed" not in r}
     for a, b in ratios:
+        a = a if a in by else f"{a}_attention_xla"  # the default kernel failed: its fallback row
         if a in by and b in by:
             mem = (f"{by[a]['peak_gib'] / by[b]['peak_gib']:.2f}x peak memory" if by[a]["peak_gib"] and by[b]["peak_gib"]
                    else "peak memory n/a")
