@@ -24,7 +24,7 @@ from loop_helpers import ROOT, script_env
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
-# DESIGN.md, "The contract users rely on": config keys users set from their launch scripts.
+# ARCHITECTURE.md, "The contract users rely on": config keys users set from their launch scripts.
 CONTRACT_KEYS = (
     "model.path", "method", "seed", "lora.rank", "lora.alpha", "lora.targets", "data.train", "data.eval",
     "data.seq_len", "data.packing", "data.overlong", "train.batch_size", "train.steps", "train.grad_accum",

@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md, written as import-linter contracts in pyproject.toml, holds; it fails on an
+"""The layering of ARCHITECTURE.md, written as import-linter contracts in pyproject.toml, holds; it fails on an
 upward import, on a circle hidden in a function, and on a module the contract does not place."""
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def best_fit_rows(positions: np.ndarray, seq_len: int, order: np.ndarray | None 
 
 
 @dataclasses.dataclass
-class Rows:
+class PackedRows:
     """Rows of packed examples: row r holds examples `items[offsets[r]:offsets[r+1]]`, in that order."""
 
     examples: Examples
@@ -90,12 +90,12 @@ class Rows:
         return self.positions_used() / max(1, len(self) * self.seq_len)
 
 
-def make_rows(examples: Examples, seq_len: int, packing: bool, order: np.ndarray | None = None) -> Rows:
+def make_rows(examples: Examples, seq_len: int, packing: bool, order: np.ndarray | None = None) -> PackedRows:
     """Rows from examples that each fit (≤ seq_len+1 tokens); `order` breaks packing ties / orders unpacked rows."""
     positions = examples.lengths - 1
     if positions.size and (positions.max() > seq_len or positions.min() < 1):
         raise ValueError("every example must have 2..seq_len+1 tokens before it is packed")
-    return Rows(examples, seq_len, *group_rows(positions, seq_len, packing, order))
+    return PackedRows(examples, seq_len, *group_rows(positions, seq_len, packing, order))
 
 
 def group_rows(positions: np.ndarray, seq_len: int, packing: bool, order: np.ndarray | None = None
