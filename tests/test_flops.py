@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ftjax.metrics import flops as metrics
-from ftjax.metrics.peaks import ACCELERATOR_PEAKS
 from ftjax.config import load_recipe
 from ftjax.lora import apply_lora, linears
+from ftjax.metrics import flops as metrics
+from ftjax.metrics.peaks import ACCELERATOR_PEAKS
+from ftjax.models.gemma import GemmaConfig
 from ftjax.models.llama import Llama, ModelConfig
 from ftjax.models.moe import MoEConfig
 
@@ -69,7 +70,7 @@ P_MIXTRAL = 1824
 # under the mask / T: global T/2 = 8; window W - W^2/2T = 4 - 16/32 = 3.5. Attention fwd+bwd per token
 # 12*N*H*sum(keys) = 12*2*4*(5*3.5 + 8) = 96*25.5.
 GEMMA3 = CFG.replace(model_type="gemma3_text", num_layers=6, sliding_window=4, sliding_layers=(True,) * 5 + (False,),
-                     hidden_act="gelu_tanh")
+                     gemma=GemmaConfig())
 ATTN_GEMMA3 = 2448
 P_GEMMA3 = 6 * 480 + 800  # 3680: GeGLU has the same three MLP matmuls
 
