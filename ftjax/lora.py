@@ -21,17 +21,14 @@ from ftjax.config import LORA_TARGETS
 from ftjax.errors import ConfigError
 from ftjax.models.adapter import ADAPTER_HIDDEN
 from ftjax.models.layers import Linear, dense_kernel
-from ftjax.models.moe import Experts
+from ftjax.models.moe import EXPERT_NAMES, Experts
+from ftjax.models.phi import FUSED_NAMES
 from ftjax.quant.weight import QuantizedParam
 
 UNSUPPORTED = ("lm_head",)  # the loss reads lm_head's kernel directly, so an adapter there would be ignored
 # The experts' adapters, by the names PEFT's `target_parameters` gives transformers 5's fused expert weights: one
 # over gate|up (ftjax keeps gate and up apart; the adapter's output is split between them) and one over down.
 EXPERT_TARGETS = tuple(Experts.ADAPTED)
-EXPERT_NAMES = {"gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj",
-                "down_proj": "experts.down_proj"}  # the default targets' MLP names on a mixture-of-experts model
-PACKED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-                "up_proj": "gate_up_proj"}  # Phi-3's fused projections
 
 
 class LoRA(nnx.Module):
@@ -96,8 +93,8 @@ def default_targets(patterns: tuple[str, ...], names: set[str]) -> tuple[str, ..
     stay as given."""
     if patterns != parse_targets(LORA_TARGETS):
         return patterns
-    if "qkv_proj" in names:
-        renames = PACKED_NAMES
+    if FUSED_NAMES["q_proj"] in names:
+        renames = FUSED_NAMES
     elif "experts" in names and "gate_proj" not in names:
         renames = EXPERT_NAMES
     else:

@@ -22,6 +22,9 @@ from ftjax.models.layers import _param, swiglu
 from ftjax.sharding import constrain
 
 IMPLEMENTATIONS = ("auto", "ragged", "tiled")
+# A dense MLP's projection names -> the expert weights that stand for them (LoRA's default targets mean these).
+EXPERT_NAMES = {"gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj",
+                "down_proj": "experts.down_proj"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+# The per-projection names each fused one stands for (LoRA's default targets mean the fused ones here).
+FUSED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+               "up_proj": "gate_up_proj"}
+
 
 @dataclasses.dataclass(frozen=True)
 class PhiConfig:
