@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ftjax.models.adapter import ADAPTER_HIDDEN
 from ftjax.models import gemma, phi
+from ftjax.models.adapter import ADAPTER_HIDDEN
 from ftjax.models.attention import Rows
 from ftjax.models.gemma import GemmaConfig
 from ftjax.models.layers import MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, rope_tables
