@@ -45,7 +45,7 @@ class FtjaxWorker:
         return self.bench.run(n)
 
     def peak(self) -> float:
-        from ftjax.metrics import measured_cpu_peak
+        from ftjax.metrics.cpu_peak import measured_cpu_peak
 
         return measured_cpu_peak("float32")
 

@@ -13,7 +13,7 @@ LoRA r=16 on all seven projections (29.8M params over a 3.88B base); 16 packed 4
 Pre-compile estimate (ftjax/train/memory.py) on one GPU: frozen 7.23 GiB, LoRA 0.11 GiB, Adam 0.22 GiB,
 activations 21.94 GiB, total 29.50 GiB (a 40 GB A100 fits too); reproduce it with
   python -c "from ftjax.train.memory import recipe_estimate as e; print(e('configs/gemma3_4b_lora.py', 1))"
-What it should reach: 16.6 GFLOP a token by the formula in ftjax/metrics.py (the local layers attend over
+What it should reach: 16.6 GFLOP a token by the formula in ftjax/metrics/flops.py (the local layers attend over
 their window only), 1.09 PFLOP a step, so ~2.7 s/step and ~24k tokens/s at 40% MFU on one H100 (an estimate,
 not a measurement: scripts/benchmark.py with this config measures it).
 """

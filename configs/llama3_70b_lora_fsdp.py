@@ -21,7 +21,7 @@ mesh.tensor=4 matches a TPU host's 4 chips (use 8 for 8-GPU hosts, so tensor par
 on NVLink); mesh.fsdp=-1 takes the rest, across hosts. 32 packed 4096-token sequences per step
 (131k tokens). Pre-compile estimates per device: v5p-64 ~34 GiB of 95; 4 x 8 H100 (tensor=8)
 ~56 GiB of 80; on 2 x 8 H100 add --config.train.grad_accum=4 (~35 GiB). What it should reach:
-~38 PFLOP per step by the formula in ftjax/metrics.py; at 40% MFU ~6.5 s/step (~20k tokens/s)
+~38 PFLOP per step by the formula in ftjax/metrics/flops.py; at 40% MFU ~6.5 s/step (~20k tokens/s)
 on a v5p-64 and ~3 s/step (~44k tokens/s) on 4 x 8 H100 (estimates, not measurements;
 scripts/benchmark.py with this config measures them).
 """

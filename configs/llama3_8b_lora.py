@@ -9,7 +9,7 @@ your JSONL ({"messages": [...]}, {"prompt", "completion"} or {"text"} records):
 The mesh is FSDP over the host's GPUs (mesh.fsdp=-1: all of them); each GPU holds 1/8 of the
 frozen weights and 4 of the 32 packed 4096-token sequences of a step (131k tokens). The
 pre-compile estimate is ~21 GiB per GPU (activations ~19 GiB, weights ~2 GiB), so a 40 GB A100
-fits too. What it should reach: by the FLOP formula in ftjax/metrics.py a step is ~4.4 PFLOP;
+fits too. What it should reach: by the FLOP formula in ftjax/metrics/flops.py a step is ~4.4 PFLOP;
 at 40% MFU on 8 H100s that is ~1.4 s/step, ~95k tokens/s (an estimate, not a measurement:
 run scripts/benchmark.py with this config to measure). Eval loss on data.eval_fraction of the
 data (held out by seed) every 200 steps. On TPU (v5p-8, v6e-8) the same command runs unchanged.

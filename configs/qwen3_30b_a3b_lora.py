@@ -19,7 +19,7 @@ activations 11.23 GiB, total 18.80 GiB (all 128 experts' weights, the routed act
 reproduce it with
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -c \
       "from ftjax.train.memory import recipe_estimate as e; print(e('configs/qwen3_30b_a3b_lora.py', 8))"
-What it should reach: about 17.1 GFLOP a token by the formula in ftjax/metrics.py (router + the 8 routed
+What it should reach: about 17.1 GFLOP a token by the formula in ftjax/metrics/flops.py (router + the 8 routed
 experts of 128, not all), 2.2 PFLOP a step, so ~0.7 s/step and ~190k tokens/s at 40% MFU on 8 H100s (an
 estimate, not a measurement: scripts/benchmark.py with this config measures it).
 """

@@ -9,7 +9,7 @@ your JSONL ({"messages": [...]}, {"prompt", "completion"} or {"text"} records):
 FSDP over the host's devices, 32 packed 4096-token sequences per step (131k tokens). The
 pre-compile estimate is ~22 GiB per device (activations ~20 GiB; with its 152k vocabulary the
 untied embedding and output head are 2.5 GB of the 16 GB of bf16 weights). What it should reach:
-~4.4 PFLOP per step by the formula in ftjax/metrics.py, so ~1.4 s/step and ~93k tokens/s at 40%
+~4.4 PFLOP per step by the formula in ftjax/metrics/flops.py, so ~1.4 s/step and ~93k tokens/s at 40%
 MFU on 8 H100s (an
 estimate, not a measurement; scripts/benchmark.py with this config measures it).
 """

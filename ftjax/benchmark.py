@@ -19,9 +19,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from ftjax import metrics as metrics_lib
 from ftjax.config import DEFAULT_MODEL, LORA_TARGETS, default_config
 from ftjax.data.packing import BATCH_KEYS
+from ftjax.metrics.flops import matmul_params, training_flops_per_token
+from ftjax.metrics.peaks import peak_flops
 from ftjax.sharding import mesh_from_config
 from ftjax.train.memory import frozen_bytes
 from ftjax.train.setup import build_state
@@ -98,7 +99,7 @@ class Bench:
         return self.config.train.batch_size * self.config.data.seq_len
 
     def flops_per_token(self) -> float:
-        return metrics_lib.training_flops_per_token(self.model_cfg, self.config.data.seq_len, self.config.method,
+        return training_flops_per_token(self.model_cfg, self.config.data.seq_len, self.config.method,
                                                     self.trainable)
 
 
@@ -144,7 +145,7 @@ def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -
         "peak_source": peak_source,
         "flops_per_token": fpt,
         "flops_formula": FLOP_FORMULAS[c.method],
-        "matmul_params": metrics_lib.matmul_params(cfg),
+        "matmul_params": matmul_params(cfg),
         "trainable_params": bench.n_trainable,
         "peak_memory_bytes": mem,
         "peak_memory_source": mem_source,
@@ -179,7 +180,7 @@ def run_benchmark(config, steps: int = 5, warmup: int = 2, devices: Sequence[Any
     bench = prepare(config, devices)
     bench.run(warmup)
     times = bench.run(steps)
-    peak, source = metrics_lib.peak_flops(config.model.dtype)
+    peak, source = peak_flops(config.model.dtype)
     return summarize(bench, times, peak, source)
 
 

@@ -36,7 +36,7 @@ def load_recipe(path: str | os.PathLike) -> ml_collections.ConfigDict:
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The full set of keys a recipe may override (grouped as in DESIGN.md)."""
+    """The full set of keys a recipe may override (grouped as in ARCHITECTURE.md)."""
     c = ml_collections.ConfigDict()
     c.method = "lora"  # lora | full
     c.seed = 0

@@ -19,22 +19,21 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ftjax.config import LORA_TARGETS
 from ftjax.errors import ConfigError
+from ftjax.models.adapter import ADAPTER_HIDDEN
 from ftjax.models.layers import Linear, dense_kernel
-from ftjax.models.moe import Experts
+from ftjax.models.moe import EXPERT_NAMES, Experts
+from ftjax.models.phi import FUSED_NAMES
 from ftjax.quant.weight import QuantizedParam
 
 UNSUPPORTED = ("lm_head",)  # the loss reads lm_head's kernel directly, so an adapter there would be ignored
 # The experts' adapters, by the names PEFT's `target_parameters` gives transformers 5's fused expert weights: one
 # over gate|up (ftjax keeps gate and up apart; the adapter's output is split between them) and one over down.
-EXPERT_TARGETS = ("gate_up_proj", "down_proj")
-EXPERT_NAMES = {"gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj",
-                "down_proj": "experts.down_proj"}  # the default targets' MLP names on a mixture-of-experts model
-PACKED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-                "up_proj": "gate_up_proj"}  # Phi-3's fused projections
+EXPERT_TARGETS = tuple(Experts.ADAPTED)
 
 
 class LoRA(nnx.Module):
-    """Low-rank update scale · dropout(x) @ A @ B (PEFT semantics); A [*stack, in, r], B [*stack, r, out]."""
+    """Low-rank update scale · dropout(x) @ A @ B (PEFT semantics); A [*stack, in, r], B [*stack, r, out].
+    The model's `ftjax.models.adapter.Adapter`: what a projection holds at its attach point."""
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float, in_axis: str | None,
                  out_axis: str | None, stack: tuple = (), dropout: float = 0.0, rslora: bool = False,
@@ -59,7 +58,13 @@ class LoRA(nnx.Module):
             keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
         a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-        return checkpoint_name(x @ a, "lora_hidden") @ b * jnp.asarray(self.scale, x.dtype)
+        return checkpoint_name(x @ a, ADAPTER_HIDDEN) @ b * jnp.asarray(self.scale, x.dtype)
+
+    def low_rank(self, dtype, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, float] | None:
+        """(A, B, scale) in `dtype` for the model's fused projections; None when this call draws dropout."""
+        if self.dropout > 0.0 and rng is not None:
+            return None
+        return self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype), self.scale
 
     def delta(self) -> jax.Array:
         """scale · A @ B in fp32, the kernel-shaped update that merging adds."""
@@ -88,8 +93,8 @@ def default_targets(patterns: tuple[str, ...], names: set[str]) -> tuple[str, ..
     stay as given."""
     if patterns != parse_targets(LORA_TARGETS):
         return patterns
-    if "qkv_proj" in names:
-        renames = PACKED_NAMES
+    if FUSED_NAMES["q_proj"] in names:
+        renames = FUSED_NAMES
     elif "experts" in names and "gate_proj" not in names:
         renames = EXPERT_NAMES
     else:
@@ -169,8 +174,8 @@ def expert_match(path: str, pattern: str) -> bool:
 
 
 def expert_lora_attr(name: str) -> str:
-    """The Experts attribute holding the adapter over `name` (gate_up_proj -> gate_up_lora, down_proj -> down_lora)."""
-    return f"{name.removesuffix('_proj')}_lora"
+    """The Experts attach point of the adapter over `name`, as the model names it (`Experts.ADAPTED`)."""
+    return Experts.ADAPTED[name]
 
 
 def attach_expert_lora(experts: Experts, name: str, rank: int, alpha: float, rslora: bool, rngs: nnx.Rngs) -> None:
@@ -178,16 +183,9 @@ def attach_expert_lora(experts: Experts, name: str, rank: int, alpha: float, rsl
     attr = expert_lora_attr(name)
     if getattr(experts, attr) is not None:
         raise ConfigError(f"the experts' {name} already has a LoRA adapter")
-    if name == "gate_up_proj":
-        w = experts.gate_proj
-        *stack, in_f, out_f = w.get_value().shape
-        out_f *= 2
-    else:
-        w = experts.down_proj
-        *stack, in_f, out_f = w.get_value().shape
-    axes = w.get_metadata().get("logical_axes")
+    stack, in_f, out_f, axes = experts.adapted_weight(name)
     setattr(experts, attr, nnx.data(LoRA(in_f, out_f, rank=rank, alpha=alpha, in_axis=axes[-2], out_axis=axes[-1],
-                                         stack=tuple(stack), rslora=rslora, lead_axes=tuple(axes[:-2]), rngs=rngs)))
+                                         stack=stack, rslora=rslora, lead_axes=axes[:-2], rngs=rngs)))
 
 
 def kernel_dtype(kernel: nnx.Variable):
@@ -212,6 +210,13 @@ def trainable_filter(method: str):
     if method == "full":
         return nnx.Param
     raise ConfigError(f"method={method!r} is not one of lora, full")
+
+
+def adapters_only(trainable) -> bool:
+    """True when every trainable leaf is an adapter factor (`nnx.LoRAParam`, by type, not by path): all-zero
+    trainables then give the base model exactly."""
+    leaves = jax.tree.leaves(trainable, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return bool(leaves) and all(isinstance(v, nnx.LoRAParam) for v in leaves)
 
 
 def merge_lora(model: nnx.Module) -> dict[str, LoRA]:

@@ -24,7 +24,7 @@ from loop_helpers import ROOT, script_env
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
-# DESIGN.md, "The contract users rely on": config keys users set from their launch scripts.
+# ARCHITECTURE.md, "The contract users rely on": config keys users set from their launch scripts.
 CONTRACT_KEYS = (
     "model.path", "method", "seed", "lora.rank", "lora.alpha", "lora.targets", "data.train", "data.eval",
     "data.seq_len", "data.packing", "data.overlong", "train.batch_size", "train.steps", "train.grad_accum",
@@ -81,7 +81,7 @@ def test_gemma3_4b_recipe_shape():
     cfg = _recipe_shape("gemma3_4b_lora")
     assert (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
             cfg.head_dim, cfg.vocab_size) == (34, 2560, 10240, 8, 4, 256, 262208)
-    assert cfg.layer_windows() == ((1024,) * 5 + (None,)) * 5 + (1024,) * 4 and cfg.query_scale == 256 ** -0.5
+    assert cfg.layer_windows() == ((1024,) * 5 + (None,)) * 5 + (1024,) * 4 and cfg.gemma.query_scale == 256 ** -0.5
 
 
 def test_qwen3_30b_a3b_recipe_shape():

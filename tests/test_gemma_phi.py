@@ -43,7 +43,7 @@ def test_multimodal_gemma3_folder_loads_its_language_model(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         model = load_hf(save(hf, tmp_path))
     assert any("vision tower ignored" in r.getMessage() for r in caplog.records)
-    assert model.config.model_type == "gemma3_text" and model.config.local_rope.theta == 100.0
+    assert model.config.model_type == "gemma3_text" and model.config.gemma.local_rope.theta == 100.0
     ids = random_ids(2, 12, vocab=126)
     assert max_diff(jax_logits(model, ids), hf_logits(hf, ids)) <= MODEL_TOL
     from transformers import AutoModelForCausalLM
@@ -99,15 +99,16 @@ def test_phi_variants_refused_by_name(model_type, name):
 
 def test_gemma3_default_pattern_is_five_local_to_one_global():
     cfg = config_from_hf({**TINY, "model_type": "gemma3_text", "num_hidden_layers": 12, "sliding_window": 8})
-    assert cfg.sliding_layers == ((True,) * 5 + (False,)) * 2 and cfg.local_rope.theta == 10_000.0
+    assert cfg.sliding_layers == ((True,) * 5 + (False,)) * 2 and cfg.gemma.local_rope.theta == 10_000.0
     assert cfg.rope.theta == 1_000_000.0 and cfg.tie_word_embeddings
 
 
 def test_gemma2_keys_left_out_take_transformers_defaults():
     cfg = config_from_hf({**TINY, "model_type": "gemma2", "head_dim": 16})
-    assert (cfg.attn_softcap, cfg.final_softcap, cfg.query_scale, cfg.sliding_window) == (50.0, 30.0, 1 / 16, 4096)
+    g = cfg.gemma
+    assert (g.attn_softcap, g.final_softcap, g.query_scale, cfg.sliding_window) == (50.0, 30.0, 1 / 16, 4096)
     assert cfg.sliding_layers == (True, False) and cfg.tie_word_embeddings
-    assert config_from_hf({**TINY, "model_type": "gemma2", "final_logit_softcapping": None}).final_softcap is None
+    assert config_from_hf({**TINY, "model_type": "gemma2", "final_logit_softcapping": None}).gemma.final_softcap is None
 
 
 def test_hub_multimodal_gemma3_config_fills_text_defaults():
@@ -119,8 +120,8 @@ def test_hub_multimodal_gemma3_config_fills_text_defaults():
            "vision_config": {"model_type": "siglip_vision_model"}}
     cfg = config_from_hf(hub)
     assert (cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers) == (262_208, 8, 4, 256, 34)
-    assert cfg.query_scale == 256 ** -0.5 and cfg.sliding_window == 1024 and cfg.tie_word_embeddings
-    assert (cfg.rope.kind, cfg.rope.factor, cfg.rope.theta, cfg.local_rope.theta) == ("linear", 8.0, 1e6, 1e4)
+    assert cfg.gemma.query_scale == 256 ** -0.5 and cfg.sliding_window == 1024 and cfg.tie_word_embeddings
+    assert (cfg.rope.kind, cfg.rope.factor, cfg.rope.theta, cfg.gemma.local_rope.theta) == ("linear", 8.0, 1e6, 1e4)
     assert [i for i, f in enumerate(cfg.sliding_layers) if not f] == [5, 11, 17, 23, 29]
 
 

@@ -1,9 +1,10 @@
-"""The layering of DESIGN.md, written as import-linter contracts in pyproject.toml, holds; it fails on an
+"""The layering of ARCHITECTURE.md, written as import-linter contracts in pyproject.toml, holds; it fails on an
 upward import, on a circle hidden in a function, and on a module the contract does not place."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,15 @@ def test_every_module_is_placed_in_one_layer():
     assert unplaced == [], f"modules the import-linter contract does not place: {unplaced}"
 
 
+def test_models_name_no_lora_factor():
+    """Models apply adapters through `ftjax.models.adapter.Adapter`: nothing under ftjax/models/ names LoRA's
+    factors (the contract above keeps the imports out; this keeps the names out)."""
+    named = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "ftjax" / "models").rglob("*.py"))
+             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"lora_[ab]|lora_[AB]", line)]
+    assert len(list((ROOT / "ftjax" / "models").rglob("*.py"))) >= 7
+    assert named == [], f"lora_a / lora_b named under ftjax/models/: {named}"
+
+
 def _copy(tmp_path: Path) -> Path:
     root = tmp_path / "tree"
     shutil.copytree(ROOT / "ftjax", root / "ftjax", ignore=shutil.ignore_patterns("__pycache__"))
@@ -66,6 +76,11 @@ def _copy(tmp_path: Path) -> Path:
     ("ftjax/interop/sources.py", "def _hidden():\n    import ftjax.workdir  # noqa\n", "no import circle"),
     # a new top-level module that no layer names
     ("ftjax/unplaced.py", "X = 1\n", "ftjax layers"),
+    # a model reaching for LoRA instead of its own adapter seam (ftjax.models.adapter)
+    ("ftjax/models/layers.py", "def _hidden():\n    from ftjax.lora import LoRA  # noqa\n",
+     "models define the adapter seam, lora fills it"),
+    # one metrics idea importing another of its layer
+    ("ftjax/metrics/writer.py", "from ftjax.metrics import cpu_peak  # noqa\n", "metrics one idea a module"),
 ])
 def test_the_check_fails_on_a_broken_layering(tmp_path, where, code, broken):
     root = _copy(tmp_path)

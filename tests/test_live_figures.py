@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax.metrics import loss_curve
+from ftjax.metrics.plot import loss_curve
 from ftjax.train import loop
 from ftjax.train.terms import BatchTerm, Forward
 from loop_helpers import load_config, metrics

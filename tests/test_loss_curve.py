@@ -2,7 +2,7 @@
 
 import json
 
-from ftjax.metrics import loss_curve, plot_losses
+from ftjax.metrics.plot import loss_curve, plot_losses
 
 
 def test_every_step_has_a_train_point_and_evals_stay_where_measured(tmp_path):

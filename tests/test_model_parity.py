@@ -91,16 +91,18 @@ def test_config_mapping(run):
         "qwen3": lambda: cfg.qk_norm and cfg.head_dim == 24,
         "qwen2_layer_windows": lambda: cfg.sliding_layers == (False, True, True),
         "qwen3_layer_windows": lambda: cfg.sliding_layers == (False, False, True),
-        "gemma2": lambda: (cfg.sandwich_norms and cfg.norm_offset and cfg.embed_scale and cfg.attn_softcap == 3.0
-                           and cfg.final_softcap == 2.0 and cfg.query_scale == 24 ** -0.5
-                           and cfg.sliding_layers == (True, False, True) and cfg.hidden_act == "gelu_tanh"),
-        "gemma3": lambda: (cfg.qk_norm and cfg.norm_offset and cfg.local_rope.theta == 100.0
-                           and cfg.rope.kind == "linear" and cfg.attn_softcap is None
+        "gemma2": lambda: (cfg.gemma.sandwich_norms and cfg.gemma.norm_offset and cfg.gemma.embed_scale
+                           and cfg.gemma.attn_softcap == 3.0 and cfg.gemma.final_softcap == 2.0
+                           and cfg.gemma.query_scale == 24 ** -0.5
+                           and cfg.sliding_layers == (True, False, True) and cfg.gemma.hidden_act == "gelu_tanh"),
+        "gemma3": lambda: (cfg.qk_norm and cfg.gemma.norm_offset and cfg.gemma.local_rope.theta == 100.0
+                           and cfg.rope.kind == "linear" and cfg.gemma.attn_softcap is None
                            and cfg.sliding_layers == (True, False, True)),
-        "phi3_window": lambda: cfg.packed_proj and cfg.sliding_window == 4 and cfg.rotary_dim is None,
-        "phi4_mini_partial_rotary": lambda: cfg.packed_proj and cfg.rotary_dim == 12 and cfg.tie_word_embeddings,
+        "phi3_window": lambda: cfg.phi is not None and cfg.sliding_window == 4 and cfg.phi.rotary_dim is None,
+        "phi4_mini_partial_rotary": lambda: (cfg.phi is not None and cfg.phi.rotary_dim == 12
+                                             and cfg.tie_word_embeddings),
         "phi4_mini_longrope": lambda: (cfg.rope.kind == "longrope" and cfg.rope.factor == 4.0
-                                       and cfg.rope.attention_factor > 1.1 and cfg.rotary_dim == 12),
+                                       and cfg.rope.attention_factor > 1.1 and cfg.phi.rotary_dim == 12),
     }.get(name, lambda: cfg.num_kv_heads == 2 and not cfg.tie_word_embeddings)
     assert expect()
 

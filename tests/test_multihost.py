@@ -26,7 +26,7 @@ from loop_helpers import ROOT, load_config, metrics, script_env
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-RTOL = 1e-5  # DESIGN.md: the same loss to within float tolerance across process layouts
+RTOL = 1e-5  # ARCHITECTURE.md: the same loss to within float tolerance across process layouts
 MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=1")
 
 

@@ -209,7 +209,7 @@ def ftjax_largest(shape: str, seq_len: int, steps: int, warmup: int, max_batch: 
     import ftjax.interop.sources
     from ftjax import config as config_lib
     from ftjax.benchmark import Bench, random_batch, summarize
-    from ftjax.metrics import peak_flops
+    from ftjax.metrics.peaks import peak_flops
     from ftjax.models.registry import config_from_hf
     from ftjax.sharding import mesh_from_config
     from ftjax.train.setup import build_state
@@ -378,8 +378,8 @@ def hf_shape(shape: str) -> dict:
 
 
 def flops_per_token(shape: str, seq_len: int, method: str) -> float:
-    """ftjax's formula (ftjax/metrics.py) for this shape; LoRA r=16 on all 7 projections."""
-    from ftjax.metrics import flops_per_token as formula
+    """ftjax's formula (ftjax/metrics/flops.py) for this shape; LoRA r=16 on all 7 projections."""
+    from ftjax.metrics.flops import flops_per_token as formula
     from ftjax.models.registry import config_from_hf
 
     cfg = config_from_hf(hf_shape(shape))

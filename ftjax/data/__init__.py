@@ -11,7 +11,7 @@ What the trainer calls:
     for batch in eval_iterator(data.eval, batch_size, sharding=batch_sharding): ...
     data_fingerprints(config)                     # {source: {size, sha256}}; compare before resuming
 
-- `build_datasets(config, tokenizer, *, vocab_size=None) -> Datasets(train: Rows, eval: Rows | None,
+- `build_datasets(config, tokenizer, *, vocab_size=None) -> Datasets(train: PackedRows, eval: PackedRows | None,
   summary: DataSummary)`. Raises `ftjax.errors.DataError` naming file:line for bad input.
 - `train_iterator(rows, batch_size, *, seed, num_epochs=None, process_index=None, process_count=None,
   sharding=None, prefetch=4) -> TrainIterator` (endless by default; `get_state()`, `set_state(state)`).
@@ -31,7 +31,7 @@ import importlib
 from typing import Any, Mapping, Sequence
 
 from ftjax.data.build import Datasets, build_datasets, data_fingerprints
-from ftjax.data.packing import BATCH_KEYS, Rows
+from ftjax.data.packing import BATCH_KEYS, PackedRows
 from ftjax.data.summary import DataSummary
 
 # The Grain loader on first use, not on import: the train step needs only BATCH_KEYS from this package,
@@ -52,5 +52,5 @@ def prepare_jsonl(files: Mapping[str, Sequence[str]], data_dir: str) -> str:
     return _prepare(files, data_dir)
 
 
-__all__ = ["BATCH_KEYS", "DataSummary", "Datasets", "Rows", "TrainIterator", "build_datasets",
+__all__ = ["BATCH_KEYS", "DataSummary", "Datasets", "PackedRows", "TrainIterator", "build_datasets",
            "data_fingerprints", "eval_iterator", "prepare_jsonl", "train_iterator"]

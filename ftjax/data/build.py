@@ -16,7 +16,7 @@ import numpy as np
 from ftjax.data.examples import Examples
 from ftjax.data.fingerprint import digest_key, file_fingerprint, tokenizer_fingerprint
 from ftjax.data.mixture import mixture_indices, parse_sources, replay_indices
-from ftjax.data.packing import Rows, make_rows
+from ftjax.data.packing import PackedRows, make_rows
 from ftjax.data.records import Fields, ReadResult, check_data_file, read_file
 from ftjax.data.summary import DataSummary
 from ftjax.data.token_cache import cached_examples
@@ -31,8 +31,8 @@ NO_TRAINED = "no trained tokens"
 class Datasets:
     """What the trainer gets: train rows, eval rows (None without eval data) and the summary."""
 
-    train: Rows
-    eval: Rows | None
+    train: PackedRows
+    eval: PackedRows | None
     summary: DataSummary
 
 

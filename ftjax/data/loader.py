@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from ftjax.data.packing import Rows
+from ftjax.data.packing import PackedRows
 from ftjax.errors import DataError
 
 STATE_VERSION = 1
@@ -47,7 +47,7 @@ def to_global(batch: dict[str, np.ndarray], sharding: Any, batch_size: int) -> d
 class TrainIterator:
     """Endless (or `num_epochs`-long) iterator of batches; `get_state()`/`set_state()` resume it exactly."""
 
-    def __init__(self, rows: Rows, batch_size: int, *, seed: int, num_epochs: int | None = None,
+    def __init__(self, rows: PackedRows, batch_size: int, *, seed: int, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None, sharding: Any = None,
                  prefetch: int = 4):
         if not len(rows):
@@ -101,7 +101,7 @@ class TrainIterator:
         self._iter.set_state({"next_index": self._next})
 
 
-def train_iterator(rows: Rows, batch_size: int, *, seed: int, num_epochs: int | None = None,
+def train_iterator(rows: PackedRows, batch_size: int, *, seed: int, num_epochs: int | None = None,
                    process_index: int | None = None, process_count: int | None = None, sharding: Any = None,
                    prefetch: int = 4) -> TrainIterator:
     """Training batches (see TrainIterator); process index/count default to JAX's."""
@@ -109,7 +109,7 @@ def train_iterator(rows: Rows, batch_size: int, *, seed: int, num_epochs: int | 
                          process_count=process_count, sharding=sharding, prefetch=prefetch)
 
 
-def eval_iterator(rows: Rows, batch_size: int, *, process_index: int | None = None,
+def eval_iterator(rows: PackedRows, batch_size: int, *, process_index: int | None = None,
                   process_count: int | None = None, sharding: Any = None) -> Iterator[dict[str, Any]]:
     """Eval batches in fixed row order; the last batch is filled with padding rows (all weights 0)."""
     p, n = _process(process_index, process_count)

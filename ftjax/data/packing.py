@@ -50,7 +50,7 @@ def best_fit_rows(positions: np.ndarray, seq_len: int, order: np.ndarray | None 
 
 
 @dataclasses.dataclass
-class Rows:
+class PackedRows:
     """Rows of packed examples: row r holds examples `items[offsets[r]:offsets[r+1]]`, in that order."""
 
     examples: Examples
@@ -93,13 +93,13 @@ class Rows:
 
 
 def make_rows(examples: Examples, seq_len: int, packing: bool, order: np.ndarray | None = None,
-              max_segments: int = 0) -> Rows:
+              max_segments: int = 0) -> PackedRows:
     """Rows from examples that each fit (≤ seq_len+1 tokens); `order` breaks packing ties / orders unpacked rows;
     packed rows hold at most `max_segments` examples (0: no bound)."""
     positions = examples.lengths - 1
     if positions.size and (positions.max() > seq_len or positions.min() < 1):
         raise ValueError("every example must have 2..seq_len+1 tokens before it is packed")
-    return Rows(examples, seq_len, *group_rows(positions, seq_len, packing, order, max_segments))
+    return PackedRows(examples, seq_len, *group_rows(positions, seq_len, packing, order, max_segments))
 
 
 def group_rows(positions: np.ndarray, seq_len: int, packing: bool, order: np.ndarray | None = None,

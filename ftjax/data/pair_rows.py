@@ -26,7 +26,7 @@ from ftjax.data.preference import PairExamples
 
 @dataclasses.dataclass
 class PairRows:
-    """Row r holds pairs `items[offsets[r]:offsets[r+1]]`; duck-types `ftjax.data.packing.Rows` for the loaders."""
+    """Row r holds pairs `items[offsets[r]:offsets[r+1]]`; duck-types `data.packing.PackedRows` for the loaders."""
 
     pairs: PairExamples
     seq_len: int

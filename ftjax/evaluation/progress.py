@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ftjax.metrics import read_metrics
+from ftjax.metrics.writer import read_metrics
 
 TASK_PREFIX = "task_"
 FORGETTING_NAMES = ("kl_to_base", "retain_nll", "qa_accuracy")

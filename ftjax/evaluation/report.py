@@ -1,6 +1,6 @@
 """The before/after report: WORKDIR/report.json, report.md and a printed table.
 
-report.json is nested JSON whose dotted paths are the contract (DESIGN.md):
+report.json is nested JSON whose dotted paths are the contract (ARCHITECTURE.md, "The contract users rely on"):
 
     task.base.<metric>, task.prompted.<metric>, task.finetuned.<metric>   (<metric>: each eval.metric score)
     task.base.eval_loss, task.prompted.eval_loss, task.finetuned.eval_loss

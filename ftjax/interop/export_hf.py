@@ -55,8 +55,9 @@ def _expert_adapters(model: nnx.Module) -> dict[tuple, tuple[tuple, Any, tuple[i
         if not isinstance(node, Experts):
             continue
         f = node.gate_proj.get_value().shape[-1]
-        for name, attr, columns in (("gate_proj", "gate_up_lora", (0, f)), ("up_proj", "gate_up_lora", (f, 2 * f)),
-                                    ("down_proj", "down_lora", None)):
+        gate_up, down = Experts.ADAPTED["gate_up_proj"], Experts.ADAPTED["down_proj"]
+        for name, attr, columns in (("gate_proj", gate_up, (0, f)), ("up_proj", gate_up, (f, 2 * f)),
+                                    ("down_proj", down, None)):
             if getattr(node, attr) is not None:
                 out[tuple(path) + (name,)] = (tuple(path) + (attr,), getattr(node, attr), columns)
     return out

@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ftjax.models.gemma import gemma_to_hf
 from ftjax.models.llama import ModelConfig
+from ftjax.models.moe import moe_to_hf
+from ftjax.models.phi import phi_to_hf
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
@@ -57,57 +60,15 @@ def config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         if window is not None:
             flags = cfg.sliding_layers or (True,) * cfg.num_layers
             d["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags]
-    d.update(_gemma_phi(cfg))
-    d.update(_moe(cfg))
+    if cfg.gemma is not None:
+        d.update(gemma_to_hf(cfg))
+    if cfg.phi is not None:
+        d.update(phi_to_hf(cfg))
+    d.update(moe_to_hf(cfg))
     for k, v in cfg.extra:
         if k in TOKEN_IDS:
             d[k] = _extra_value(v)
     return d
-
-
-def _int_if_whole(x: float) -> float | int:
-    """transformers' strict configs type some fields int (query_pre_attn_scalar)."""
-    return int(x) if float(x).is_integer() else x
-
-
-def _gemma_phi(cfg: ModelConfig) -> dict[str, Any]:
-    """The config keys of Gemma 2/3 and Phi-3/4 that `config_from_hf` reads."""
-    if cfg.model_type == "phi3":
-        d: dict[str, Any] = {"sliding_window": cfg.sliding_window}
-        if cfg.rotary_dim is not None:
-            d["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
-        return d
-    if cfg.model_type not in ("gemma2", "gemma3_text"):
-        return {}
-    flags = cfg.sliding_layers or (True,) * cfg.num_layers
-    d = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": cfg.sliding_window,
-         "layer_types": ["sliding_attention" if f and cfg.sliding_window else "full_attention" for f in flags],
-         "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.final_softcap,
-         "query_pre_attn_scalar": _int_if_whole(round((cfg.query_scale or cfg.head_dim ** -0.5) ** -2, 6))}
-    if cfg.model_type == "gemma3_text":
-        local = cfg.local_rope or cfg.rope
-        d["rope_local_base_freq"] = local.theta
-        if cfg.rope.kind == "linear":
-            d["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope.factor}
-    return d
-
-
-def _moe(cfg: ModelConfig) -> dict[str, Any]:
-    """The config keys of Mixtral / Qwen3-MoE that `config_from_hf` reads; every layer sparse (ftjax has no
-    dense layers among the experts); the balance-loss coefficient is transformers' default (it only matters
-    when transformers trains with output_router_logits)."""
-    moe = cfg.moe
-    if moe is None:
-        return {}
-    d: dict[str, Any] = {"num_experts_per_tok": moe.top_k, "router_aux_loss_coef": 0.001,
-                         "output_router_logits": False}
-    if cfg.model_type == "mixtral":
-        return {**d, "num_local_experts": moe.num_experts, "intermediate_size": moe.intermediate_size,
-                "sliding_window": cfg.sliding_window}
-    return {**d, "num_experts": moe.num_experts, "moe_intermediate_size": moe.intermediate_size,
-            "norm_topk_prob": moe.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": [],
-            "attention_bias": cfg.qkv_bias, "use_sliding_window": cfg.sliding_window is not None,
-            "sliding_window": cfg.sliding_window}
 
 
 def export_config(cfg: ModelConfig, source: dict[str, Any] | None, dtype: str, tokenizer=None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from ftjax.interop import gather
 from ftjax.interop.safetensors_reader import SafetensorsFile
 from ftjax.interop.safetensors_writer import TensorPlan, write_safetensors
 from ftjax.interop.smollm2 import default_gguf_path
-from ftjax.lora import LoRA, apply_lora, expert_params, linears
+from ftjax.lora import LoRA, apply_lora, expert_lora_attr, expert_params, linears
 from ftjax.models.registry import hf_tensor_name
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -45,7 +45,7 @@ def adapters(model: nnx.Module) -> list[tuple[tuple[str, ...], LoRA]]:
 def expert_adapters(model: nnx.Module) -> list[tuple[tuple[str, ...], LoRA]]:
     """(experts weight path `layers.mlp.experts.gate_up_proj`, adapter) for each adapted expert weight, in
     transformers' parameter order (gate_up_proj, then down_proj)."""
-    found = [(tuple(path.split(".")), getattr(experts, f"{name.removesuffix('_proj')}_lora"))
+    found = [(tuple(path.split(".")), getattr(experts, expert_lora_attr(name)))
              for path, experts, name in expert_params(model)]
     return [(path, lora) for path, lora in found if lora is not None]
 

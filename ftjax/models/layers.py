@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.models.adapter import ADAPTER_HIDDEN, Adapter
 from ftjax.models.attention import Rows, attention
 from ftjax.quant.weight import QuantizedWeight
 from ftjax.sharding import constrain
@@ -71,7 +72,8 @@ def frozen_product(x2: jax.Array, kernels: tuple, dtype) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias) (+ lora(x)); kernel [in, out]. `lora` is set from outside by ftjax.lora."""
+    """y = x @ kernel (+ bias) (+ lora(x)); kernel [in, out]. `lora`, the linear's attach point, holds an
+    `Adapter` attached from outside (ftjax.lora); its name is the adapter's path in checkpoints and exports."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool,
                  stack: tuple = (), dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -79,7 +81,7 @@ class Linear(nnx.Module):
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
         self.kernel = _param(rngs, (*stack, in_features, out_features), lead + tuple(axes), param_dtype)
         self.bias = _param(None, (*stack, out_features), lead + (axes[1],), param_dtype, "zeros") if use_bias else None
-        self.lora: nnx.Module | None = None
+        self.lora: Adapter | None = None
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         # Rows flattened to 2-D: the weight gradient is then one plain [in, rows] x [rows, out] GEMM;
@@ -98,9 +100,9 @@ def fused_linears(x: jax.Array, linears: tuple, rngs: tuple) -> list[jax.Array]:
     """Several linears on the same input as one GEMM: x @ [W1 | W2 | ...], split afterwards.
 
     The stored parameters keep their layout (HF import/export, PEFT, sharding rules and checkpoints
-    see separate kernels); only the step concatenates them, a few MB per layer. Their LoRA adapters
-    become one GEMM too: x @ [A1 | A2 | ...] (the saved `lora_hidden`) times a block-diagonal
-    [B1·s1, B2·s2, ...] — unless adapter dropout is active, which gives each adapter its own input.
+    see separate kernels); only the step concatenates them, a few MB per layer. Their low-rank adapters
+    become one GEMM too: x @ [A1 | A2 | ...] (the saved `ADAPTER_HIDDEN`) times a block-diagonal
+    [B1·s1, B2·s2, ...] — unless one is not low rank this call (adapter dropout drawn): then each runs alone.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -110,20 +112,20 @@ def fused_linears(x: jax.Array, linears: tuple, rngs: tuple) -> list[jax.Array]:
         y = y + jnp.concatenate([jnp.zeros((lin.out_features,), lin.dtype) if lin.bias is None
                                  else lin.bias[...].astype(lin.dtype) for lin in linears])
     adapters = [(i, lin.lora) for i, lin in enumerate(linears) if lin.lora is not None]
-    dropout = any(lo.dropout > 0.0 and rngs[i] is not None for i, lo in adapters)
-    if adapters and not dropout and all(hasattr(lo, "lora_a") for _, lo in adapters):
-        a = jnp.concatenate([lo.lora_a[...].astype(x2.dtype) for _, lo in adapters], axis=-1)
+    factors = [ad.low_rank(x2.dtype, rngs[i]) for i, ad in adapters]
+    if adapters and all(f is not None for f in factors):
+        a = jnp.concatenate([fa for fa, _, _ in factors], axis=-1)
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         total = sum(sizes)
         rows = []
-        for i, lo in adapters:
-            b = lo.lora_b[...].astype(x2.dtype) * jnp.asarray(lo.scale, x2.dtype)
+        for (i, _), (_, fb, scale) in zip(adapters, factors):
+            b = fb * jnp.asarray(scale, x2.dtype)
             rows.append(jnp.pad(b, ((0, 0), (offsets[i], total - offsets[i] - sizes[i]))))
-        y = y + (checkpoint_name(x2 @ a, "lora_hidden") @ jnp.concatenate(rows, axis=0)).astype(y.dtype)
+        y = y + (checkpoint_name(x2 @ a, ADAPTER_HIDDEN) @ jnp.concatenate(rows, axis=0)).astype(y.dtype)
         adapters = []
     outs = jnp.split(y, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)], axis=-1)
-    for i, lo in adapters:
-        outs[i] = outs[i] + lo(x2, rngs[i]).astype(y.dtype)
+    for i, ad in adapters:
+        outs[i] = outs[i] + ad(x2, rngs[i]).astype(y.dtype)
     return [o.reshape(*lead, o.shape[-1]) for o in outs]
 
 
@@ -211,8 +213,8 @@ class AttentionConfig:
     softcap: float | None = None  # logit soft-cap
     fuse_qkv: bool = True  # q/k/v as one GEMM (off when the tensor axis splits heads: the concat would gather)
     scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar**-0.5)
-    packed: bool = False  # q/k/v stored as one `qkv_proj` (Phi-3), one LoRA adapter over its fused output
-    norm_offset: bool = False  # q/k norms scale by (1 + w) (Gemma 3)
+    packed: bool = False  # q/k/v stored as one `qkv_proj` (Phi-3), one adapter over its fused output
+    qk_norm_offset: bool = False  # q/k norms scale by (1 + w) (Gemma 3)
     max_segments: int = 0  # segments a training row holds at most: 1 = one example a row, 0 = no bound
 
 
@@ -233,7 +235,7 @@ class Attention(nnx.Module):
         self.o_proj = Linear(n * h, d, axes=("heads", "embed"), use_bias=cfg.o_bias, **kw)
         if cfg.qk_norm:
             norm_kw: dict[str, Any] = dict(eps=cfg.rms_norm_eps, stack=stack, param_dtype=param_dtype,
-                                           offset=cfg.norm_offset)
+                                           offset=cfg.qk_norm_offset)
             self.q_norm = RMSNorm(h, **norm_kw)
             self.k_norm = RMSNorm(h, **norm_kw)
         else:

@@ -1,5 +1,5 @@
-"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2; Gemma 2/3 and Phi-3/4 by their
-config switches) in Flax NNX.
+"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2; Gemma 2/3, Phi-3/4 and the
+mixtures of experts by their config blocks: ftjax.models.gemma, .phi, .moe) in Flax NNX.
 
 Layers are stacked (params [L, ...]) and run with `lax.scan`, so compile time does not grow
 with depth. Attention honors `segment_ids` (packed rows) and explicit `positions`.
@@ -15,26 +15,32 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.models import gemma, phi
+from ftjax.models.adapter import ADAPTER_HIDDEN
 from ftjax.models.attention import Rows, kernel_names
+from ftjax.models.gemma import GemmaConfig
 from ftjax.models.layers import MLP, Attention, AttentionConfig, Linear, RMSNorm, RopeConfig, rope_tables
 from ftjax.models.moe import MoEConfig, SparseMoE
+from ftjax.models.phi import PhiConfig
 from ftjax.sharding import constrain
 
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    # Saves the projections' outputs and the residual stream only (names set in layers.py and lora.py);
+    # Saves the projections' outputs and the residual stream only (names set in layers.py and adapter.py);
     # recomputes norms, rope, attention scores/softmax and the SwiGLU product in the backward pass:
     # a fraction of the activation memory of "none" for ~3% more FLOPs, and faster on CPU.
     "minimal": jax.checkpoint_policies.save_only_these_names(
-        "query", "key", "value", "attn_context", "resid_mid", "mlp_gate", "mlp_up", "lora_hidden"),
+        "query", "key", "value", "attn_context", "resid_mid", "mlp_gate", "mlp_up", ADAPTER_HIDDEN),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and numerics of a Llama-family decoder (hashable: it is static under jit)."""
+    """Architecture and numerics of a Llama-family decoder (hashable: it is static under jit): the fields every
+    family shares, and one block per family feature (None: the Llama behaviour). A new family adds a block
+    (its own module, read only there), not switches here."""
 
     vocab_size: int
     hidden_size: int
@@ -61,16 +67,8 @@ class ModelConfig:
     fuse_qkv: bool = True  # q/k/v as one GEMM; the loaders turn it off when the tensor axis splits heads
     extra: tuple = ()  # HF config items kept for export (hashable pairs)
     moe: MoEConfig | None = None  # mixture-of-experts MLP in every layer (Mixtral, Qwen3-MoE); None = dense
-    hidden_act: str = "silu"  # silu (SwiGLU) | gelu_tanh (Gemma's GeGLU)
-    norm_offset: bool = False  # RMSNorms scale by (1 + w) (Gemma)
-    sandwich_norms: bool = False  # norms after attention and MLP too, before the residual add (Gemma 2/3)
-    embed_scale: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
-    attn_softcap: float | None = None  # attention-logit soft-cap (Gemma 2)
-    final_softcap: float | None = None  # output-logit soft-cap (Gemma 2)
-    query_scale: float | None = None  # softmax scale; None = 1/sqrt(head_dim)
-    local_rope: RopeConfig | None = None  # the sliding-window layers' own rope (Gemma 3); None = `rope`
-    rotary_dim: int | None = None  # rotary on the first dims of each head only (Phi-4-mini); None = head_dim
-    packed_proj: bool = False  # qkv_proj / gate_up_proj stored fused (Phi-3)
+    gemma: GemmaConfig | None = None  # Gemma 2/3's soft-caps, norms, GeGLU, scaled embeddings, local rope
+    phi: PhiConfig | None = None  # Phi-3/4's fused projections and partial rotary
     # the most segments (examples) a training row holds, from data.packing / data.max_segments: 1 = one a row
     # (cuDNN then needs no segment ids), n > 1 = cuDNN's packed layout with n slots, 0 = no bound
     max_segments: int = 0
@@ -89,20 +87,22 @@ class ModelConfig:
         return tuple(sorted(distinct, key=lambda w: -1 if w is None else w))
 
     def attention_config(self) -> AttentionConfig:
+        softcap, scale = gemma.attention_logits(self.gemma)
         return AttentionConfig(self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.qkv_bias,
                                self.o_bias, self.qk_norm, self.rms_norm_eps, self.attention, self.windows(),
-                               self.attn_softcap, self.fuse_qkv, self.query_scale, self.packed_proj, self.norm_offset,
-                               max_segments=self.max_segments)
+                               softcap, self.fuse_qkv, scale, phi.packed_projections(self.phi),
+                               gemma.offset_norms(self.gemma), max_segments=self.max_segments)
 
     def attention_kernels(self, seq_len: int) -> str:
         """What attention kernel its training rows of `seq_len` run (for log lines and benchmark records)."""
         return kernel_names(self.attention, dtype=self.dtype, seq_len=seq_len, heads=self.num_heads,
                             kv_heads=self.num_kv_heads, head_dim=self.head_dim, windows=self.windows(),
-                            softcap=self.attn_softcap, max_segments=self.max_segments)
+                            softcap=gemma.attention_logits(self.gemma)[0], max_segments=self.max_segments)
 
     def ropes(self) -> tuple:
         """The distinct rotary settings: (global,) or (global, local) when sliding layers have their own."""
-        return (self.rope,) if self.local_rope is None else (self.rope, self.local_rope)
+        local = gemma.sliding_rope(self.gemma)
+        return (self.rope,) if local is None else (self.rope, local)
 
 
 @jax.tree_util.register_dataclass
@@ -131,17 +131,19 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, stack: tuple, rngs: nnx.Rngs):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, param_dtype=pdt,
-                               offset=cfg.norm_offset)
+                               offset=gemma.offset_norms(cfg.gemma))
         self.input_layernorm = norm()
         self.self_attn = Attention(cfg.attention_config(), stack=stack, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.post_attention_layernorm = norm()
-        self.pre_feedforward_layernorm = norm() if cfg.sandwich_norms else None
-        self.post_feedforward_layernorm = norm() if cfg.sandwich_norms else None
+        sandwich = gemma.has_sandwich_norms(cfg.gemma)
+        self.pre_feedforward_layernorm = norm() if sandwich else None
+        self.post_feedforward_layernorm = norm() if sandwich else None
         if cfg.moe is not None:
             self.mlp = SparseMoE(cfg.hidden_size, cfg.moe, stack=stack, dtype=dt, param_dtype=pdt, rngs=rngs)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.mlp_bias, stack=stack, dtype=dt,
-                           param_dtype=pdt, activation=cfg.hidden_act, packed=cfg.packed_proj, rngs=rngs)
+                           param_dtype=pdt, activation=gemma.activation(cfg.gemma),
+                           packed=phi.packed_projections(cfg.phi), rngs=rngs)
 
     def __call__(self, x_btd, sin, cos, rows: Rows, kv=None, index=None, rng=None, window_index=None):
         """Returns the new residual stream, the (k, v) caches (None without a cache) and the router
@@ -195,7 +197,8 @@ class Llama(nnx.Module):
             (0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size))).astype(pdt),
             logical_axes=("vocab", "embed"))
         self.layers = DecoderLayer(cfg, stack=(cfg.num_layers,), rngs=rngs)
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, offset=cfg.norm_offset)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt,
+                            offset=gemma.offset_norms(cfg.gemma))
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=jnp.dtype(cfg.dtype),
             param_dtype=pdt, rngs=rngs)
@@ -240,9 +243,7 @@ class Llama(nnx.Module):
         # fsdp-sharded table leaves its rows split by feature, which XLA can only reshard to split-by-batch
         # through a full rematerialization (it warns so on data x fsdp x tensor meshes)
         table = constrain(self.embed_tokens[...], ("vocab", None))
-        x = jnp.take(table, input_ids, axis=0)
-        if self.config.embed_scale:  # sqrt(hidden) rounded to the table's dtype first, as transformers' Gemma
-            x = x * jnp.asarray(self.config.hidden_size ** 0.5, jnp.float32).astype(x.dtype)
+        x = gemma.scale_embeddings(self.config.gemma, jnp.take(table, input_ids, axis=0), self.config.hidden_size)
         x = x.astype(jnp.dtype(self.config.dtype))
         return constrain(x, ("batch", "length", "act_embed"))
 
@@ -255,10 +256,11 @@ class Llama(nnx.Module):
         else:
             w = self.lm_head.kernel[...].astype(dt)
             out = jnp.einsum("btd,dv->btv", h_btd.astype(dt), w, preferred_element_type=jnp.float32)
-        cap = self.config.final_softcap
-        if cap is not None:
-            out = cap * jnp.tanh(out / cap)
-        return constrain(out, ("batch", "length", "act_vocab"))
+        return constrain(gemma.cap_logits(self.config.gemma, out), ("batch", "length", "act_vocab"))
+
+    def head_is_linear(self) -> bool:
+        """Whether the logits are exactly h @ `head_weight()` (no output soft-cap): what fused losses need."""
+        return gemma.output_softcap(self.config.gemma) is None
 
     def head_weight(self) -> tuple[jax.Array, bool]:
         """The output head's weight in the compute dtype, and whether it is [V, D] (tied) or [D, V]:
@@ -270,7 +272,7 @@ class Llama(nnx.Module):
 
     def _run_layers(self, x, positions, rows: Rows, kv, index, rng):
         cfg = self.config
-        rotary = cfg.rotary_dim or cfg.head_dim
+        rotary = phi.rotated_dims(cfg.phi, cfg.head_dim)
         tables = [rope_tables(positions, rotary, r) for r in cfg.ropes()]
         graphdef, state = nnx.split(self.layers)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)

@@ -16,10 +16,15 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.errors import LoadError
+from ftjax.models.adapter import ADAPTER_HIDDEN, Adapter
 from ftjax.models.layers import _param, swiglu
 from ftjax.sharding import constrain
 
 IMPLEMENTATIONS = ("auto", "ragged", "tiled")
+# A dense MLP's projection names -> the expert weights that stand for them (LoRA's default targets mean these).
+EXPERT_NAMES = {"gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj",
+                "down_proj": "experts.down_proj"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +43,48 @@ class MoEConfig:
     implementation: str = "auto"  # auto (tiled on CPU, ragged elsewhere) | ragged | tiled
 
 
+def moe_from_hf(hf: dict, model_type: str, source: str) -> MoEConfig | None:
+    """The experts of Mixtral / Qwen3-MoE; a scanned stack needs every layer sparse, so dense layers refuse."""
+    if model_type == "mixtral":
+        return MoEConfig(int(hf.get("num_local_experts", 8)), int(hf.get("num_experts_per_tok", 2)),
+                         int(hf["intermediate_size"]), norm_topk_prob=True,
+                         router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+    if model_type != "qwen3_moe":
+        return None
+    experts = int(hf.get("num_experts", hf.get("num_local_experts", 128)))  # saved as num_local_experts
+    if experts == 0:
+        return None
+    if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
+        raise LoadError(f"{source}: dense layers among the experts (mlp_only_layers={hf.get('mlp_only_layers')}, "
+                        f"decoder_sparse_step={hf.get('decoder_sparse_step')}) are not supported: ftjax needs "
+                        "every layer sparse")
+    return MoEConfig(experts, int(hf.get("num_experts_per_tok", 8)), int(hf.get("moe_intermediate_size", 768)),
+                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                     router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+
+
+def moe_to_hf(cfg) -> dict:
+    """The config.json keys of a Mixtral / Qwen3-MoE `ModelConfig` that `moe_from_hf` reads; every layer sparse
+    (ftjax has no dense layers among the experts); the balance-loss coefficient is transformers' default (it only
+    matters when transformers trains with output_router_logits)."""
+    moe = cfg.moe
+    if moe is None:
+        return {}
+    d: dict = {"num_experts_per_tok": moe.top_k, "router_aux_loss_coef": 0.001, "output_router_logits": False}
+    if cfg.model_type == "mixtral":
+        return {**d, "num_local_experts": moe.num_experts, "intermediate_size": moe.intermediate_size,
+                "sliding_window": cfg.sliding_window}
+    return {**d, "num_experts": moe.num_experts, "moe_intermediate_size": moe.intermediate_size,
+            "norm_topk_prob": moe.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "attention_bias": cfg.qkv_bias, "use_sliding_window": cfg.sliding_window is not None,
+            "sliding_window": cfg.sliding_window}
+
+
+def balance_loss_weight(cfg: MoEConfig, weight: float | None) -> float:
+    """The router balance loss's weight: `weight` when set, else the model's own `router_aux_loss_coef`."""
+    return cfg.router_aux_loss_coef if weight is None else float(weight)
+
+
 def route(logits_ne: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
     """(weights [N, k] fp32, experts [N, k] int32): softmax over all experts in fp32, then top-k."""
     probs = jax.nn.softmax(logits_ne.astype(jnp.float32), axis=-1)
@@ -47,16 +94,16 @@ def route(logits_ne: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.A
     return weights, experts.astype(jnp.int32)
 
 
-def expert_swiglu(gmm, x, gate_edf, up_edf, down_efd, lora=None) -> jax.Array:
+def expert_swiglu(gmm, x, gate_edf, up_edf, down_efd, adapters=None) -> jax.Array:
     """SwiGLU of rows grouped by expert, `gmm(rows, w_e..)` multiplying each row by its expert's matrix; with
-    `lora` = (gate_up, down), each None or (A [E, in, r], B [E, r, out], scale), a row x of expert e also gets
+    `adapters` = (gate_up, down), each None or (A [E, in, r], B [E, r, out], scale), a row x of expert e also gets
     (x @ A_e) @ B_e · scale: one adapter over the fused gate|up output and one over down (PEFT's
     `target_parameters` on transformers' `experts.gate_up_proj` / `experts.down_proj`)."""
-    gate_up, down = lora or (None, None)
+    gate_up, down = adapters or (None, None)
     gate, up = gmm(x, gate_edf), gmm(x, up_edf)
     if gate_up is not None:
         a, b, scale = gate_up
-        delta = gmm(checkpoint_name(gmm(x, a), "lora_hidden"), b) * jnp.asarray(scale, x.dtype)
+        delta = gmm(checkpoint_name(gmm(x, a), ADAPTER_HIDDEN), b) * jnp.asarray(scale, x.dtype)
         f = gate_edf.shape[-1]
         gate, up = gate + delta[..., :f], up + delta[..., f:]
     h = swiglu(checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up"))
@@ -67,9 +114,10 @@ def expert_swiglu(gmm, x, gate_edf, up_edf, down_efd, lora=None) -> jax.Array:
     return y
 
 
-def ragged_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, lora=None) -> jax.Array:
+def ragged_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, adapters=None) -> jax.Array:
     """SwiGLU of rows sorted by expert (group_sizes [E] rows each) through `jax.lax.ragged_dot`."""
-    return expert_swiglu(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), x_md, gate_edf, up_edf, down_efd, lora)
+    return expert_swiglu(lambda x, w: jax.lax.ragged_dot(x, w, group_sizes), x_md, gate_edf, up_edf, down_efd,
+                         adapters)
 
 
 def tile_rows(rows: int, num_experts: int) -> int:
@@ -79,7 +127,7 @@ def tile_rows(rows: int, num_experts: int) -> int:
     return max(8, -(-per_expert // 8) * 8)
 
 
-def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, lora=None, tile: int | None = None
+def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, adapters=None, tile: int | None = None
                      ) -> jax.Array:
     """The same grouped SwiGLU as `ragged_expert_mlp`, as one batched matmul over (tile, expert) pairs.
 
@@ -107,7 +155,7 @@ def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, lora=None, t
     x_tiles = jnp.pad(x_md, ((0, n_tiles * tile - m), (0, 0))).reshape(n_tiles, tile, d)
     x_ptd = jnp.where(mask, x_tiles[tile_of], jnp.zeros((), x_md.dtype))
     y_ptd = expert_swiglu(lambda x, w: jnp.einsum("pti,pio->pto", x, w[expert]), x_ptd, gate_edf, up_edf, down_efd,
-                          lora)
+                          adapters)
     y_ptd = jnp.where(mask, y_ptd, jnp.zeros((), y_ptd.dtype))
     out = jnp.zeros((n_tiles, tile, d), y_ptd.dtype).at[tile_of].add(y_ptd)
     return out.reshape(n_tiles * tile, d)[:m]
@@ -141,8 +189,8 @@ def grouped_expert_mlp(implementation: str):
 class SparseMoE(nnx.Module):
     """Router + E SwiGLU experts stacked [E, D, F]; returns the output and the router logits [B, T, E].
 
-    The router is a plain `nnx.Param` (not a `Linear`), so LoRA never wraps it and the LoRA filter
-    leaves it frozen; the experts are plain params too, with optional per-expert adapters (ftjax.lora).
+    The router is a plain `nnx.Param` (not a `Linear`), so no adapter attaches to it and an adapters-only
+    filter leaves it frozen; the experts are plain params too, with optional per-expert adapters (`Experts`).
     """
 
     def __init__(self, hidden: int, cfg: MoEConfig, *, stack: tuple = (), dtype=jnp.float32,
@@ -174,8 +222,11 @@ class SparseMoE(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """The experts' SwiGLU weights, [*stack, E, D, F] (gate, up) and [*stack, E, F, D] (down); `gate_up_lora` /
-    `down_lora` are per-expert adapters set from outside by ftjax.lora (A [*stack, E, in, r], B [*stack, E, r, out])."""
+    """The experts' SwiGLU weights, [*stack, E, D, F] (gate, up) and [*stack, E, F, D] (down). `ADAPTED` names the
+    attach points: an adapter over the fused gate|up output and one over down, per expert (PEFT's
+    `target_parameters` names), each an `Adapter` attached from outside (ftjax.lora) under the attribute named."""
+
+    ADAPTED = {"gate_up_proj": "gate_up_lora", "down_proj": "down_lora"}  # adapted weight -> its attach point
 
     def __init__(self, hidden: int, num_experts: int, intermediate: int, *, lead: tuple, stack: tuple,
                  param_dtype, rngs: nnx.Rngs):
@@ -183,14 +234,21 @@ class Experts(nnx.Module):
         self.gate_proj = _param(rngs, shape_in, lead + ("expert", "embed", "mlp"), param_dtype)
         self.up_proj = _param(rngs, shape_in, lead + ("expert", "embed", "mlp"), param_dtype)
         self.down_proj = _param(rngs, shape_out, lead + ("expert", "mlp", "embed"), param_dtype)
-        self.gate_up_lora: nnx.Module | None = None
-        self.down_lora: nnx.Module | None = None
+        self.gate_up_lora: Adapter | None = None
+        self.down_lora: Adapter | None = None
+
+    def adapted_weight(self, name: str) -> tuple[tuple, int, int, tuple]:
+        """(leading shape [*stack, E], in, out, logical axes) of the weight `name` of `ADAPTED` that an adapter
+        updates: gate|up is one [D, 2F] weight to its adapter (its output split between gate and up)."""
+        w = self.down_proj if name == "down_proj" else self.gate_proj
+        *lead, in_f, out_f = w.get_value().shape
+        return tuple(lead), in_f, out_f * (2 if name == "gate_up_proj" else 1), tuple(w.get_metadata()["logical_axes"])
 
     def adapters(self, dtype) -> tuple | None:
         """(gate_up, down) for `expert_swiglu`, each (A, B, scale) in `dtype` or None; None without adapters."""
         if self.gate_up_lora is None and self.down_lora is None:
             return None
-        one = lambda m: None if m is None else (m.lora_a[...].astype(dtype), m.lora_b[...].astype(dtype), m.scale)
+        one = lambda m: None if m is None else m.low_rank(dtype)
         return one(self.gate_up_lora), one(self.down_lora)
 
 

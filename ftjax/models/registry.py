@@ -6,13 +6,14 @@ import math
 from typing import Any
 
 from ftjax.errors import LoadError
+from ftjax.models.gemma import GEMMA, gemma_from_hf
 from ftjax.models.layers import RopeConfig
 from ftjax.models.llama import Llama, ModelConfig
-from ftjax.models.moe import MoEConfig
+from ftjax.models.moe import moe_from_hf
+from ftjax.models.phi import phi_from_hf
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gemma3_text",
                          "phi3")
-GEMMA = ("gemma2", "gemma3_text")
 # transformers' Gemma2Config / Gemma3TextConfig defaults for the keys a config.json may leave out (the Hub's
 # multimodal Gemma 3 folders, 4B/12B/27B, name only what differs in text_config)
 _GEMMA = dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
@@ -87,54 +88,6 @@ def _sliding(hf: dict, model_type: str, num_layers: int) -> tuple[int | None, tu
     return None, ()
 
 
-def _moe(hf: dict, model_type: str, source: str) -> MoEConfig | None:
-    """The experts of Mixtral / Qwen3-MoE; a scanned stack needs every layer sparse, so dense layers refuse."""
-    if model_type == "mixtral":
-        return MoEConfig(int(hf.get("num_local_experts", 8)), int(hf.get("num_experts_per_tok", 2)),
-                         int(hf["intermediate_size"]), norm_topk_prob=True,
-                         router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
-    if model_type != "qwen3_moe":
-        return None
-    experts = int(hf.get("num_experts", hf.get("num_local_experts", 128)))  # saved as num_local_experts
-    if experts == 0:
-        return None
-    if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
-        raise LoadError(f"{source}: dense layers among the experts (mlp_only_layers={hf.get('mlp_only_layers')}, "
-                        f"decoder_sparse_step={hf.get('decoder_sparse_step')}) are not supported: ftjax needs "
-                        "every layer sparse")
-    return MoEConfig(experts, int(hf.get("num_experts_per_tok", 8)), int(hf.get("moe_intermediate_size", 768)),
-                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                     router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
-
-
-def _gemma_phi(hf: dict, model_type: str, head_dim: int, source: str) -> dict[str, Any]:
-    """The ModelConfig switches of Gemma 2/3 (GeGLU, (1 + w) norms, post-norms, scaled embeddings, soft-caps,
-    query_pre_attn_scalar, Gemma 3's local rope and q/k norm) and Phi-3/4 (fused projections, partial rotary)."""
-    if model_type == "phi3":
-        params = hf.get("rope_parameters") or {}
-        factor = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
-        return dict(packed_proj=True, rotary_dim=int(head_dim * factor) if factor != 1.0 else None)
-    if model_type not in GEMMA:
-        return {}
-    if hf.get("use_bidirectional_attention"):
-        raise LoadError(f"{source}: bidirectional Gemma 3 attention (an embedding model) is not supported")
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise LoadError(f"{source}: Gemma activation '{act}' is not supported (gelu_pytorch_tanh)")
-    cap = lambda key: None if hf.get(key) is None else float(hf[key])
-    out = dict(hidden_act="gelu_tanh", norm_offset=True, sandwich_norms=True, embed_scale=True,
-               attn_softcap=cap("attn_logit_softcapping"), final_softcap=cap("final_logit_softcapping"),
-               query_scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5)
-    if model_type == "gemma3_text":
-        out["qk_norm"] = True
-        if isinstance((hf.get("rope_parameters") or {}).get("full_attention"), dict):
-            out["rope"], out["local_rope"] = _rope(hf, "full_attention"), _rope(hf, "sliding_attention")
-        else:  # classic form: rope_theta (+ rope_scaling) global, rope_local_base_freq local
-            out["rope"] = _rope({"rope_theta": 1_000_000.0, **hf})
-            out["local_rope"] = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
-    return out
-
-
 def text_config(hf: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The language model's config of a multimodal Gemma 3 folder (Gemma3ForConditionalGeneration), and
     whether it was one; other configs pass through."""
@@ -167,11 +120,15 @@ def config_from_hf(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: s
         bias = bool(hf.get("attention_bias", False))
         head_dim = int(hf.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads))
         family = dict(qk_norm=model_type in ("qwen3", "qwen3_moe"), rope=_rope(hf))
-        family.update(_gemma_phi(hf, model_type, head_dim, source))
+        if model_type in GEMMA:
+            family.update(gemma_from_hf(hf, model_type, head_dim, source, _rope))
+        elif model_type == "phi3":
+            family.update(phi_from_hf(hf, head_dim))
         return ModelConfig(
             vocab_size=int(hf["vocab_size"]), hidden_size=hidden, intermediate_size=int(hf["intermediate_size"]),
             num_layers=layers, num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=head_dim, moe=_moe(hf, model_type, source), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            head_dim=head_dim, moe=moe_from_hf(hf, model_type, source),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA)),
             qkv_bias=True if model_type == "qwen2" else bias,

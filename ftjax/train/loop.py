@@ -21,7 +21,6 @@ from flax import nnx
 
 from ftjax import config as config_lib
 from ftjax import data as data_lib
-from ftjax import metrics as metrics_lib
 from ftjax import stop
 from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
@@ -29,6 +28,10 @@ from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
 from ftjax.evaluation.run import Evaluation
 from ftjax.logs import heartbeat, still
+from ftjax.metrics.flops import training_flops_per_token
+from ftjax.metrics.peaks import peak_flops
+from ftjax.metrics.plot import plot_losses
+from ftjax.metrics.writer import MetricsWriter
 from ftjax.provenance import base_identity, check_resume_config, check_same
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards, mesh_from_config, parse_rules
 from ftjax.train import forget
@@ -203,7 +206,7 @@ def prepare(config, workdir: Path) -> Job:
     job = Job(config, workdir, state, step_fn, frozen, batches,
               ckpt, keep_best, provenance, state.trainable, state.opt_state, 0,
               EarlyStop(config.train.early_stop_patience), False, run_eval, evaluation, base,
-              metrics_lib.training_flops_per_token(model_cfg, config.data.seq_len, config.method, state.trainable))
+              training_flops_per_token(model_cfg, config.data.seq_len, config.method, state.trainable))
     _resume(job)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -256,11 +259,11 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
             compile_s = job.step_fn.compile(trainable, opt_state, job.frozen, first,
                                             jax.random.fold_in(base_key, job.start + 1))
         _say(f"compiled the train step in {compile_s:.1f} s")
-    peak, _ = metrics_lib.peak_flops(c.model.dtype)
+    peak, _ = peak_flops(c.model.dtype)
     meter = Meter(c.train.batch_size * c.data.seq_len, job.flops_per_token, peak * jax.device_count(),
                   c.train.max_consecutive_skips, job.step_fn.metric_names)
     main = jax.process_index() == 0
-    log = LogMetrics(c.train.log_every, meter, metrics_lib.MetricsWriter(job.workdir, enabled=main),
+    log = LogMetrics(c.train.log_every, meter, MetricsWriter(job.workdir, enabled=main),
                      Progress(job.start, c.train.steps, main))
 
     def meta(tick: Tick) -> dict:
@@ -342,6 +345,6 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
                                                                "run": {"wall_s": time.perf_counter() - job.t0}})
     job.batches.close()
     if jax.process_index() == 0:
-        metrics_lib.plot_losses(job.workdir)
-    peak, peak_source = metrics_lib.peak_flops(c.model.dtype)
+        plot_losses(job.workdir)
+    peak, peak_source = peak_flops(c.model.dtype)
     return {"step": step, **last, "stopped_early": stopped_early, "peak_flops": peak, "peak_source": peak_source}

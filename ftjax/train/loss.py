@@ -68,7 +68,7 @@ def head_cross_entropy(model, h_btd: jax.Array, targets_bt: jax.Array, weights_b
                        ) -> jax.Array:
     """Σ weight · CE through `model`'s head: fused with the head's matmul when the model exposes it as one
     linear (`head_weight()`, no logits recompute), else chunked over any `model.logits`."""
-    if hasattr(model, "head_weight") and getattr(model.config, "final_softcap", None) is None:  # capped: not linear
+    if hasattr(model, "head_weight") and model.head_is_linear():  # an output soft-cap makes it no linear
         w, vocab_major = model.head_weight()
         return fused_cross_entropy(h_btd.astype(w.dtype), w, targets_bt, weights_bt, chunk,
                                    vocab_major=vocab_major)[0]

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import jax
 
 from ftjax.checkpoint import Checkpoints
-from ftjax.metrics import MetricsWriter
+from ftjax.metrics.writer import MetricsWriter
 from ftjax.train.early_stop import EarlyStop
 from ftjax.train.optimizer import raise_if_diverged
 

@@ -146,7 +146,7 @@ def model_pair_logps(model, batch: dict, max_pairs: int, chunk: int = 512, *, rn
 def head_pair_logps(model, h: jax.Array, batch: dict, max_pairs: int, chunk: int = 512
                     ) -> tuple[ReplyLogps, jax.Array]:
     """`pair_logps` from final hidden states `h` [B, T, D] already computed (the train step's forward pass)."""
-    if getattr(model.config, "final_softcap", None) is not None:
+    if not model.head_is_linear():
         raise ConfigError(f"preference objectives read the head as one linear; {model.config.model_type}'s "
                           "final-logit soft-cap is not supported there")
     w, vocab_major = model.head_weight()

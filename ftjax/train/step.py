@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax.data.packing import BATCH_KEYS, PAIR_KEYS
 from ftjax.errors import ConfigError
+from ftjax.lora import adapters_only
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards
 from ftjax.train.optimizer import Optimizer
 from ftjax.train.regularizers import lora_base_trainable
@@ -132,7 +133,7 @@ class TrainStep:
         if (frozen.base is not None) != self.with_base:
             raise ConfigError("this step was built " + ("with" if self.with_base else "without") +
                               " a base copy of the weights; pass frozen=Frozen(model, base) accordingly")
-        if self._base_streams and not self.with_base and self.traces == 0 and not _all_adapters(trainable):
+        if self._base_streams and not self.with_base and self.traces == 0 and not adapters_only(trainable):
             raise ConfigError("loss terms reading the base without a base copy need LoRA trainables (zero "
                               "adapters = the base); for full fine-tuning build the step with_base and pass "
                               "Frozen(frozen, base) with the step-0 weights")
@@ -213,13 +214,6 @@ class TrainStep:
             if len(self.terms) > 1:
                 metrics["loss_total"] = weighted_sum(self.terms, values)
         return trainable, opt_state, metrics
-
-
-def _all_adapters(trainable) -> bool:
-    """True when every trainable leaf is a LoRA factor (so all-zero trainables give the base model)."""
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]]
-    names = [" ".join(str(getattr(k, "key", getattr(k, "name", k))) for k in p) for p in paths]
-    return bool(names) and all("lora_a" in n or "lora_b" in n for n in names)
 
 
 def make_train_step(state, optimizer: Optimizer, mesh: Mesh, *, terms: Sequence[Term] | None = None,

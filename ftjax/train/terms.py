@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax.models.moe import load_balancing_loss
+from ftjax.models.moe import balance_loss_weight, load_balancing_loss
 from ftjax.train.loss import head_cross_entropy
 from ftjax.train.preference import METRICS
 from ftjax.train.preference_term import forward_sums, global_pairs, max_pairs_of, preference_config
@@ -142,8 +142,7 @@ def router_aux_weight(config, model_cfg) -> float:
     moe = getattr(model_cfg, "moe", None)
     if moe is None:
         return 0.0
-    weight = config.moe.router_aux_weight
-    return moe.router_aux_loss_coef if weight is None else float(weight)
+    return balance_loss_weight(moe, config.moe.router_aux_weight)
 
 
 def loss_terms(config, model_cfg=None) -> list[Term]:

@@ -1,0 +1,2 @@
+"""Honest numbers and the run's records, one idea a module: `flops` (the FLOP model), `peaks` (peak FLOP/s
+per device), `cpu_peak` (the measured CPU matmul peak), `writer` (metrics.jsonl + TensorBoard), `plot` (loss.png)."""
