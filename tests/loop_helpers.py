@@ -17,11 +17,16 @@ def load_config(name: str = "tiny_test"):
     return load_recipe(ROOT / "configs" / f"{name}.py")
 
 
-def script_env(devices: int = 1, **extra: str) -> dict[str, str]:
+def script_env(devices: int = 1, fault: str = "", **extra: str) -> dict[str, str]:
     """The environment of a scripts/ subprocess on `devices` simulated CPU devices (-O0, as the tests' own). A run
-    whose subject is not the mesh takes one: ~40% less CPU than eight for the same job."""
+    whose subject is not the mesh takes one: ~40% less CPU than eight for the same job. `fault` (KIND@POINT)
+    installs the tests' fault hook in it (tests/fault_site/sitecustomize.py)."""
     flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
+    if fault:
+        env["FTJAX_FAULT"] = fault
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fault_site"), env.get("PYTHONPATH", ""), str(ROOT)])
+    return env
 
 
 def metrics(workdir) -> list[dict]:

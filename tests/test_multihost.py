@@ -41,8 +41,8 @@ def _command(workdir: Path, *flags: str) -> list[str]:
             f"--workdir={workdir}", f"--config.train.steps={STEPS}", *MESH, *flags]
 
 
-def _env(devices: int, **extra: str) -> dict[str, str]:
-    return script_env(devices, TOKENIZERS_PARALLELISM="false", **extra)
+def _env(devices: int, fault: str = "", **extra: str) -> dict[str, str]:
+    return script_env(devices, fault, TOKENIZERS_PARALLELISM="false", **extra)
 
 
 class Job:
@@ -95,7 +95,7 @@ def _run_two_processes(workdir: Path, logs: Path, *flags: str, faults: tuple[str
     with _jobs(timeout_s) as (jobs, start):
         for i in range(2):
             start(f"p{i}", _command(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                    f"--process_id={i}", *flags), _env(2, FTJAX_FAULT=faults[i]), logs)
+                                    f"--process_id={i}", *flags), _env(2, fault=faults[i]), logs)
     return jobs
 
 
