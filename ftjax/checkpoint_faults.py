@@ -26,9 +26,9 @@ def complete_steps(workdir: str | Path) -> list[int]:
 
 
 def last_complete(workdir: str | Path) -> str:
-    """'the last complete checkpoint, W/checkpoints/N,' in words (or that none is complete yet)."""
+    """What is kept, in words: the last complete checkpoint's path, or that none is complete yet."""
     steps = complete_steps(workdir)
-    return f"the last complete checkpoint is {Path(workdir) / 'checkpoints' / str(steps[-1])}" if steps else \
+    return f"the last complete checkpoint is {Path(workdir) / 'checkpoints' / str(steps[-1])} (kept)" if steps else \
         "no checkpoint is complete yet"
 
 
@@ -44,7 +44,7 @@ def save_failed(directory: Path, step: int, need_bytes: int, error: BaseExceptio
     where = f"details in {log}" if log else "no room for the details in the workdir either"
     return WriteError(f"cannot save step {failed} to {directory}: {fault_log.reason(error)} "
                       f"({fault_log.free_bytes(directory):,} bytes free there, the save needs ~{need_bytes:,}); "
-                      f"{last_complete(workdir)} (kept); {where}")
+                      f"{last_complete(workdir)}; {where}")
 
 
 def room_warning(directory: Path, need_bytes: int, keep: int) -> str:

@@ -106,6 +106,9 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
             heartbeat.stop()
             print(f"{e}{_what_next()}", file=sys.stderr, flush=True)
             sys.exit(stop.exit_code(e.signum, FLAGS.stop_exit_code))
+        except Exception:
+            heartbeat.grace()  # a lost peer may fail a collective here first: its one line, not this traceback
+            raise
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside any safe point
             print(f"interrupted{_what_next()}", file=sys.stderr, flush=True)
             sys.exit(FLAGS.stop_exit_code if FLAGS.stop_exit_code is not None else 130)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -23,20 +24,23 @@ _REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota e
 
 
 def note(workdir: str | os.PathLike | None, what: str, error: BaseException | None = None) -> Path | None:
-    """Append `what` (and `error`'s traceback) to WORKDIR/faults.log; its path, or None if it cannot be written."""
+    """Append `what` (and `error`'s traceback) to WORKDIR/faults.log; its path. When the workdir's disk is the
+    one that is full, the details go to faults-PID.log in the system's temporary folder instead; None if
+    neither can be written."""
     if workdir is None:
         return None
-    path = Path(workdir) / NAME
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     text = f"--- {stamp} pid {os.getpid()}: {what}\n"
     if error is not None:
         text += "".join(traceback.format_exception(error))
-    try:
-        with open(path, "a") as f:
-            f.write(text)
-    except OSError:  # the disk that is full may be this one: the line still says what happened
-        return None
-    return path
+    for path in (Path(workdir) / NAME, Path(tempfile.gettempdir()) / f"ftjax-faults-{os.getpid()}.log"):
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+            return path
+        except OSError:
+            continue
+    return None
 
 
 def reason(error: BaseException) -> str:

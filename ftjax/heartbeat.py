@@ -73,6 +73,15 @@ def stop() -> None:
             pass
 
 
+def grace(seconds: float = 5.0) -> None:
+    """Called when this process fails: a peer's death often shows first as a failed collective (gloo's closed
+    connection), before the watch has read the closed heartbeat. Give the watch that long to name the lost peer
+    (it then ends the process with the one line); return if it finds none."""
+    deadline = time.monotonic() + seconds
+    while _W.conns and not _W.done.is_set() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def _readline(conn: socket.socket) -> str:
     data = b""
     while not data.endswith(b"\n"):
@@ -142,7 +151,7 @@ def _lost(process_id: int, pid: int, why: str, tell: bool = True) -> None:
                 except OSError:
                     pass
     workdir = workdir_lock.last_held()
-    kept = last_complete(workdir) + ", kept" if workdir is not None else "nothing of this job is saved"
+    kept = last_complete(workdir) if workdir is not None else "this job saves nothing"
     log = fault_log.note(workdir, f"process {process_id}: process {pid} ({host}) of {_W.n} lost: {why}")
     details = f"; details in {log}" if log else ""
     error = PeerLost(f"process {pid} ({host}) of {_W.n} was lost ({why}); {kept}; relaunch the same command "
