@@ -149,8 +149,10 @@ class Checkpoints:
 
 
 def state_bytes(state: Any) -> int:
-    """What a save of `state` writes, about: its arrays' global bytes."""
-    return sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    """What a save of `state` writes, about: its arrays' global bytes, plus Orbax's metadata (~2 KiB an array
+    in its tree, sharding and array metadata files, 64 KiB for the rest; measured on the tiny model's saves)."""
+    arrays = [x for x in jax.tree.leaves(state) if hasattr(x, "nbytes")]
+    return sum(int(x.nbytes) for x in arrays) + 2048 * len(arrays) + 65536
 
 
 def _abstract(x: Any) -> Any:
