@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -27,6 +28,18 @@ def script_env(devices: int = 1, fault: str = "", **extra: str) -> dict[str, str
         env["FTJAX_FAULT"] = fault
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fault_site"), env.get("PYTHONPATH", ""), str(ROOT)])
     return env
+
+
+def said(stderr: str) -> list[str]:
+    """The lines a script printed to stderr, without tqdm's progress bar (its redraws end in a carriage return, or
+    run straight into the next line when the process ends abruptly)."""
+    out = []
+    for piece in re.split(r"[\r\n]", stderr):
+        bar = re.match(r"\s*\d+%\|.*?\|.*?\]", piece)  # "  50%|█████     | 3/6 [00:04<00:04, ...]"
+        rest = piece[bar.end():] if bar else piece
+        if rest.strip():
+            out.append(rest.strip())
+    return out
 
 
 def metrics(workdir) -> list[dict]:

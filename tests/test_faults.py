@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from loop_helpers import ROOT, metrics, script_env
+from loop_helpers import ROOT, metrics, said, script_env
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,7 @@ def _losses(workdir) -> dict[int, float]:
 def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     """stderr's lines without the progress bar's redraws; no traceback anywhere."""
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr[-3000:]
-    return [ln for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip() and "step/s" not in ln
-            and "s/step" not in ln and not ln.lstrip().startswith(("0%", "  0%"))]
+    return said(proc.stderr)
 
 
 @pytest.fixture(scope="module")

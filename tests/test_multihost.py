@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from ftjax.checkpoint import Checkpoints
-from loop_helpers import ROOT, load_config, metrics, script_env
+from loop_helpers import ROOT, load_config, metrics, said, script_env
 
 pytestmark = pytest.mark.slow
 
@@ -274,8 +274,7 @@ def _lost_line(job: Job) -> str:
     """The one line a survivor printed (stderr without the progress bar), no traceback."""
     err = job.stderr()
     assert "Traceback" not in err, job.tail()
-    lines = [ln for ln in err.replace("\r", "\n").splitlines()
-             if ln.strip() and "step/s" not in ln and "s/step" not in ln and not any(g in ln for g in _GLOO)]
+    lines = [ln for ln in said(err) if not any(g in ln for g in _GLOO)]
     assert len(lines) == 1, job.tail()
     return lines[0]
 
