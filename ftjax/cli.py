@@ -92,7 +92,9 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         quiet_orbax()
 
         from ftjax import heartbeat, stop
+        from ftjax.fault_log import ForeignThreadStderr
 
+        sys.stderr = ForeignThreadStderr(sys.stderr)  # Orbax's C++ callbacks' tracebacks go to the workdir's log
         try:
             with stop.listening():
                 main(argv)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def note(workdir: str | os.PathLike | None, what: str, error: BaseException | No
     text = f"--- {stamp} pid {os.getpid()}: {what}\n"
     if error is not None:
         text += "".join(traceback.format_exception(error))
+    return _append(workdir, text)
+
+
+def _append(workdir: str | os.PathLike, text: str) -> Path | None:
     for path in (Path(workdir) / NAME, Path(tempfile.gettempdir()) / f"ftjax-faults-{os.getpid()}.log"):
         try:
             with open(path, "a") as f:
@@ -80,3 +85,22 @@ class OrbaxErrorsToLog(logging.Filter):
             return True
         error = record.exc_info[1] if record.exc_info else None
         return note(workdir, record.getMessage(), error) is None  # kept on screen when it cannot be logged
+
+
+class ForeignThreadStderr:
+    """sys.stderr, except for what threads started outside Python write: when a save fails, tensorstore's C++
+    callbacks print a traceback each ("Event loop is closed") as Orbax's asyncio loops close; those go to the
+    held workdir's faults.log. Python's own threads (the progress bar, the peers' watch) write as before."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        workdir = workdir_lock.last_held()
+        if workdir is not None and isinstance(threading.current_thread(), threading._DummyThread):
+            if _append(workdir, text) is not None:  # in pieces as printed: no header each
+                return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)

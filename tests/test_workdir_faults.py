@@ -65,3 +65,26 @@ def test_a_stop_before_the_first_save_says_that_the_same_command_starts_over(tmp
     assert cli._what_next().startswith(f": nothing was saved in {tmp_path / 'run'}; the same command starts over: ")
     (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)
     assert cli._what_next().startswith(". To finish the job, run: ")
+
+
+def test_what_threads_outside_python_print_goes_to_the_workdirs_log(tmp_path):
+    import _thread
+    import io
+    import threading
+
+    from ftjax.fault_log import NAME, ForeignThreadStderr
+
+    screen = io.StringIO()
+    stderr = ForeignThreadStderr(screen)
+    with workdir_lock.held(tmp_path):
+        done = threading.Event()
+
+        def foreign() -> None:  # a thread Python did not start (tensorstore's C++ callbacks are such)
+            stderr.write("Traceback (most recent call last):\nRuntimeError: Event loop is closed\n")
+            done.set()
+
+        _thread.start_new_thread(foreign, ())
+        assert done.wait(10)
+        stderr.write("error: the one line\n")
+    assert screen.getvalue() == "error: the one line\n"
+    assert "RuntimeError: Event loop is closed" in (tmp_path / NAME).read_text()
