@@ -10,7 +10,7 @@ import jax
 from absl import app, flags, logging
 
 from ftjax.config import default_config, flat_keys, unknown_key_message
-from ftjax.distributed import rendezvous
+from ftjax.distributed import rendezvous, split_address
 from ftjax.errors import ConfigError, FtjaxError, StartupError
 from ftjax.logs import quiet_orbax
 
@@ -21,6 +21,8 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for mul
 flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.DEFINE_integer("init_timeout", 300, "Seconds to wait for all processes to join.")
+flags.DEFINE_float("heartbeat_timeout_s", 20, "Multi-host: a process silent (or gone) this long ends the run on "
+                   "every other process with one line naming it and exit code 75; relaunch to resume.")
 flags.DEFINE_integer("stop_exit_code", None, "Exit code after a requested stop (SIGINT / SIGTERM) has saved what "
                      "was done; default 130 for SIGINT, 143 for SIGTERM (0 for schedulers that want it).")
 
@@ -42,6 +44,21 @@ def init_distributed() -> None:
         return
     rendezvous(address, FLAGS.num_processes, FLAGS.process_id, FLAGS.init_timeout)
     _initialize_jax(*given)
+    _watch_peers(address)
+
+
+def _watch_peers(address: str) -> None:
+    """Start the peers' heartbeat (ftjax/heartbeat.py): a dead or silent process ends the run in one line."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from ftjax import heartbeat
+
+    def share_port(port: int) -> int:
+        return int(multihost_utils.broadcast_one_to_all(np.int32(port)))
+
+    heartbeat.start(split_address(address)[0], FLAGS.num_processes, FLAGS.process_id, FLAGS.heartbeat_timeout_s,
+                    share_port)
 
 
 def _initialize_jax(address: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -51,8 +68,10 @@ def _initialize_jax(address: str | None, num_processes: int | None, process_id: 
     if on_cpu:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
+        # JAX's own dead-peer abort (a C++ stack dump) comes after ours (ftjax/heartbeat.py, one line)
         jax.distributed.initialize(coordinator_address=address, num_processes=num_processes, process_id=process_id,
-                                   initialization_timeout=FLAGS.init_timeout)
+                                   initialization_timeout=FLAGS.init_timeout,
+                                   heartbeat_timeout_seconds=max(100, int(3 * FLAGS.heartbeat_timeout_s)))
     except ValueError as e:
         if on_cpu:
             jax.config.update("jax_cpu_collectives_implementation", collectives)
@@ -72,22 +91,53 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         logging.set_verbosity(logging.WARNING)  # JAX's backend probing is INFO noise for users
         quiet_orbax()
 
-        from ftjax import stop
+        from ftjax import heartbeat, stop
+        from ftjax.fault_log import ForeignThreadStderr
 
+        sys.stderr = ForeignThreadStderr(sys.stderr)  # Orbax's C++ callbacks' tracebacks go to the workdir's log
         try:
             with stop.listening():
                 main(argv)
+            heartbeat.stop()
         except FtjaxError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            if e.exit_code == 2:  # bad input: every process stops alike, no peer is lost
+                heartbeat.stop()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            _exit(e.exit_code)
         except stop.StopRequested as e:
-            print(f"{e}. To finish the job, run: {stop.resume_command()}", file=sys.stderr, flush=True)
+            heartbeat.stop()
+            print(f"{e}{_what_next()}", file=sys.stderr, flush=True)
             sys.exit(stop.exit_code(e.signum, FLAGS.stop_exit_code))
+        except Exception:
+            heartbeat.grace()  # a lost peer may fail a collective here first: its one line, not this traceback
+            raise
         except KeyboardInterrupt:  # a second Ctrl-C, or one outside any safe point
-            print(f"interrupted. To finish the job, run: {stop.resume_command()}", file=sys.stderr, flush=True)
+            print(f"interrupted{_what_next()}", file=sys.stderr, flush=True)
             sys.exit(FLAGS.stop_exit_code if FLAGS.stop_exit_code is not None else 130)
 
     return wrapped
+
+
+def _what_next() -> str:
+    """". To finish the job, run: CMD", or, for a training run stopped before its first checkpoint, that nothing
+    was saved and the same command starts over."""
+    from ftjax import stop, workdir_lock
+    from ftjax.checkpoint_faults import complete_steps
+
+    workdir = workdir_lock.last_held()
+    if workdir is not None and not complete_steps(workdir):
+        return f": nothing was saved in {workdir}; the same command starts over: {stop.resume_command()}"
+    return f". To finish the job, run: {stop.resume_command()}"
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. After a failed save or a lost peer, Orbax's writer threads and JAX's collectives may
+    still be running: the process ends at once, without the traceback their shutdown would print."""
+    if code == 2:
+        sys.exit(code)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def run_app(main: Callable[[list[str]], None]) -> None:

@@ -20,10 +20,13 @@ class _QuietOrbax(logging.Filter):
 
 
 def quiet_orbax() -> None:
-    """Drop those warnings from absl's logger (idempotent)."""
+    """Drop those warnings from absl's logger, and send Orbax's errors to the workdir's faults.log (idempotent)."""
+    from ftjax.fault_log import OrbaxErrorsToLog
+
     logger = logging.getLogger("absl")
-    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
-        logger.addFilter(_QuietOrbax())
+    for kind in (_QuietOrbax, OrbaxErrorsToLog):
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
 
 
 @contextlib.contextmanager

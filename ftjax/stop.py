@@ -2,9 +2,12 @@
 is done, print one line with the command that finishes the job, exit 130 (SIGINT) / 143 (SIGTERM).
 
 Training checks at every step end (and saves); evaluation, the report, export and sampling check between
-batches through `checkpoint(phase)`. On several processes every process checks at the same points and
+batches through `safe_point()`. On several processes every process checks at the same points and
 they agree (an all-gather of the flag), so all stop at the same batch. Schedulers that want a stopped job
 to count as succeeded pass --stop_exit_code=0.
+
+Tests reach into these points through one hook (`install_hook`): it hears every phase entered and every
+step ended, which is where the crash / preemption tests signal the process.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 import shlex
 import signal
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -32,6 +35,7 @@ class _State:
     signum: int | None = None
     installed: int = 0
     phase: str = "the job"
+    hook: Callable[[int | str], None] | None = None
 
 
 _STATE = _State()
@@ -107,17 +111,30 @@ def phase(name: str) -> Iterator[None]:
     inside another reads "outer, inner"."""
     outer = _STATE.phase
     _STATE.phase = name if outer == _State.phase else f"{outer}, {name}"
+    _reached(name)
     try:
         yield
     finally:
         _STATE.phase = outer
 
 
-def checkpoint(saved: str = "") -> None:
+def safe_point(saved: str = "") -> None:
     """A safe point: raise StopRequested if a stop was asked for on any process."""
     signum = agreed()
     if signum:
         raise StopRequested(signum, _STATE.phase, saved)
+
+
+def after_step(step: int) -> bool:
+    """Whether to stop after this step: a signal here, or on any host at JAX's preemption sync point."""
+    _reached(step)
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.reached_preemption_sync_point(step)
+    return requested() is not None
 
 
 def resume_command() -> str:
@@ -129,11 +146,12 @@ def exit_code(signum: int, override: int | None = None) -> int:
     return override if override is not None else EXIT_CODES.get(signal.Signals(signum), 128 + int(signum))
 
 
-def inject_fault(point: int | str) -> None:
-    """Fault injection for the crash / preemption tests: FTJAX_FAULT=KIND@POINT (KIND: kill, term, int; POINT:
-    a step number, or a phase: eval, report, export) signals this process when it reaches that point."""
-    fault = os.environ.get("FTJAX_FAULT", "")
-    kind, _, at = fault.partition("@")
-    if at and at == str(point):
-        kinds = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
-        os.kill(os.getpid(), kinds[kind])
+def install_hook(hook: Callable[[int | str], None] | None) -> None:
+    """Tests' one way in: `hook(point)` is called with each phase's name as it is entered and each step's
+    number as it ends (None removes it)."""
+    _STATE.hook = hook
+
+
+def _reached(point: int | str) -> None:
+    if _STATE.hook is not None:
+        _STATE.hook(point)

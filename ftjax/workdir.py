@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from ftjax import workdir_lock
 from ftjax.backend_defaults import resolve_auto
 from ftjax.checkpoint import Checkpoints
 from ftjax.config import default_config, flat_keys
@@ -155,7 +156,10 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
         raise LoadError(f"{workdir}: the model has state outside its parameters; a full fine-tuning checkpoint "
                         "does not hold it")
     if jax.process_index() == 0:
-        print(f"{workdir}: checkpoint step {chosen} ({'best' if step is None else step})", flush=True)
+        held = workdir_lock.holder(workdir)  # a run still writing it: Orbax lists only its complete checkpoints
+        print(f"{workdir}: checkpoint step {chosen} ({'best' if step is None else step})" +
+              (f"; a run holds this workdir ({held}): read from its complete checkpoints only" if held else ""),
+              flush=True)
     return TrainedRun(config, nnx.merge(graphdef, restored, cast_floats(frozen, frozen_dtype(config))), chosen)
 
 

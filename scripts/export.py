@@ -10,7 +10,8 @@
 
 Takes the best checkpoint (lowest eval loss, else the latest) unless --step says otherwise.
 Tensors are fetched one at a time from the sharded model; multi-host: the same command on every
-process, process 0 writes.
+process, process 0 writes. The export is written beside --out and renamed into place once complete: an
+interrupted one leaves the previous export (or nothing) there.
 """
 
 from absl import app, flags
@@ -37,6 +38,7 @@ def main(argv):
 
     from ftjax import stop
     from ftjax.errors import ConfigError
+    from ftjax.interop.atomic_out import replaced_when_complete
     from ftjax.workdir import config_from_workdir, load_trained
 
     config = config_from_workdir(FLAGS.workdir)
@@ -51,13 +53,14 @@ def main(argv):
                           "(export it with --format=hf)")
     with stop.phase(f"export of {FLAGS.workdir}"):
         run = load_trained(FLAGS.workdir, FLAGS.step)
-        stop.inject_fault("export")
-        stop.checkpoint()  # a stop asked for while loading ends here, before anything is written
+        stop.safe_point()  # a stop asked for while loading ends here, before anything is written
     if FLAGS.format == "hf":
         from ftjax.interop.export_hf import export_hf
 
-        out = export_hf(run.model, FLAGS.out, source=run.config.model.path, dtype=FLAGS.dtype,
-                        max_shard_size=FLAGS.max_shard_size)
+        with replaced_when_complete(FLAGS.out, jax.process_index() == 0) as partial, stop.phase(f"writing {partial}"):
+            export_hf(run.model, partial, source=run.config.model.path, dtype=FLAGS.dtype,
+                      max_shard_size=FLAGS.max_shard_size)
+        out = FLAGS.out
     elif FLAGS.format == "gguf":
         from pathlib import Path
 
@@ -69,7 +72,9 @@ def main(argv):
     else:
         from ftjax.interop.peft import export_peft
 
-        out = export_peft(run.model, FLAGS.out, base_model_name_or_path=run.config.model.path, dtype=FLAGS.dtype)
+        with replaced_when_complete(FLAGS.out, jax.process_index() == 0) as partial, stop.phase(f"writing {partial}"):
+            export_peft(run.model, partial, base_model_name_or_path=run.config.model.path, dtype=FLAGS.dtype)
+        out = FLAGS.out
     if jax.process_index() == 0:
         print(f"exported step {run.step} of {FLAGS.workdir} as {FLAGS.format} to {out}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -17,11 +18,28 @@ def load_config(name: str = "tiny_test"):
     return load_recipe(ROOT / "configs" / f"{name}.py")
 
 
-def script_env(devices: int = 1, **extra: str) -> dict[str, str]:
+def script_env(devices: int = 1, fault: str = "", **extra: str) -> dict[str, str]:
     """The environment of a scripts/ subprocess on `devices` simulated CPU devices (-O0, as the tests' own). A run
-    whose subject is not the mesh takes one: ~40% less CPU than eight for the same job."""
+    whose subject is not the mesh takes one: ~40% less CPU than eight for the same job. `fault` (KIND@POINT)
+    installs the tests' fault hook in it (tests/fault_site/sitecustomize.py)."""
     flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}
+    if fault:
+        env["FTJAX_FAULT"] = fault
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests" / "fault_site"), env.get("PYTHONPATH", ""), str(ROOT)])
+    return env
+
+
+def said(stderr: str) -> list[str]:
+    """The lines a script printed to stderr, without tqdm's progress bar (its redraws end in a carriage return, or
+    run straight into the next line when the process ends abruptly)."""
+    out = []
+    for piece in re.split(r"[\r\n]", stderr):
+        bar = re.match(r"\s*\d+%\|.*?\|.*?\]", piece)  # "  50%|█████     | 3/6 [00:04<00:04, ...]"
+        rest = piece[bar.end():] if bar else piece
+        if rest.strip():
+            out.append(rest.strip())
+    return out
 
 
 def metrics(workdir) -> list[dict]:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from ftjax.checkpoint import Checkpoints
-from loop_helpers import ROOT, load_config, metrics, script_env
+from loop_helpers import ROOT, load_config, metrics, said, script_env
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,8 @@ def _command(workdir: Path, *flags: str) -> list[str]:
             f"--workdir={workdir}", f"--config.train.steps={STEPS}", *MESH, *flags]
 
 
-def _env(devices: int, **extra: str) -> dict[str, str]:
-    return script_env(devices, TOKENIZERS_PARALLELISM="false", **extra)
+def _env(devices: int, fault: str = "", **extra: str) -> dict[str, str]:
+    return script_env(devices, fault, TOKENIZERS_PARALLELISM="false", **extra)
 
 
 class Job:
@@ -95,7 +95,7 @@ def _run_two_processes(workdir: Path, logs: Path, *flags: str, faults: tuple[str
     with _jobs(timeout_s) as (jobs, start):
         for i in range(2):
             start(f"p{i}", _command(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                    f"--process_id={i}", *flags), _env(2, FTJAX_FAULT=faults[i]), logs)
+                                    f"--process_id={i}", *flags), _env(2, fault=faults[i]), logs)
     return jobs
 
 
@@ -268,3 +268,69 @@ def test_two_processes_export_the_gguf_one_process_exports(runs, tmp_path):
     _export_on_two_processes_and_one(root, tmp_path, "--format=gguf", "--quant=q8_0")
     two, one = ((tmp_path / name / "model-q8_0.gguf").read_bytes() for name in ("two", "one"))
     assert len(one) > 100_000 and two == one
+
+
+def _lost_line(job: Job) -> str:
+    """The one line a survivor printed (stderr without the progress bar), no traceback."""
+    err = job.stderr()
+    assert "Traceback" not in err, job.tail()
+    lines = [ln for ln in said(err) if not any(g in ln for g in _GLOO)]
+    assert len(lines) == 1, job.tail()
+    return lines[0]
+
+
+def _kill_one(workdir: Path, logs: Path, n: int, victim: int, flags: Sequence[str], devices: int) -> list[Job]:
+    """n processes, `victim` killed (kill -9) at the end of step 4; the survivors must exit within 30 s of it,
+    at the default --heartbeat_timeout_s."""
+    logs.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    with _jobs(420) as (jobs, start):
+        for i in range(n):
+            start(f"p{i}", _command(workdir, f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}",
+                                    f"--process_id={i}", *flags), _env(devices, fault="kill@4" if i == victim else ""),
+                  logs)
+        deadline = time.monotonic() + 420
+        while jobs[victim].proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        died = time.monotonic()
+        for job in jobs:
+            job.proc.wait(timeout=max(died + 30 - time.monotonic(), 0.1))  # TimeoutExpired fails the test
+    assert jobs[victim].proc.returncode == -9, jobs[victim].tail()
+    return jobs
+
+
+@pytest.mark.parametrize("n,victim", [(2, 1), (3, 2)])
+def test_a_killed_process_ends_the_others_in_one_line_and_a_relaunch_resumes(tmp_path, n, victim):
+    """kill -9 of one process: each other one names it and the last complete checkpoint in one line, exits 75
+    within 30 s; the same command relaunched resumes from that checkpoint to the losses of a straight run."""
+    flags = ("--config.eval.final=false", "--config.checkpoint.every=2", "--config.train.steps=6",
+             "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.mesh.tensor=1", f"--config.train.batch_size={2 * n}")
+    jobs = _kill_one(tmp_path / "run", tmp_path / "killed", n, victim, flags, devices=2)
+    for i, job in enumerate(jobs):
+        if i == victim:
+            continue
+        assert job.proc.returncode == 75, job.tail()
+        line = _lost_line(job)
+        m = re.match(rf"error: process {i}: process {victim} \(\S+\) of {n} was lost \((.+?)\); (.+?); relaunch the "
+                     rf"same command on every process to resume from it; details in {tmp_path / 'run' / 'faults.log'}$",
+                     line)
+        assert m, line
+    kept = Checkpoints(tmp_path / "run").latest_step()
+    assert (f"the last complete checkpoint is {tmp_path / 'run' / 'checkpoints' / str(kept)} (kept)" if kept else
+            "no checkpoint is complete yet") in _lost_line(jobs[0])
+    port = _free_port()
+    with _jobs(420) as (again, start):
+        for i in range(n):
+            start(f"again{i}", _command(tmp_path / "run", f"--coordinator_address=127.0.0.1:{port}",
+                                        f"--num_processes={n}", f"--process_id={i}", *flags), _env(2), tmp_path)
+        start("straight", _command(tmp_path / "straight", *flags), _env(2 * n), tmp_path)
+    for job in again:
+        assert job.proc.returncode == 0, job.tail()
+    if kept:
+        assert f"resumed from step {kept}" in again[0].stdout()
+    resumed, straight = _losses(tmp_path / "run"), _losses(tmp_path / "straight")
+    assert sorted(resumed) == sorted(straight) == list(range(1, 7))
+    steps = [r["step"] for r in metrics(tmp_path / "run") if "loss" in r]
+    assert steps == list(range(1, 7))  # each step once
+    for step in resumed:
+        np.testing.assert_allclose(resumed[step]["loss"], straight[step]["loss"], rtol=RTOL, err_msg=f"step {step}")

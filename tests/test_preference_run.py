@@ -3,7 +3,6 @@ second copy (LoRA) or from the workdir's cache (full fine-tuning), exact resume 
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from ftjax.train.reply_logps import model_pair_logps
 from ftjax.train.setup import build_state
 from ftjax.train.step import make_train_step
 from ftjax.train.terms import cross_entropy, loss_terms
-from loop_helpers import ROOT, load_config, metrics
+from loop_helpers import ROOT, load_config, metrics, script_env
 from preference_helpers import write_pairs
 
 STEPS = 4
@@ -204,7 +203,7 @@ def test_sigkill_then_resume_under_dpo_ends_at_the_same_loss(pair_files, full_dp
     def train(fault: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_test.py"),
                f"--workdir={tmp_path}", *_flags(pair_files, method="full")]
-        return subprocess.run(cmd, env={**os.environ, "FTJAX_FAULT": fault}, capture_output=True, text=True,
+        return subprocess.run(cmd, env=script_env(8, fault), capture_output=True, text=True,
                               timeout=600)
 
     proc = train("kill@3")

@@ -10,11 +10,11 @@ from ftjax import stop
 
 def test_a_signal_is_honoured_at_the_next_safe_point_naming_the_phase():
     with stop.listening():
-        stop.checkpoint()  # nothing asked: nothing happens
+        stop.safe_point()  # nothing asked: nothing happens
         with stop.phase("the final report"):
             os.kill(os.getpid(), signal.SIGINT)  # the handler only sets the flag: no KeyboardInterrupt here
             with pytest.raises(stop.StopRequested) as e:
-                stop.checkpoint("step 40 saved")
+                stop.safe_point("step 40 saved")
     assert str(e.value) == "stopped by SIGINT during the final report; step 40 saved"
     assert stop.exit_code(e.value.signum) == 130 and stop.exit_code(signal.SIGTERM) == 143
     assert stop.exit_code(signal.SIGTERM, override=0) == 0
@@ -33,5 +33,5 @@ def test_a_stop_heard_by_one_job_does_not_stop_the_next():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested() == signal.SIGTERM
     with stop.listening():
-        stop.checkpoint()  # the next job starts clean
+        stop.safe_point()  # the next job starts clean
     assert stop.requested() is None

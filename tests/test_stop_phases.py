@@ -30,7 +30,7 @@ def _train(workdir, *flags, cache, fault: str = "", cmd: list[str] | None = None
 
 
 def _run(cmd: list[str], cache, fault: str = "") -> subprocess.CompletedProcess:
-    env = script_env(FTJAX_FAULT=fault, FTJAX_CACHE=str(cache))  # one device: stops, not the mesh, are the subject
+    env = script_env(fault=fault, FTJAX_CACHE=str(cache))  # one device: stops, not the mesh, are the subject
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 

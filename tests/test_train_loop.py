@@ -1,6 +1,5 @@
 """The training job end to end on the tiny config: records, exact resume, provenance, preemption, crashes."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError
 from ftjax.train.loop import run
-from loop_helpers import ROOT, load_config, metrics, tensorboard_scalars
+from loop_helpers import ROOT, load_config, metrics, script_env, tensorboard_scalars
 
 STEPS = 8
 
@@ -108,7 +107,7 @@ def test_resume_on_changed_data_is_refused(tmp_path):
 
 
 def _train_subprocess(workdir, fault: str, *flags: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FTJAX_FAULT": fault}
+    env = script_env(8, fault)
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_test.py"),
            f"--workdir={workdir}", "--config.train.grad_accum=2", "--config.mesh.data=2", "--config.mesh.fsdp=2",
            "--config.mesh.tensor=2", "--config.eval.final=false", *flags]

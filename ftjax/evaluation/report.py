@@ -165,7 +165,8 @@ def _evaluated(report: dict) -> str:
 def _markdown(report: dict) -> str:
     meta = report.get("meta", {})
     out = [f"# Fine-tuning report (step {meta.get('step', '?')})", "",
-           f"Model `{meta.get('model', '?')}`, method `{meta.get('method', '?')}`; " + _evaluated(report) + "; retain set: {meta.get('retain_prompts', '?')} prompts "
+           f"Model `{meta.get('model', '?')}`, method `{meta.get('method', '?')}`; " + _evaluated(report) +
+           f"; retain set: {meta.get('retain_prompts', '?')} prompts "
            f"({meta.get('retain_tokens', '?')} reply tokens) with {meta.get('qa_questions', '?')} known answers.", "",
            *_base_note(meta), *_settings(meta), format_tables(report, markdown=True), "", "## Sample replies", ""]
     for which, s in report.get("samples", {}).items():

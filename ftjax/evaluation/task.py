@@ -74,7 +74,7 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
             for i, row in zip(idx, tokens):
                 rows[i] = [int(t) for t in row]
             bar.update(len(idx))
-            stop.checkpoint()  # a stop asked for during generation ends it here, on every process alike
+            stop.safe_point()  # a stop asked for during generation ends it here, on every process alike
     return rows, eos
 
 

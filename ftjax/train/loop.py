@@ -21,12 +21,13 @@ from flax import nnx
 
 from ftjax import config as config_lib
 from ftjax import data as data_lib
-from ftjax import stop
+from ftjax import stop, workdir_lock
 from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
 from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
 from ftjax.evaluation.run import Evaluation
+from ftjax.history_cut import cut_history
 from ftjax.logs import heartbeat, still
 from ftjax.metrics.flops import training_flops_per_token
 from ftjax.metrics.peaks import peak_flops
@@ -125,10 +126,10 @@ def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, A
     """Train (or resume) per `config` in `workdir`; returns the final metrics.
 
     `until` stops after that step as a preemption would (save, return): tests use it to split a
-    run in two without changing its schedule.
+    run in two without changing its schedule. A second run on a workdir that one holds stops at once.
     """
     config_lib.validate(config)
-    with stop.listening():  # also when called as a library, not only through scripts/train.py
+    with stop.listening(), workdir_lock.held(workdir):  # also as a library, not only through scripts/train.py
         job = prepare(config, Path(workdir))
         with activation_sharding(job.step_fn.mesh, job.step_fn.rules):  # evals split their rows as steps do
             step, stopped_early, last = steps(job, until)
@@ -210,6 +211,10 @@ def prepare(config, workdir: Path) -> Job:
     _resume(job)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if moved := cut_history(workdir, job.start):  # one history: rows past the resumed step set aside
+            print(moved, flush=True)
+        if warning := job.ckpt.room_warning((job.trainable, job.opt_state), config.checkpoint.keep):
+            print(warning, flush=True)  # before the first save: the disk cannot hold what the run keeps
     return job
 
 
@@ -217,23 +222,22 @@ def _check_resumable(config, workdir: Path) -> None:
     """Refuse, in one line, to resume a run whose recorded config differs outside the may-change list."""
     reader = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
     try:
-        latest = reader.latest_step()
-        if latest is not None:
-            recorded = reader.read_meta(latest).get("config", {})
-            check_resume_config(recorded, config.to_dict(), config_lib.default_config().to_dict())
+        recorded = reader.newest_meta()
+        if recorded is not None:
+            check_resume_config(recorded.get("config", {}), config.to_dict(), config_lib.default_config().to_dict())
     finally:
         reader.close()
 
 
 def _resume(job: Job) -> None:
-    """From the latest complete checkpoint, if any: weights, optimizer, data position, early-stop state."""
-    latest = job.ckpt.latest_step()
-    if latest is None:
+    """From the newest complete checkpoint that reads, if any: weights, optimizer, data position, early stop."""
+    found = job.ckpt.restore_newest({"trainable": job.trainable, "opt_state": job.opt_state}, _say)
+    if found is None:
         return
-    recorded = job.ckpt.read_meta(latest).get("provenance", {})
+    latest, restored, meta = found
+    recorded = meta.get("provenance", {})
     check_same(recorded.get("base", {}), job.provenance["base"], "base model")
     check_same(recorded.get("data", {}), job.provenance["data"], "training data")
-    restored, meta = job.ckpt.restore(latest, {"trainable": job.trainable, "opt_state": job.opt_state})
     job.trainable, job.opt_state = restored["trainable"], restored["opt_state"]
     job.batches.restore(meta)
     job.early = EarlyStop.from_state(job.config.train.early_stop_patience, meta.get("early_stop"))
@@ -275,7 +279,6 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
         track = None
         if job.evaluation is not None:
             def track(trainable, step):
-                stop.inject_fault("eval")
                 with stop.phase(f"evaluation at step {step}"):
                     return job.evaluation.track(job.model(trainable), job.base, step)
         actions.insert(0, Evaluate(c.eval.every, c.eval.final, job.eval_loss, job.early, meter, track))
@@ -287,9 +290,8 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                 rng = jax.random.fold_in(base_key, step)
                 batch = first if step == job.start + 1 else next(job.batches)
                 trainable, opt_state, metrics = job.step_fn(trainable, opt_state, job.frozen, batch, rng)
-                stop.inject_fault(step)
                 tick = Tick(step, trainable, opt_state, metrics, is_last=step == c.train.steps,
-                            stopping=_stop_requested(step) or step == until)
+                            stopping=stop.after_step(step) or step == until)
                 for action in actions:
                     try:
                         action(tick)
@@ -315,15 +317,6 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
     return step, stopped_early, log.last
 
 
-def _stop_requested(step: int) -> bool:
-    """Whether to stop after this step: a signal here, or on any host at JAX's preemption sync point."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.reached_preemption_sync_point(step)
-    return stop.requested() is not None
-
-
 def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, Any]:
     """After the steps: the before/after report on the best checkpoint, closing, the loss plot."""
     c, trainable = job.config, job.trainable
@@ -338,7 +331,6 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
             reader.close()
         _say(f"report: the best checkpoint, step {report_step} (lowest eval loss), not the final step {step}")
     if reporting:
-        stop.inject_fault("report")
         with stop.phase("the final report"):
             last["report"] = job.evaluation.report(job.model(trainable), job.base, report_step,
                                                    extra_meta={"final_step": step,

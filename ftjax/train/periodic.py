@@ -140,6 +140,7 @@ class SaveCheckpoint:
     meta: Callable[[Tick], dict]
 
     def __call__(self, tick: Tick) -> None:
+        self.ckpt.check()  # a background save that failed (a full disk) stops the run at this step
         if due(self.every, tick.step) or tick.is_last or tick.stopping:
             self.ckpt.save(tick.step, {"trainable": tick.trainable, "opt_state": tick.opt_state}, self.meta(tick),
                            eval_loss=tick.values.get("eval_loss"))
