@@ -29,6 +29,15 @@ scripts/benchmark.py with this config measures them).
 from ftjax.config import default_config
 
 
+# Meta-Llama-3-70B-Instruct's config.json (the keys the model reads)
+HF_CONFIG = {
+    "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 8192, "hidden_act": "silu", "attention_bias": False,
+    "mlp_bias": False, "tie_word_embeddings": False,
+}
+
+
 def get_config():
     c = default_config()
     c.model.path = "/path/to/Meta-Llama-3-70B-Instruct"

@@ -18,6 +18,15 @@ data (held out by seed) every 200 steps. On TPU (v5p-8, v6e-8) the same command 
 from ftjax.config import default_config
 
 
+# Meta-Llama-3-8B-Instruct's config.json (the keys the model reads)
+HF_CONFIG = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 8192, "hidden_act": "silu", "attention_bias": False,
+    "mlp_bias": False, "tie_word_embeddings": False,
+}
+
+
 def get_config():
     c = default_config()
     c.model.path = "/path/to/Meta-Llama-3-8B-Instruct"

@@ -16,6 +16,15 @@ from pathlib import Path
 from ftjax.config import load_recipe
 
 
+# Meta-Llama-3-8B-Instruct's config.json (the keys the model reads)
+HF_CONFIG = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 8192, "hidden_act": "silu", "attention_bias": False,
+    "mlp_bias": False, "tie_word_embeddings": False,
+}
+
+
 def get_config():
     c = load_recipe(Path(__file__).with_name("llama3_8b_lora.py"))  # bf16 compute and frozen weights, full remat, LoRA rank 16 on every projection
     c.model.param_dtype = "bfloat16"  # the unquantized frozen weights (embedding, head, norms) as read

@@ -17,6 +17,15 @@ estimate, not a measurement; scripts/benchmark.py with this config measures it).
 from ftjax.config import default_config
 
 
+# Qwen3-8B's config.json (the keys the model reads)
+HF_CONFIG = {
+    "model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+    "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960, "hidden_act": "silu",
+    "attention_bias": False, "use_sliding_window": False, "sliding_window": None, "tie_word_embeddings": False,
+}
+
+
 def get_config():
     c = default_config()
     c.model.path = "/path/to/Qwen3-8B"

@@ -38,6 +38,7 @@ from ftjax.lora import apply_lora, frozen_quant_kernels, trainable_filter
 from ftjax.models.llama import Llama, ModelConfig
 from ftjax.models.moe import grouped_rows, resolved_implementation, tile_rows
 from ftjax.models.registry import config_from_hf, hf_tensor_name
+from ftjax.platform import device_capacity, platform_of
 from ftjax.quant.weight import QuantizedParam, abstract_weight
 from ftjax.sharding import batch_shards, mesh_from_config, parse_rules, state_shardings
 from ftjax.train.optimizer import make_optimizer
@@ -56,13 +57,12 @@ def _device_bytes(abstract_state, mesh: Mesh, rules: dict, dtype=None) -> int:
     return total
 
 
-def device_capacity() -> tuple[int, str]:
-    """(bytes usable per device, where that number came from)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"]), "device memory"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // max(jax.local_device_count(), 1), "host RAM / local devices"
+def on_platform(cfg: ModelConfig, platform: str) -> ModelConfig:
+    """`cfg` with an MoE's `auto` grouped matmul resolved to the one `platform` runs (not this host's)."""
+    if cfg.moe is None:
+        return cfg
+    return cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=resolved_implementation(
+        cfg.moe.implementation, platform)))
 
 
 def mlp_width(cfg: ModelConfig, tokens: int) -> float:
@@ -103,9 +103,11 @@ def saved_widths(config, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
 
 def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     """Bytes per device for the trainable + frozen params, optimizer state and activations."""
-    resolve_auto(config)
+    platform = platform_of(mesh)
+    resolve_auto(config, platform)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
+    model_cfg = on_platform(model_cfg, platform)
     quant = frozen_quant(config)
     _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method),
                                                 QuantizedParam, ...)
@@ -197,7 +199,7 @@ def check_fits(config, model_cfg: ModelConfig, mesh: Mesh) -> str:
     """One line describing the estimate; ConfigError when it exceeds the device's memory."""
     parts = estimate(config, model_cfg, mesh)
     total = sum(parts.values())
-    capacity, source = device_capacity()
+    capacity, source = device_capacity(mesh)
     line = ("memory per device (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in parts.items())
             + f"; total {total / GIB:.2f} GiB of {capacity / GIB:.1f} GiB ({source})")
     if total > 0.95 * capacity:
@@ -214,9 +216,5 @@ def recipe_estimate(path: str | os.PathLike, devices: int, backend: str = "gpu")
     module = recipe_module(path)
     config = resolve_auto(module.get_config(), backend)
     mesh = mesh_from_config(config, devices=jax.devices()[:devices])
-    cfg = config_from_hf(module.HF_CONFIG)
-    if cfg.moe is not None:  # the grouped matmul that backend runs, not this host's
-        cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=resolved_implementation(
-            cfg.moe.implementation, backend)))
-    parts = estimate(config, cfg, mesh)
+    parts = estimate(config, on_platform(config_from_hf(module.HF_CONFIG), backend), mesh)
     return {**{k: round(v / GIB, 2) for k, v in parts.items()}, "total": round(sum(parts.values()) / GIB, 2)}
