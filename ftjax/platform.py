@@ -23,20 +23,27 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator chip's data-sheet figures: HBM bytes, HBM bandwidth (bytes/s), dense bf16 FLOP/s."""
+    """One accelerator chip's data-sheet figures: HBM bytes, HBM bandwidth (bytes/s), dense bf16 FLOP/s, and its
+    TensorCores (a JAX device is one core, or the whole chip on megacore chips)."""
 
     hbm_bytes: int
     hbm_bandwidth: float
     peak_flops: float
+    cores: int
     source: str
 
 
-# Keyed by jax's device_kind. One device per chip on v4/v5p (megacore) and v5e/v6e (one core).
+# Keyed by jax's device_kind. v2-v4 abstract topology devices are single cores (2 per chip); v5p's are megacore.
 CHIPS: dict[str, Chip] = {
-    "TPU v4": Chip(32 * GIB, 1228e9, 275e12, "cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 1228 GB/s, 275 TFLOP/s"),
-    "TPU v5 lite": Chip(16 * GIB, 819e9, 197e12, "cloud.google.com/tpu/docs/v5e: 16 GiB HBM2, 819 GB/s, 197 TFLOP/s"),
-    "TPU v5": Chip(95 * GIB, 2765e9, 459e12, "cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e, 2765 GB/s, 459 TFLOP/s"),
-    "TPU v6 lite": Chip(32 * GIB, 1640e9, 918e12, "cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 1640 GB/s, 918 TFLOP/s"),
+    "TPU v2": Chip(16 * GIB, 700e9, 45e12, 2, "cloud.google.com/tpu/docs/v2: 16 GiB HBM, 700 GB/s, 45 TFLOP/s"),
+    "TPU v3": Chip(32 * GIB, 900e9, 123e12, 2, "cloud.google.com/tpu/docs/v3: 32 GiB HBM, 900 GB/s, 123 TFLOP/s"),
+    "TPU v4": Chip(32 * GIB, 1228e9, 275e12, 2, "cloud.google.com/tpu/docs/v4: 32 GiB HBM2, 1228 GB/s, 275 TFLOP/s"),
+    "TPU v5 lite": Chip(16 * GIB, 819e9, 197e12, 1, "cloud.google.com/tpu/docs/v5e: 16 GiB HBM2, 819 GB/s, "
+                        "197 TFLOP/s"),
+    "TPU v5": Chip(95 * GIB, 2765e9, 459e12, 2, "cloud.google.com/tpu/docs/v5p: 95 GiB HBM2e, 2765 GB/s, "
+                   "459 TFLOP/s"),
+    "TPU v6 lite": Chip(32 * GIB, 1640e9, 918e12, 1, "cloud.google.com/tpu/docs/v6e: 32 GiB HBM, 1640 GB/s, "
+                        "918 TFLOP/s"),
 }
 
 
@@ -63,8 +70,15 @@ def device_kind(where: Any = None) -> str:
 
 
 def chip(where: Any = None) -> Chip | None:
-    """The data-sheet figures of `where`'s chip, None for a chip not in CHIPS (CPUs, GPUs: their runtime says)."""
-    return CHIPS.get(device_kind(where))
+    """The data-sheet figures of one device of `where` (a chip's, or its share for a single-core device); None for
+    a kind not in CHIPS (CPUs; GPUs, whose runtime reports their memory)."""
+    device = devices_of(where)[0]
+    spec = CHIPS.get(device.device_kind)
+    if spec is None:
+        return None
+    share = min(getattr(device, "num_cores", spec.cores) / spec.cores, 1.0)
+    return Chip(int(spec.hbm_bytes * share), spec.hbm_bandwidth * share, spec.peak_flops * share,
+                max(int(spec.cores * share), 1), spec.source)
 
 
 def device_capacity(where: Any = None) -> tuple[int, str]:
@@ -76,9 +90,12 @@ def device_capacity(where: Any = None) -> tuple[int, str]:
     stats = (device.memory_stats() or {}) if local else {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"]), "device memory"
-    known = CHIPS.get(device.device_kind)
+    known = chip(device)
     if known is not None:
         return known.hbm_bytes, f"{device.device_kind} HBM ({known.source})"
+    if not local:
+        raise ConfigError(f"no HBM figure for {device.device_kind} devices (ftjax/platform.py CHIPS knows "
+                          f"{', '.join(CHIPS)})")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return ram // max(jax.local_device_count(), 1), "host RAM / local devices"
 

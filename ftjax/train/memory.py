@@ -44,6 +44,9 @@ from ftjax.sharding import batch_shards, mesh_from_config, parse_rules, state_sh
 from ftjax.train.optimizer import make_optimizer
 
 GIB = 1024**3
+# XLA's TPU compile holds the layers' saved tensors (the scan's stacked residuals) twice: Llama-3-8B LoRA, full
+# remat, 8 x 4096 rows per chip on v5p: 0.50 GiB per layer (1 vs 32 layers), 2 x 0.25 GiB of layer inputs.
+SAVED_COPIES = {"tpu": 2}
 
 
 def _device_bytes(abstract_state, mesh: Mesh, rules: dict, dtype=None) -> int:
@@ -127,8 +130,8 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     saved = saved_widths(config, cfg, t * rows).get(config.model.remat)
     if saved is None:  # remat=none: every intermediate of every layer lives until the backward pass
         acts = cfg.num_layers * per_layer
-    else:  # the saved tensors of every layer, plus one layer's worth during its recomputation
-        acts = cfg.num_layers * t * rows * saved * 2 * scale / tensor + per_layer
+    else:  # the saved tensors of every layer (twice on TPU), plus one layer's worth during its recomputation
+        acts = cfg.num_layers * t * rows * saved * 2 * scale / tensor * SAVED_COPIES.get(platform, 1) + per_layer
     acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3  # logits chunk, fp32, fwd+bwd
     if cfg.moe is not None:  # every layer's router logits, fp32, returned for the balance loss; and during one
         # layer's backward the gradients of its routed buffers, as large as the buffers
