@@ -14,7 +14,9 @@ term is the routed one (`moe_layer_bytes`): the top-k copies of each token throu
 grouped matmul really runs (ragged_dot: tokens·k; the tiled path: its padded tiles), their gradients during one
 layer's backward, and the fp32 router logits that every layer returns for the balance loss. Sliding windows change
 no weight. Against XLA's count of the CPU (tiled) step this is still low, by ~25% at d=1024, 8 layers, E=32,
-top-4: XLA holds more of the tiled path per layer than its saved values (benchmarks/RESULTS.md).
+top-4: XLA holds more of the tiled path per layer than its saved values (benchmarks/RESULTS.md). On a mesh that
+splits the batch, the routing sorts the global batch's tokens, and XLA's TPU compile of Qwen3-30B-A3B (fsdp 4 x
+expert 2) holds a layer's routed buffers for all of them on every chip (bf16[32·4096·8, 2048]): counted so.
 """
 
 from __future__ import annotations
@@ -44,9 +46,12 @@ from ftjax.sharding import batch_shards, mesh_from_config, parse_rules, state_sh
 from ftjax.train.optimizer import make_optimizer
 
 GIB = 1024**3
-# XLA's TPU compile holds the layers' saved tensors (the scan's stacked residuals) twice: Llama-3-8B LoRA, full
-# remat, 8 x 4096 rows per chip on v5p: 0.50 GiB per layer (1 vs 32 layers), 2 x 0.25 GiB of layer inputs.
-SAVED_COPIES = {"tpu": 2}
+# One dense layer during its recomputation and backward in XLA's TPU compile, in values per token: (replicated
+# over the tensor axis, per hidden unit; split by it, per MLP unit). Fitted to the Llama-3-8B and -70B LoRA recipes
+# (v5p, full remat; 70B with tensor 4) and checked on Qwen3-8B (benchmarks/memory_vs_xla.py): its MLP's gate, up
+# and products and their gradients (bf16[tokens, 14336] x ~10 in the 8B's buffer assignment) exceed Korthikanti's
+# 19·d, which assumes a 4·d GeLU MLP.
+TPU_LAYER = (11.5, 7.3)
 
 
 def _device_bytes(abstract_state, mesh: Mesh, rules: dict, dtype=None) -> int:
@@ -104,6 +109,16 @@ def saved_widths(config, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
     return {"full": d, "minimal": minimal, "dots": minimal + 2 * d}  # dots: + o_proj and down outputs
 
 
+def replicated_widths(config, cfg: ModelConfig) -> dict[str, float]:
+    """Of `saved_widths`, the values the tensor axis does not split: the residual stream (act_embed) and the LoRA
+    hidden states; q/k/v, the attention context, gate and up are split over tensor."""
+    d = cfg.hidden_size
+    targets = config.lora.targets
+    targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
+    lora = config.lora.rank * len(targets) if config.method == "lora" else 0
+    return {"full": d, "minimal": 2 * d + lora, "dots": 4 * d + lora}  # input, resid_mid (+ o_proj, down outputs)
+
+
 def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     """Bytes per device for the trainable + frozen params, optimizer state and activations."""
     platform = platform_of(mesh)
@@ -122,17 +137,28 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     scale = itemsize / 2
     tensor = mesh.shape["tensor"]
     scores = 5 * cfg.num_heads * t / d if config.model.attention == "xla" else 0  # flash kernels keep no [T, S]
-    if cfg.moe is None:
-        per_layer = t * rows * d * (34 + scores) * scale / tensor
-    else:  # attention and norms (34 - the dense MLP's 19), then the routed MLP
+    if cfg.moe is None and platform == "tpu":
+        replicated, split = TPU_LAYER
+        per_layer = t * rows * itemsize * (replicated * d + (split * cfg.intermediate_size + scores * d / 2) / tensor)
+    elif cfg.moe is None:  # Korthikanti's tensor-parallel form: 10 of the 34 are not split
+        per_layer = t * rows * d * (10 + (24 + scores) / tensor) * scale
+    else:  # attention and norms (34 - the dense MLP's 19), then the routed MLP: its forward buffers span the
+        # global batch (the sort by expert runs over every token, so XLA gathers them on each device)
         routed = moe_layer_bytes(cfg, t * rows, itemsize)
-        per_layer = (t * rows * d * (15 + scores) * scale + routed) / tensor
+        gathered = moe_layer_bytes(cfg, t * rows * batch_shards(mesh, rules), itemsize)
+        per_layer = (t * rows * d * (15 + scores) * scale + gathered) / tensor
     saved = saved_widths(config, cfg, t * rows).get(config.model.remat)
     if saved is None:  # remat=none: every intermediate of every layer lives until the backward pass
         acts = cfg.num_layers * per_layer
-    else:  # the saved tensors of every layer (twice on TPU), plus one layer's worth during its recomputation
-        acts = cfg.num_layers * t * rows * saved * 2 * scale / tensor * SAVED_COPIES.get(platform, 1) + per_layer
-    acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3  # logits chunk, fp32, fwd+bwd
+    else:  # the saved tensors of every layer (the residual stream whole on each tensor shard), plus one layer's
+        # worth during its recomputation
+        replicated = replicated_widths(config, cfg)[config.model.remat]
+        acts = cfg.num_layers * t * rows * (replicated + (saved - replicated) / tensor) * itemsize + per_layer
+    acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3 / tensor  # logits chunk, fp32, fwd+bwd
+    if platform == "tpu":  # the output head in fp32 for the loss; under fsdp, the embedding and head gathered
+        heads = 1 if cfg.tie_word_embeddings else 2
+        gathered = heads * itemsize if mesh.shape["fsdp"] > 1 else 0
+        acts += cfg.vocab_size * d * (4 + gathered) / tensor
     if cfg.moe is not None:  # every layer's router logits, fp32, returned for the balance loss; and during one
         # layer's backward the gradients of its routed buffers, as large as the buffers
         acts += cfg.num_layers * t * rows * cfg.moe.num_experts * 4
@@ -141,7 +167,8 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
         acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
     if quant is not None:  # one layer's quantized kernels dequantized (fp32, then a compute-dtype copy)
         dense = _device_bytes(_dense_of(quantized), mesh, rules, "float32") / cfg.num_layers
-        acts += dense * (1 + scale / 2)
+        acts += dense * (scale / 2 if platform == "tpu" else 1 + scale / 2)  # TPU: no fp32 copy (XLA fuses
+        # the dequantization into its consumer: the 8B and 70B QLoRA recipes' TPU compiles, memory_vs_xla.py)
     frozen_dtype = config.train.frozen_dtype
     out = {"trainable": _device_bytes(trainable, mesh, rules),
            "frozen": _device_bytes(frozen, mesh, rules, frozen_dtype) + _device_bytes(quantized, mesh, rules),
