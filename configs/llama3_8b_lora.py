@@ -14,7 +14,7 @@ at 40% MFU on 8 H100s that is ~1.4 s/step, ~95k tokens/s (an estimate, not a mea
 run scripts/benchmark.py with this config to measure). Eval loss on data.eval_fraction of the
 data (held out by seed) every 200 steps. On TPU (v5p-8, v6e-8) the same command runs unchanged.
 TPU slice: v5p-8 (topology v5p:2x2x1, 4 chips, fsdp over them, 8 rows of 4096 per chip). XLA's TPU compile of
-this step (splash attention in Mosaic) holds 31.48 GiB per chip of 95 GiB HBM (pre-compile estimate 30.21 GiB);
+this step (splash attention in Mosaic) holds 31.48 GiB per chip of 95 GiB HBM (pre-compile estimate 31.13 GiB);
 compiled from shapes on any host (no TPU, no weights) by
   python scripts/compile.py --config=configs/llama3_8b_lora.py --topology=v5p:2x2x1 --out=llama3_8b_lora.json
 """

@@ -10,7 +10,7 @@ pre-compile estimate (ftjax/train/memory.py): frozen 5.31 GiB, LoRA 0.16 GiB, Ad
 activations 2.72 GiB (one layer's dequantized weights included): 8.5 GiB, against 16.9 GiB with the
 bf16 base. An estimate, not a measurement: scripts/benchmark.py with this config measures the peak.
 TPU slice: v5e-1 (topology v5e:1x1, one 16 GiB chip). XLA's TPU compile of this step (NF4 dequantized in the
-step, splash attention in Mosaic) holds 9.28 GiB of 16 GiB HBM (pre-compile estimate 9.00 GiB); compiled from
+step, splash attention in Mosaic) holds 9.28 GiB of 16 GiB HBM (pre-compile estimate 9.96 GiB); compiled from
 shapes on any host (no TPU, no weights) by
   python scripts/compile.py --config=configs/llama3_8b_qlora.py --topology=v5e:1x1 --out=llama3_8b_qlora.json
 """

@@ -13,7 +13,7 @@ untied embedding and output head are 2.5 GB of the 16 GB of bf16 weights). What 
 MFU on 8 H100s (an
 estimate, not a measurement; scripts/benchmark.py with this config measures it).
 TPU slice: v5p-8 (topology v5p:2x2x1, 4 chips, fsdp over them, 8 rows of 4096 per chip). XLA's TPU compile of
-this step (splash attention in Mosaic) holds 33.37 GiB per chip of 95 GiB HBM (pre-compile estimate 33.37 GiB);
+this step (splash attention in Mosaic) holds 33.37 GiB per chip of 95 GiB HBM (pre-compile estimate 33.11 GiB);
 compiled from shapes on any host (no TPU, no weights) by
   python scripts/compile.py --config=configs/qwen3_8b_lora.py --topology=v5p:2x2x1 --out=qwen3_8b_lora.json
 """

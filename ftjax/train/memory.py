@@ -96,15 +96,20 @@ def moe_layer_bytes(cfg: ModelConfig, tokens: int, itemsize: int) -> float:
     return out
 
 
+def lora_width(config) -> int:
+    """LoRA hidden-state values per token in one layer: rank x adapted projections (0 without LoRA)."""
+    targets = config.lora.targets
+    targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
+    return config.lora.rank * len(targets) if config.method == "lora" else 0
+
+
 def saved_widths(config, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
     """Per remat policy, the values per token one layer keeps for the backward pass (models/llama.py's
     REMAT_POLICIES): the layer input always; `minimal` adds its named projection outputs and residual
     (and the LoRA hidden states), `dots` every matmul output. `tokens` per device sizes an MoE's routed rows."""
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     i = mlp_width(cfg, tokens)
-    targets = config.lora.targets
-    targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
-    lora = config.lora.rank * len(targets) if config.method == "lora" else 0
+    lora = lora_width(config)
     minimal = d + (q + 2 * kv) + d + d + 2 * i + lora  # input, q/k/v, attn_context, resid_mid, gate, up
     return {"full": d, "minimal": minimal, "dots": minimal + 2 * d}  # dots: + o_proj and down outputs
 
@@ -113,9 +118,7 @@ def replicated_widths(config, cfg: ModelConfig) -> dict[str, float]:
     """Of `saved_widths`, the values the tensor axis does not split: the residual stream (act_embed) and the LoRA
     hidden states; q/k/v, the attention context, gate and up are split over tensor."""
     d = cfg.hidden_size
-    targets = config.lora.targets
-    targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
-    lora = config.lora.rank * len(targets) if config.method == "lora" else 0
+    lora = lora_width(config)
     return {"full": d, "minimal": 2 * d + lora, "dots": 4 * d + lora}  # input, resid_mid (+ o_proj, down outputs)
 
 
