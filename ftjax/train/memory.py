@@ -4,7 +4,9 @@ Activations use the per-layer count of Korthikanti et al. (2022) for a pre-norm 
 s·b·h·(34 + 5·a·s/h) bytes in 16-bit per layer (the 5·a·s/h score term only for the XLA attention: the
 kernels keep no [T, S] blocks), scaled to the compute dtype, without remat; with a remat
 policy each layer keeps only what the policy saves (`saved_widths`), plus one layer's worth during its
-recomputation.
+recomputation. Under tensor parallelism the residual stream is whole on every tensor shard (Korthikanti's
+10 of 34). On TPU a dense layer's term, the fp32 head and the fsdp-gathered embedding and head follow XLA's TPU
+compile of the large recipes (TPU_LAYER; benchmarks/memory_vs_xla.py: within 15% of each).
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
 trainable weights (`base_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
 A quantized base (train.frozen_quant) counts its kernels' own arrays, and one layer of them dequantized among the
