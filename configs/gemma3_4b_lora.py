@@ -16,6 +16,10 @@ activations 21.94 GiB, total 29.50 GiB (a 40 GB A100 fits too); reproduce it wit
 What it should reach: 16.6 GFLOP a token by the formula in ftjax/metrics/flops.py (the local layers attend over
 their window only), 1.09 PFLOP a step, so ~2.7 s/step and ~24k tokens/s at 40% MFU on one H100 (an estimate,
 not a measurement: scripts/benchmark.py with this config measures it).
+TPU: one v5p chip (topology v5p:1x1x1; 16 rows of 4096 on it). XLA's TPU compile of this step (splash attention
+in Mosaic, local masks on the sliding layers) holds 44.40 GiB of 95 GiB HBM (pre-compile estimate 39.41 GiB);
+compiled from shapes on any host (no TPU, no weights) by
+  python scripts/compile.py --config=configs/gemma3_4b_lora.py --topology=v5p:1x1x1 --out=gemma3_4b_lora.json
 """
 
 from pathlib import Path

@@ -13,9 +13,22 @@ fits too. What it should reach: by the FLOP formula in ftjax/metrics/flops.py a 
 at 40% MFU on 8 H100s that is ~1.4 s/step, ~95k tokens/s (an estimate, not a measurement:
 run scripts/benchmark.py with this config to measure). Eval loss on data.eval_fraction of the
 data (held out by seed) every 200 steps. On TPU (v5p-8, v6e-8) the same command runs unchanged.
+TPU slice: v5p-8 (topology v5p:2x2x1, 4 chips, fsdp over them, 8 rows of 4096 per chip). XLA's TPU compile of
+this step (splash attention in Mosaic) holds 31.48 GiB per chip of 95 GiB HBM (pre-compile estimate 31.13 GiB);
+compiled from shapes on any host (no TPU, no weights) by
+  python scripts/compile.py --config=configs/llama3_8b_lora.py --topology=v5p:2x2x1 --out=llama3_8b_lora.json
 """
 
 from ftjax.config import default_config
+
+
+# Meta-Llama-3-8B-Instruct's config.json (the keys the model reads)
+HF_CONFIG = {
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "max_position_embeddings": 8192, "hidden_act": "silu", "attention_bias": False,
+    "mlp_bias": False, "tie_word_embeddings": False,
+}
 
 
 def get_config():

@@ -15,13 +15,19 @@ Adapters on attention (q/k/v/o); add the experts' with --config.lora.targets=q_p
 (per-expert rank-16 adapters over gate|up and down: ~630M more trainable parameters). The router stays frozen;
 its balance loss is added with the model's own router_aux_loss_coef (moe.router_aux_weight; 0 turns it off).
 Pre-compile estimate (ftjax/train/memory.py) per GPU: frozen 7.47 GiB, LoRA 0.03 GiB, Adam 0.06 GiB,
-activations 11.23 GiB, total 18.80 GiB (all 128 experts' weights, the routed activations of ragged_dot);
+activations 24.91 GiB, total 32.48 GiB (all 128 experts' weights, the routed activations of ragged_dot for
+the whole batch's tokens: the routing sorts them all on every device);
 reproduce it with
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -c \
       "from ftjax.train.memory import recipe_estimate as e; print(e('configs/qwen3_30b_a3b_lora.py', 8))"
 What it should reach: about 17.1 GFLOP a token by the formula in ftjax/metrics/flops.py (router + the 8 routed
 experts of 128, not all), 2.2 PFLOP a step, so ~0.7 s/step and ~190k tokens/s at 40% MFU on 8 H100s (an
 estimate, not a measurement: scripts/benchmark.py with this config measures it).
+TPU slice: v5p-16 (topology v5p:2x2x2, 8 chips as fsdp 4 x expert 2). XLA's TPU compile of this step (splash
+attention in Mosaic, ragged_dot experts) holds 31.97 GiB per chip of 95 GiB HBM (pre-compile estimate 34.80 GiB:
+the routing sorts the whole batch's tokens, so each chip holds a layer's routed rows for all 32 x 4096 tokens);
+compiled from shapes on any host (no TPU, no weights) by
+  python scripts/compile.py --config=configs/qwen3_30b_a3b_lora.py --topology=v5p:2x2x2 --out=qwen3_30b.json
 """
 
 from pathlib import Path

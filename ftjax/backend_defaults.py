@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftjax.platform import platform_of
+
 AUTO = "auto"
 KEYS = ("model.attention", "model.dtype", "train.frozen_dtype", "model.remat")
 DEFAULTS: dict[str, dict[str, str]] = {
@@ -25,11 +27,10 @@ DEFAULTS: dict[str, dict[str, str]] = {
 
 
 def backend_defaults(backend: str | None = None) -> dict[str, str]:
-    """The `auto` values for `backend` (default: jax.default_backend(); unknown backends get CPU's)."""
+    """The `auto` values for `backend` ('cpu', 'gpu', 'tpu'; default: the process's, ftjax.platform; unknown
+    backends get CPU's). A run that has its mesh passes platform_of(mesh)."""
     if backend is None:
-        import jax
-
-        backend = jax.default_backend()
+        backend = platform_of(None)
     return DEFAULTS.get(backend, DEFAULTS["cpu"])
 
 

@@ -23,6 +23,7 @@ from ftjax.config import DEFAULT_MODEL, LORA_TARGETS, default_config
 from ftjax.data.packing import BATCH_KEYS
 from ftjax.metrics.flops import matmul_params, training_flops_per_token
 from ftjax.metrics.peaks import peak_flops
+from ftjax.platform import device_kind, platform_of
 from ftjax.sharding import mesh_from_config
 from ftjax.train.memory import frozen_bytes
 from ftjax.train.setup import build_state
@@ -79,6 +80,7 @@ class Bench:
     devices: int
     compile_s: float
     build_s: float
+    mesh: Any = None  # the step's mesh: its devices say the platform (None: this process's devices)
 
     def run(self, n: int) -> list[float]:
         """Seconds per step for n steps, each dispatched then blocked on (the only host sync)."""
@@ -122,7 +124,7 @@ def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
     compile_s = time.perf_counter() - t0
     frozen, streams = step.arguments(state.trainable, state.frozen, batch)  # what the compiled step takes
     return Bench(config, cfg, compiled, state.trainable, state.opt_state, frozen, streams, rng,
-                 state_size(state.trainable)[1], mesh.size, compile_s, build_s)
+                 state_size(state.trainable)[1], mesh.size, compile_s, build_s, mesh)
 
 
 def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -> dict[str, Any]:
@@ -167,8 +169,8 @@ def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -
         "grad_accum": c.train.grad_accum,
         "loss_chunk": c.train.loss_chunk,
         "devices": bench.devices,
-        "device_kind": jax.devices()[0].device_kind,
-        "backend": jax.default_backend(),
+        "device_kind": device_kind(bench.mesh),
+        "backend": platform_of(bench.mesh),
         "jax_version": jax.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),

@@ -13,6 +13,7 @@ from ftjax.config import default_config, flat_keys, unknown_key_message
 from ftjax.distributed import rendezvous, split_address
 from ftjax.errors import ConfigError, FtjaxError, StartupError
 from ftjax.logs import quiet_orbax
+from ftjax.platform import quiet_tpu_probe
 
 FLAGS = flags.FLAGS
 
@@ -143,6 +144,7 @@ def _exit(code: int) -> None:
 def run_app(main: Callable[[list[str]], None]) -> None:
     """absl's app.run, with flag errors (a misspelled config key above all) as one line naming the fix. Standard
     output is line-buffered: piped to `tee` or a cluster's log file, each line shows when it is printed."""
+    quiet_tpu_probe()  # before JAX starts its backends: libtpu on a host without TPUs stays silent
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)

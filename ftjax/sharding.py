@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ftjax.errors import ConfigError
+from ftjax.platform import platform_of
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -199,6 +200,13 @@ def activation_sharding(mesh: Mesh, rules: dict | None = None):
 def active_mesh() -> tuple[Mesh, dict] | None:
     """The (mesh, rules) of the enclosing `activation_sharding`, or None outside one."""
     return _ACTIVE.get()
+
+
+def active_platform() -> str:
+    """'cpu', 'gpu' or 'tpu' of the mesh the enclosing `activation_sharding` traces for (a CPU host compiling for
+    a TPU topology gets 'tpu'); outside one, the process's default backend."""
+    active = _ACTIVE.get()
+    return platform_of(active[0]) if active is not None else platform_of(None)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -34,6 +34,7 @@ from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.progress import base_point, plot_progress, tracking_metrics
 from ftjax.evaluation.report import build_report, write_atomic, write_report
 from ftjax.evaluation.task import TaskResult, evaluate_task
+from ftjax.platform import platform_of
 
 BASELINES_NAME = "baselines.json"
 
@@ -110,11 +111,9 @@ class Evaluation:
 
     def _base_identity(self) -> dict[str, Any]:
         """The base model by content (shared-cache key): weight files' hashes, dtypes, backend, template."""
-        import jax
-
         c = self.config
         dtypes = {"dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "frozen_dtype": c.train.frozen_dtype,
-                  "backend": jax.default_backend()}
+                  "backend": platform_of()}  # the evaluation runs on this process's devices
         if c.train.frozen_quant != "none":  # absent for a full-precision base: existing cache keys stay valid
             dtypes["frozen_quant"] = f"{c.train.frozen_quant}:{_quant_scope(c)}"
         return {"base": shared_cache.base_content_id(c.model.path, dtypes),

@@ -9,7 +9,8 @@ Backends (`implementation`):
               that bound, or where the installed jax lacks the layout, go to the Pallas GPU kernel
   pallas_gpu  jax.experimental.pallas.ops.gpu.attention (Triton flash attention with segment ids)
   splash      jax.experimental.pallas.ops.tpu.splash_attention (segment ids, soft-cap, causal/local)
-The Pallas kernels run in interpret mode off their platform (how the CPU tests check them). A backend
+The Pallas kernels run in interpret mode off their platform (how the CPU tests check them); the platform is the
+traced mesh's (ftjax.sharding.active_platform), so a CPU host compiling for a TPU topology builds the Mosaic kernel. A backend
 that lacks a feature of a call (a window, a soft-cap, a KV cache, fp32) falls back to `xla` and logs so once.
 """
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models import cudnn_packed
-from ftjax.sharding import per_shard
+from ftjax.sharding import active_platform, per_shard
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas_gpu", "splash")
 KERNELS = {  # what a kernel name of `choose_kernel` runs, for log lines and benchmark records
@@ -125,7 +126,7 @@ def _xla(q, k, v, rows: Rows, scale: float, softcap: float | None, window: int |
     t, s = q.shape[1], k.shape[1]
     mask = rows_mask(rows, t, s, window)
     blocks = causal_blocks(t) if rows.training else 1
-    if jax.default_backend() == "cpu" and (blocks > 1 or softcap is not None):
+    if active_platform() == "cpu" and (blocks > 1 or softcap is not None):
         return grouped_attention(q, k, v, mask, blocks=blocks, scale=scale, softcap=softcap)
     if softcap is None:  # decode and short rows keep jax.nn's numerics
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
@@ -154,7 +155,7 @@ def _pallas_gpu(q, k, v, rows: Rows, *, scale: float) -> jax.Array:
     sizes = gpu_attention.BlockSizes(block_q=bq, block_k=bq, block_q_dkv=bq, block_kv_dkv=bq, block_q_dq=bq,
                                      block_kv_dq=bq)
     return gpu_attention.mha(q, k, v, rows.q_segment_ids, sm_scale=scale, causal=True, block_sizes=sizes,
-                             interpret=jax.default_backend() != "gpu")
+                             interpret=active_platform() != "gpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,7 +174,7 @@ def _splash_kernel(t: int, s: int, heads: int, window: int | None, softcap: floa
 def _splash(q, k, v, rows: Rows, *, scale: float, softcap: float | None, window: int | None) -> jax.Array:
     """Splash attention per row (vmapped over the batch); heads-major layout, queries pre-scaled."""
     t, n, s = q.shape[1], q.shape[2], k.shape[1]
-    kernel, segment_ids = _splash_kernel(t, s, n, window, softcap, jax.default_backend() != "tpu")
+    kernel, segment_ids = _splash_kernel(t, s, n, window, softcap, active_platform() != "tpu")
     qs = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)
     out = jax.vmap(lambda q1, k1, v1, qseg, kvseg: kernel(q1, k1, v1, segment_ids=segment_ids(qseg, kvseg)))(
         qs, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), rows.q_segment_ids, rows.kv_segment_ids)

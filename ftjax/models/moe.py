@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ftjax.errors import LoadError
 from ftjax.models.adapter import ADAPTER_HIDDEN, Adapter
 from ftjax.models.layers import _param, swiglu
-from ftjax.sharding import constrain
+from ftjax.sharding import active_platform, constrain
 
 IMPLEMENTATIONS = ("auto", "ragged", "tiled")
 # A dense MLP's projection names -> the expert weights that stand for them (LoRA's default targets mean these).
@@ -162,12 +162,12 @@ def tiled_expert_mlp(x_md, gate_edf, up_edf, down_efd, group_sizes, adapters=Non
 
 
 def resolved_implementation(implementation: str, backend: str | None = None) -> str:
-    """'tiled' or 'ragged' for an implementation name ('auto' picks by `backend`, default this platform's:
-    tiled on CPU)."""
+    """'tiled' or 'ragged' for an implementation name ('auto' picks by `backend`, default the platform of the mesh
+    being traced (ftjax.sharding.active_platform): tiled on CPU)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"moe implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     if implementation == "auto":
-        return "tiled" if (backend or jax.default_backend()) == "cpu" else "ragged"
+        return "tiled" if (backend or active_platform()) == "cpu" else "ragged"
     return implementation
 
 

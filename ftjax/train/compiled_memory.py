@@ -1,8 +1,9 @@
-"""XLA's own byte count of a run's train step, compiled from abstract shapes (nothing is allocated).
+"""The run's train step compiled from abstract shapes (nothing is allocated), and XLA's byte count of it.
 
 The check on the pre-compile estimate (ftjax/train/memory.py): an 8B or 70B step compiles on a laptop CPU
-in seconds this way, and `memory_analysis()` says what one device would hold: arguments (weights, optimizer
-state, batch) plus outputs not aliased to them plus temporaries.
+this way, for the mesh's platform (a mesh of abstract TPU devices compiles the TPU program), and
+`memory_analysis()` says what one device would hold: arguments (weights, optimizer state, batch) plus outputs
+not aliased to them plus temporaries.
 """
 
 from __future__ import annotations
@@ -15,19 +16,25 @@ from jax.sharding import Mesh
 from ftjax.backend_defaults import resolve_auto
 from ftjax.data.packing import BATCH_KEYS
 from ftjax.dtypes import cast_floats, frozen_dtype
+from ftjax.errors import ConfigError
 from ftjax.lora import trainable_filter
 from ftjax.models.llama import ModelConfig
+from ftjax.platform import platform_of
 from ftjax.sharding import parse_rules, state_shardings
 from ftjax.train.memory import abstract_model
 from ftjax.train.optimizer import make_optimizer
 from ftjax.train.state import StateShardings
-from ftjax.train.step import TrainStep
-from ftjax.train.terms import cross_entropy
+from ftjax.train.step import Frozen, TrainStep
+from ftjax.train.terms import TASK, loss_terms, uses_base
 
 
-def compiled_step_bytes(config, model_cfg: ModelConfig, mesh: Mesh) -> int:
-    """Bytes per device of the compiled step: arguments + unaliased outputs + temporaries."""
-    resolve_auto(config)
+def compiled_step(config, model_cfg: ModelConfig, mesh: Mesh) -> jax.stages.Compiled:
+    """The run's TrainStep (its loss terms, remat, frozen dtype/quantization, attention kernel) lowered from
+    shapes with the run's shardings over `mesh` and compiled for the mesh's platform."""
+    if config.objective != "sft":
+        raise ConfigError(f"config.objective={config.objective!r}: compiling from shapes covers sft runs "
+                          "(preference pairs have no shape-only batch yet)")
+    resolve_auto(config, platform_of(mesh))
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat, attention=config.model.attention)
     graphdef, trainable, frozen = nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method), ...)
@@ -36,10 +43,28 @@ def compiled_step_bytes(config, model_cfg: ModelConfig, mesh: Mesh) -> int:
     opt_state = jax.eval_shape(optimizer.tx.init, trainable)
     rules = parse_rules(config.mesh.rules)
     shardings = StateShardings(*(state_shardings(s, mesh, rules) for s in (trainable, frozen, opt_state)))
-    step = TrainStep(graphdef, optimizer, mesh, shardings, [cross_entropy(config.train.loss_chunk)],
-                     grad_accum=config.train.grad_accum, rules=rules)
+    terms = loss_terms(config, model_cfg)
+    with_base = config.method == "full" and uses_base(terms)  # as the loop builds it
+    step = TrainStep(graphdef, optimizer, mesh, shardings, terms, grad_accum=config.train.grad_accum, rules=rules,
+                     with_base=with_base)
     shape = (config.train.batch_size, config.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32) for k in BATCH_KEYS}
-    stats = step.lower(trainable, opt_state, frozen, batch, jax.random.key(0)).compile().memory_analysis()
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-            + stats.temp_size_in_bytes)
+    rows = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32) for k in BATCH_KEYS}
+    batch = {**rows, **{s: rows for s in step.streams if s != TASK}}  # a retain stream has the batch's shape
+    return step.lower(trainable, opt_state, Frozen(frozen, trainable if with_base else None), batch,
+                      jax.random.key(0)).compile()
+
+
+def step_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """XLA's bytes per device of a compiled step: its parts and their total (arguments + unaliased outputs +
+    temporaries)."""
+    stats = compiled.memory_analysis()
+    parts = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+             "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+             "generated_code": stats.generated_code_size_in_bytes}
+    parts["total"] = parts["arguments"] + parts["outputs"] - parts["aliased"] + parts["temporaries"]
+    return parts
+
+
+def compiled_step_bytes(config, model_cfg: ModelConfig, mesh: Mesh) -> int:
+    """Bytes per device of the compiled step: arguments + unaliased outputs + temporaries."""
+    return step_bytes(compiled_step(config, model_cfg, mesh))["total"]

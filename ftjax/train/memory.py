@@ -4,7 +4,9 @@ Activations use the per-layer count of Korthikanti et al. (2022) for a pre-norm 
 s·b·h·(34 + 5·a·s/h) bytes in 16-bit per layer (the 5·a·s/h score term only for the XLA attention: the
 kernels keep no [T, S] blocks), scaled to the compute dtype, without remat; with a remat
 policy each layer keeps only what the policy saves (`saved_widths`), plus one layer's worth during its
-recomputation.
+recomputation. Under tensor parallelism the residual stream is whole on every tensor shard (Korthikanti's
+10 of 34). On TPU a dense layer's term, the fp32 head and the fsdp-gathered embedding and head follow XLA's TPU
+compile of the large recipes (TPU_LAYER; benchmarks/memory_vs_xla.py: within 15% of each).
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
 trainable weights (`base_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
 A quantized base (train.frozen_quant) counts its kernels' own arrays, and one layer of them dequantized among the
@@ -14,7 +16,9 @@ term is the routed one (`moe_layer_bytes`): the top-k copies of each token throu
 grouped matmul really runs (ragged_dot: tokens·k; the tiled path: its padded tiles), their gradients during one
 layer's backward, and the fp32 router logits that every layer returns for the balance loss. Sliding windows change
 no weight. Against XLA's count of the CPU (tiled) step this is still low, by ~25% at d=1024, 8 layers, E=32,
-top-4: XLA holds more of the tiled path per layer than its saved values (benchmarks/RESULTS.md).
+top-4: XLA holds more of the tiled path per layer than its saved values (benchmarks/RESULTS.md). On a mesh that
+splits the batch, the routing sorts the global batch's tokens, and XLA's TPU compile of Qwen3-30B-A3B (fsdp 4 x
+expert 2) holds a layer's routed buffers for all of them on every chip (bf16[32·4096·8, 2048]): counted so.
 """
 
 from __future__ import annotations
@@ -38,11 +42,18 @@ from ftjax.lora import apply_lora, frozen_quant_kernels, trainable_filter
 from ftjax.models.llama import Llama, ModelConfig
 from ftjax.models.moe import grouped_rows, resolved_implementation, tile_rows
 from ftjax.models.registry import config_from_hf, hf_tensor_name
+from ftjax.platform import device_capacity, platform_of
 from ftjax.quant.weight import QuantizedParam, abstract_weight
 from ftjax.sharding import batch_shards, mesh_from_config, parse_rules, state_shardings
 from ftjax.train.optimizer import make_optimizer
 
 GIB = 1024**3
+# One dense layer during its recomputation and backward in XLA's TPU compile, in values per token: (replicated
+# over the tensor axis, per hidden unit; split by it, per MLP unit). Fitted to the Llama-3-8B and -70B LoRA recipes
+# (v5p, full remat; 70B with tensor 4) and checked on Qwen3-8B (benchmarks/memory_vs_xla.py): its MLP's gate, up
+# and products and their gradients (bf16[tokens, 14336] x ~10 in the 8B's buffer assignment) exceed Korthikanti's
+# 19·d, which assumes a 4·d GeLU MLP.
+TPU_LAYER = (11.5, 7.3)
 
 
 def _device_bytes(abstract_state, mesh: Mesh, rules: dict, dtype=None) -> int:
@@ -56,13 +67,12 @@ def _device_bytes(abstract_state, mesh: Mesh, rules: dict, dtype=None) -> int:
     return total
 
 
-def device_capacity() -> tuple[int, str]:
-    """(bytes usable per device, where that number came from)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return int(stats["bytes_limit"]), "device memory"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // max(jax.local_device_count(), 1), "host RAM / local devices"
+def on_platform(cfg: ModelConfig, platform: str) -> ModelConfig:
+    """`cfg` with an MoE's `auto` grouped matmul resolved to the one `platform` runs (not this host's)."""
+    if cfg.moe is None:
+        return cfg
+    return cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=resolved_implementation(
+        cfg.moe.implementation, platform)))
 
 
 def mlp_width(cfg: ModelConfig, tokens: int) -> float:
@@ -88,24 +98,39 @@ def moe_layer_bytes(cfg: ModelConfig, tokens: int, itemsize: int) -> float:
     return out
 
 
+def lora_width(config) -> int:
+    """LoRA hidden-state values per token in one layer: rank x adapted projections (0 without LoRA)."""
+    targets = config.lora.targets
+    targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
+    return config.lora.rank * len(targets) if config.method == "lora" else 0
+
+
 def saved_widths(config, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
     """Per remat policy, the values per token one layer keeps for the backward pass (models/llama.py's
     REMAT_POLICIES): the layer input always; `minimal` adds its named projection outputs and residual
     (and the LoRA hidden states), `dots` every matmul output. `tokens` per device sizes an MoE's routed rows."""
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     i = mlp_width(cfg, tokens)
-    targets = config.lora.targets
-    targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
-    lora = config.lora.rank * len(targets) if config.method == "lora" else 0
+    lora = lora_width(config)
     minimal = d + (q + 2 * kv) + d + d + 2 * i + lora  # input, q/k/v, attn_context, resid_mid, gate, up
     return {"full": d, "minimal": minimal, "dots": minimal + 2 * d}  # dots: + o_proj and down outputs
 
 
+def replicated_widths(config, cfg: ModelConfig) -> dict[str, float]:
+    """Of `saved_widths`, the values the tensor axis does not split: the residual stream (act_embed) and the LoRA
+    hidden states; q/k/v, the attention context, gate and up are split over tensor."""
+    d = cfg.hidden_size
+    lora = lora_width(config)
+    return {"full": d, "minimal": 2 * d + lora, "dots": 4 * d + lora}  # input, resid_mid (+ o_proj, down outputs)
+
+
 def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     """Bytes per device for the trainable + frozen params, optimizer state and activations."""
-    resolve_auto(config)
+    platform = platform_of(mesh)
+    resolve_auto(config, platform)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
+    model_cfg = on_platform(model_cfg, platform)
     quant = frozen_quant(config)
     _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method),
                                                 QuantizedParam, ...)
@@ -117,17 +142,28 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     scale = itemsize / 2
     tensor = mesh.shape["tensor"]
     scores = 5 * cfg.num_heads * t / d if config.model.attention == "xla" else 0  # flash kernels keep no [T, S]
-    if cfg.moe is None:
-        per_layer = t * rows * d * (34 + scores) * scale / tensor
-    else:  # attention and norms (34 - the dense MLP's 19), then the routed MLP
+    if cfg.moe is None and platform == "tpu":
+        replicated, split = TPU_LAYER
+        per_layer = t * rows * itemsize * (replicated * d + (split * cfg.intermediate_size + scores * d / 2) / tensor)
+    elif cfg.moe is None:  # Korthikanti's tensor-parallel form: 10 of the 34 are not split
+        per_layer = t * rows * d * (10 + (24 + scores) / tensor) * scale
+    else:  # attention and norms (34 - the dense MLP's 19), then the routed MLP: its forward buffers span the
+        # global batch (the sort by expert runs over every token, so XLA gathers them on each device)
         routed = moe_layer_bytes(cfg, t * rows, itemsize)
-        per_layer = (t * rows * d * (15 + scores) * scale + routed) / tensor
+        gathered = moe_layer_bytes(cfg, t * rows * batch_shards(mesh, rules), itemsize)
+        per_layer = (t * rows * d * (15 + scores) * scale + gathered) / tensor
     saved = saved_widths(config, cfg, t * rows).get(config.model.remat)
     if saved is None:  # remat=none: every intermediate of every layer lives until the backward pass
         acts = cfg.num_layers * per_layer
-    else:  # the saved tensors of every layer, plus one layer's worth during its recomputation
-        acts = cfg.num_layers * t * rows * saved * 2 * scale / tensor + per_layer
-    acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3  # logits chunk, fp32, fwd+bwd
+    else:  # the saved tensors of every layer (the residual stream whole on each tensor shard), plus one layer's
+        # worth during its recomputation
+        replicated = replicated_widths(config, cfg)[config.model.remat]
+        acts = cfg.num_layers * t * rows * (replicated + (saved - replicated) / tensor) * itemsize + per_layer
+    acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3 / tensor  # logits chunk, fp32, fwd+bwd
+    if platform == "tpu":  # the output head in fp32 for the loss; under fsdp, the embedding and head gathered
+        heads = 1 if cfg.tie_word_embeddings else 2
+        gathered = heads * itemsize if mesh.shape["fsdp"] > 1 else 0
+        acts += cfg.vocab_size * d * (4 + gathered) / tensor
     if cfg.moe is not None:  # every layer's router logits, fp32, returned for the balance loss; and during one
         # layer's backward the gradients of its routed buffers, as large as the buffers
         acts += cfg.num_layers * t * rows * cfg.moe.num_experts * 4
@@ -136,7 +172,8 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
         acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
     if quant is not None:  # one layer's quantized kernels dequantized (fp32, then a compute-dtype copy)
         dense = _device_bytes(_dense_of(quantized), mesh, rules, "float32") / cfg.num_layers
-        acts += dense * (1 + scale / 2)
+        acts += dense * (scale / 2 if platform == "tpu" else 1 + scale / 2)  # TPU: no fp32 copy (XLA fuses
+        # the dequantization into its consumer: the 8B and 70B QLoRA recipes' TPU compiles, memory_vs_xla.py)
     frozen_dtype = config.train.frozen_dtype
     out = {"trainable": _device_bytes(trainable, mesh, rules),
            "frozen": _device_bytes(frozen, mesh, rules, frozen_dtype) + _device_bytes(quantized, mesh, rules),
@@ -197,7 +234,7 @@ def check_fits(config, model_cfg: ModelConfig, mesh: Mesh) -> str:
     """One line describing the estimate; ConfigError when it exceeds the device's memory."""
     parts = estimate(config, model_cfg, mesh)
     total = sum(parts.values())
-    capacity, source = device_capacity()
+    capacity, source = device_capacity(mesh)
     line = ("memory per device (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in parts.items())
             + f"; total {total / GIB:.2f} GiB of {capacity / GIB:.1f} GiB ({source})")
     if total > 0.95 * capacity:
@@ -214,9 +251,5 @@ def recipe_estimate(path: str | os.PathLike, devices: int, backend: str = "gpu")
     module = recipe_module(path)
     config = resolve_auto(module.get_config(), backend)
     mesh = mesh_from_config(config, devices=jax.devices()[:devices])
-    cfg = config_from_hf(module.HF_CONFIG)
-    if cfg.moe is not None:  # the grouped matmul that backend runs, not this host's
-        cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=resolved_implementation(
-            cfg.moe.implementation, backend)))
-    parts = estimate(config, cfg, mesh)
+    parts = estimate(config, on_platform(config_from_hf(module.HF_CONFIG), backend), mesh)
     return {**{k: round(v / GIB, 2) for k, v in parts.items()}, "total": round(sum(parts.values()) / GIB, 2)}

@@ -15,6 +15,7 @@ from ftjax.interop.quantized_base import from_config as frozen_quant
 from ftjax.interop.sources import load_pretrained, resolve
 from ftjax.lora import apply_lora, trainable_filter
 from ftjax.models.llama import bound_segments
+from ftjax.platform import platform_of
 from ftjax.sharding import parse_rules
 from ftjax.train.optimizer import Optimizer, make_optimizer
 from ftjax.train.state import TrainState, place_state
@@ -51,7 +52,7 @@ def build_model(config, mesh: Mesh) -> tuple[nnx.Module, bool]:
 
 def build_state(config, mesh: Mesh) -> Setup:
     """Model + optimizer state, every array placed by the rules table; frozen part in train.frozen_dtype."""
-    resolve_auto(config)  # callers that skip config.validate (benchmarks, tests) still get concrete values
+    resolve_auto(config, platform_of(mesh))  # callers that skip config.validate (benchmarks, tests) still get concrete values
     model, continues = build_model(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
     rules = parse_rules(config.mesh.rules)
