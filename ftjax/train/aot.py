@@ -22,7 +22,7 @@ from ftjax.config import recipe_module
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.sources import pretrained_config
 from ftjax.lora import trainable_filter
-from ftjax.metrics import attention_flops_per_token, matmul_params, training_flops_per_token
+from ftjax.metrics.flops import attention_flops_per_token, matmul_params, training_flops_per_token
 from ftjax.models.llama import ModelConfig
 from ftjax.models.registry import config_from_hf
 from ftjax.platform import GIB, chip, device_capacity, device_kind, platform_of, topology_devices
