@@ -30,7 +30,7 @@ def jax_blocks(blocks):
 
 
 def ours(blocks):
-    from ftjax.models.layers import grouped_attention
+    from ftjax.models.attention import grouped_attention
     return lambda q, k, v, mask: grouped_attention(q, k, v, mask, blocks=blocks)
 
 
