@@ -151,6 +151,7 @@ def _nanmean(x: np.ndarray) -> float:
 
 
 def _short(text: str, n: int = 60) -> str:
+    """The first `n` characters, quoted (newlines escaped: the message stays one line)."""
     return repr(text if len(text) <= n else text[:n] + "...")
 
 
@@ -159,7 +160,8 @@ def _one(reward: NamedReward, index: int, prompt: str, completion: str, example:
     try:
         value = reward.fn(prompt, completion, example)
     except Exception as e:  # noqa: BLE001 - the user's function: one line naming it and the example
-        raise RewardError(f"reward {reward.name} raised {type(e).__name__}: {e} {where}") from None
+        raise RewardError(f"reward {reward.name} raised {type(e).__name__}: {' '.join(str(e).split())} {where}"
+                          ) from None
     if value is None:
         return math.nan
     try:
