@@ -68,8 +68,10 @@ def _case(seed, beta, same_old=False):
 
 
 def _trl(cfg: GrpoLoss, padded, adv):
-    """TRL's loss, d loss / d logps [N, MAX_LEN] and metrics, from `GRPOTrainer._compute_loss` on a stub."""
+    """TRL's loss, d loss / d logps [N, MAX_LEN] and metrics, from `GRPOTrainer._compute_loss` on a stub
+    (`RLOOTrainer._compute_loss` for rloo)."""
     from trl.trainer.grpo_trainer import GRPOTrainer
+    from trl.trainer.rloo_trainer import RLOOTrainer
 
     logps = torch.tensor(padded["logps"], requires_grad=True)
     mask = torch.tensor(padded["mask"])
@@ -87,8 +89,9 @@ def _trl(cfg: GrpoLoss, padded, adv):
     inputs = dict(prompt_ids=torch.zeros((n, 1), dtype=torch.long), prompt_mask=torch.ones((n, 1)),
                   completion_ids=torch.zeros((n, MAX_LEN), dtype=torch.long), completion_mask=mask,
                   advantages=torch.tensor(adv), old_per_token_logps=torch.tensor(padded["old"]),
-                  ref_per_token_logps=torch.tensor(padded["ref"]), num_items_in_batch=mask.sum())
-    loss = GRPOTrainer._compute_loss(stub, None, inputs)
+                  ref_per_token_logps=torch.tensor(padded["ref"]), num_items_in_batch=mask.sum(),
+                  old_logps=(torch.tensor(padded["old"]) * mask).sum(1))
+    loss = (RLOOTrainer if cfg.loss_type == "rloo" else GRPOTrainer)._compute_loss(stub, None, inputs)
     loss.backward()
     metrics = {k: v[-1] for k, v in stub._metrics["train"].items()}
     return loss.item(), logps.grad.numpy(), metrics
@@ -105,15 +108,18 @@ def _ftjax(cfg: GrpoLoss, packed, halves=False):
         return total / grpo_loss.normalizer(cfg, mask, seg)
 
     value, grad = jax.value_and_grad(loss)(jnp.asarray(packed["logps"]))
-    sums = grpo_loss.metric_sums(cfg, packed["logps"], packed["old"], packed["adv"], mask, packed["ref"],
+    sums = grpo_loss.metric_sums(cfg, packed["logps"], packed["old"], packed["adv"], mask, seg, packed["ref"],
                                  packed["entropy"])
-    return float(value), np.asarray(grad), {k: float(v / sums["tokens"]) for k, v in sums.items() if k != "tokens"}
+    counts = ("tokens", "completions")
+    return float(value), np.asarray(grad), {k: float(v / sums[grpo_loss.denominator(cfg, k)])
+                                            for k, v in sums.items() if k not in counts}
 
 
 CONFIGS = [GrpoLoss(t, epsilon=0.2, epsilon_high=h, beta=b, max_completion_length=MAX_LEN)
            for t in ("grpo", "dr_grpo", "dapo", "bnpo") for h, b in ((None, 0.0), (0.28, 0.04))]
 CONFIGS += [GrpoLoss("cispo", epsilon_high=h, beta=b, max_completion_length=MAX_LEN)
             for h, b in ((1.1, 0.0), (5.0, 0.04))]
+CONFIGS += [GrpoLoss("rloo", epsilon=0.2, epsilon_high=h, max_completion_length=MAX_LEN) for h in (None, 0.28)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c.loss_type}-eh{c.epsilon_high}-b{c.beta}")
@@ -141,7 +147,10 @@ def test_first_step_is_the_policy_gradient(loss_type):
     cfg = GrpoLoss(loss_type, epsilon_high=5.0 if loss_type == "cispo" else None, max_completion_length=MAX_LEN)
     _, _, packed, places = _case(1, 0.0, same_old=True)
     mask, seg = jnp.asarray(packed["mask"]), jnp.asarray(packed["seg"])
-    _, ratio = grpo_loss.per_token_loss(cfg, packed["logps"], packed["old"], packed["adv"])
+    if loss_type == "rloo":
+        _, ratio = grpo_loss.sequence_loss(cfg, packed["logps"], packed["old"], packed["adv"], mask, seg)
+    else:
+        _, ratio = grpo_loss.per_token_loss(cfg, packed["logps"], packed["old"], packed["adv"])
     assert np.all(np.asarray(ratio) == 1.0)
     grad = np.asarray(jax.grad(lambda lp: grpo_loss.loss_sum(cfg, lp, packed["old"], packed["adv"], mask, seg)
                                / grpo_loss.normalizer(cfg, mask, seg))(jnp.asarray(packed["logps"])))
@@ -149,7 +158,8 @@ def test_first_step_is_the_policy_gradient(loss_type):
     for (row, start), length in zip(places, COMPLETIONS):
         lengths[row, start:start + length] = length
     n, tokens = len(COMPLETIONS), sum(COMPLETIONS)
-    per_type = {"grpo": (np.where(lengths > 0, 1 / np.maximum(lengths, 1), 0), n), "dr_grpo": (packed["mask"], n * MAX_LEN)}
+    per_type = {"grpo": (np.where(lengths > 0, 1 / np.maximum(lengths, 1), 0), n),
+                "dr_grpo": (packed["mask"], n * MAX_LEN), "rloo": (packed["mask"], n)}  # rloo: Σ logp per completion
     weights, norm = per_type.get(loss_type, (packed["mask"], tokens))
     np.testing.assert_allclose(grad, -packed["adv"] * weights / norm, atol=TOL, rtol=TOL)
 
@@ -163,5 +173,5 @@ def test_counts_of_packed_rows():
 
 
 def test_unknown_loss_type_is_one_line():
-    with pytest.raises(ConfigError, match=r"^rl.loss_type='gspo': choose one of grpo, dr_grpo, dapo, bnpo, cispo$"):
+    with pytest.raises(ConfigError, match=r"^rl.loss_type='gspo': choose one of grpo, dr_grpo, dapo, bnpo, cispo, rloo$"):
         GrpoLoss("gspo")

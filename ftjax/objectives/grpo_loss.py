@@ -4,7 +4,8 @@ Rows are packed: `[B, T]` per-token log-probs of each position's target, a compl
 tokens a loss counts, 0 on prompts and padding) and segment ids (one prompt + completion a segment). Each loss type
 is written as Σ per-token weight · value over a micro-batch plus a normalizer of the global batch, so a train step
 that adds micro-batches and divides once gets TRL's loss on the whole batch (TRL's bnpo normalizes per micro-batch
-and per process; with one micro-batch on one process the two agree).
+and per process; with one micro-batch on one process the two agree). `rloo` is `RLOOTrainer`'s loss: one importance
+ratio per completion (its summed log-probs), clipped, averaged over completions.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from ftjax.errors import ConfigError
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "rloo")  # rloo: RLOOTrainer's sequence-level loss
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
 
 
@@ -59,12 +60,25 @@ def per_token_loss(cfg: GrpoLoss, logps, old_logps, advantages, ref_logps=None):
     return loss, ratio
 
 
+def segment_totals(values: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B, T]: at each position, the sum of `values` over its segment (of its row)."""
+    b, t = values.shape
+    ids = (jnp.arange(b)[:, None] * t + segment_ids).reshape(-1)
+    sums = jax.ops.segment_sum(values.reshape(-1).astype(jnp.float32), ids, num_segments=b * t)
+    return sums[ids].reshape(b, t)
+
+
 def segment_token_counts(mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """[B, T]: the number of completion tokens in each position's segment (of its row)."""
-    b, t = mask.shape
-    ids = (jnp.arange(b)[:, None] * t + segment_ids).reshape(-1)
-    counts = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.float32), ids, num_segments=b * t)
-    return counts[ids].reshape(b, t)
+    return segment_totals(mask, segment_ids)
+
+
+def sequence_loss(cfg: GrpoLoss, logps, old_logps, advantages, mask, segment_ids):
+    """RLOO: per position, its completion's clipped loss from one ratio exp(Σ logp − Σ old logp) over the completion."""
+    m = mask.astype(jnp.float32)
+    ratio = jnp.exp(segment_totals((logps - jax.lax.stop_gradient(old_logps)) * m, segment_ids))
+    clipped = jnp.clip(ratio, 1.0 - cfg.epsilon, 1.0 + cfg.high)
+    return -jnp.minimum(ratio * advantages, clipped * advantages), ratio
 
 
 def completion_count(mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -75,10 +89,10 @@ def completion_count(mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
 
 
 def token_weights(cfg: GrpoLoss, mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """Each token's share of the loss before the normalizer: grpo averages a completion's tokens first (1/length);
-    the other types weigh every completion token alike."""
+    """Each token's share of the loss before the normalizer: grpo averages a completion's tokens first (1/length),
+    rloo counts each completion's (shared) loss once (1/length); the other types weigh every completion token alike."""
     m = mask.astype(jnp.float32)
-    if cfg.loss_type == "grpo":
+    if cfg.loss_type in ("grpo", "rloo"):
         return m / jnp.maximum(segment_token_counts(mask, segment_ids), 1.0)
     return m
 
@@ -86,7 +100,7 @@ def token_weights(cfg: GrpoLoss, mask: jax.Array, segment_ids: jax.Array) -> jax
 def normalizer(cfg: GrpoLoss, mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """What the global batch's Σ weight·loss is divided by: completions (grpo), completions × max length (dr_grpo),
     completion tokens (bnpo, dapo, cispo); at least 1."""
-    if cfg.loss_type == "grpo":
+    if cfg.loss_type in ("grpo", "rloo"):
         n = completion_count(mask, segment_ids)
     elif cfg.loss_type == "dr_grpo":
         n = completion_count(mask, segment_ids) * cfg.max_completion_length
@@ -97,16 +111,25 @@ def normalizer(cfg: GrpoLoss, mask: jax.Array, segment_ids: jax.Array) -> jax.Ar
 
 def loss_sum(cfg: GrpoLoss, logps, old_logps, advantages, mask, segment_ids, ref_logps=None):
     """Σ token weight · per-token loss over a micro-batch (divide the global sum by `normalizer`)."""
-    loss, _ = per_token_loss(cfg, logps, old_logps, advantages, ref_logps)
+    if cfg.loss_type == "rloo":  # its KL is in the reward (rloo_advantages), not in the loss
+        loss, _ = sequence_loss(cfg, logps, old_logps, advantages, mask, segment_ids)
+    else:
+        loss, _ = per_token_loss(cfg, logps, old_logps, advantages, ref_logps)
     return jnp.sum(loss * token_weights(cfg, mask, segment_ids))
 
 
-def metric_sums(cfg: GrpoLoss, logps, old_logps, advantages, mask, ref_logps=None, entropies=None) -> dict:
-    """Σ over completion tokens of what TRL logs as masked means (divide each by Σ mask of the global batch, `tokens`):
-    clip_ratio low/high/region (cispo: cispo_clip_ratio), kl when beta ≠ 0, entropy when given."""
+def metric_sums(cfg: GrpoLoss, logps, old_logps, advantages, mask, segment_ids, ref_logps=None, entropies=None
+                ) -> dict:
+    """Sums of what TRL logs as means, each over the global batch's `tokens` (its Σ mask) except rloo's clip ratios,
+    over its `completions` (`denominator`): clip_ratio low/high/region (cispo: cispo_clip_ratio), kl when beta ≠ 0
+    (not rloo: its KL is in the reward), entropy when given."""
     m = mask.astype(jnp.float32)
-    ratio = jnp.exp(logps - old_logps)
-    out = {"tokens": jnp.sum(m)}
+    out = {"tokens": jnp.sum(m), "completions": completion_count(mask, segment_ids)}
+    if cfg.loss_type == "rloo":
+        _, ratio = sequence_loss(cfg, logps, old_logps, advantages, mask, segment_ids)
+        m = token_weights(cfg, mask, segment_ids)  # each completion once
+    else:
+        ratio = jnp.exp(logps - old_logps)
     if cfg.loss_type == "cispo":
         out["cispo_clip_ratio"] = jnp.sum(m * ((ratio > cfg.high) & (advantages > 0)))
     else:
@@ -114,8 +137,14 @@ def metric_sums(cfg: GrpoLoss, logps, old_logps, advantages, mask, ref_logps=Non
         high = (ratio > 1.0 + cfg.high) & (advantages > 0)
         for name, flag in zip(CLIP_METRICS, (low, high, low | high)):
             out[name] = jnp.sum(m * flag)
-    if cfg.beta != 0.0:
+    m = mask.astype(jnp.float32)
+    if cfg.beta != 0.0 and cfg.loss_type != "rloo":
         out["kl"] = jnp.sum(m * k3_kl(logps, ref_logps))
     if entropies is not None:
         out["entropy"] = jnp.sum(m * entropies)
     return out
+
+
+def denominator(cfg: GrpoLoss, metric: str) -> str:
+    """Which count of `metric_sums` a metric is divided by: `completions` for rloo's clip ratios, else `tokens`."""
+    return "completions" if cfg.loss_type == "rloo" and metric in CLIP_METRICS else "tokens"
