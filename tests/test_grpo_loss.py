@@ -173,5 +173,6 @@ def test_counts_of_packed_rows():
 
 
 def test_unknown_loss_type_is_one_line():
-    with pytest.raises(ConfigError, match=r"^rl.loss_type='gspo': choose one of grpo, dr_grpo, dapo, bnpo, cispo, rloo$"):
+    with pytest.raises(ConfigError,
+                       match=r"^rl.loss_type='gspo': choose one of grpo, dr_grpo, dapo, bnpo, cispo, rloo$"):
         GrpoLoss("gspo")

@@ -3,8 +3,9 @@
 Rows are packed: `[B, T]` per-token log-probs of each position's target, a completion mask (1 on the completion
 tokens a loss counts, 0 on prompts and padding) and segment ids (one prompt + completion a segment). Each loss type
 is written as Σ per-token weight · value over a micro-batch plus a normalizer of the global batch, so a train step
-that adds micro-batches and divides once gets TRL's loss on the whole batch (TRL's bnpo normalizes per micro-batch
-and per process; with one micro-batch on one process the two agree). `rloo` is `RLOOTrainer`'s loss: one importance
+that adds micro-batches and divides once gets TRL's loss on the whole batch (TRL's grpo, dr_grpo and bnpo normalize
+each micro-batch, bnpo on each process, and average those: with one micro-batch on one process the two agree; with
+several, this is the mean over the global batch whatever each micro-batch holds). `rloo` is `RLOOTrainer`'s loss: one importance
 ratio per completion (its summed log-probs), clipped, averaged over completions.
 """
 
@@ -74,7 +75,7 @@ def segment_token_counts(mask: jax.Array, segment_ids: jax.Array) -> jax.Array:
 
 
 def sequence_loss(cfg: GrpoLoss, logps, old_logps, advantages, mask, segment_ids):
-    """RLOO: per position, its completion's clipped loss from one ratio exp(Σ logp − Σ old logp) over the completion."""
+    """RLOO: per position, its completion's clipped loss, one ratio exp(Σ logp − Σ old logp) for the completion."""
     m = mask.astype(jnp.float32)
     ratio = jnp.exp(segment_totals((logps - jax.lax.stop_gradient(old_logps)) * m, segment_ids))
     clipped = jnp.clip(ratio, 1.0 - cfg.epsilon, 1.0 + cfg.high)
