@@ -1,0 +1,1 @@
+"""Training objectives: what a run optimizes and the pure math each one needs (GRPO's loss, advantages, rewards)."""
