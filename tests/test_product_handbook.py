@@ -46,3 +46,12 @@ def test_bm25_finds_each_held_out_questions_page_first():
     best = [row[0] for row in retrieval.bm25_top_k([d["text"] for d in pages], queries, 1)]
     names = [p.product.split()[0] for p in handbook.make_products(40, seed=4)]
     assert [pages[i]["id"] for i in best] == [_product_of(q, names).lower() for q in queries]
+
+
+def test_files_are_the_split_written_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTJAX_CACHE", str(tmp_path))
+    paths = handbook.files(30, 10, seed=4)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["train.jsonl", "eval.jsonl", "docs.jsonl"]
+    for path, part in zip(paths, handbook.split(30, 10, seed=4)):
+        assert [json.loads(line) for line in open(path)] == part
+    assert handbook.files(30, 10, seed=4) == paths and len(retrieval.load_documents(paths[2])) == 40

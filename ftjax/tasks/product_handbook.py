@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from ftjax.tasks.person_json import cached_splits
+
 INSTRUCTION = "Answer with the fact only."
 CATEGORIES = ("kettle", "desk lamp", "e-bike", "drone", "blender", "speaker", "air purifier", "robot vacuum",
               "camera", "projector", "coffee grinder", "heat pump", "sewing machine", "telescope", "keyboard")
@@ -114,3 +116,9 @@ def split(n_train: int, n_held_out: int, seed: int = 0) -> tuple[list[dict], lis
     rng.shuffle(train)
     rng.shuffle(handbook)  # a page's place says nothing of its split
     return train, held_out, handbook
+
+
+def files(n_train: int = 200, n_held_out: int = 50, seed: int = 0) -> tuple[str, str, str]:
+    """(train.jsonl, eval.jsonl, docs.jsonl) of the generated split, written once into $FTJAX_CACHE (atomic)."""
+    return cached_splits(f"product_handbook-{n_train}-{n_held_out}-{seed}", lambda: split(n_train, n_held_out, seed),
+                         parts=("train", "eval", "docs"))
