@@ -1,1 +1,2 @@
-"""Training objectives: what a run optimizes and the pure math each one needs (GRPO's loss, advantages, rewards)."""
+"""Training objectives: what a run optimizes, and the math each needs (GRPO loss, advantages and rewards;
+distillation divergences)."""

@@ -102,21 +102,22 @@ def files(n_train: int = 3000, n_eval: int = 200, seed: int = 0) -> tuple[str, s
     return cached_splits(f"person_json-{n_train}-{n_eval}-{seed}", lambda: split(n_train, n_eval, seed))
 
 
-def cached_splits(name: str, make) -> tuple[str, str]:
-    """(train.jsonl, eval.jsonl) under $FTJAX_CACHE/name: `make()`'s (train, eval) records, written once (atomic)."""
+def cached_splits(name: str, make, parts: tuple[str, ...] = ("train", "eval")) -> tuple[str, ...]:
+    """(train.jsonl, eval.jsonl) under $FTJAX_CACHE/name: `make()`'s (train, eval) records, written once (atomic);
+    `parts` names the files of a task that makes more (the knowledge task's docs.jsonl)."""
     import os
     import tempfile
     from pathlib import Path
 
     root = Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax"))
     folder = root / name
-    paths = (folder / "train.jsonl", folder / "eval.jsonl")
+    paths = tuple(folder / f"{part}.jsonl" for part in parts)
     if all(p.exists() for p in paths):
-        return str(paths[0]), str(paths[1])
+        return tuple(str(p) for p in paths)
     folder.mkdir(parents=True, exist_ok=True)
     for path, records in zip(paths, make()):
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         os.replace(tmp, path)
-    return str(paths[0]), str(paths[1])
+    return tuple(str(p) for p in paths)

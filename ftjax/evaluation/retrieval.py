@@ -1,0 +1,114 @@
+"""The retrieval baseline's prompts: for each eval prompt, the k most similar training examples by BM25 over the
+prompt text (placed as earlier chat turns, as the fixed few-shot prompt is), or, with a document collection
+(`eval.documents`, records {"id", "text"}), the k most similar passages written into the question.
+
+BM25 is bm25s's (Lucene variant, k1 = 1.5, b = 0.75, English stopwords). The selection is cached in $FTJAX_CACHE
+by content (the queries' and the collection's bytes, k, the retriever's settings), so every workdir on the same
+data reuses it, and a changed train file, document file or k selects again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import bm25s
+
+from ftjax.data.records import Record, check_data_file, iter_json
+from ftjax.errors import DataError
+from ftjax.evaluation import shared_cache
+from ftjax.evaluation.conversations import Turns, split_reply
+
+RETRIEVER = f"bm25s {bm25s.__version__}: lucene k1=1.5 b=0.75, stopwords=english, lowercase"
+PASSAGES_TEMPLATE = "Answer using these passages.\n\n{passages}\n\nQuestion: {question}"
+PASSAGE_TEMPLATE = "[{n}] {text}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Passage:
+    """One document of the collection: its id (unique in the file) and its text."""
+
+    id: str
+    text: str
+
+
+def query_text(prompt: Turns) -> str:
+    """What BM25 compares: the prompt's user turns (a shared system prompt would only add the same words to all)."""
+    return "\n".join(text for role, text in prompt if role == "user")
+
+
+def bm25_top_k(corpus: Sequence[str], queries: Sequence[str], k: int) -> list[list[int]]:
+    """Indices of the k corpus texts most similar to each query by BM25, most similar first (bm25s's numpy top-k
+    on the host: its order of tied scores is the same on every platform, jax's is not)."""
+    if not 0 < k <= len(corpus):
+        raise DataError(f"retrieval of k={k} examples needs 1 <= k <= the collection's size ({len(corpus)})")
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(corpus), show_progress=False), show_progress=False)
+    found, _ = retriever.retrieve(bm25s.tokenize(list(queries), show_progress=False), k=k, show_progress=False,
+                                  backend_selection="numpy", n_threads=0)
+    return [[int(i) for i in row] for row in found]
+
+
+def load_documents(path: str) -> list[Passage]:
+    """The passages of a JSONL / JSON file of {"id", "text"} records; a bad record is one line naming file:line."""
+    check_data_file(path)
+    passages, seen = [], {}
+    for line, obj in iter_json(path):
+        where = f"{path}:{line}"
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+            raise DataError(f"{where}: a document needs a non-empty string \"text\" (records are "
+                            f"{{\"id\": ..., \"text\": ...}})")
+        if not isinstance(obj.get("id"), (str, int)) or isinstance(obj.get("id"), bool):
+            raise DataError(f"{where}: a document needs an \"id\" (a string or an integer)")
+        doc_id = str(obj["id"])
+        if doc_id in seen:
+            raise DataError(f"{where}: document id {doc_id!r} repeats the one at line {seen[doc_id]}")
+        seen[doc_id] = line
+        passages.append(Passage(doc_id, obj["text"]))
+    if not passages:
+        raise DataError(f"{path}: holds no documents")
+    return passages
+
+
+def selection_identity(queries_path: str, collection_path: str, k: int, collection: str) -> dict[str, Any]:
+    """What a selection depends on: the eval file's and the collection's (train examples or documents) bytes, k."""
+    return {"retriever": RETRIEVER, "queries": shared_cache.data_content_id(queries_path), "collection": collection,
+            "source": shared_cache.data_content_id(collection_path), "k": k}
+
+
+def cached_top_k(corpus: Sequence[str], queries: Sequence[str], k: int, identity: dict[str, Any]) -> list[list[int]]:
+    """`bm25_top_k`, read from $FTJAX_CACHE when this identity was selected before (any workdir), else stored."""
+    picked = shared_cache.lookup("retrieval", identity)
+    if picked is None:
+        picked = bm25_top_k(corpus, queries, k)
+        shared_cache.store("retrieval", identity, picked)
+    return picked
+
+
+def retrieved_shots(eval_records: Sequence[Record], eval_path: str, train_records: Sequence[Record],
+                    train_path: str, k: int) -> list[list[Record]]:
+    """For each eval record, the k train records whose prompts are most similar to its prompt, the most similar
+    last (nearest the question): `few_shot_turns(prompt, shots)` lays them out as the fixed few-shot prompt."""
+    queries = [query_text(split_reply(r)[0]) for r in eval_records]
+    corpus = [query_text(split_reply(r)[0]) for r in train_records]
+    picked = cached_top_k(corpus, queries, k, selection_identity(eval_path, train_path, k, "train examples"))
+    return [[train_records[i] for i in reversed(row)] for row in picked]
+
+
+def retrieved_passages(eval_records: Sequence[Record], eval_path: str, documents: Sequence[Passage],
+                       documents_path: str, k: int) -> list[list[Passage]]:
+    """For each eval record, the k passages most similar to its prompt, the most similar first."""
+    queries = [query_text(split_reply(r)[0]) for r in eval_records]
+    picked = cached_top_k([d.text for d in documents], queries, k,
+                          selection_identity(eval_path, documents_path, k, "documents"))
+    return [[documents[i] for i in row] for row in picked]
+
+
+def with_passages(prompt: Turns, passages: Sequence[Passage]) -> Turns:
+    """The prompt with its passages written into its last user turn by `PASSAGES_TEMPLATE` (report.md shows it)."""
+    last = max((i for i, (role, _) in enumerate(prompt) if role == "user"), default=None)
+    if last is None:
+        raise DataError("a prompt for retrieval needs a user turn to put the passages in")
+    listed = "\n\n".join(PASSAGE_TEMPLATE.format(n=n, text=p.text) for n, p in enumerate(passages, 1))
+    question = PASSAGES_TEMPLATE.format(passages=listed, question=prompt[last][1])
+    return prompt[:last] + (("user", question),) + prompt[last + 1:]
