@@ -249,6 +249,29 @@ CHECKED_KEYS = (*_CHOICES, *_RANGES, *_FREE, "eval.metric", "mesh.rules")
 AUTO_KEYS = ("model.dtype", "model.remat", "model.attention", "train.frozen_dtype")  # resolved per backend
 
 
+# Keys that apply to some methods only: key (when set) -> (the key it depends on, its values it applies to, the
+# message's rest).
+_APPLIES_ONLY = {
+    "train.frozen_quant": ("method", ("lora",), "={value} quantizes the frozen base of a LoRA run; method=full "
+                           "trains every weight (use frozen_quant=none)"),
+    "forget.l2_weight": ("method", ("full",), " applies to method=full (W - W_base); with LoRA use "
+                         "forget.kl_weight or forget.replay_fraction"),
+}
+
+
+def choice_message(key: str, value: Any, choices: tuple) -> str:
+    """One line for a value outside its choices, naming the closest one."""
+    near = difflib.get_close_matches(str(value), [str(x) for x in choices], n=1, cutoff=0.0)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return f"config.{key}={value!r} is not one of {', '.join(map(str, choices))}{hint}"
+
+
+def allow_choice(key: str, value: str) -> None:
+    """Accept one more value of a choice key (`method` / `objective`: what the registries add)."""
+    if value not in _CHOICES[key]:
+        _CHOICES[key] = (*_CHOICES[key], value)
+
+
 def get(c: ml_collections.ConfigDict, key: str):
     """Value at a dotted key, or ConfigError naming the closest valid key."""
     node = c
@@ -281,8 +304,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, choices in _CHOICES.items():
         value = get(c, key)
         if value not in choices:
-            allowed = (("auto",) if key in AUTO_KEYS else ()) + tuple(choices)
-            raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(choice_message(key, value, (("auto",) if key in AUTO_KEYS else ()) + tuple(choices)))
     for key, (ok, want) in _RANGES.items():
         if not ok(get(c, key)):
             raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
@@ -298,15 +320,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.forget.replay_temperature == 0 and c.forget.replay_samples > 1:
         raise ConfigError("config.forget.replay_samples > 1 needs forget.replay_temperature > 0: greedy replies "
                           f"are all the same (got replay_samples={c.forget.replay_samples})")
-    if c.train.frozen_quant != "none" and c.method != "lora":
-        raise ConfigError(f"config.train.frozen_quant={c.train.frozen_quant} quantizes the frozen base of a LoRA "
-                          "run; method=full trains every weight (use frozen_quant=none)")
     if c.train.frozen_quant == "gguf" and not (str(c.model.path).endswith(".gguf") or c.model.path == DEFAULT_MODEL):
         raise ConfigError(f"config.train.frozen_quant=gguf keeps a .gguf file's own blocks, but model.path="
                           f"{c.model.path} is not one; use frozen_quant=nf4 or int8")
-    if c.forget.l2_weight > 0 and c.method != "full":
-        raise ConfigError("config.forget.l2_weight applies to method=full (W - W_base); with LoRA use "
-                          "forget.kl_weight or forget.replay_fraction")
+    for key, (needs, allowed, why) in _APPLIES_ONLY.items():
+        if get(c, key) not in (0, "none") and get(c, needs) not in allowed:
+            raise ConfigError(f"config.{key}{why.format(value=get(c, key))}")
     if c.pref.sft_weight and c.objective == "orpo":
         raise ConfigError("config.pref.sft_weight does not apply to objective=orpo: its NLL term on the chosen reply "
                           "is built in")

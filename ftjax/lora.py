@@ -205,15 +205,6 @@ def frozen_quant_kernels(model: nnx.Module, targets: str | Sequence[str] | None)
             and (patterns is None or matches(path, patterns))]
 
 
-def trainable_filter(method: str):
-    """What trains: the adapters for LoRA, every parameter for full fine-tuning."""
-    if method == "lora":
-        return nnx.LoRAParam
-    if method == "full":
-        return nnx.Param
-    raise ConfigError(f"method={method!r} is not one of lora, full")
-
-
 def merge_lora(model: nnx.Module) -> dict[str, LoRA]:
     """Fold each adapter into its kernel (W + scale·A·B, computed in fp32) and detach it, in place; the experts'
     adapters too (gate|up's update split between gate_proj and up_proj).

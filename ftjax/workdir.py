@@ -24,7 +24,7 @@ from ftjax.dtypes import cast_floats, frozen_dtype
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.quantized_base import from_config as frozen_quant
 from ftjax.interop.sources import load_pretrained, pretrained_config, resolve
-from ftjax.lora import apply_lora, merged, trainable_filter
+from ftjax.methods import method_for
 from ftjax.models.registry import MODEL_CLASSES
 from ftjax.sharding import mesh_from_config, parse_rules, state_shardings
 
@@ -113,7 +113,7 @@ def _base(config, mesh: Mesh | None) -> tuple[nnx.Module, bool]:
 
 
 def _pretrained_base(config, mesh: Mesh | None) -> nnx.Module:
-    if config.method != "full":
+    if not method_for(config.method, config.lora).checkpoint_holds_every_weight:
         return load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
                                rules=parse_rules(config.mesh.rules), attention=config.model.attention,
                                quant=frozen_quant(config))
@@ -124,14 +124,10 @@ def _pretrained_base(config, mesh: Mesh | None) -> nnx.Module:
 
 def _structure(config, base: nnx.Module) -> nnx.Module:
     """The trained model's structure, abstract: the base with adapters attached (no adapter is initialized)."""
-    if config.method != "lora":
+    method = method_for(config.method, config.lora)
+    if method.checkpoint_holds_every_weight:
         return base
-
-    def attach(model: nnx.Module) -> nnx.Module:
-        return apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
-                          dropout=config.lora.dropout, rslora=config.lora.rslora, rngs=nnx.Rngs(config.seed))
-
-    return nnx.eval_shape(attach, base)
+    return nnx.eval_shape(lambda model: method.attach(model, config.seed), base)
 
 
 def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: Mesh | None = None) -> TrainedRun:
@@ -144,11 +140,11 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
         chosen = select_step(ckpt, step, workdir)
         base, continued = _base(config, mesh)
         structure = base if continued else _structure(config, base)  # a continued adapter is already attached
-        graphdef, trainable, frozen = nnx.split(structure, trainable_filter(config.method), ...)
+        graphdef, trainable, frozen = nnx.split(structure, method_for(config.method, config.lora).trainable, ...)
         restored = ckpt.restore_trainable(chosen, _target(trainable, mesh, parse_rules(config.mesh.rules)))
     finally:
         ckpt.close()
-    if config.method == "lora":
+    if not method_for(config.method, config.lora).checkpoint_holds_every_weight:
         if not continued:  # a continued adapter's model holds the real base weights already
             frozen = nnx.state(base)  # the real base weights, where `frozen` holds only their shapes
     elif jax.tree.leaves(frozen):
@@ -168,7 +164,8 @@ def start_from(config, mesh: Mesh | None = None) -> tuple[nnx.Module, bool]:
     best checkpoint. LoRA on a LoRA workdir continues that adapter (its lora.* and dtypes must be the same); full
     fine-tuning of a LoRA workdir starts from the merged weights; a full workdir's weights are the new base."""
     run = load_trained(config.model.path, mesh=mesh)
-    if run.config.method == "lora" and config.method == "lora":
+    before = method_for(run.config.method, run.config.lora)
+    if method_for(config.method, config.lora).continues(before):
         for key in CONTINUED_KEYS:
             group, leaf = key.split(".")
             was, now = run.config[group][leaf], config[group][leaf]
@@ -176,4 +173,4 @@ def start_from(config, mesh: Mesh | None = None) -> tuple[nnx.Module, bool]:
                 raise ConfigError(f"config.{key}={now!r} differs from the adapter it continues in "
                                   f"{config.model.path} ({was!r}); set it to that value or start from a merged export")
         return run.model, True
-    return (merged(run.model) if run.config.method == "lora" else run.model), False
+    return before.full_weights(run.model), False

@@ -69,7 +69,10 @@ def main(argv):
         from ftjax.interop.sources import resolve
 
         # LoRA: adapters off; an adapter continued from a workdir (SFT then DPO): that workdir's model
-        started = run.config.method == "full" or resolve(config.model.path)[0] == "workdir"
+        from ftjax.methods import method_for
+
+        started = (method_for(run.config.method, run.config.lora).keeps_start_copy
+                   or resolve(config.model.path)[0] == "workdir")
         base = load_model(config.model.path, **kw) if started else None
     tokenizer = load_tokenizer(config.model.path)
     preference = None

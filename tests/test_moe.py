@@ -621,12 +621,13 @@ def test_lora_learns_with_router_and_experts_frozen(run, targets):
     added) memorizes a batch; the router and the experts' own weights are outside the trainable set."""
     import optax
 
-    from ftjax.lora import apply_lora, trainable_filter
+    from ftjax.lora import apply_lora
+    from ftjax.methods import Lora
 
     model = nnx.clone(run["model"])
     model.lm_head.kernel[...] = 30.0 * model.lm_head.kernel[...]  # pre-trained-like head scale
     apply_lora(model, 4, 8.0, targets=targets, rngs=nnx.Rngs(1))
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter("lora"), ...)
+    graphdef, trainable, frozen = nnx.split(model, Lora.trainable, ...)
     paths = {p[-1] for p, _ in nnx.to_flat_state(trainable)}
     assert paths == {"lora_a", "lora_b"}
     adapted = {p[-2] for p, _ in nnx.to_flat_state(trainable)}

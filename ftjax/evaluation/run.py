@@ -33,6 +33,7 @@ from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResul
 from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.progress import base_point, plot_progress, tracking_metrics
 from ftjax.evaluation.report import build_report, write_atomic, write_report
+from ftjax.methods import method_for
 from ftjax.evaluation.task import TaskResult, evaluate_task
 
 BASELINES_NAME = "baselines.json"
@@ -213,7 +214,7 @@ class Evaluation:
             results["finetuned"] = task
         c = self.config
         run = {"steps": c.train.steps, "lr": c.optim.lr, "batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
-               "lora_rank": c.lora.rank if c.method == "lora" else None}
+               "lora_rank": (method_for(c.method, c.lora).describe() or {}).get("rank")}
         extra = dict(extra_meta or {})
         run.update(extra.pop("run", {}))  # e.g. wall_s from the loop
         meta = {"step": step, "model": c.model.path, "method": c.method, "objective": c.objective,

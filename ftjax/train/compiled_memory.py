@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from ftjax.backend_defaults import resolve_auto
 from ftjax.data.packing import BATCH_KEYS
 from ftjax.dtypes import cast_floats, frozen_dtype
-from ftjax.lora import trainable_filter
+from ftjax.methods import method_for
 from ftjax.models.llama import ModelConfig
 from ftjax.sharding import parse_rules, state_shardings
 from ftjax.train.memory import abstract_model
@@ -30,7 +30,7 @@ def compiled_step_bytes(config, model_cfg: ModelConfig, mesh: Mesh) -> int:
     resolve_auto(config)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat, attention=config.model.attention)
-    graphdef, trainable, frozen = nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method), ...)
+    graphdef, trainable, frozen = nnx.split(abstract_model(config, model_cfg), method_for(config.method, config.lora).trainable, ...)
     frozen = jax.eval_shape(lambda f: cast_floats(f, frozen_dtype(config)), frozen)
     optimizer = make_optimizer(config.optim, config.train.steps)
     opt_state = jax.eval_shape(optimizer.tx.init, trainable)

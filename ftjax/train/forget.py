@@ -29,13 +29,14 @@ from ftjax.data.retain import CONTROL_BUNDLED, load_retain
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.forgetting import base_replies
 from ftjax.evaluation.run import model_id
+from ftjax.methods import method_for
 
 
 def wants_base_copy(config, evaluating: bool) -> bool:
     """Full fine-tuning keeps the step-0 weights for the L2/KL terms and the forgetting metrics; LoRA never
     does (its base is the same model with the adapters off or zeroed)."""
     f = config.forget
-    return config.method == "full" and (evaluating or f.kl_weight > 0 or f.l2_weight > 0)
+    return method_for(config.method, config.lora).keeps_start_copy and (evaluating or f.kl_weight > 0 or f.l2_weight > 0)
 
 
 def base_copy(state) -> Any:
@@ -46,7 +47,7 @@ def base_copy(state) -> Any:
 
 def base_model(config, state, base_trainable) -> nnx.Module:
     """The base model: the step-0 copy (full), the current weights before any step, or the LoRA view."""
-    if config.method == "lora":
+    if not method_for(config.method, config.lora).keeps_start_copy:
         return base_view(state.model())
     return nnx.merge(state.graphdef, state.trainable if base_trainable is None else base_trainable, state.frozen)
 

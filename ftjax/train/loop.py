@@ -29,6 +29,7 @@ from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
 from ftjax.evaluation.run import Evaluation
 from ftjax.logs import heartbeat, still
+from ftjax.methods import method_for
 from ftjax.provenance import base_identity, check_resume_config, check_same
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards, mesh_from_config, parse_rules
 from ftjax.train import forget
@@ -169,10 +170,11 @@ def prepare(config, workdir: Path) -> Job:
                                        replay=(retain.replay_path, config.forget.replay_fraction))
         _say(data.summary.format())
     terms = loss_terms(config, model_cfg)
-    if config.method == "full" and config.objective in WITH_REFERENCE:  # the reference's log-probs, cached
+    method = method_for(config.method, config.lora)
+    if method.keeps_start_copy and config.objective in WITH_REFERENCE:  # the reference's log-probs, cached
         data = with_reference(config, workdir, tokenizer, state.model(), data, _say)
     # LoRA's base: its adapters zeroed (no copy), or the continued adapter's starting copy
-    with_base = (config.method == "full" or setup.continues_adapter) and uses_base(terms)
+    with_base = (method.keeps_start_copy or setup.continues_adapter) and uses_base(terms)
     step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=config.train.grad_accum,
                               rules=setup.rules, with_base=with_base)
     sharding = batch_sharding(mesh, setup.rules)
@@ -202,7 +204,7 @@ def prepare(config, workdir: Path) -> Job:
     job = Job(config, workdir, state, step_fn, frozen, batches,
               ckpt, keep_best, provenance, state.trainable, state.opt_state, 0,
               EarlyStop(config.train.early_stop_patience), False, run_eval, evaluation, base,
-              metrics_lib.training_flops_per_token(model_cfg, config.data.seq_len, config.method, state.trainable))
+              method.flops_per_token(model_cfg, config.data.seq_len, state.trainable))
     _resume(job)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

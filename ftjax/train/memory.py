@@ -34,7 +34,8 @@ from ftjax.errors import ConfigError
 from ftjax.interop.gguf import gguf_tensor_name, qtype_name, read_gguf_header
 from ftjax.interop.quantized_base import from_config as frozen_quant
 from ftjax.interop.sources import resolve
-from ftjax.lora import apply_lora, frozen_quant_kernels, trainable_filter
+from ftjax.lora import frozen_quant_kernels
+from ftjax.methods import method_for
 from ftjax.models.llama import Llama, ModelConfig
 from ftjax.models.moe import grouped_rows, resolved_implementation, tile_rows
 from ftjax.models.registry import config_from_hf, hf_tensor_name
@@ -94,9 +95,7 @@ def saved_widths(config, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
     (and the LoRA hidden states), `dots` every matmul output. `tokens` per device sizes an MoE's routed rows."""
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     i = mlp_width(cfg, tokens)
-    targets = config.lora.targets
-    targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
-    lora = config.lora.rank * len(targets) if config.method == "lora" else 0
+    lora = method_for(config.method, config.lora).adapter_width
     minimal = d + (q + 2 * kv) + d + d + 2 * i + lora  # input, q/k/v, attn_context, resid_mid, gate, up
     return {"full": d, "minimal": minimal, "dots": minimal + 2 * d}  # dots: + o_proj and down outputs
 
@@ -107,7 +106,7 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
     quant = frozen_quant(config)
-    _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method),
+    _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), method_for(config.method, config.lora).trainable,
                                                 QuantizedParam, ...)
     opt = jax.eval_shape(make_optimizer(config.optim, config.train.steps).tx.init, trainable)
     rules = parse_rules(config.mesh.rules)
@@ -141,7 +140,7 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     out = {"trainable": _device_bytes(trainable, mesh, rules),
            "frozen": _device_bytes(frozen, mesh, rules, frozen_dtype) + _device_bytes(quantized, mesh, rules),
            "opt_state": _device_bytes(opt, mesh, rules), "activations": int(acts)}
-    if config.method == "full" and (config.forget.kl_weight or config.forget.l2_weight):
+    if method_for(config.method, config.lora).keeps_start_copy and (config.forget.kl_weight or config.forget.l2_weight):
         out["base_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
     return out
 
@@ -151,10 +150,7 @@ def abstract_model(config, model_cfg: ModelConfig) -> nnx.Module:
 
     def build():
         model = Llama(model_cfg, rngs=nnx.Rngs(0))
-        if config.method == "lora":
-            apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
-                       rngs=nnx.Rngs(0))
-        return model
+        return method_for(config.method, config.lora).attach(model, 0)
 
     abstract = nnx.eval_shape(build)
     quant = frozen_quant(config)

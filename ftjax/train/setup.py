@@ -12,7 +12,7 @@ from ftjax.backend_defaults import resolve_auto
 from ftjax.dtypes import frozen_dtype
 from ftjax.interop.quantized_base import from_config as frozen_quant
 from ftjax.interop.sources import load_pretrained, resolve
-from ftjax.lora import apply_lora, trainable_filter
+from ftjax.methods import method_for
 from ftjax.sharding import parse_rules
 from ftjax.train.optimizer import Optimizer, make_optimizer
 from ftjax.train.state import TrainState, place_state
@@ -39,10 +39,8 @@ def build_model(config, mesh: Mesh) -> tuple[nnx.Module, bool]:
         model, continues = load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
                                            rules=parse_rules(config.mesh.rules), remat=config.model.remat,
                                            attention=config.model.attention, quant=frozen_quant(config)), False
-    if config.method == "lora" and not continues:
-        # Adapters are small; place_state moves them into their shardings with everything else.
-        apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
-                   dropout=config.lora.dropout, rslora=config.lora.rslora, rngs=nnx.Rngs(config.seed))
+    if not continues:  # adapters are small; place_state moves them into their shardings with everything else
+        method_for(config.method, config.lora).attach(model, config.seed)
     return model, continues
 
 
@@ -52,6 +50,6 @@ def build_state(config, mesh: Mesh) -> Setup:
     model, continues = build_model(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
     rules = parse_rules(config.mesh.rules)
-    state = place_state(model, optimizer.tx, mesh, trainable=trainable_filter(config.method),
+    state = place_state(model, optimizer.tx, mesh, trainable=method_for(config.method, config.lora).trainable,
                         frozen_dtype=frozen_dtype(config), rules=rules)
     return Setup(mesh, state, optimizer, model.config, rules, continues)

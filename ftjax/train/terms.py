@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ftjax.methods import method_for
 from ftjax.models.moe import load_balancing_loss
 from ftjax.train.loss import head_cross_entropy
 from ftjax.train.preference import METRICS
@@ -97,7 +98,8 @@ def preference_loss(config) -> BatchTerm:
     full fine-tuning reads the batch's cached `ref_logps`."""
     cfg, chunk = preference_config(config), config.train.loss_chunk
     max_pairs = max_pairs_of(config.data.seq_len)
-    reference = ("base" if config.method == "lora" else "cache") if cfg.needs_reference else None
+    free = not method_for(config.method, config.lora).keeps_start_copy  # the step-0 model costs no copy
+    reference = ("base" if free else "cache") if cfg.needs_reference else None
 
     def fn(f: Forward):
         sums = forward_sums(cfg, f, max_pairs, chunk, reference)
