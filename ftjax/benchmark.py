@@ -23,7 +23,7 @@ from ftjax import metrics as metrics_lib
 from ftjax.config import DEFAULT_MODEL, LORA_TARGETS, default_config
 from ftjax.data.packing import BATCH_KEYS
 from ftjax.methods import method_for
-from ftjax.sharding import mesh_from_config
+from ftjax.train.compose import compose
 from ftjax.train.memory import frozen_bytes
 from ftjax.train.setup import build_state
 from ftjax.train.state import state_size
@@ -95,11 +95,12 @@ class Bench:
 
 
 def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
-    """Build the state from `config` (model, adapters, optimizer), place a random batch, compile the step."""
+    """Compose `config` on `devices` (default: all), build the state (model, adapters, optimizer), place a random
+    batch, compile the step."""
     t0 = time.perf_counter()
-    devs = list(devices) if devices is not None else None
-    mesh = mesh_from_config(config, devices=devs)
-    setup = build_state(config, mesh)
+    run = compose(config, devices)
+    mesh = run.mesh
+    setup = build_state(run)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,
                            loss_chunk=config.train.loss_chunk, rules=setup.rules)

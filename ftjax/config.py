@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
         gamma=0.5,  # SimPO's target reward margin
         sft_weight=0.0,  # weight of a cross-entropy term on the chosen reply (ORPO has its own built in)
     )
-    # router_aux_weight: weight of a mixture-of-experts model's router balance loss (ftjax/train/terms.py); unset =
+    # router_aux_weight: weight of a mixture-of-experts model's router balance loss (ftjax/objectives/terms.py); unset =
     # the model's own router_aux_loss_coef (its HF config.json; transformers adds it only with output_router_logits),
     # 0 = off
     c.moe = dict(router_aux_weight=config_dict.placeholder(float))
@@ -249,13 +249,19 @@ CHECKED_KEYS = (*_CHOICES, *_RANGES, *_FREE, "eval.metric", "mesh.rules")
 AUTO_KEYS = ("model.dtype", "model.remat", "model.attention", "train.frozen_dtype")  # resolved per backend
 
 
-# Keys that apply to some methods only: key (when set) -> (the key it depends on, its values it applies to, the
-# message's rest).
-_APPLIES_ONLY = {
-    "train.frozen_quant": ("method", ("lora",), "={value} quantizes the frozen base of a LoRA run; method=full "
-                           "trains every weight (use frozen_quant=none)"),
-    "forget.l2_weight": ("method", ("full",), " applies to method=full (W - W_base); with LoRA use "
+# Keys that apply with some methods or objectives only: key (when set) -> (the key it depends on, whether it
+# applies with that key's value, the message's rest: {value} the key's, {other} the other key's).
+_APPLIES_ONLY: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "train.frozen_quant": ("method", lambda v: v == "lora", "={value} quantizes the frozen base of a LoRA run; "
+                           "method=full trains every weight (use frozen_quant=none)"),
+    "forget.l2_weight": ("method", lambda v: v == "full", " applies to method=full (W - W_base); with LoRA use "
                          "forget.kl_weight or forget.replay_fraction"),
+    "pref.sft_weight": ("objective", lambda v: v != "orpo", " does not apply to objective=orpo: its NLL term on the "
+                        "chosen reply is built in"),
+    "pref.label_smoothing": ("objective", lambda v: v in ("dpo", "simpo"), " applies to objective=dpo (robust DPO) "
+                             "or simpo, not {other}"),
+    "forget.replay_fraction": ("objective", lambda v: v not in ("dpo", "ipo", "orpo", "simpo"), " mixes SFT examples "
+                               "into the data; objective={other} trains on preference pairs (use forget.kl_weight)"),
 }
 
 
@@ -270,6 +276,11 @@ def allow_choice(key: str, value: str) -> None:
     """Accept one more value of a choice key (`method` / `objective`: what the registries add)."""
     if value not in _CHOICES[key]:
         _CHOICES[key] = (*_CHOICES[key], value)
+
+
+def has_auto(c: ml_collections.ConfigDict) -> bool:
+    """Whether any AUTO_KEYS value is still `auto` (a config not composed into a run yet)."""
+    return any(get(c, key) == "auto" for key in AUTO_KEYS)
 
 
 def get(c: ml_collections.ConfigDict, key: str):
@@ -320,19 +331,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.forget.replay_temperature == 0 and c.forget.replay_samples > 1:
         raise ConfigError("config.forget.replay_samples > 1 needs forget.replay_temperature > 0: greedy replies "
                           f"are all the same (got replay_samples={c.forget.replay_samples})")
+    for key, (other, applies, message) in _APPLIES_ONLY.items():
+        if get(c, key) not in (0, "none") and not applies(get(c, other)):
+            raise ConfigError("config." + key + message.format(value=get(c, key), other=get(c, other)))
     if c.train.frozen_quant == "gguf" and not (str(c.model.path).endswith(".gguf") or c.model.path == DEFAULT_MODEL):
         raise ConfigError(f"config.train.frozen_quant=gguf keeps a .gguf file's own blocks, but model.path="
                           f"{c.model.path} is not one; use frozen_quant=nf4 or int8")
-    for key, (needs, allowed, why) in _APPLIES_ONLY.items():
-        if get(c, key) not in (0, "none") and get(c, needs) not in allowed:
-            raise ConfigError(f"config.{key}{why.format(value=get(c, key))}")
-    if c.pref.sft_weight and c.objective == "orpo":
-        raise ConfigError("config.pref.sft_weight does not apply to objective=orpo: its NLL term on the chosen reply "
-                          "is built in")
-    if c.pref.label_smoothing and c.objective not in ("dpo", "simpo"):
-        raise ConfigError(f"config.pref.label_smoothing applies to objective=dpo (robust DPO) or simpo, not "
-                          f"{c.objective}")
-    if c.objective != "sft" and c.forget.replay_fraction:
-        raise ConfigError(f"config.forget.replay_fraction mixes SFT examples into the data; objective={c.objective} "
-                          "trains on preference pairs (use forget.kl_weight)")
     return c

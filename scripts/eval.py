@@ -75,13 +75,15 @@ def main(argv):
                    or resolve(config.model.path)[0] == "workdir")
         base = load_model(config.model.path, **kw) if started else None
     tokenizer = load_tokenizer(config.model.path)
-    preference = None
-    if config.objective != "sft":  # held-out preference pairs: accuracy of the base and the tuned model
-        from ftjax.data.preference_build import build_preference_datasets
-        from ftjax.train.preference_term import held_out_metrics
+    from ftjax.objectives import objective_for
 
-        preference = held_out_metrics(config, build_preference_datasets(config, tokenizer).eval)
-    Evaluation(config, tokenizer, FLAGS.workdir, preference=preference).report(
+    objective = objective_for(config.objective, config.pref)  # e.g. preference accuracy on held-out pairs
+    held_out = None
+    if not objective.generation_task:
+        rows = objective.read_data(config, tokenizer, None).eval
+        held_out = objective.report_rows(rows, config.train.batch_size, config.train.loss_chunk)
+    Evaluation(config, tokenizer, FLAGS.workdir, held_out=held_out,
+               generation_task=objective.generation_task).report(
         model, base, step, extra_meta={"evaluated": FLAGS.model or f"{FLAGS.workdir} step {step}"})
 
 

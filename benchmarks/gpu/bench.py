@@ -199,6 +199,7 @@ def ftjax_largest(shape: str, seq_len: int, steps: int, warmup: int, max_batch: 
     from ftjax.metrics import peak_flops
     from ftjax.models.registry import config_from_hf
     from ftjax.sharding import mesh_from_config
+    from ftjax.train.compose import compose
     from ftjax.train.setup import build_state
     from ftjax.train.state import state_size
     from ftjax.train.step import BATCH_KEYS, make_train_step
@@ -211,7 +212,7 @@ def ftjax_largest(shape: str, seq_len: int, steps: int, warmup: int, max_batch: 
     c = config_lib.validate(c)
     t0 = time.perf_counter()
     mesh = mesh_from_config(c)
-    setup = build_state(c, mesh)
+    setup = build_state(compose(c), mesh)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=1, loss_chunk=c.train.loss_chunk)
     rng = jax.random.key(0)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flax import nnx
+
+from ftjax import metrics as metrics_lib
 
 from ftjax.methods.method import ATTENTION_FLOPS, Method
 
@@ -16,3 +20,6 @@ class Full(Method):
 
     def __init__(self, lora=None):
         """`lora` (the run's lora.* spec) does not apply to full fine-tuning."""
+
+    def flops_per_token(self, model_cfg: Any, seq_len: int, trainable: nnx.State) -> float:
+        return metrics_lib.training_flops_per_token(model_cfg, seq_len, "full", trainable)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from flax import nnx
+
+from ftjax import metrics as metrics_lib
 
 from ftjax.lora import apply_lora, merged
 from ftjax.methods.method import ATTENTION_FLOPS, Method
@@ -52,6 +55,9 @@ class Lora(Method):
     @property
     def adapter_width(self) -> int:
         return self.spec.rank * len(self.spec.target_list)
+
+    def flops_per_token(self, model_cfg: Any, seq_len: int, trainable: nnx.State) -> float:
+        return metrics_lib.training_flops_per_token(model_cfg, seq_len, "lora", trainable)
 
     def describe(self) -> dict:
         return {"rank": self.spec.rank, "alpha": self.spec.alpha, "targets": self.spec.targets}

@@ -6,7 +6,6 @@ from typing import Any
 
 from flax import nnx
 
-from ftjax import metrics as metrics_lib
 
 
 ATTENTION_FLOPS = ("attention 12*N*H*sum over layers of keys (causal T/2, so 6*L*N*H*T; a sliding window W < T: "
@@ -38,8 +37,8 @@ class Method:
         return False
 
     def flops_per_token(self, model_cfg: Any, seq_len: int, trainable: nnx.State) -> float:
-        """Training FLOPs per token (ftjax/metrics.py's formula for this method)."""
-        return metrics_lib.training_flops_per_token(model_cfg, seq_len, self.name, trainable)
+        """Training FLOPs per token of `model_cfg` at `seq_len`, this method's `trainable` state (`flop_formula`)."""
+        raise NotImplementedError
 
 
     def describe(self) -> dict | None:

@@ -13,25 +13,28 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax.backend_defaults import resolve_auto
+from ftjax.config import has_auto
 from ftjax.data.packing import BATCH_KEYS
 from ftjax.dtypes import cast_floats, frozen_dtype
 from ftjax.methods import method_for
 from ftjax.models.llama import ModelConfig
+from ftjax.objectives.terms import cross_entropy
 from ftjax.sharding import parse_rules, state_shardings
 from ftjax.train.memory import abstract_model
 from ftjax.train.optimizer import make_optimizer
 from ftjax.train.state import StateShardings
 from ftjax.train.step import TrainStep
-from ftjax.train.terms import cross_entropy
 
 
 def compiled_step_bytes(config, model_cfg: ModelConfig, mesh: Mesh) -> int:
-    """Bytes per device of the compiled step: arguments + unaliased outputs + temporaries."""
-    resolve_auto(config)
+    """Bytes per device of the compiled step: arguments + unaliased outputs + temporaries (`auto` values still in
+    `config` resolved for this backend)."""
+    if has_auto(config):
+        resolve_auto(config)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat, attention=config.model.attention)
     graphdef, trainable, frozen = nnx.split(abstract_model(config, model_cfg), method_for(config.method, config.lora).trainable, ...)
-    frozen = jax.eval_shape(lambda f: cast_floats(f, frozen_dtype(config)), frozen)
+    frozen = jax.eval_shape(lambda f: cast_floats(f, frozen_dtype(config.train.frozen_dtype, config.model.param_dtype)), frozen)
     optimizer = make_optimizer(config.optim, config.train.steps)
     opt_state = jax.eval_shape(optimizer.tx.init, trainable)
     rules = parse_rules(config.mesh.rules)

@@ -6,7 +6,7 @@ kernels keep no [T, S] blocks), scaled to the compute dtype, without remat; with
 policy each layer keeps only what the policy saves (`saved_widths`), plus one layer's worth during its
 recomputation.
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
-trainable weights (`base_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
+trainable weights (`start_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
 A quantized base (train.frozen_quant) counts its kernels' own arrays, and one layer of them dequantized among the
 activations; `ftjax.train.compiled_memory` checks the whole against XLA's count of the compiled step.
 Mixture of experts: the weights are the model's own (all E experts, the router, their adapters); a layer's MLP
@@ -29,10 +29,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax.backend_defaults import resolve_auto
-from ftjax.config import recipe_module
+from ftjax.config import has_auto, recipe_module
 from ftjax.errors import ConfigError
 from ftjax.interop.gguf import gguf_tensor_name, qtype_name, read_gguf_header
-from ftjax.interop.quantized_base import from_config as frozen_quant
+from ftjax.interop.quantized_base import frozen_quant
 from ftjax.interop.sources import resolve
 from ftjax.lora import frozen_quant_kernels
 from ftjax.methods import method_for
@@ -101,11 +101,13 @@ def saved_widths(config, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
 
 
 def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
-    """Bytes per device for the trainable + frozen params, optimizer state and activations."""
-    resolve_auto(config)
+    """Bytes per device for the trainable + frozen params, optimizer state and activations. A composed run's
+    config has its `auto` values resolved already; one straight from a recipe gets this backend's."""
+    if has_auto(config):
+        resolve_auto(config)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
-    quant = frozen_quant(config)
+    quant = _quant(config)
     _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), method_for(config.method, config.lora).trainable,
                                                 QuantizedParam, ...)
     opt = jax.eval_shape(make_optimizer(config.optim, config.train.steps).tx.init, trainable)
@@ -141,7 +143,7 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
            "frozen": _device_bytes(frozen, mesh, rules, frozen_dtype) + _device_bytes(quantized, mesh, rules),
            "opt_state": _device_bytes(opt, mesh, rules), "activations": int(acts)}
     if method_for(config.method, config.lora).keeps_start_copy and (config.forget.kl_weight or config.forget.l2_weight):
-        out["base_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
+        out["start_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
     return out
 
 
@@ -153,10 +155,15 @@ def abstract_model(config, model_cfg: ModelConfig) -> nnx.Module:
         return method_for(config.method, config.lora).attach(model, 0)
 
     abstract = nnx.eval_shape(build)
-    quant = frozen_quant(config)
+    quant = _quant(config)
     if quant is not None:
         _abstract_quantized(abstract, quant, config.model.path)
     return abstract
+
+
+def _quant(config):
+    t = config.train
+    return frozen_quant(t.frozen_quant, t.frozen_quant_scope, config.lora.targets, config.model.dtype)
 
 
 def _abstract_quantized(model: nnx.Module, quant, path: str) -> None:
