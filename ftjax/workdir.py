@@ -26,7 +26,7 @@ from ftjax.interop.quantized_base import frozen_quant
 from ftjax.interop.sources import load_pretrained, pretrained_config, resolve
 from ftjax.methods import Method, method_for
 from ftjax.models.registry import MODEL_CLASSES
-from ftjax.sharding import make_mesh, parse_rules, state_shardings
+from ftjax.sharding import mesh_from_config, parse_rules, state_shardings
 
 STEP_CHOICES = "best, latest or a step number"
 
@@ -105,10 +105,10 @@ def recorded(config) -> Recorded:
                     {key: config[key.split(".")[0]][key.split(".")[1]] for key in CONTINUED_KEYS})
 
 
-def _default_mesh(mesh_spec: Any) -> Mesh | None:
+def _default_mesh(mesh_settings: Any) -> Mesh | None:
     """The training mesh (`mesh.*`) when this machine has the devices for it, else one device."""
     try:
-        return make_mesh(mesh_spec.data, mesh_spec.fsdp, mesh_spec.tensor, expert=mesh_spec.expert)
+        return mesh_from_config(mesh_settings)
     except ConfigError:
         return None
 

@@ -59,7 +59,7 @@ def main(argv):
     from ftjax.sharding import mesh_from_config
     from ftjax.workdir import load_trained
 
-    mesh = mesh_from_config(config)
+    mesh = mesh_from_config(config.mesh)
     kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh)
     if FLAGS.model:
         model, base, step = load_model(FLAGS.model, **kw), load_model(config.model.path, **kw), 0

@@ -573,7 +573,7 @@ def _one_step(config, batch, mesh=None):
     from ftjax.train.setup import build_state
     from ftjax.train.step import make_train_step
 
-    mesh = mesh or mesh_from_config(config)
+    mesh = mesh or mesh_from_config(config.mesh)
     setup = build_state(compose(config), mesh)
     state = setup.state
     terms = loss_terms(compose(config), setup.model_config)

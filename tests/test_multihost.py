@@ -176,7 +176,7 @@ def test_only_process_0_prints_and_both_save_one_checkpoint(runs):
 
     c = load_config()
     c.mesh.data = -1  # this test process's 8 devices
-    mesh = mesh_from_config(c)
+    mesh = mesh_from_config(c.mesh)
     state = build_state(compose(c), mesh).state
     data = data_lib.build_datasets(c, load_tokenizer(c.model.path), vocab_size=model_config(c.model.path).vocab_size)
     sums = make_eval_loss(state.graphdef, c.train.loss_chunk)

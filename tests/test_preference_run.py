@@ -105,7 +105,7 @@ def test_lora_dpo_first_step_is_ln2_and_logs_trl_metrics_and_the_held_out_object
 
 def _step_inputs(c, mesh=None):
     config_lib.validate(c)
-    mesh = mesh or mesh_from_config(c)
+    mesh = mesh or mesh_from_config(c.mesh)
     setup = build_state(compose(c), mesh)
     data = build_preference_datasets(c, pretrained_tokenizer(c.model.path), vocab_size=setup.model_config.vocab_size)
     batch = {k: jnp.asarray(v) for k, v in data.train.batch(np.arange(c.train.batch_size)).items()}

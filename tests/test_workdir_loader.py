@@ -28,7 +28,7 @@ def workdir(tmp_path_factory):
     """A LoRA workdir whose checkpoints differ: step s has every lora_b = s / 100."""
     path = tmp_path_factory.mktemp("run")
     c = load_config()
-    state = build_state(compose(c), mesh_from_config(c)).state
+    state = build_state(compose(c), mesh_from_config(c.mesh)).state
     ckpt = Checkpoints(path, keep=5, keep_best=True, async_save=False)
     for step, loss in EVAL_LOSSES.items():
         trainable = jax.tree.map(lambda v: v, state.trainable)

@@ -211,7 +211,7 @@ def ftjax_largest(shape: str, seq_len: int, steps: int, warmup: int, max_batch: 
     c.model.path, c.method, c.data.seq_len, c.train.batch_size = "tiny-random-llama", "lora", seq_len, 1
     c = config_lib.validate(c)
     t0 = time.perf_counter()
-    mesh = mesh_from_config(c)
+    mesh = mesh_from_config(c.mesh)
     setup = build_state(compose(c), mesh)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=1, loss_chunk=c.train.loss_chunk)

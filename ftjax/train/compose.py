@@ -132,7 +132,7 @@ def compose(config, devices: Sequence[Any] | None = None) -> Run:
                         int(t.loss_chunk), int(t.max_consecutive_skips), int(t.early_stop_patience), int(c.seed))
     f = c.forget
     return Run(config, model, method_for(c.method, c.lora), objective_for(c.objective, c.pref),
-               mesh_from_config(c, devices=list(devices) if devices is not None else None), parse_rules(c.mesh.rules),
+               mesh_from_config(c.mesh, devices=list(devices) if devices is not None else None), parse_rules(c.mesh.rules),
                schedule, Checkpointing(int(c.checkpoint.every), int(c.checkpoint.keep), bool(c.checkpoint.keep_best)),
                EvalPlan(int(c.eval.every), bool(c.eval.final), bool(c.data.eval)),
                Forgetting(float(f.kl_weight), float(f.l2_weight), float(f.replay_fraction), f.control,

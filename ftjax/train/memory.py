@@ -216,7 +216,7 @@ def recipe_estimate(path: str | os.PathLike, devices: int, backend: str = "gpu")
     --xla_force_host_platform_device_count=8)."""
     module = recipe_module(path)
     config = resolve_auto(module.get_config(), backend)
-    mesh = mesh_from_config(config, devices=jax.devices()[:devices])
+    mesh = mesh_from_config(config.mesh, devices=jax.devices()[:devices])
     cfg = config_from_hf(module.HF_CONFIG)
     if cfg.moe is not None:  # the grouped matmul that backend runs, not this host's
         cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=resolved_implementation(
