@@ -67,20 +67,20 @@ def main(argv):
         run = load_trained(FLAGS.workdir, FLAGS.step, mesh=mesh)  # the loader export and load_model use
         model, step = run.model, run.step
         from ftjax.interop.sources import resolve
-
-        # LoRA: adapters off; an adapter continued from a workdir (SFT then DPO): that workdir's model
         from ftjax.methods import method_for
 
+        # LoRA: adapters off; an adapter continued from a workdir (SFT then DPO): that workdir's model
         started = (method_for(run.config.method, run.config.lora).keeps_start_copy
                    or resolve(config.model.path)[0] == "workdir")
         base = load_model(config.model.path, **kw) if started else None
     tokenizer = load_tokenizer(config.model.path)
-    from ftjax.objectives import objective_for
+    from ftjax.train.compose import compose
 
-    objective = objective_for(config.objective, config.pref)  # e.g. preference accuracy on held-out pairs
+    composed = compose(config)
+    objective = composed.objective  # its report rows: e.g. preference accuracy on held-out pairs
     held_out = None
     if not objective.generation_task:
-        rows = objective.read_data(config, tokenizer, None).eval
+        rows = objective.read_data(composed, tokenizer, None).eval
         held_out = objective.report_rows(rows, config.train.batch_size, config.train.loss_chunk)
     Evaluation(config, tokenizer, FLAGS.workdir, held_out=held_out,
                generation_task=objective.generation_task).report(

@@ -104,10 +104,9 @@ ENTRY_POINTS = ("ftjax/train/loop.py:run", "ftjax/benchmark.py:prepare", "ftjax/
 # Not yet converted to parts (each still reads `config.<group>.<key>` itself): this list only shrinks.
 NOT_YET = ("ftjax/data/build.py:data_fingerprints", "ftjax/data/build.py:build_datasets",
            "ftjax/data/preference_build.py:build_preference_datasets", "ftjax/evaluation/run.py:__init__",
-           "ftjax/objectives/objective.py:read_data", "ftjax/objectives/preference.py:read_data",
-           "ftjax/objectives/sft.py:read_data",
-           "ftjax/train/compiled_memory.py:compiled_step_bytes", "ftjax/train/memory.py:saved_widths", "ftjax/train/memory.py:estimate", "ftjax/train/memory.py:abstract_model",
-           "ftjax/train/memory.py:_quant", "ftjax/train/memory.py:check_fits")
+           "ftjax/train/compiled_memory.py:compiled_step_bytes", "ftjax/train/memory.py:saved_widths",
+           "ftjax/train/memory.py:estimate", "ftjax/train/memory.py:abstract_model", "ftjax/train/memory.py:_quant",
+           "ftjax/train/memory.py:check_fits")
 
 
 def config_parameters(tree: ast.AST) -> list[str]:

@@ -56,8 +56,9 @@ class Objective:
     generation_task: bool = True  # its held-out records are generation examples (task scores in the report)
     replay_mixes_in: bool = True  # forget.replay_fraction may mix SFT replay examples into its data
 
-    def read_data(self, config: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
-        """Train / eval rows and their summary (`ftjax.data.Datasets`-like), every record checked up front."""
+    def read_data(self, run: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
+        """Train / eval rows and their summary (`ftjax.data.Datasets`-like) for the composed `run`
+        (`ftjax.train.compose.Run`), every record checked up front; `replay`: (file, fraction) mixed in."""
         raise NotImplementedError
 
     def batches(self, train: Any, batch_size: int, seed: int, sharding: Any, prefetch: int) -> BatchSource:

@@ -63,8 +63,8 @@ class Preference(Objective):
         self.nll_weight = 1.0 if name == "orpo" else float(pref.sft_weight)
         self.needs_reference = self.cfg.needs_reference
 
-    def read_data(self, config: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
-        return build_preference_datasets(config, tokenizer, vocab_size=vocab_size)
+    def read_data(self, run: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
+        return build_preference_datasets(run.config, tokenizer, vocab_size=vocab_size)
 
     def with_reference(self, data: Any, model: Any, batch_size: int, loss_chunk: int, workdir: Any,
                        identity: dict, say) -> Any:

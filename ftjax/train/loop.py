@@ -140,7 +140,7 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
     tokenizer = load_tokenizer(run.model.path)
     model_cfg = model_config(run.model.path)
     config_lib.validate_for_model(config, model_cfg)
-    data = objective.read_data(config, tokenizer, model_cfg.vocab_size)
+    data = objective.read_data(run, tokenizer, model_cfg.vocab_size)
     if not run.forget.replay_fraction:
         _say(data.summary.format())
     _say(check_fits(config, model_cfg, mesh))  # stops here, before loading or compiling, if it cannot fit
@@ -166,7 +166,7 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
     with activation_sharding(mesh, rules):  # the pre-trained model's replies: rows split over the batch axes
         retain = forget.retain_data(run, tokenizer, workdir, state, start_copy)
     if run.forget.replay_fraction:
-        data = objective.read_data(config, tokenizer, model_cfg.vocab_size,
+        data = objective.read_data(run, tokenizer, model_cfg.vocab_size,
                                    replay=(retain.replay_path, run.forget.replay_fraction))
         _say(data.summary.format())
     own = objective_terms(run)
