@@ -50,7 +50,7 @@ def estimated_bytes(name: str, topology: str) -> dict[str, int]:
     recipe = ROOT / "configs" / f"{name}.py"
     devices = topology_devices(topology)
     config = resolve_auto(load_recipe(recipe), platform_of(devices))
-    mesh = mesh_from_config(config, devices=devices)
+    mesh = mesh_from_config(config.mesh, devices=devices)
     return estimate(config, on_platform(model_shape(config, recipe), "tpu"), mesh)
 
 

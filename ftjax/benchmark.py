@@ -21,23 +21,15 @@ import numpy as np
 
 from ftjax.config import DEFAULT_MODEL, LORA_TARGETS, default_config
 from ftjax.data.packing import BATCH_KEYS
-from ftjax.metrics.flops import matmul_params, training_flops_per_token
+from ftjax.metrics.flops import matmul_params
 from ftjax.metrics.peaks import peak_flops
 from ftjax.platform import device_kind, platform_of
-from ftjax.sharding import mesh_from_config
+from ftjax.methods import method_for
+from ftjax.train.compose import compose
 from ftjax.train.memory import frozen_bytes
 from ftjax.train.setup import build_state
 from ftjax.train.state import state_size
 from ftjax.train.step import make_train_step
-
-_ATTENTION = ("attention 12*N*H*sum over layers of keys (causal T/2, so 6*L*N*H*T; a sliding window W < T: "
-              "W - W^2/2T), fwd+bwd; P: matmul params a token passes through incl. head (MoE: router + top-k experts)")
-FLOP_FORMULAS = {
-    "full": "6*P + attention; " + _ATTENTION,
-    "lora": "4*P_frozen + 6*P_lora + attention (no weight gradients for frozen weights; P_lora: adapter params a "
-            "token runs through, MoE: the top-k experts' adapters); " + _ATTENTION,
-}
-
 
 def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A full batch with one segment per row and a random target at every position (weight 1)."""
@@ -101,16 +93,17 @@ class Bench:
         return self.config.train.batch_size * self.config.data.seq_len
 
     def flops_per_token(self) -> float:
-        return training_flops_per_token(self.model_cfg, self.config.data.seq_len, self.config.method,
-                                                    self.trainable)
+        method = method_for(self.config.method, self.config.lora)
+        return method.flops_per_token(self.model_cfg, self.config.data.seq_len, self.trainable)
 
 
 def prepare(config, devices: Sequence[Any] | None = None) -> Bench:
-    """Build the state from `config` (model, adapters, optimizer), place a random batch, compile the step."""
+    """Compose `config` on `devices` (default: all), build the state (model, adapters, optimizer), place a random
+    batch, compile the step."""
     t0 = time.perf_counter()
-    devs = list(devices) if devices is not None else None
-    mesh = mesh_from_config(config, devices=devs)
-    setup = build_state(config, mesh)
+    run = compose(config, devices)
+    mesh = run.mesh
+    setup = build_state(run)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=config.train.grad_accum,
                            loss_chunk=config.train.loss_chunk, rules=setup.rules)
@@ -146,7 +139,7 @@ def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -
         "peak_flops": peak,
         "peak_source": peak_source,
         "flops_per_token": fpt,
-        "flops_formula": FLOP_FORMULAS[c.method],
+        "flops_formula": method_for(c.method, c.lora).flop_formula,
         "matmul_params": matmul_params(cfg),
         "trainable_params": bench.n_trainable,
         "peak_memory_bytes": mem,
@@ -161,7 +154,7 @@ def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -
                   "intermediate": cfg.intermediate_size, "heads": cfg.num_heads, "kv_heads": cfg.num_kv_heads,
                   "head_dim": cfg.head_dim, "vocab": cfg.vocab_size, "dtype": c.model.dtype,
                   "frozen_dtype": c.train.frozen_dtype, "frozen_quant": c.train.frozen_quant, "remat": c.model.remat, "attention": c.model.attention},
-        "lora": {"rank": c.lora.rank, "alpha": c.lora.alpha, "targets": c.lora.targets} if c.method == "lora" else None,
+        "lora": method_for(c.method, c.lora).describe(),
         "attention_kernel": cfg.attention_kernels(c.data.seq_len),
         "optimizer": c.optim.name,
         "batch": c.train.batch_size,

@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
         gamma=0.5,  # SimPO's target reward margin
         sft_weight=0.0,  # weight of a cross-entropy term on the chosen reply (ORPO has its own built in)
     )
-    # router_aux_weight: weight of a mixture-of-experts model's router balance loss (ftjax/train/terms.py); unset =
+    # router_aux_weight: weight of a mixture-of-experts model's router balance loss (ftjax/objectives/terms.py); unset =
     # the model's own router_aux_loss_coef (its HF config.json; transformers adds it only with output_router_logits),
     # 0 = off
     c.moe = dict(router_aux_weight=config_dict.placeholder(float))
@@ -253,12 +253,38 @@ CHECKED_KEYS = (*_CHOICES, *_RANGES, *_FREE, "eval.metric", "mesh.rules")
 AUTO_KEYS = ("model.dtype", "model.remat", "model.attention", "train.frozen_dtype")  # resolved per backend
 
 
-def segments_per_row(c: ml_collections.ConfigDict) -> int:
-    """The most segments (examples; a preference pair is two) a row of this run's data holds: what the packers
-    keep to and the model's attention may count on (ModelConfig.max_segments). 0: no bound."""
-    if not c.data.packing:
-        return 1 if c.objective == "sft" else 2
-    return int(c.data.max_segments)
+# Keys that apply with some methods or objectives only: key (when set) -> (the key it depends on, whether it
+# applies with that key's value, the message's rest: {value} the key's, {other} the other key's).
+_APPLIES_ONLY: dict[str, tuple[str, Callable[[Any], bool], str]] = {
+    "train.frozen_quant": ("method", lambda v: v == "lora", "={value} quantizes the frozen base of a LoRA run; "
+                           "method=full trains every weight (use frozen_quant=none)"),
+    "forget.l2_weight": ("method", lambda v: v == "full", " applies to method=full (W - W_base); with LoRA use "
+                         "forget.kl_weight or forget.replay_fraction"),
+    "pref.sft_weight": ("objective", lambda v: v != "orpo", " does not apply to objective=orpo: its NLL term on the "
+                        "chosen reply is built in"),
+    "pref.label_smoothing": ("objective", lambda v: v in ("dpo", "simpo"), " applies to objective=dpo (robust DPO) "
+                             "or simpo, not {other}"),
+    "forget.replay_fraction": ("objective", lambda v: v not in ("dpo", "ipo", "orpo", "simpo"), " mixes SFT examples "
+                               "into the data; objective={other} trains on preference pairs (use forget.kl_weight)"),
+}
+
+
+def choice_message(key: str, value: Any, choices: tuple) -> str:
+    """One line for a value outside its choices, naming the closest one."""
+    near = difflib.get_close_matches(str(value), [str(x) for x in choices], n=1, cutoff=0.0)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return f"config.{key}={value!r} is not one of {', '.join(map(str, choices))}{hint}"
+
+
+def allow_choice(key: str, value: str) -> None:
+    """Accept one more value of a choice key (`method` / `objective`: what the registries add)."""
+    if value not in _CHOICES[key]:
+        _CHOICES[key] = (*_CHOICES[key], value)
+
+
+def has_auto(c: ml_collections.ConfigDict) -> bool:
+    """Whether any AUTO_KEYS value is still `auto` (a config not composed into a run yet)."""
+    return any(get(c, key) == "auto" for key in AUTO_KEYS)
 
 
 def get(c: ml_collections.ConfigDict, key: str):
@@ -293,8 +319,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key, choices in _CHOICES.items():
         value = get(c, key)
         if value not in choices:
-            allowed = (("auto",) if key in AUTO_KEYS else ()) + tuple(choices)
-            raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(choice_message(key, value, (("auto",) if key in AUTO_KEYS else ()) + tuple(choices)))
     for key, (ok, want) in _RANGES.items():
         if not ok(get(c, key)):
             raise ConfigError(f"config.{key} must {want}, got {get(c, key)}")
@@ -310,22 +335,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if c.forget.replay_temperature == 0 and c.forget.replay_samples > 1:
         raise ConfigError("config.forget.replay_samples > 1 needs forget.replay_temperature > 0: greedy replies "
                           f"are all the same (got replay_samples={c.forget.replay_samples})")
-    if c.train.frozen_quant != "none" and c.method != "lora":
-        raise ConfigError(f"config.train.frozen_quant={c.train.frozen_quant} quantizes the frozen base of a LoRA "
-                          "run; method=full trains every weight (use frozen_quant=none)")
+    for key, (other, applies, message) in _APPLIES_ONLY.items():
+        if get(c, key) not in (0, "none") and not applies(get(c, other)):
+            raise ConfigError("config." + key + message.format(value=get(c, key), other=get(c, other)))
     if c.train.frozen_quant == "gguf" and not (str(c.model.path).endswith(".gguf") or c.model.path == DEFAULT_MODEL):
         raise ConfigError(f"config.train.frozen_quant=gguf keeps a .gguf file's own blocks, but model.path="
                           f"{c.model.path} is not one; use frozen_quant=nf4 or int8")
-    if c.forget.l2_weight > 0 and c.method != "full":
-        raise ConfigError("config.forget.l2_weight applies to method=full (W - W_base); with LoRA use "
-                          "forget.kl_weight or forget.replay_fraction")
-    if c.pref.sft_weight and c.objective == "orpo":
-        raise ConfigError("config.pref.sft_weight does not apply to objective=orpo: its NLL term on the chosen reply "
-                          "is built in")
-    if c.pref.label_smoothing and c.objective not in ("dpo", "simpo"):
-        raise ConfigError(f"config.pref.label_smoothing applies to objective=dpo (robust DPO) or simpo, not "
-                          f"{c.objective}")
-    if c.objective != "sft" and c.forget.replay_fraction:
-        raise ConfigError(f"config.forget.replay_fraction mixes SFT examples into the data; objective={c.objective} "
-                          "trains on preference pairs (use forget.kl_weight)")
     return c

@@ -28,7 +28,7 @@ def cast_floats(state: Any, dtype: Any) -> Any:
                         else x, state, is_leaf=quantized)
 
 
-def frozen_dtype(config: Any) -> str | None:
-    """The dtype the frozen (non-trained) weights are cast to, `train.frozen_dtype`; None when it is the
+def frozen_dtype(frozen: str, param_dtype: str) -> str | None:
+    """The dtype the frozen (non-trained) weights are cast to (`train.frozen_dtype`); None when it is the
     parameter dtype already (no cast)."""
-    return None if config.train.frozen_dtype == config.model.param_dtype else config.train.frozen_dtype
+    return None if frozen == param_dtype else frozen

@@ -203,15 +203,6 @@ def frozen_quant_kernels(model: nnx.Module, targets: str | Sequence[str] | None)
             and (patterns is None or matches(path, patterns))]
 
 
-def trainable_filter(method: str):
-    """What trains: the adapters for LoRA, every parameter for full fine-tuning."""
-    if method == "lora":
-        return nnx.LoRAParam
-    if method == "full":
-        return nnx.Param
-    raise ConfigError(f"method={method!r} is not one of lora, full")
-
-
 def adapters_only(trainable) -> bool:
     """True when every trainable leaf is an adapter factor (`nnx.LoRAParam`, by type, not by path): all-zero
     trainables then give the base model exactly."""

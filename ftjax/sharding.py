@@ -92,9 +92,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
     return Mesh(grid, MESH_AXES)
 
 
-def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
-    """The (data, fsdp, tensor, expert) mesh of `config.mesh` over `devices` (default: every process's)."""
-    m = config.mesh
+def mesh_from_config(m: Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """The (data, fsdp, tensor, expert) mesh of a run's `mesh.*` settings `m` over `devices` (default: every
+    process's)."""
     return make_mesh(m.data, m.fsdp, m.tensor, expert=m.expert, devices=devices)
 
 

@@ -23,9 +23,9 @@ from ftjax.checkpoint import Checkpoints
 from ftjax.config import default_config, flat_keys
 from ftjax.dtypes import cast_floats, frozen_dtype
 from ftjax.errors import ConfigError, LoadError
-from ftjax.interop.quantized_base import from_config as frozen_quant
+from ftjax.interop.quantized_base import frozen_quant
 from ftjax.interop.sources import load_pretrained, pretrained_config, resolve
-from ftjax.lora import apply_lora, merged, trainable_filter
+from ftjax.methods import Method, method_for
 from ftjax.models.registry import MODEL_CLASSES
 from ftjax.sharding import mesh_from_config, parse_rules, state_shardings
 
@@ -80,10 +80,36 @@ def select_step(ckpt: Checkpoints, which: str | int | None, where: str | Path) -
     return int(step)
 
 
-def _default_mesh(config) -> Mesh | None:
-    """The training mesh when this machine has the devices for it, else one device."""
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """What loading a trained run needs of its recorded config: the pre-trained model, how it was held, the
+    method, the seed that attached the adapters, the rules that placed the weights."""
+
+    model_path: str
+    dtype: str
+    param_dtype: str
+    attention: str
+    frozen_dtype: str | None  # the cast of the frozen weights (None: the parameter dtype)
+    quant: Any  # ftjax.interop.quantized_base.FrozenQuant, or None
+    method: Method
+    seed: int
+    rules: dict
+    settings: dict  # CONTINUED_KEYS -> value: what a run continuing its adapter must share
+
+
+def recorded(config) -> Recorded:
+    """A trained run's config (`auto` resolved) read into what loading it needs."""
+    m, t = config.model, config.train
+    return Recorded(str(m.path), m.dtype, m.param_dtype, m.attention, frozen_dtype(t.frozen_dtype, m.param_dtype),
+                    frozen_quant(t.frozen_quant, t.frozen_quant_scope, config.lora.targets, m.dtype),
+                    method_for(config.method, config.lora), int(config.seed), parse_rules(config.mesh.rules),
+                    {key: config[key.split(".")[0]][key.split(".")[1]] for key in CONTINUED_KEYS})
+
+
+def _default_mesh(mesh_settings: Any) -> Mesh | None:
+    """The training mesh (`mesh.*`) when this machine has the devices for it, else one device."""
     try:
-        return mesh_from_config(config)
+        return mesh_from_config(mesh_settings)
     except ConfigError:
         return None
 
@@ -104,54 +130,48 @@ def _target(trainable: nnx.State, mesh: Mesh | None, rules: dict) -> nnx.State:
     return jax.tree.map(spec, trainable, shardings, is_leaf=is_var)
 
 
-def _base(config, mesh: Mesh | None) -> tuple[nnx.Module, bool]:
-    """(The base as training built it, quantized as it was, whether it holds the adapter the run continued); for
-    full fine-tuning of a pre-trained model only its shapes (every weight is in the checkpoint). A workdir base:
+def _start(run: Recorded, mesh: Mesh | None) -> tuple[nnx.Module, bool]:
+    """(The model training started from, quantized as it was, whether it holds the adapter the run continued);
+    for full fine-tuning of a pre-trained model only its shapes (every weight is in the checkpoint). A workdir:
     `start_from`."""
-    if resolve(config.model.path)[0] == "workdir":
-        return start_from(config, mesh)
-    return _pretrained_base(config, mesh), False
+    if resolve(run.model_path)[0] == "workdir":
+        return start_from(run.model_path, run.method, run.settings, mesh)
+    return _pretrained(run, mesh), False
 
 
-def _pretrained_base(config, mesh: Mesh | None) -> nnx.Module:
-    if config.method != "full":
-        return load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
-                               rules=parse_rules(config.mesh.rules), attention=config.model.attention,
-                               quant=frozen_quant(config))
-    cfg = pretrained_config(config.model.path, config.model.dtype).replace(
-        param_dtype=config.model.param_dtype, attention=config.model.attention)
+def _pretrained(run: Recorded, mesh: Mesh | None) -> nnx.Module:
+    if not run.method.checkpoint_holds_every_weight:
+        return load_pretrained(run.model_path, run.dtype, run.param_dtype, mesh=mesh, rules=run.rules,
+                               attention=run.attention, quant=run.quant)
+    cfg = pretrained_config(run.model_path, run.dtype).replace(param_dtype=run.param_dtype, attention=run.attention)
     return nnx.eval_shape(lambda: MODEL_CLASSES[cfg.model_type](cfg, rngs=nnx.Rngs(0)))
 
 
-def _structure(config, base: nnx.Module) -> nnx.Module:
-    """The trained model's structure, abstract: the base with adapters attached (no adapter is initialized)."""
-    if config.method != "lora":
-        return base
-
-    def attach(model: nnx.Module) -> nnx.Module:
-        return apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
-                          dropout=config.lora.dropout, rslora=config.lora.rslora, rngs=nnx.Rngs(config.seed))
-
-    return nnx.eval_shape(attach, base)
+def _structure(run: Recorded, start: nnx.Module) -> nnx.Module:
+    """The trained model's structure, abstract: adapters attached to the start (no adapter is initialized)."""
+    if run.method.checkpoint_holds_every_weight:
+        return start
+    return nnx.eval_shape(lambda model: run.method.attach(model, run.seed), start)
 
 
 def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: Mesh | None = None) -> TrainedRun:
     """The run in `workdir` at `step` (best, latest or N; 'best' by default), sharded on `mesh` (default: the
     training mesh if it fits the devices here, else one device). Process 0 prints which step it took."""
     config = resolve_auto(config_from_workdir(workdir))  # a config.json without them: this backend's values
-    mesh = mesh if mesh is not None else _default_mesh(config)
+    run = recorded(config)
+    mesh = mesh if mesh is not None else _default_mesh(config.mesh)
     ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
     try:
         chosen = select_step(ckpt, step, workdir)
-        base, continued = _base(config, mesh)
-        structure = base if continued else _structure(config, base)  # a continued adapter is already attached
-        graphdef, trainable, frozen = nnx.split(structure, trainable_filter(config.method), ...)
-        restored = ckpt.restore_trainable(chosen, _target(trainable, mesh, parse_rules(config.mesh.rules)))
+        start, continued = _start(run, mesh)
+        structure = start if continued else _structure(run, start)  # a continued adapter is already attached
+        graphdef, trainable, frozen = nnx.split(structure, run.method.trainable, ...)
+        restored = ckpt.restore_trainable(chosen, _target(trainable, mesh, run.rules))
     finally:
         ckpt.close()
-    if config.method == "lora":
-        if not continued:  # a continued adapter's model holds the real base weights already
-            frozen = nnx.state(base)  # the real base weights, where `frozen` holds only their shapes
+    if not run.method.checkpoint_holds_every_weight:
+        if not continued:  # a continued adapter's model holds the real pre-trained weights already
+            frozen = nnx.state(start)  # the real pre-trained weights, where `frozen` holds only their shapes
     elif jax.tree.leaves(frozen):
         raise LoadError(f"{workdir}: the model has state outside its parameters; a full fine-tuning checkpoint "
                         "does not hold it")
@@ -160,24 +180,25 @@ def load_trained(workdir: str | Path, step: str | int | None = "best", *, mesh: 
         print(f"{workdir}: checkpoint step {chosen} ({'best' if step is None else step})" +
               (f"; a run holds this workdir ({held}): read from its complete checkpoints only" if held else ""),
               flush=True)
-    return TrainedRun(config, nnx.merge(graphdef, restored, cast_floats(frozen, frozen_dtype(config))), chosen)
+    return TrainedRun(config, nnx.merge(graphdef, restored, cast_floats(frozen, run.frozen_dtype)), chosen)
 
 
 CONTINUED_KEYS = ("model.dtype", "model.param_dtype", "lora.rank", "lora.alpha", "lora.targets", "lora.rslora",
                   "lora.dropout", "train.frozen_quant", "train.frozen_quant_scope")
 
 
-def start_from(config, mesh: Mesh | None = None) -> tuple[nnx.Module, bool]:
-    """(model, continues its adapter) for a run whose `model.path` is a training workdir (SFT, then DPO): its
-    best checkpoint. LoRA on a LoRA workdir continues that adapter (its lora.* and dtypes must be the same); full
-    fine-tuning of a LoRA workdir starts from the merged weights; a full workdir's weights are the new base."""
-    run = load_trained(config.model.path, mesh=mesh)
-    if run.config.method == "lora" and config.method == "lora":
+def start_from(path: str, method: Method, settings: dict, mesh: Mesh | None = None) -> tuple[nnx.Module, bool]:
+    """(model, continues its adapter) for a run of `method` whose `model.path` is a training workdir `path` (SFT,
+    then DPO): its best checkpoint. LoRA on a LoRA workdir continues that adapter (its lora.* and dtypes, the
+    run's `settings` of CONTINUED_KEYS, must be the same); full fine-tuning of a LoRA workdir starts from the
+    merged weights; a full workdir's weights are the new pre-trained model."""
+    trained = load_trained(path, mesh=mesh)
+    before = recorded(trained.config)
+    if method.continues(before.method):
         for key in CONTINUED_KEYS:
-            group, leaf = key.split(".")
-            was, now = run.config[group][leaf], config[group][leaf]
+            was, now = before.settings[key], settings[key]
             if was != now:
                 raise ConfigError(f"config.{key}={now!r} differs from the adapter it continues in "
-                                  f"{config.model.path} ({was!r}); set it to that value or start from a merged export")
-        return run.model, True
-    return (merged(run.model) if run.config.method == "lora" else run.model), False
+                                  f"{path} ({was!r}); set it to that value or start from a merged export")
+        return trained.model, True
+    return before.method.full_weights(trained.model), False

@@ -59,7 +59,7 @@ def main(argv):
     from ftjax.sharding import mesh_from_config
     from ftjax.workdir import load_trained
 
-    mesh = mesh_from_config(config)
+    mesh = mesh_from_config(config.mesh)
     kw = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype, mesh=mesh)
     if FLAGS.model:
         model, base, step = load_model(FLAGS.model, **kw), load_model(config.model.path, **kw), 0
@@ -67,18 +67,23 @@ def main(argv):
         run = load_trained(FLAGS.workdir, FLAGS.step, mesh=mesh)  # the loader export and load_model use
         model, step = run.model, run.step
         from ftjax.interop.sources import resolve
+        from ftjax.methods import method_for
 
         # LoRA: adapters off; an adapter continued from a workdir (SFT then DPO): that workdir's model
-        started = run.config.method == "full" or resolve(config.model.path)[0] == "workdir"
+        started = (method_for(run.config.method, run.config.lora).keeps_start_copy
+                   or resolve(config.model.path)[0] == "workdir")
         base = load_model(config.model.path, **kw) if started else None
     tokenizer = load_tokenizer(config.model.path)
-    preference = None
-    if config.objective != "sft":  # held-out preference pairs: accuracy of the base and the tuned model
-        from ftjax.data.preference_build import build_preference_datasets
-        from ftjax.train.preference_term import held_out_metrics
+    from ftjax.train.compose import compose
 
-        preference = held_out_metrics(config, build_preference_datasets(config, tokenizer).eval)
-    Evaluation(config, tokenizer, FLAGS.workdir, preference=preference).report(
+    composed = compose(config)
+    objective = composed.objective  # its report rows: e.g. preference accuracy on held-out pairs
+    held_out = None
+    if not objective.generation_task:
+        rows = objective.read_data(composed, tokenizer, None).eval
+        held_out = objective.report_rows(rows, config.train.batch_size, config.train.loss_chunk)
+    Evaluation(config, tokenizer, FLAGS.workdir, held_out=held_out,
+               generation_task=objective.generation_task).report(
         model, base, step, extra_meta={"evaluated": FLAGS.model or f"{FLAGS.workdir} step {step}"})
 
 

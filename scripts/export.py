@@ -48,7 +48,9 @@ def main(argv):
 
         check_quant(FLAGS.quant)  # before any weight is loaded
         check_architecture(model_config(FLAGS.workdir))  # e.g. a mixture of experts: no llama.cpp layout written
-    if FLAGS.format == "peft" and config.method != "lora":
+    from ftjax.methods import method_for
+
+    if FLAGS.format not in method_for(config.method, config.lora).export_formats:
         raise ConfigError(f"{FLAGS.workdir}: --format=peft needs a LoRA run, this one is method={config.method} "
                           "(export it with --format=hf)")
     with stop.phase(f"export of {FLAGS.workdir}"):

@@ -17,6 +17,7 @@ from ftjax.backend_defaults import backend_defaults
 from ftjax.models import attention as A
 from ftjax.models import cudnn_packed
 from ftjax.models.llama import Llama, ModelConfig, bound_segments
+from ftjax.train.compose import compose, row_segments
 
 GPU_ATTENTION = backend_defaults("gpu")["model.attention"]
 B, T = 2, 256
@@ -61,7 +62,7 @@ def test_gpu_rows_choose_their_cudnn_kernel(monkeypatch, packing, kernel):
     cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=16, dtype=c.model.dtype, param_dtype="float32", attention=c.model.attention)
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    bound_segments(model, config_lib.segments_per_row(c))
+    bound_segments(model, row_segments(compose(c)))
     seg = jnp.asarray(packed_segments() if packing else np.ones((B, T), np.int32))
     ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
     graphdef, state = nnx.split(model)
@@ -149,7 +150,7 @@ def _lower_for_cuda(c):
     from ftjax.train.step import BATCH_KEYS, make_train_step
 
     mesh = make_mesh(data=1, devices=jax.devices()[:1])
-    setup = build_state(c, mesh)
+    setup = build_state(compose(c, devices=jax.devices()[:1]), mesh)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=1, loss_chunk=c.train.loss_chunk,
                            rules=setup.rules)

@@ -116,8 +116,9 @@ def test_best_fit_is_near_optimal_and_unpacked_mode_is_one_per_row(tmp_path):
 
 def test_segment_cap_bounds_rows_and_changes_nothing_below_it():
     """data.max_segments: no row holds more items than the cap (every item still placed once, within seq_len);
-    a cap no row reaches gives the uncapped rows; the model is told the same bound (config.segments_per_row)."""
+    a cap no row reaches gives the uncapped rows; the model is told the same bound (the composed run's row_segments)."""
     from ftjax import config as config_lib
+    from ftjax.train.compose import compose, row_segments
 
     sizes = np.random.default_rng(1).integers(1, 12, 400)  # short items: uncapped rows hold ~40
     free = best_fit_rows(sizes, 256)
@@ -128,8 +129,8 @@ def test_segment_cap_bounds_rows_and_changes_nothing_below_it():
     assert max(sizes[g].sum() for g in capped) <= 256
     assert best_fit_rows(sizes, 256, max_items=max(len(g) for g in free)) == free
     c = config_lib.default_config()
-    assert config_lib.segments_per_row(c) == c.data.max_segments == 32
+    assert row_segments(compose(c)) == c.data.max_segments == 32
     c.data.packing = False
-    assert config_lib.segments_per_row(c) == 1
+    assert row_segments(compose(c)) == 1
     c.objective = "dpo"
-    assert config_lib.segments_per_row(c) == 2
+    assert row_segments(compose(c)) == 2

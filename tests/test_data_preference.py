@@ -16,7 +16,7 @@ from ftjax.data.preference import (IDENTICAL, NO_TRAINED, OVERLONG, PreferenceFi
                                    read_pairs_tfds, tokenize_pairs, validate_pair)
 from ftjax.data.records import MISSING_FIELDS
 from ftjax.errors import DataError
-from ftjax.train.reply_logps import chosen_weights, reply_ids
+from ftjax.objectives.reply_logps import chosen_weights, reply_ids
 from data_helpers import smollm2_tokenizer, write_jsonl
 from hf_helpers import tiny_tokenizer
 
@@ -143,7 +143,7 @@ def test_packed_rows_give_the_log_probs_of_one_pair_per_row():
     from flax import nnx
 
     from ftjax.lora import apply_lora
-    from ftjax.train.reply_logps import model_pair_logps
+    from ftjax.objectives.reply_logps import model_pair_logps
     from train_helpers import TINY, tiny_model
 
     model = tiny_model(0, TINY.replace(vocab_size=128))
@@ -208,8 +208,8 @@ def test_build_from_config_splits_packs_and_loads_through_the_train_iterator(tmp
 def test_reference_log_probs_computed_once_ride_the_batch_and_sum_back_per_reply():
     import jax
 
-    from ftjax.train.preference_term import batch_reference, pair_reference_logps
-    from ftjax.train.reply_logps import model_pair_logps
+    from ftjax.objectives.preference_term import batch_reference, pair_reference_logps
+    from ftjax.objectives.reply_logps import model_pair_logps
     from train_helpers import TINY, tiny_model
 
     model = tiny_model(0, TINY.replace(vocab_size=128))

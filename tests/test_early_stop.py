@@ -56,12 +56,14 @@ def test_patience_needs_periodic_eval():
 # best, so the run stops after step 4 of 8.
 SCRIPT = [2.0, 1.5, 1.6, 1.7, 1.0, 1.0, 1.0, 1.0]
 STOP, BEST = 4, 2
+SCRIPTED = "sft_scripted_eval"  # SFT whose held-out loss is SCRIPT (registered by the `scripted` fixture)
 
 
 def _loop_config(final: bool = False):
     from loop_helpers import load_config
 
     c = load_config()
+    c.objective = SCRIPTED
     c.eval.every = 1
     c.eval.final = final
     c.train.log_every = 3  # the stop step (4) is not a logging step: it must be logged all the same
@@ -83,14 +85,22 @@ class _Script:
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """The loop's eval loss replaced by SCRIPT; task tracking skipped and the final report only recorded (their
-    cost and contents are tested in test_train_loop and test_evaluation_*, not here)."""
+    """An objective whose held-out loss is SCRIPT (SFT otherwise); task tracking skipped and the final report only
+    recorded (their cost and contents are tested in test_train_loop and test_evaluation_*, not here)."""
     from ftjax.evaluation.run import Evaluation
-    from ftjax.train import loop
+    from ftjax.objectives import register_objective
+    from ftjax.objectives.sft import Sft
 
     script = _Script()
     script.reported_steps = []
-    monkeypatch.setattr(loop, "eval_loss", script)
+
+    class ScriptedEval(Sft):
+        name = SCRIPTED
+
+        def held_out(self, graphdef, terms, loss_chunk):
+            return lambda trainable, frozen, batches: script()
+
+    register_objective(SCRIPTED, ScriptedEval)
     monkeypatch.setattr(Evaluation, "track", lambda self, *a, **k: {})
     script.reported = []
 

@@ -13,8 +13,8 @@ from flax import nnx
 
 from ftjax.evaluation.token_stats import TokenSums, teacher_forced
 from ftjax.lora import apply_lora
-from ftjax.train.loss import chunked_cross_entropy
-from ftjax.train.regularizers import chunked_kl_to_base, kl_to_base_loss, l2_to_base, lora_base_trainable
+from ftjax.objectives.loss import chunked_cross_entropy
+from ftjax.objectives.regularizers import chunked_kl_to_base, kl_to_base_loss, l2_to_base, adapters_zeroed
 from ftjax.train.state import split
 from train_helpers import TINY, make_batch, tiny_model
 
@@ -87,7 +87,7 @@ def chunked_kl(graphdef, frozen, batch, chunk):
 
     def f(trainable):
         model = nnx.merge(graphdef, trainable, frozen)
-        base = nnx.merge(graphdef, lora_base_trainable(trainable), frozen)
+        base = nnx.merge(graphdef, adapters_zeroed(trainable), frozen)
         args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
         total, weight = chunked_kl_to_base(model.logits, model.hidden(*args), base.logits, base.hidden(*args),
                                            batch["loss_weights"], chunk)
@@ -111,7 +111,7 @@ def test_chunked_kl_on_a_lora_model():
     def plain(t):
         args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
         tuned_logits = nnx.merge(graphdef, t, frozen)(*args)
-        base_logits = nnx.merge(graphdef, lora_base_trainable(t), frozen)(*args)
+        base_logits = nnx.merge(graphdef, adapters_zeroed(t), frozen)(*args)
         return kl_to_base_loss(tuned_logits, base_logits, batch["loss_weights"])
 
     v_chunked, g_chunked = chunked(trainable)
@@ -159,7 +159,7 @@ def measured_kl_after_training(kl_weight: float, steps: int = 25) -> float:
     for _ in range(steps):
         trainable, opt_state = step(trainable, opt_state)
     model = nnx.merge(graphdef, trainable, frozen)
-    base = nnx.merge(graphdef, lora_base_trainable(trainable), frozen)
+    base = nnx.merge(graphdef, adapters_zeroed(trainable), frozen)
     seqs = [(np.r_[np.asarray(retain["input_ids"][i]), np.asarray(retain["targets"][i, -1:])],
              np.r_[0.0, np.asarray(retain["loss_weights"][i])]) for i in range(4)]
     sums = teacher_forced(model, seqs, base=base, chunk=16)

@@ -14,6 +14,8 @@ from flax import nnx
 from ftjax.config import load_recipe
 from ftjax.lora import apply_lora, linears
 from ftjax.metrics import flops as metrics
+from ftjax.methods.full import Full
+from ftjax.methods.lora import Lora, LoraSpec
 from ftjax.metrics.peaks import ACCELERATOR_PEAKS
 from ftjax.models.gemma import GemmaConfig
 from ftjax.models.llama import Llama, ModelConfig
@@ -37,12 +39,12 @@ def test_matmul_params_hand_count():
 
 
 def test_full_finetuning_flops_hand_count():
-    assert metrics.flops_per_token(CFG, T, "full") == 6 * P + ATTN == 12096
+    assert metrics.full_flops_per_token(CFG, T) == 6 * P + ATTN == 12096
 
 
 def test_lora_flops_hand_count():
     """Frozen weights: forward + input gradient only (4P); adapters: forward + both gradients (6P)."""
-    assert metrics.flops_per_token(CFG, T, "lora", LORA_R2) == 4 * P + 6 * LORA_R2 + ATTN == 11360
+    assert metrics.adapter_flops_per_token(CFG, T, LORA_R2) == 4 * P + 6 * LORA_R2 + ATTN == 11360
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -78,9 +80,9 @@ P_GEMMA3 = 6 * 480 + 800  # 3680: GeGLU has the same three MLP matmuls
 def test_mixtral_counts_router_and_top_k_experts_only():
     assert metrics.matmul_params(MIXTRAL) == P_MIXTRAL
     assert metrics.attention_flops_per_token(MIXTRAL, T) == ATTN  # no window: as the dense model
-    assert metrics.flops_per_token(MIXTRAL, T, "full") == 6 * P_MIXTRAL + ATTN == 12480
+    assert metrics.full_flops_per_token(MIXTRAL, T) == 6 * P_MIXTRAL + ATTN == 12480
     lora_attention = 2 * (32 + 24 + 24 + 32)  # r=2 on q, k, v, o of both layers (the experts frozen)
-    assert metrics.flops_per_token(MIXTRAL, T, "lora", lora_attention) == 4 * P_MIXTRAL + 6 * 224 + ATTN == 10176
+    assert metrics.adapter_flops_per_token(MIXTRAL, T, lora_attention) == 4 * P_MIXTRAL + 6 * 224 + ATTN == 10176
     more_experts = MIXTRAL.replace(moe=MoEConfig(num_experts=16, top_k=2, intermediate_size=6))
     assert metrics.matmul_params(more_experts) == P_MIXTRAL + 2 * 8 * 12  # only the router grows with E
 
@@ -95,8 +97,8 @@ def test_mixtral_expert_lora_counts_top_k_experts_adapters_only():
     _, lora, _ = nnx.split(model, nnx.LoRAParam, ...)
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora)) == 224 + 544
     assert metrics.active_lora_params(MIXTRAL, lora) == 224 + 272 == 496
-    assert metrics.training_flops_per_token(MIXTRAL, T, "lora", lora) == 4 * P_MIXTRAL + 6 * 496 + ATTN == 11808
-    assert metrics.training_flops_per_token(MIXTRAL, T, "full", lora) == 6 * P_MIXTRAL + ATTN  # no adapters
+    assert Lora(LoraSpec(2, 4.0, targets)).flops_per_token(MIXTRAL, T, lora) == 4 * P_MIXTRAL + 6 * 496 + ATTN == 11808
+    assert Full().flops_per_token(MIXTRAL, T, lora) == 6 * P_MIXTRAL + ATTN  # no adapters
     dense = nnx.eval_shape(lambda: apply_lora(Llama(CFG, rngs=nnx.Rngs(0)), 2, 4.0, rngs=nnx.Rngs(1)))
     assert metrics.active_lora_params(CFG, nnx.split(dense, nnx.LoRAParam, ...)[1]) == LORA_R2  # all of them
 
@@ -121,7 +123,7 @@ def test_sliding_window_layers_count_their_window_only():
     assert config_from_hf(hf).layer_windows() == GEMMA3.layer_windows() == (4,) * 5 + (None,)  # Gemma 3's 5:1
     assert metrics.attention_flops_per_token(GEMMA3, T) == ATTN_GEMMA3
     assert metrics.matmul_params(GEMMA3) == P_GEMMA3
-    assert metrics.flops_per_token(GEMMA3, T, "full") == 6 * P_GEMMA3 + ATTN_GEMMA3
+    assert metrics.full_flops_per_token(GEMMA3, T) == 6 * P_GEMMA3 + ATTN_GEMMA3
     mistral = CFG.replace(model_type="mistral", sliding_window=4)  # every layer: 12*2*4 * 2*3.5
     assert metrics.attention_flops_per_token(mistral, T) == 672
     assert metrics.attention_flops_per_token(mistral.replace(sliding_window=T), T) == ATTN  # a window >= T: causal
@@ -145,7 +147,7 @@ def test_benchmark_figures_are_consistent():
     assert rec["tokens_per_s"] == pytest.approx(tokens / rec["step_time_s"], rel=1e-12)
     assert rec["trained_tokens_per_s"] == rec["tokens_per_s"]  # loss on every position
     assert rec["trainable_params"] > 0 and rec["devices"] == 1
-    want_fpt = metrics.flops_per_token(rec_model_cfg(c), c.data.seq_len, "lora", rec["trainable_params"])
+    want_fpt = metrics.adapter_flops_per_token(rec_model_cfg(c), c.data.seq_len, rec["trainable_params"])
     assert rec["flops_per_token"] == want_fpt
     assert rec["mfu"] == pytest.approx(rec["tokens_per_s"] * rec["flops_per_token"] / rec["peak_flops"], rel=1e-12)
     assert 0 < rec["mfu"] < 1.5  # a measured peak can be beaten a little by a lucky step, never by much

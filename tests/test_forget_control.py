@@ -16,19 +16,21 @@ from flax import nnx
 from ftjax.api import load_tokenizer
 from ftjax.data import build_datasets, train_iterator
 from ftjax.data.records import Fields, read_file
+from ftjax.data.retain import load_retain
 from ftjax.data.tokenize import tokenize_records
 from ftjax.errors import ConfigError
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.divergence import token_kl
-from ftjax.data.retain import load_retain
 from ftjax.lora import apply_lora
+from ftjax.methods import method_for
+from ftjax.objectives.terms import cross_entropy, kl_to_base, l2_to_base_term
 from ftjax.sharding import make_mesh
 from ftjax.train import forget
+from ftjax.train.compose import compose
 from ftjax.train.loop import run
 from ftjax.train.optimizer import make_optimizer
 from ftjax.train.state import init_state
 from ftjax.train.step import Frozen, make_train_step
-from ftjax.train.terms import cross_entropy, kl_to_base, l2_to_base_term
 from loop_helpers import load_config, metrics
 from train_helpers import make_batch, tiny_model
 
@@ -62,8 +64,8 @@ def test_l2_term_and_its_gradient(mesh1):
     rng = np.random.default_rng(0)
     moved = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), host(base))
     batch, key = make_batch(4, 16), jax.random.key(0)
-    plain = make_train_step(state, opt, mesh1, loss_chunk=8, with_base=False)
-    l2 = make_train_step(state, opt, mesh1, terms=[cross_entropy(8), l2_to_base_term(w)], with_base=True)
+    plain = make_train_step(state, opt, mesh1, loss_chunk=8, with_start_copy=False)
+    l2 = make_train_step(state, opt, mesh1, terms=[cross_entropy(8), l2_to_base_term(w)], with_start_copy=True)
     t_plain, _, m_plain = plain(copy(moved), copy(state.opt_state), state.frozen, batch, key)
     t_l2, _, m_l2 = l2(copy(moved), copy(state.opt_state), Frozen(state.frozen, base), batch, key)
     diffs = jax.tree.map(lambda a, b: a - b, moved, host(base))
@@ -89,7 +91,7 @@ def test_kl_term_is_zero_at_the_base_and_exact_after(mesh1):
     batch, retain, key = make_batch(4, 16, seed=0), make_batch(4, 16, seed=1), jax.random.key(0)
     plain = make_train_step(state, opt, mesh1, loss_chunk=8)
     kl = make_train_step(state, opt, mesh1, terms=[cross_entropy(8), kl_to_base(2.0, 8)])
-    assert not kl.with_base
+    assert not kl.with_start_copy
     t_plain, _, _ = plain(copy(state.trainable), copy(state.opt_state), state.frozen, batch, key)
     t_kl, _, m = kl(copy(state.trainable), copy(state.opt_state), state.frozen, {**batch, "retain": retain}, key)
     assert abs(float(m["kl_reg"])) < 1e-6
@@ -106,9 +108,9 @@ def test_kl_term_is_zero_at_the_base_and_exact_after(mesh1):
 
     c = load_config()
     c.forget.kl_weight = 1.0
-    assert not forget.wants_base_copy(c, evaluating=True)  # LoRA: never a second copy of the weights
+    assert not forget.keeps_start_copy(method_for(c.method, c.lora), c.forget, evaluating=True)  # LoRA: no copy
     c.method = "full"
-    assert forget.wants_base_copy(c, evaluating=False)
+    assert forget.keeps_start_copy(method_for(c.method, c.lora), c.forget, evaluating=False)
     full = init_state(lambda: tiny_model(0), opt.tx, mesh1, trainable=nnx.Param)
     no_base = make_train_step(full, opt, mesh1, terms=[cross_entropy(8), kl_to_base(1.0, 8)])
     with pytest.raises(ConfigError, match="LoRA"):  # zeroed full weights are not the base
@@ -125,7 +127,7 @@ def test_memory_estimate_counts_the_base_copy_and_the_retain_batch():
     plain = estimate(c, tiny_config(), mesh)
     c.forget.kl_weight = 1.0
     kl = estimate(c, tiny_config(), mesh)
-    assert "base_copy" not in plain and kl["base_copy"] == kl["trainable"]
+    assert "start_copy" not in plain and kl["start_copy"] == kl["trainable"]
     assert kl["activations"] == 2 * plain["activations"]
 
 
@@ -263,7 +265,7 @@ def test_replay_file_holds_base_samples_and_own_replies(tmp_path):
 
     tuned = apply_lora(load_model(c.model.path), 4, 8.0, rngs=nnx.Rngs(1))  # the run's model at step 0
     state = types.SimpleNamespace(model=lambda: tuned)
-    data = forget.retain_data(c, load_tokenizer(c.model.path), workdir, state, None)
+    data = forget.retain_data(compose(c), load_tokenizer(c.model.path), workdir, state, None)
     assert data.replies is None and not (workdir / forget.CONTROL_CACHE).exists()
     samples = json.loads((workdir / forget.CONTROL_SAMPLES).read_text())
     assert samples["identity"]["temperature"] == 1.0 and samples["identity"]["samples"] == 3

@@ -243,6 +243,7 @@ def test_memory_estimate_counts_the_quantized_base_as_built(scheme):
     frozen_bytes says what the base would take unquantized."""
     from ftjax.interop.sources import tiny_config
     from ftjax.sharding import make_mesh
+    from ftjax.train.compose import compose
     from ftjax.train.memory import estimate, frozen_bytes
     from ftjax.train.setup import build_state
     from loop_helpers import load_config
@@ -262,7 +263,7 @@ def test_memory_estimate_counts_the_quantized_base_as_built(scheme):
     dense = layers * sum(n * m for n, m in kernels)
     total = cfg.vocab_size * d + d + layers * 2 * d + dense  # every param (tied embedding)
     assert parts["frozen"] == 4 * (total - dense) + held
-    built = build_state(c, mesh).state.frozen
+    built = build_state(compose(c), mesh).state.frozen
     assert frozen_bytes(built, "float32") == (parts["frozen"], 4 * total)
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftjax.train.loss import fused_cross_entropy, token_cross_entropy
+from ftjax.objectives.loss import fused_cross_entropy, token_cross_entropy
 
 RTOL = 1e-5
 B, T, D, V = 3, 10, 8, 50

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ftjax.metrics.plot import loss_curve
-from ftjax.train import loop
-from ftjax.train.terms import BatchTerm, Forward
+from ftjax.objectives.terms import BatchTerm, Forward
+from ftjax.train.loop import run
 from loop_helpers import load_config, metrics
 
 SLEEP_S = 8.0  # long beside the tiny model's own step at -O0 (~0.3 s idle, ~1 s on a loaded 2-core machine)
@@ -34,13 +34,11 @@ def sleep_term(seconds: float) -> BatchTerm:
 
 
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
-def test_first_logged_rate_is_the_real_rate_and_every_step_has_its_loss(tmp_path, monkeypatch):
+def test_first_logged_rate_is_the_real_rate_and_every_step_has_its_loss(tmp_path):
     c = load_config()
     c.train.steps, c.train.log_every, c.train.grad_accum = 3, 2, 1
     c.eval.final, c.checkpoint.every = False, 0
-    terms = loop.loss_terms
-    monkeypatch.setattr(loop, "loss_terms", lambda config, *model_cfg: [*terms(config, *model_cfg), sleep_term(SLEEP_S)])
-    loop.run(c, tmp_path)
+    run(c, tmp_path, terms=[sleep_term(SLEEP_S)])
     logged = metrics(tmp_path)
     first = logged[0]
     assert first["step"] == 2 and first["compile_s"] > 0 and "compile_s" not in logged[1]

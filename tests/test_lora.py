@@ -10,7 +10,8 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from ftjax.errors import ConfigError
-from ftjax.lora import LoRA, apply_lora, linears, merge_lora, merged, trainable_filter, unmerge_lora
+from ftjax.lora import LoRA, apply_lora, linears, merge_lora, merged, unmerge_lora
+from ftjax.methods import Full, Lora
 from ftjax.models.layers import Linear
 from train_helpers import TINY, make_batch, tiny_model
 
@@ -72,7 +73,7 @@ def test_target_patterns():
         apply_lora(tiny_model(), 2, 4.0, targets="q_prj", rngs=nnx.Rngs(1))
     with pytest.raises(ConfigError, match="lm_head"):
         apply_lora(tiny_model(), 2, 4.0, targets="lm_head", rngs=nnx.Rngs(1))
-    assert trainable_filter("lora") is nnx.LoRAParam and trainable_filter("full") is nnx.Param
+    assert Lora.trainable is nnx.LoRAParam and Full.trainable is nnx.Param
 
 
 @pytest.mark.parametrize("rslora", [False, True])

@@ -11,12 +11,12 @@ import optax
 import pytest
 from flax import nnx
 
+from ftjax.objectives.loss import token_cross_entropy
+from ftjax.objectives.terms import BatchTerm, Forward, cross_entropy
 from ftjax.sharding import make_mesh
-from ftjax.train.loss import token_cross_entropy
 from ftjax.train.optimizer import Optimizer, skip_nonfinite
 from ftjax.train.state import init_state
 from ftjax.train.step import make_train_step
-from ftjax.train.terms import BatchTerm, Forward, cross_entropy
 from train_helpers import make_batch, tiny_model
 
 MODEL_TOL = 1e-4

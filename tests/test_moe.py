@@ -482,16 +482,16 @@ def test_router_balance_term_in_the_step_matches_transformers(run):
     is the mean of the two micro-batches' transformers losses."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+    from ftjax.train.compose import compose, loss_terms
     from ftjax.train.optimizer import make_optimizer
     from ftjax.train.state import place_state
     from ftjax.train.step import make_train_step
-    from ftjax.train.terms import loss_terms
 
     model, moe = run["model"], run["model"].config.moe
     batch = _padded_batch(8, 12, vocab=128)
     config = _step_config("unused", fsdp=1)
     config.moe.router_aux_weight = 0.5  # large enough to move the gradients
-    assert [t.name for t in loss_terms(config)] == ["loss"]  # no model (dense): no balance term
+    assert [t.name for t in loss_terms(compose(config))] == ["loss"]  # no model (dense): no balance term
     graphdef, params = nnx.split(model)
 
     def hf_balance(router_logits, rows):
@@ -514,7 +514,7 @@ def test_router_balance_term_in_the_step_matches_transformers(run):
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     for grad_accum in (1, 2):
         config.train.grad_accum = grad_accum
-        terms = loss_terms(config, model.config)
+        terms = loss_terms(compose(config), model.config)
         assert [t.name for t in terms] == ["loss", "router_balance"] and terms[1].weight == 0.5
         optimizer = make_optimizer(config.optim, 10)
         state = place_state(nnx.clone(model), optimizer.tx, mesh)
@@ -533,9 +533,9 @@ def test_router_balance_term_in_the_step_matches_transformers(run):
             assert abs(float(metrics["router_balance"]) - mean) <= 1e-5 * mean and abs(mean - balance) > 1e-4
     assert config.moe.router_aux_weight is not None and default_config().moe.router_aux_weight is None
     config.moe.router_aux_weight = None  # unset: the model's own coefficient (transformers' router_aux_loss_coef)
-    assert loss_terms(config, model.config)[1].weight == run["hf"].config.router_aux_loss_coef
+    assert loss_terms(compose(config), model.config)[1].weight == run["hf"].config.router_aux_loss_coef
     config.moe.router_aux_weight = 0.0
-    assert [t.name for t in loss_terms(config, model.config)] == ["loss"]
+    assert [t.name for t in loss_terms(compose(config), model.config)] == ["loss"]
 
 
 # ----------------------------------------------------------------------------- training and sharding
@@ -569,14 +569,14 @@ def _step_config(folder, method="full", targets="experts", **mesh):
 
 def _one_step(config, batch, mesh=None):
     """(metrics, gradients, trainable shardings) of one train step built from `config` (its mesh by default)."""
+    from ftjax.train.compose import compose, loss_terms
     from ftjax.train.setup import build_state
     from ftjax.train.step import make_train_step
-    from ftjax.train.terms import loss_terms
 
-    mesh = mesh or mesh_from_config(config)
-    setup = build_state(config, mesh)
+    mesh = mesh or mesh_from_config(config.mesh)
+    setup = build_state(compose(config), mesh)
     state = setup.state
-    terms = loss_terms(config, setup.model_config)
+    terms = loss_terms(compose(config), setup.model_config)
     step = make_train_step(state, setup.optimizer, mesh, terms=terms, rules=setup.rules)
     before = jax.tree.map(np.asarray, state.trainable)
     after, _, metrics = step(state.trainable, state.opt_state, state.frozen,
@@ -621,12 +621,13 @@ def test_lora_learns_with_router_and_experts_frozen(run, targets):
     added) memorizes a batch; the router and the experts' own weights are outside the trainable set."""
     import optax
 
-    from ftjax.lora import apply_lora, trainable_filter
+    from ftjax.lora import apply_lora
+    from ftjax.methods import Lora
 
     model = nnx.clone(run["model"])
     model.lm_head.kernel[...] = 30.0 * model.lm_head.kernel[...]  # pre-trained-like head scale
     apply_lora(model, 4, 8.0, targets=targets, rngs=nnx.Rngs(1))
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter("lora"), ...)
+    graphdef, trainable, frozen = nnx.split(model, Lora.trainable, ...)
     paths = {p[-1] for p, _ in nnx.to_flat_state(trainable)}
     assert paths == {"lora_a", "lora_b"}
     adapted = {p[-2] for p, _ in nnx.to_flat_state(trainable)}

@@ -168,15 +168,16 @@ def test_only_process_0_prints_and_both_save_one_checkpoint(runs):
     # devices), they give the eval loss process 0 recorded at the last step.
     from ftjax import data as data_lib
     from ftjax.api import load_tokenizer, model_config
+    from ftjax.objectives.held_out import eval_loss, make_eval_loss
     from ftjax.sharding import batch_sharding
-    from ftjax.train.eval_loss import eval_loss, make_eval_loss
     from ftjax.sharding import mesh_from_config
+    from ftjax.train.compose import compose
     from ftjax.train.setup import build_state
 
     c = load_config()
     c.mesh.data = -1  # this test process's 8 devices
-    mesh = mesh_from_config(c)
-    state = build_state(c, mesh).state
+    mesh = mesh_from_config(c.mesh)
+    state = build_state(compose(c), mesh).state
     data = data_lib.build_datasets(c, load_tokenizer(c.model.path), vocab_size=model_config(c.model.path).vocab_size)
     sums = make_eval_loss(state.graphdef, c.train.loss_chunk)
     for name in ("two", "one"):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from ftjax.lora import apply_lora
-from ftjax.train.reply_logps import model_pair_logps, pair_logps, reply_sums, token_logps
+from ftjax.objectives.reply_logps import model_pair_logps, pair_logps, reply_sums, token_logps
 from preference_helpers import pair_rows
 from train_helpers import TINY, tiny_model
 
@@ -88,7 +88,7 @@ def test_packed_pairs_give_the_log_probs_of_unpacked_pairs(lora_model):
 
 def test_preference_config_refuses_bad_hyper_parameters():
     from ftjax.errors import ConfigError
-    from ftjax.train.preference import PreferenceConfig
+    from ftjax.objectives.pair_losses import PreferenceConfig
 
     for kw, msg in [(dict(objective="kto"), "not a preference objective"), (dict(objective="dpo", beta=0.0), "beta"),
                     (dict(objective="dpo", label_smoothing=0.5), r"\[0, 0.5\)"),
@@ -99,7 +99,7 @@ def test_preference_config_refuses_bad_hyper_parameters():
 
 
 def test_accuracy_compares_summed_or_averaged_log_probs_by_objective():
-    from ftjax.train.preference import PreferenceConfig, ReplyLogps, preference_accuracy
+    from ftjax.objectives.pair_losses import PreferenceConfig, ReplyLogps, preference_accuracy
 
     # chosen: sum -6 over 6 tokens (avg -1); rejected: sum -4 over 2 tokens (avg -2)
     p = ReplyLogps(jnp.array([-6.0]), jnp.array([-4.0]), jnp.array([6.0]), jnp.array([2.0]))
@@ -111,8 +111,8 @@ def test_accuracy_compares_summed_or_averaged_log_probs_by_objective():
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_micro_batch_sums_combine_into_the_whole_batch_mean(lora_model):
     """Per-pair sums of two halves of a batch, divided by the global pair count, give the whole batch's mean."""
-    from ftjax.train.preference import PreferenceConfig, metric_means
-    from ftjax.train.preference_term import global_pairs, preference_sums
+    from ftjax.objectives.pair_losses import PreferenceConfig, metric_means
+    from ftjax.objectives.preference_term import global_pairs, preference_sums
 
     rng = np.random.default_rng(5)
     ids = lambda n: rng.integers(3, TINY.vocab_size, n).tolist()  # noqa: E731

@@ -20,15 +20,16 @@ from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
 from ftjax.evaluation.shared_cache import base_content_id
 from ftjax.interop.sources import load_pretrained, pretrained_tokenizer
+from ftjax.objectives import reference_cache
+from ftjax.objectives.preference_term import max_pairs_of
+from ftjax.objectives.reply_logps import model_pair_logps
+from ftjax.objectives.terms import cross_entropy
 from ftjax.provenance import base_identity
 from ftjax.sharding import make_mesh, mesh_from_config
-from ftjax.train import reference_cache
+from ftjax.train.compose import compose, loss_terms
 from ftjax.train.loop import run
-from ftjax.train.preference_term import max_pairs_of
-from ftjax.train.reply_logps import model_pair_logps
 from ftjax.train.setup import build_state
 from ftjax.train.step import make_train_step
-from ftjax.train.terms import cross_entropy, loss_terms
 from loop_helpers import ROOT, load_config, metrics, script_env
 from preference_helpers import write_pairs
 
@@ -103,8 +104,8 @@ def test_lora_dpo_first_step_is_ln2_and_logs_trl_metrics_and_the_held_out_object
 
 def _step_inputs(c, mesh=None):
     config_lib.validate(c)
-    mesh = mesh or mesh_from_config(c)
-    setup = build_state(c, mesh)
+    mesh = mesh or mesh_from_config(c.mesh)
+    setup = build_state(compose(c), mesh)
     data = build_preference_datasets(c, pretrained_tokenizer(c.model.path), vocab_size=setup.model_config.vocab_size)
     batch = {k: jnp.asarray(v) for k, v in data.train.batch(np.arange(c.train.batch_size)).items()}
     return mesh, setup, batch
@@ -120,7 +121,7 @@ def test_lora_reference_is_the_model_with_adapters_removed_and_a_fresh_adapter_g
         name = jax.tree_util.keystr(path)
         return jnp.asarray(rng.normal(0, 0.2, x.shape), x.dtype) if "lora_b" in name else x
 
-    step = make_train_step(setup.state, setup.optimizer, mesh, terms=loss_terms(c), rules=setup.rules)
+    step = make_train_step(setup.state, setup.optimizer, mesh, terms=loss_terms(compose(c)), rules=setup.rules)
     fresh = jax.tree.map(jnp.copy, setup.state.trainable)  # the step donates its trainables
     _, _, m = step(fresh, jax.tree.map(jnp.copy, setup.state.opt_state), setup.state.frozen, batch, jax.random.key(0))
     assert float(m["loss"]) == float(np.float32(math.log(2)))  # a fresh adapter is its own reference: exactly ln 2
@@ -152,7 +153,7 @@ def test_compiled_dpo_step_holds_no_second_copy_of_the_weights(pair_files):
     s = setup.state
     args = (s.trainable, s.opt_state, s.frozen, batch, jax.random.key(0))
     sft = make_train_step(s, setup.optimizer, mesh, terms=[cross_entropy(c.train.loss_chunk)], rules=setup.rules)
-    dpo = make_train_step(s, setup.optimizer, mesh, terms=loss_terms(c), rules=setup.rules)
+    dpo = make_train_step(s, setup.optimizer, mesh, terms=loss_terms(compose(c)), rules=setup.rules)
     sft_mem = sft.lower(*args).compile().memory_analysis()
     dpo_mem = dpo.lower(*args).compile().memory_analysis()
     layer = _layer_bytes(s.frozen)

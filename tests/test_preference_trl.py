@@ -20,9 +20,9 @@ from flax import nnx
 import ftjax
 from ftjax.interop.peft import export_peft
 from ftjax.lora import apply_lora
-from ftjax.train.preference import PreferenceConfig, ReplyLogps, metric_means, orpo_losses, simpo_losses
-from ftjax.train.preference_term import global_pairs, preference_sums, reference_pair_logps
-from ftjax.train.reply_logps import model_pair_logps
+from ftjax.objectives.pair_losses import PreferenceConfig, ReplyLogps, metric_means, orpo_losses, simpo_losses
+from ftjax.objectives.preference_term import global_pairs, preference_sums, reference_pair_logps
+from ftjax.objectives.reply_logps import model_pair_logps
 from hf_helpers import MODEL_TOL, tiny_hf, tiny_tokenizer
 from preference_helpers import pair_rows
 

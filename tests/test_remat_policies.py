@@ -13,7 +13,7 @@ from flax import nnx
 from ftjax.lora import apply_lora
 from ftjax.models.attention import causal_blocks
 from ftjax.models.llama import REMAT_POLICIES, Llama
-from ftjax.train.loss import fused_cross_entropy
+from ftjax.objectives.loss import fused_cross_entropy
 from train_helpers import TINY, make_batch
 
 RTOL = 1e-5

@@ -30,10 +30,11 @@ def _final_trainable(workdir):
     ckpt = Checkpoints(workdir)
     step = ckpt.latest_step()
     from ftjax.sharding import mesh_from_config
+    from ftjax.train.compose import compose
     from ftjax.train.setup import build_state
 
     c = _config()
-    setup = build_state(c, mesh_from_config(c))
+    setup = build_state(compose(c), mesh_from_config(c.mesh))
     state, meta = ckpt.restore(step, {"trainable": setup.state.trainable, "opt_state": setup.state.opt_state})
     ckpt.close()
     return step, jax.device_get(state["trainable"])
@@ -148,12 +149,13 @@ def test_load_model_reads_a_workdir(straight):
     from flax import nnx
 
     from ftjax.sharding import mesh_from_config
+    from ftjax.train.compose import compose
     from ftjax.train.setup import build_state
 
     workdir, _ = straight
     step, trainable = _final_trainable(workdir)
     c = _config()
-    setup = build_state(c, mesh_from_config(c))
+    setup = build_state(compose(c), mesh_from_config(c.mesh))
     by_hand = nnx.merge(setup.state.graphdef, trainable, setup.state.frozen)
     ids = np.array([[1, 5, 9, 200, 3000]])
     np.testing.assert_array_equal(np.asarray(ftjax.load_model(workdir)(ids)), np.asarray(by_hand(ids)))

@@ -12,13 +12,13 @@ import pytest
 from flax import nnx
 
 from ftjax.lora import apply_lora
+from ftjax.objectives.loss import chunked_cross_entropy, token_cross_entropy
+from ftjax.objectives.terms import StepTerm, cross_entropy
 from ftjax.sharding import make_mesh
-from ftjax.train.loss import chunked_cross_entropy, token_cross_entropy
 from ftjax.train.optimizer import (GuardState, NonFiniteError, decay_mask, make_optimizer, make_schedule,
                                    raise_if_diverged)
 from ftjax.train.state import init_state, split, state_size
 from ftjax.train.step import make_train_step
-from ftjax.train.terms import StepTerm, cross_entropy
 from train_helpers import TINY, make_batch, tiny_model
 
 LOSS_RTOL = 1e-5

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 import ftjax
 from ftjax.checkpoint import Checkpoints
 from ftjax.sharding import mesh_from_config
+from ftjax.train.compose import compose
 from ftjax.train.setup import build_state
 from loop_helpers import ROOT, load_config, script_env
 
@@ -27,7 +28,7 @@ def workdir(tmp_path_factory):
     """A LoRA workdir whose checkpoints differ: step s has every lora_b = s / 100."""
     path = tmp_path_factory.mktemp("run")
     c = load_config()
-    state = build_state(c, mesh_from_config(c)).state
+    state = build_state(compose(c), mesh_from_config(c.mesh)).state
     ckpt = Checkpoints(path, keep=5, keep_best=True, async_save=False)
     for step, loss in EVAL_LOSSES.items():
         trainable = jax.tree.map(lambda v: v, state.trainable)

@@ -212,6 +212,7 @@ def ftjax_largest(shape: str, seq_len: int, steps: int, warmup: int, max_batch: 
     from ftjax.metrics.peaks import peak_flops
     from ftjax.models.registry import config_from_hf
     from ftjax.sharding import mesh_from_config
+    from ftjax.train.compose import compose
     from ftjax.train.setup import build_state
     from ftjax.train.state import state_size
     from ftjax.train.step import BATCH_KEYS, make_train_step
@@ -224,8 +225,8 @@ def ftjax_largest(shape: str, seq_len: int, steps: int, warmup: int, max_batch: 
     c.model.attention = attention or c.model.attention  # --attention xla: the fallback row
     c = config_lib.validate(c)
     t0 = time.perf_counter()
-    mesh = mesh_from_config(c)
-    setup = build_state(c, mesh)
+    mesh = mesh_from_config(c.mesh)
+    setup = build_state(compose(c), mesh)
     state = setup.state
     step = make_train_step(state, setup.optimizer, mesh, grad_accum=1, loss_chunk=c.train.loss_chunk)
     rng = jax.random.key(0)
@@ -379,13 +380,13 @@ def hf_shape(shape: str) -> dict:
 
 def flops_per_token(shape: str, seq_len: int, method: str) -> float:
     """ftjax's formula (ftjax/metrics/flops.py) for this shape; LoRA r=16 on all 7 projections."""
-    from ftjax.metrics.flops import flops_per_token as formula
+    from ftjax.metrics.flops import adapter_flops_per_token, full_flops_per_token
     from ftjax.models.registry import config_from_hf
 
     cfg = config_from_hf(hf_shape(shape))
     d, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     lora = 16 * cfg.num_layers * ((d + q) * 2 + (d + kv) * 2 + (d + i) * 3)
-    return formula(cfg, seq_len, method, lora if method == "lora" else 0)
+    return adapter_flops_per_token(cfg, seq_len, lora) if method == "lora" else full_flops_per_token(cfg, seq_len)
 
 
 def row(rec: dict, fpt: float, peaks: dict) -> dict:

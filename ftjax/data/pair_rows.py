@@ -4,7 +4,7 @@ Pair k of a row (from 0) puts its chosen half in segment 2k+1 and its rejected h
 positions from 0, so attention never crosses halves and a packed pair gives the log-probs it gives alone. A
 batch holds exactly the train step's keys (an SFT batch's arrays, nothing more): `loss_weights` mark the trained
 reply tokens of both halves, so a position's reply is its segment id where its weight is > 0
-(`ftjax.train.reply_logps.reply_ids`), odd for a chosen reply, even for a rejected one; the cross-entropy on the
+(`ftjax.objectives.reply_logps.reply_ids`), odd for a chosen reply, even for a rejected one; the cross-entropy on the
 chosen reply (ORPO's NLL, `pref.sft_weight`) keeps the odd segments' weights. Pairs are packed best-fit
 decreasing on their positions, as `ftjax.data.packing` packs examples.
 

@@ -10,6 +10,7 @@ report.json is nested JSON whose dotted paths are the contract (ARCHITECTURE.md,
         base, finetuned}]
     meta: {step, model, method, metric, few_shot, task_examples, retain_prompts, retain_tokens, qa_questions}
     preference.{base,finetuned}.{accuracy, margin, pairs}   (preference objectives: held-out pairs)
+    held_out: {key, rows, about}   (an objective's own rows: the section `key` holds, as the table prints them)
 
 `task` and `forgetting` hold only those entries (a value is null where it was not measured), so a
 dashboard may read every `task.<which>.<name>` as a number.
@@ -50,7 +51,7 @@ def check_report(report: dict, metrics: list[str]) -> None:
         raise ValueError(f"report lacks contract key(s): {', '.join(missing)}")
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
+def fmt(v: Any, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
@@ -60,29 +61,20 @@ def _task_rows(report: dict) -> list[list[str]]:
     task = report.get("task", {})
     names = [n for n in task.get("finetuned", task.get("base", {})) if n != "eval_loss"]
     k = report.get("meta", {}).get("task_examples")
-    rows = [[f"{n} ({k} examples)" if k else n] + [_fmt(task.get(w, {}).get(n), pct=True) for w in MODELS]
+    rows = [[f"{n} ({k} examples)" if k else n] + [fmt(task.get(w, {}).get(n), pct=True) for w in MODELS]
             for n in names]
     n = report.get("meta", {}).get("eval_loss_examples")
-    rows.append([f"eval loss ({n} examples)" if n else "eval loss"] + [_fmt(task.get(w, {}).get("eval_loss"))
+    rows.append([f"eval loss ({n} examples)" if n else "eval loss"] + [fmt(task.get(w, {}).get("eval_loss"))
                                                                       for w in MODELS])
     return rows
 
 
 def _forget_rows(report: dict) -> list[list[str]]:
     f = report.get("forgetting", {})
-    return [["retain NLL (base's replies)", _fmt(f.get("retain_nll_base")), _fmt(f.get("retain_nll_finetuned"))],
-            ["KL(base ‖ model), per token", _fmt(0.0 if f.get("kl_to_base") is not None else None),
-             _fmt(f.get("kl_to_base"))],
-            ["general QA accuracy", _fmt(f.get("qa_accuracy_base"), True), _fmt(f.get("qa_accuracy_finetuned"), True)]]
-
-
-def _preference_rows(report: dict) -> list[list[str]]:
-    p = report.get("preference") or {}
-    n = (p.get("finetuned") or p.get("base") or {}).get("pairs")
-    return [[f"preference accuracy ({n} held-out pairs)", _fmt(p.get("base", {}).get("accuracy"), True),
-             _fmt(p.get("finetuned", {}).get("accuracy"), True)],
-            ["mean log-prob margin, chosen - rejected", _fmt(p.get("base", {}).get("margin")),
-             _fmt(p.get("finetuned", {}).get("margin"))]]
+    return [["retain NLL (base's replies)", fmt(f.get("retain_nll_base")), fmt(f.get("retain_nll_finetuned"))],
+            ["KL(base ‖ model), per token", fmt(0.0 if f.get("kl_to_base") is not None else None),
+             fmt(f.get("kl_to_base"))],
+            ["general QA accuracy", fmt(f.get("qa_accuracy_base"), True), fmt(f.get("qa_accuracy_finetuned"), True)]]
 
 
 def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
@@ -99,9 +91,10 @@ def format_tables(report: dict, markdown: bool = False) -> str:
     k = report.get("meta", {}).get("few_shot", "k")
     task = _table(["task", "base (0-shot)", f"base ({k}-shot)", "fine-tuned"], _task_rows(report), markdown)
     forget = _table(["general behaviour", "base", "fine-tuned"], _forget_rows(report), markdown)
-    if report.get("preference"):
-        pref = _table(["preference", "base", "fine-tuned"], _preference_rows(report), markdown)
-        return f"{pref}\n\n{forget}"  # a preference objective has no generation task
+    held = report.get("held_out")  # the objective's own rows (e.g. preference accuracy on held-out pairs)
+    if held:
+        rows = _table([held["key"], "base", "fine-tuned"], held["rows"], markdown)
+        return f"{rows}\n\n{forget}" if not report["task"] else f"{task}\n\n{rows}\n\n{forget}"
     return f"{task}\n\n{forget}"
 
 
@@ -157,8 +150,8 @@ def _base_note(meta: dict) -> list[str]:
 def _evaluated(report: dict) -> str:
     """What the before / after comparison is on: the task metric's eval examples, or held-out preference pairs."""
     meta = report.get("meta", {})
-    if report.get("preference"):
-        return f"objective `{meta.get('objective', '?')}`, preference accuracy on held-out pairs"
+    if report.get("held_out") and not report["task"]:
+        return f"objective `{meta.get('objective', '?')}`, {report['held_out']['about']}"
     return f"task metric `{meta.get('metric')}` on {meta.get('task_examples', '?')} eval examples"
 
 
@@ -205,12 +198,14 @@ def write_report(workdir: str | os.PathLike, report: dict, *, echo: bool = True)
 
 
 def build_report(task: dict[str, Any], forgetting: Any = None, base_replies: Any = None, *,
-                 meta: dict | None = None, preference: dict | None = None) -> dict:
+                 meta: dict | None = None, held_out: dict | None = None) -> dict:
     """The report from `TaskResult`s by model name ("base", "prompted", "finetuned") and a `ForgettingResult`
-    (with the `BaseReplies` it was measured on, for counts and QA samples)."""
+    (with the `BaseReplies` it was measured on, for counts and QA samples); `held_out`: the objective's rows
+    (`key`: its section {base, finetuned}, `rows` as printed, `about`)."""
     report: dict[str, Any] = {"task": {}, "forgetting": {}, "samples": {}, "meta": dict(meta or {})}
-    if preference is not None:
-        report["preference"] = preference
+    if held_out is not None:
+        report[held_out["key"]] = held_out["section"]
+        report["held_out"] = {k: held_out[k] for k in ("key", "rows", "about")}
     for which in MODELS:
         result = task.get(which)
         if result is None:

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from flax import nnx
 
@@ -34,6 +34,7 @@ from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.progress import base_point, plot_progress, tracking_metrics
 from ftjax.evaluation.report import build_report, write_atomic, write_report
 from ftjax.evaluation.task import TaskResult, evaluate_task
+from ftjax.methods import method_for
 from ftjax.platform import platform_of
 
 BASELINES_NAME = "baselines.json"
@@ -74,15 +75,16 @@ class Evaluation:
     """Task generation scores, baselines and forgetting metrics for one run (see the module docstring)."""
 
     def __init__(self, config: Any, tokenizer: Any, workdir: str | os.PathLike, *, write: bool | None = None,
-                 preference: Callable[[nnx.Module], dict] | None = None):
-        """`preference`: model -> its metrics on held-out preference pairs (accuracy, margin), reported for the
-        base and the tuned model; a preference objective's eval data are pairs, not generation examples."""
+                 held_out: Any = None, generation_task: bool = True):
+        """`held_out`: the objective's report rows (`ftjax.objectives.ReportRows`: e.g. preference accuracy on
+        held-out pairs), measured for the base and the tuned model; `generation_task`: the eval data are
+        generation examples (not, e.g., preference pairs)."""
         self.config, self.tokenizer, self.workdir = config, tokenizer, Path(workdir)
-        self.preference = preference
+        self.held_out = held_out
         self.write = _process_zero() if write is None else write
         d = config.data
         fields = Fields(d.messages_field, d.prompt_field, d.completion_field, d.text_field)
-        self.records = load_records(d.eval, fields) if d.eval and config.objective == "sft" else []
+        self.records = load_records(d.eval, fields) if d.eval and generation_task else []
         self.shots = []
         if self.records and config.eval.few_shot > 0 and d.train:
             first = parse_sources(d.train)[0].path  # the task's own data, never the replay file
@@ -189,8 +191,8 @@ class Evaluation:
         task = self._task(model) if self.has_task else None
         forget = forgetting_metrics(model, base, self.tokenizer, replies)
         self._tracked = (step, task, forget)
-        pref = {"pref_accuracy": self.preference(model)["accuracy"]} if self.preference else {}
-        return {**tracking_metrics(task, forget), **pref}
+        own = self.held_out.tracked(self.held_out.measure(model)) if self.held_out else {}
+        return {**tracking_metrics(task, forget), **own}
 
     def report(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1, *,
                extra_meta: dict | None = None) -> dict:
@@ -203,16 +205,18 @@ class Evaluation:
             task = self._task(model, which="fine-tuned model") if self.has_task else None
             with _phase("forgetting metrics"):
                 forget = forgetting_metrics(model, base, self.tokenizer, replies)
-        preference = None
-        if self.preference is not None:
-            with _phase("preference accuracy on held-out pairs, base and fine-tuned"):
-                preference = {"base": self.preference(base), "finetuned": self.preference(model)}
+        held_out = None
+        if self.held_out is not None:
+            h = self.held_out
+            with _phase(f"{h.about}, base and fine-tuned"):
+                section = {"base": h.measure(base), "finetuned": h.measure(model)}
+            held_out = {"key": h.key, "section": section, "rows": h.table(section), "about": h.about}
         results = dict(self.baselines(base))
         if task is not None:
             results["finetuned"] = task
         c = self.config
         run = {"steps": c.train.steps, "lr": c.optim.lr, "batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
-               "lora_rank": c.lora.rank if c.method == "lora" else None}
+               "lora_rank": (method_for(c.method, c.lora).describe() or {}).get("rank")}
         extra = dict(extra_meta or {})
         run.update(extra.pop("run", {}))  # e.g. wall_s from the loop
         meta = {"step": step, "model": c.model.path, "method": c.method, "objective": c.objective,
@@ -222,7 +226,7 @@ class Evaluation:
             where = ("every linear but the head" if c.train.frozen_quant_scope == "all_linears"
                      else f"the LoRA targets {c.lora.targets}")
             meta["base_quant"] = f"{c.train.frozen_quant} on {where}"
-        report = build_report(results, forget, replies, meta=meta, preference=preference)
+        report = build_report(results, forget, replies, meta=meta, held_out=held_out)
         if self.write:
             write_report(self.workdir, report)
             points = [base_point(results.get("base"), forget)]

@@ -257,17 +257,17 @@ def gguf_tensor_name(hf_name: str) -> str | None:
     return f"blk.{m.group(1)}.{short}.{m.group(3)}" if short else None
 
 
-def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """HF shape of each tensor a layer may hold, from the config (catches a mislabelled file early)."""
-    h, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
-    d = config.get("head_dim") or h // heads
-    ff = config["intermediate_size"]
+def _expected_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
+    """HF shape of each tensor a layer may hold, from the HF config (catches a mislabelled file early)."""
+    h, heads, kv = hf_config["hidden_size"], hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
+    d = hf_config.get("head_dim") or h // heads
+    ff = hf_config["intermediate_size"]
     return {"attn_norm.weight": (h,), "ffn_norm.weight": (h,), "attn_q.weight": (heads * d, h),
             "attn_k.weight": (kv * d, h), "attn_v.weight": (kv * d, h), "attn_output.weight": (h, heads * d),
             "attn_q.bias": (heads * d,), "attn_k.bias": (kv * d,), "attn_v.bias": (kv * d,),
             "attn_output.bias": (h,), "attn_q_norm.weight": (d,), "attn_k_norm.weight": (d,),
             "ffn_gate.weight": (ff, h), "ffn_up.weight": (ff, h), "ffn_down.weight": (h, ff),
-            "token_embd.weight": (config["vocab_size"], h), "output.weight": (config["vocab_size"], h),
+            "token_embd.weight": (hf_config["vocab_size"], h), "output.weight": (hf_config["vocab_size"], h),
             "output_norm.weight": (h,)}
 
 

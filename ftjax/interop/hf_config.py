@@ -90,11 +90,11 @@ def export_config(cfg: ModelConfig, source: dict[str, Any] | None, dtype: str, t
     return out
 
 
-def generation_config(config: dict[str, Any], source: dict[str, Any] | None) -> dict[str, Any]:
-    """generation_config.json: the source's own (sampling defaults kept), else the config's token ids."""
+def generation_config(hf_config: dict[str, Any], source: dict[str, Any] | None) -> dict[str, Any]:
+    """generation_config.json: the source's own (sampling defaults kept), else the HF config's token ids."""
     if source:
         return dict(source)
-    return {k: config[k] for k in TOKEN_IDS if config.get(k) is not None}
+    return {k: hf_config[k] for k in TOKEN_IDS if hf_config.get(k) is not None}
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

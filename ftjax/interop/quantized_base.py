@@ -32,13 +32,12 @@ class FrozenQuant:
     dtype: str = "float32"  # the dtype dequantized kernels are computed in
 
 
-def from_config(config: Any) -> FrozenQuant | None:
-    """`train.frozen_quant` / `train.frozen_quant_scope` as a FrozenQuant (None: a full-precision base)."""
-    scheme = config.train.frozen_quant
+def frozen_quant(scheme: str, scope: str, lora_targets: Any, dtype: str) -> FrozenQuant | None:
+    """`train.frozen_quant` / `train.frozen_quant_scope` (over `lora.targets`, computed in `dtype`) as a
+    FrozenQuant (None: a full-precision base)."""
     if scheme == "none":
         return None
-    targets = None if config.train.frozen_quant_scope == "all_linears" else config.lora.targets
-    return FrozenQuant(scheme, targets, config.model.dtype)
+    return FrozenQuant(scheme, None if scope == "all_linears" else lora_targets, dtype)
 
 
 def kernel_paths(model: nnx.Module, quant: FrozenQuant) -> set[tuple[str, ...]]:

@@ -45,13 +45,15 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 12.0 * cfg.num_heads * cfg.head_dim * keys
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, method: str, lora_params: int = 0) -> float:
-    """Training FLOPs per token for `method` (see the module docstring for the formula)."""
-    p = matmul_params(cfg)
-    attn = attention_flops_per_token(cfg, seq_len)
-    if method == "full":
-        return 6.0 * p + attn
-    return 4.0 * p + 6.0 * lora_params + attn
+def full_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token when every weight trains: 6·P + attention (see the module docstring)."""
+    return 6.0 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
+
+
+def adapter_flops_per_token(cfg: ModelConfig, seq_len: int, adapter_params: int) -> float:
+    """Training FLOPs per token when only adapters train: 4·P (no weight gradients of the frozen matmuls) +
+    6·P_adapter + attention (see the module docstring)."""
+    return 4.0 * matmul_params(cfg) + 6.0 * adapter_params + attention_flops_per_token(cfg, seq_len)
 
 
 def active_lora_params(cfg: ModelConfig, lora: nnx.State) -> int:
@@ -64,8 +66,3 @@ def active_lora_params(cfg: ModelConfig, lora: nnx.State) -> int:
             n = n // cfg.moe.num_experts * cfg.moe.top_k
         total += n
     return total
-
-
-def training_flops_per_token(cfg: ModelConfig, seq_len: int, method: str, trainable: nnx.State) -> float:
-    """`flops_per_token` of a run, P_lora counted from its trainable state (the adapters, for LoRA)."""
-    return flops_per_token(cfg, seq_len, method, active_lora_params(cfg, trainable) if method == "lora" else 0)

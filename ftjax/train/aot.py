@@ -21,8 +21,8 @@ from ftjax.backend_defaults import resolve_auto
 from ftjax.config import recipe_module
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.sources import pretrained_config
-from ftjax.lora import trainable_filter
-from ftjax.metrics.flops import attention_flops_per_token, matmul_params, training_flops_per_token
+from ftjax.metrics.flops import attention_flops_per_token, matmul_params
+from ftjax.methods import method_for
 from ftjax.models.llama import ModelConfig
 from ftjax.models.registry import config_from_hf
 from ftjax.platform import GIB, chip, device_capacity, device_kind, platform_of, topology_devices
@@ -116,7 +116,7 @@ def compile_report(config, model_cfg: ModelConfig, mesh: Mesh, topology: str, hl
     flops_device, bytes_device = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     tokens = config.train.batch_size * config.data.seq_len
     trainable = abstract_model_trainable(config, model_cfg)
-    formula = training_flops_per_token(model_cfg, config.data.seq_len, config.method, trainable) * tokens
+    formula = method_for(config.method, config.lora).flops_per_token(model_cfg, config.data.seq_len, trainable) * tokens
     executed = formula + recompute_flops_per_token(model_cfg, config.data.seq_len, config.model.remat) * tokens
     estimated = estimate(config, model_cfg, mesh)
     return {
@@ -134,7 +134,7 @@ def compile_report(config, model_cfg: ModelConfig, mesh: Mesh, topology: str, hl
                         "once (the layers' scan, loss chunks, micro-batches), so it is a lower bound",
         "bytes_accessed_per_device": bytes_device,
         "formula_flops_per_step": formula,
-        "formula_source": "ftjax/metrics.py training_flops_per_token x tokens per step (no remat recompute)",
+        "formula_source": "the method's flops_per_token (ftjax/metrics/flops.py) x tokens per step (no remat recompute)",
         "executed_flops_per_step": executed,
         "executed_source": "the formula plus the forward FLOPs model.remat recomputes",
         "attention_kernel": attention_kernel(config, platform, hlo),
@@ -153,7 +153,7 @@ def compile_report(config, model_cfg: ModelConfig, mesh: Mesh, topology: str, hl
 
 def abstract_model_trainable(config, model_cfg: ModelConfig):
     """The run's trainable state from shapes (the adapters, for LoRA): what the FLOP formula counts."""
-    return nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method), ...)[1]
+    return nnx.split(abstract_model(config, model_cfg), method_for(config.method, config.lora).trainable, ...)[1]
 
 
 def compile_recipe(config, recipe: str | Path | None, topology: str, out: str | Path, hlo_path=None,
@@ -163,7 +163,7 @@ def compile_recipe(config, recipe: str | Path | None, topology: str, out: str | 
     devices = topology_devices(topology)
     resolve_auto(config, platform_of(devices))  # `auto` means the slice's values, not this host's
     config_lib.validate(config)
-    mesh = mesh_from_config(config, devices=devices)
+    mesh = mesh_from_config(config.mesh, devices=devices)
     model_cfg = model_shape(config, recipe)
     config_lib.validate_for_model(config, model_cfg)
     say(f"{topology}: {len(devices)} x {device_kind(devices)}, mesh {dict(mesh.shape)}")

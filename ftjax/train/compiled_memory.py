@@ -15,42 +15,43 @@ from jax.sharding import Mesh
 
 from ftjax.backend_defaults import resolve_auto
 from ftjax.data.packing import BATCH_KEYS
-from ftjax.dtypes import cast_floats, frozen_dtype
+from ftjax.dtypes import cast_floats
 from ftjax.errors import ConfigError
-from ftjax.lora import trainable_filter
 from ftjax.models.llama import ModelConfig
+from ftjax.objectives.terms import TASK, uses_reference
 from ftjax.platform import platform_of
-from ftjax.sharding import parse_rules, state_shardings
+from ftjax.sharding import state_shardings
+from ftjax.train.compose import compose, loss_terms
 from ftjax.train.memory import abstract_model
 from ftjax.train.optimizer import make_optimizer
 from ftjax.train.state import StateShardings
 from ftjax.train.step import Frozen, TrainStep
-from ftjax.train.terms import TASK, loss_terms, uses_base
 
 
 def compiled_step(config, model_cfg: ModelConfig, mesh: Mesh) -> jax.stages.Compiled:
     """The run's TrainStep (its loss terms, remat, frozen dtype/quantization, attention kernel) lowered from
     shapes with the run's shardings over `mesh` and compiled for the mesh's platform."""
-    if config.objective != "sft":
-        raise ConfigError(f"config.objective={config.objective!r}: compiling from shapes covers sft runs "
-                          "(preference pairs have no shape-only batch yet)")
-    resolve_auto(config, platform_of(mesh))
+    resolve_auto(config, platform_of(mesh))  # `auto` means the mesh's platform's values (a TPU slice's on a CPU host)
+    run = compose(config, devices=list(mesh.devices.flat))
+    if not run.objective.compiles_from_shapes:
+        raise ConfigError(f"config.objective={config.objective!r}: its batches have no shape-only form yet "
+                          "(compiling from shapes covers objectives whose batches are plain rows)")
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat, attention=config.model.attention)
-    graphdef, trainable, frozen = nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method), ...)
-    frozen = jax.eval_shape(lambda f: cast_floats(f, frozen_dtype(config)), frozen)
-    optimizer = make_optimizer(config.optim, config.train.steps)
+    graphdef, trainable, frozen = nnx.split(abstract_model(config, model_cfg), run.method.trainable, ...)
+    frozen = jax.eval_shape(lambda f: cast_floats(f, run.model.frozen_cast), frozen)
+    optimizer = make_optimizer(run.optim, run.schedule.steps)
     opt_state = jax.eval_shape(optimizer.tx.init, trainable)
-    rules = parse_rules(config.mesh.rules)
+    rules = run.rules
     shardings = StateShardings(*(state_shardings(s, mesh, rules) for s in (trainable, frozen, opt_state)))
-    terms = loss_terms(config, model_cfg)
-    with_base = config.method == "full" and uses_base(terms)  # as the loop builds it
-    step = TrainStep(graphdef, optimizer, mesh, shardings, terms, grad_accum=config.train.grad_accum, rules=rules,
-                     with_base=with_base)
+    terms = loss_terms(run, model_cfg)
+    with_start_copy = run.method.keeps_start_copy and uses_reference(terms)  # as the loop builds it
+    step = TrainStep(graphdef, optimizer, mesh, shardings, terms, grad_accum=run.schedule.grad_accum, rules=rules,
+                     with_start_copy=with_start_copy)
     shape = (config.train.batch_size, config.data.seq_len)
     rows = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32) for k in BATCH_KEYS}
     batch = {**rows, **{s: rows for s in step.streams if s != TASK}}  # a retain stream has the batch's shape
-    return step.lower(trainable, opt_state, Frozen(frozen, trainable if with_base else None), batch,
+    return step.lower(trainable, opt_state, Frozen(frozen, trainable if with_start_copy else None), batch,
                       jax.random.key(0)).compile()
 
 

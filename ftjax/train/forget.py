@@ -1,4 +1,4 @@
-"""Forgetting control in the loop: the step-0 base copy the regularizers pull toward, and the retain data.
+"""Forgetting control in the loop: the step-0 copy the regularizers pull toward, and the retain data.
 
 The control data: the base model's replies to the control prompts (`forget.control`, by default the bundled
 set disjoint from the retain prompts forgetting is measured on), generated once before the first step and
@@ -28,27 +28,27 @@ from ftjax.data.replay import BaseReplies, reply_iterator, write_replay_file
 from ftjax.data.retain import CONTROL_BUNDLED, load_retain
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.forgetting import base_replies
-from ftjax.evaluation.run import model_id
+from ftjax.methods import Method
 
 
-def wants_base_copy(config, evaluating: bool) -> bool:
+def keeps_start_copy(method: Method, forget: Any, evaluating: bool) -> bool:
     """Full fine-tuning keeps the step-0 weights for the L2/KL terms and the forgetting metrics; LoRA never
-    does (its base is the same model with the adapters off or zeroed)."""
-    f = config.forget
-    return config.method == "full" and (evaluating or f.kl_weight > 0 or f.l2_weight > 0)
+    does (its pre-trained model is the same model with the adapters off or zeroed). `forget`: its weights."""
+    return method.keeps_start_copy and (evaluating or forget.kl_weight > 0 or forget.l2_weight > 0)
 
 
-def base_copy(state) -> Any:
+def start_copy(state) -> Any:
     """A copy of the trainable weights, in their shardings, taken before the first (donating) step."""
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=state.shardings.trainable)
     return copy(state.trainable)
 
 
-def base_model(config, state, base_trainable) -> nnx.Module:
-    """The base model: the step-0 copy (full), the current weights before any step, or the LoRA view."""
-    if config.method == "lora":
+def pretrained_model(method: Method, state, start_copy) -> nnx.Module:
+    """The model before training: the step-0 copy (full), the current weights before any step, or LoRA's view
+    with the adapters off."""
+    if not method.keeps_start_copy:
         return base_view(state.model())
-    return nnx.merge(state.graphdef, state.trainable if base_trainable is None else base_trainable, state.frozen)
+    return nnx.merge(state.graphdef, state.trainable if start_copy is None else start_copy, state.frozen)
 
 
 CONTROL_CACHE = "control_replies.json"
@@ -64,19 +64,20 @@ class RetainData:
     replay_path: str | None  # None without forget.replay_fraction
 
 
-def retain_data(config, tokenizer, workdir: Path, state, base_trainable) -> RetainData | None:
-    """What replay and the KL term need (None when neither is on); generation happens here, once per workdir."""
-    f = config.forget
+def retain_data(run: Any, tokenizer, workdir: Path, state, start_copy) -> RetainData | None:
+    """What replay and the KL term need (None when neither is on); generation happens here, once per workdir.
+    `run`: the composed run (ftjax.train.compose.Run)."""
+    f = run.forget
     if not (f.replay_fraction > 0 or f.kl_weight > 0):
         return None
     items = load_retain(f.control, default=CONTROL_BUNDLED, key="forget.control")
-    base = base_model(config, state, base_trainable)
+    pretrained = pretrained_model(run.method, state, start_copy)
     main = jax.process_index() == 0
 
     def generate(todo, cache, what, **sampling):
         start = time.perf_counter()
-        out = base_replies(base, tokenizer, todo, max_new_tokens=f.max_new_tokens, cache=workdir / cache,
-                           model_id=model_id(config), write=main, **sampling)
+        out = base_replies(pretrained, tokenizer, todo, max_new_tokens=f.max_new_tokens, cache=workdir / cache,
+                           model_id=run.model_id, write=main, **sampling)
         if main:
             print(f"forget: {what} ({time.perf_counter() - start:.0f} s)", flush=True)
         return out
@@ -93,25 +94,26 @@ def retain_data(config, tokenizer, workdir: Path, state, base_trainable) -> Reta
             own = [it for it in items if it.reply is not None for _ in range(reps)]
             sampled = (generate(todo, CONTROL_SAMPLES, f"{f.replay_samples} base samples at temperature "
                                 f"{f.replay_temperature:g} for each of {len(todo)} control prompts",
-                                temperature=f.replay_temperature, samples=f.replay_samples, seed=config.seed)
+                                temperature=f.replay_temperature, samples=f.replay_samples, seed=run.schedule.seed)
                        if todo else BaseReplies([], [], [], [], f.max_new_tokens))
             replay = write_replay_file(workdir / CONTROL_REPLAY, sampled, own)
     return RetainData(greedy, replay)
 
 
-def retain_batches(config, retain: RetainData | None, sharding):
+def retain_batches(run: Any, retain: RetainData | None, sharding):
     """The KL term's retain batches (same shape as train batches), or None without forget.kl_weight."""
-    if not config.forget.kl_weight:
+    if not run.forget.kl_weight:
         return None
-    return reply_iterator(retain.replies, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
-                          seed=config.seed, packing=config.data.packing,
-                          max_segments=config.data.max_segments, sharding=sharding,
-                          prefetch=config.data.prefetch)
+    s = run.schedule
+    return reply_iterator(retain.replies, seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed,
+                          packing=run.feed.packing,
+                          max_segments=run.feed.max_segments, sharding=sharding, prefetch=run.feed.prefetch)
 
 
-def retain_fingerprint(config, retain: RetainData | None) -> dict:
-    """Provenance of the KL term's retain tokens, checked on resume like the training data."""
-    if not config.forget.kl_weight:
+def retain_fingerprint(kl_weight: float, retain: RetainData | None) -> dict:
+    """Provenance of the KL term's retain tokens (with forget.kl_weight), checked on resume like the training
+    data."""
+    if not kl_weight:
         return {}
     text = json.dumps([retain.replies.prompt_ids, retain.replies.reply_ids]).encode()
     return {"retain_replies": {"size": len(text), "sha256": hashlib.sha256(text).hexdigest()}}

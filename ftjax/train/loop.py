@@ -14,7 +14,7 @@ import dataclasses
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 from flax import nnx
@@ -24,33 +24,27 @@ from ftjax import data as data_lib
 from ftjax import stop, workdir_lock
 from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
-from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
 from ftjax.evaluation.run import Evaluation
 from ftjax.history_cut import cut_history
 from ftjax.logs import heartbeat, still
-from ftjax.metrics.flops import training_flops_per_token
 from ftjax.metrics.peaks import peak_flops
 from ftjax.metrics.plot import plot_losses
 from ftjax.metrics.writer import MetricsWriter
+from ftjax.objectives import BatchSource, Reference
+from ftjax.objectives.terms import Term, uses_reference
 from ftjax.provenance import base_identity, check_resume_config, check_same
-from ftjax.sharding import activation_sharding, batch_sharding, batch_shards, mesh_from_config, parse_rules
+from ftjax.sharding import activation_sharding, batch_sharding, batch_shards
 from ftjax.train import forget
+from ftjax.train.compose import Run, compose, loss_terms, objective_terms, reference_identity
 from ftjax.train.early_stop import EarlyStop
-from ftjax.train.eval_loss import eval_loss, make_eval_loss, make_terms_eval
 from ftjax.train.memory import check_fits
 from ftjax.train.periodic import Evaluate, LogMetrics, Meter, Progress, SaveCheckpoint, Tick
-from ftjax.train.preference import WITH_REFERENCE
-from ftjax.train.preference_term import held_out_metrics
-from ftjax.train.reference_cache import with_reference
 from ftjax.train.setup import build_state
 from ftjax.train.state import TrainState, state_size
 from ftjax.train.step import Frozen, TrainStep, make_train_step
-from ftjax.train.terms import ROUTER_BALANCE, TASK, loss_terms, uses_base
 
-
-def _evaluating(config) -> bool:
-    return bool(config.data.eval) and bool(config.eval.final or config.eval.every)
+Action = Callable[[Tick], None]  # a periodic action: called after every step with what the step left
 
 
 def check_batch_fits(batch_size: int, grad_accum: int, mesh, rules: dict) -> None:
@@ -68,40 +62,40 @@ def _say(msg: str) -> None:
 
 
 class Batches:
-    """The train batches, each with its retain batch as `batch["retain"]` when the KL term reads one; their
-    iterator states travel in the checkpoint's metadata."""
+    """The objective's batch source, each batch with its retain batch as `batch["retain"]` when the KL term reads
+    one; their positions travel in the checkpoint's metadata."""
 
-    def __init__(self, train, retain=None):
+    def __init__(self, train: BatchSource, retain=None):
         self.train, self.retain = train, retain
 
-    def __next__(self) -> dict:
-        batch = next(self.train)
+    def next(self, trainable) -> dict:
+        batch = self.train.next(trainable)
         return batch if self.retain is None else {**batch, "retain": next(self.retain)}
 
     def state(self) -> dict:
-        out = {"data_state": self.train.get_state()}
+        out = {"data_state": self.train.state()}
         return out if self.retain is None else {**out, "retain_state": self.retain.get_state()}
 
     def restore(self, meta: dict) -> None:
-        self.train.set_state(meta["data_state"])
+        self.train.restore(meta["data_state"])
         if self.retain is not None:
             self.retain.set_state(meta["retain_state"])
 
     def close(self) -> None:
-        for it in (self.train, self.retain):
-            if it is not None:
-                it.close()
+        self.train.close()
+        if self.retain is not None:
+            self.retain.close()
 
 
 @dataclasses.dataclass
 class Job:
     """What `prepare` builds for the steps and `finish`: state, step, batches, checkpoints, evaluation."""
 
-    config: Any
+    run: Run
     workdir: Path
     state: TrainState
     step_fn: TrainStep
-    frozen: Frozen  # the frozen weights, and the step-0 copy where a loss term pulls toward it
+    frozen: Frozen  # the frozen weights, and the step-0 copy where a loss term compares with it
     batches: Batches
     ckpt: Checkpoints
     keep_best: bool
@@ -111,10 +105,11 @@ class Job:
     start: int  # the last step already done
     early: EarlyStop
     stopped_early: bool
-    eval_loss: Callable[[Any], float] | None  # trainable -> mean eval CE, without eval data None
+    held_out: Callable[[Any], float] | None  # trainable -> the objective's held-out loss; without eval data None
     evaluation: Any  # ftjax.evaluation.run.Evaluation, or None
-    base: Any  # the base model the evaluation compares with (full fine-tuning: the step-0 copy)
+    pretrained: Any  # the model before training that the evaluation compares with (None: LoRA's adapters off)
     flops_per_token: float
+    actions: Sequence[Action] = ()  # handed to `run`: called after the loop's own each step
     t0: float = dataclasses.field(default_factory=time.perf_counter)  # when the job started (report wall time)
 
     def model(self, trainable) -> nnx.Module:
@@ -122,92 +117,92 @@ class Job:
         return nnx.merge(self.state.graphdef, trainable, self.state.frozen)
 
 
-def run(config, workdir: str | Path, *, until: int | None = None) -> dict[str, Any]:
+def run(config, workdir: str | Path, *, until: int | None = None, terms: Sequence[Term] = (),
+        actions: Sequence[Action] = ()) -> dict[str, Any]:
     """Train (or resume) per `config` in `workdir`; returns the final metrics.
 
-    `until` stops after that step as a preemption would (save, return): tests use it to split a
-    run in two without changing its schedule. A second run on a workdir that one holds stops at once.
+    `terms`: loss terms added to the run's own; `actions`: called after each step, after the loop's own
+    (evaluate, log, save), with the step's `Tick`. `until` stops after that step as a preemption would (save,
+    return): tests use it to split a run in two without changing its schedule. A second run on a workdir that one
+    holds stops at once.
     """
-    config_lib.validate(config)
+    parts = compose(config)  # validated, `auto` resolved: once per run
     with stop.listening(), workdir_lock.held(workdir):  # also as a library, not only through scripts/train.py
-        job = prepare(config, Path(workdir))
+        job = prepare(parts, Path(workdir), terms, actions)
         with activation_sharding(job.step_fn.mesh, job.step_fn.rules):  # evals split their rows as steps do
             step, stopped_early, last = steps(job, until)
             return finish(job, step, stopped_early, last)
 
 
-def prepare(config, workdir: Path) -> Job:
-    """Everything before the first step: mesh, data, state, forgetting control, the step, resume."""
+def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: Sequence[Action] = ()) -> Job:
+    """Everything before the first step: data, state, forgetting control, the reference, the step, resume."""
+    config, method, objective, s = run.config, run.method, run.objective, run.schedule
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_resumable(config, workdir)  # a resume on a changed config stops here, before any work
-    mesh = mesh_from_config(config)  # a mesh that does not fit the devices fails here, before any load
-    rules = parse_rules(config.mesh.rules)
-    check_batch_fits(config.train.batch_size, config.train.grad_accum, mesh, rules)
-    tokenizer = load_tokenizer(config.model.path)
-    model_cfg = model_config(config.model.path)
+    _check_resumable(config.to_dict(), run.checkpointing.keep, workdir)  # a changed config stops here, before any work
+    mesh, rules = run.mesh, run.rules
+    check_batch_fits(s.batch_size, s.grad_accum, mesh, rules)
+    tokenizer = load_tokenizer(run.model.path)
+    model_cfg = model_config(run.model.path)
     config_lib.validate_for_model(config, model_cfg)
-    build = data_lib.build_datasets if config.objective == "sft" else build_preference_datasets
-    data = build(config, tokenizer, vocab_size=model_cfg.vocab_size)  # preference pairs for DPO, IPO, ...
-    if not config.forget.replay_fraction:
+    data = objective.read_data(run, tokenizer, model_cfg.vocab_size)
+    if not run.forget.replay_fraction:
         _say(data.summary.format())
     _say(check_fits(config, model_cfg, mesh))  # stops here, before loading or compiling, if it cannot fit
 
-    setup = build_state(config, mesh)
+    setup = build_state(run)
     state = setup.state
     n_trainable = state_size(state.trainable)[1]
-    _say(f"{config.method}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}; attention "
-         f"{setup.model_config.attention_kernels(config.data.seq_len)}")
+    _say(f"{method.name}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}; attention "
+         f"{setup.model_config.attention_kernels(s.seq_len)}")
 
     # Forgetting control: the step-0 copy (full fine-tuning), then the control data (base replies, cached).
-    # ... and a continued adapter's starting copy (megabytes): DPO's reference and the report's base
-    keep_start = forget.wants_base_copy(config, _evaluating(config)) or setup.continues_adapter
-    base_trainable = forget.base_copy(state) if keep_start else None
-    evaluation, base = None, None
-    if _evaluating(config):  # task scores, baselines and forgetting (ftjax.evaluation)
-        evaluation = Evaluation(config, tokenizer, workdir, preference=held_out_metrics(config, data.eval))
-        # LoRA: the base is the model with adapters detached (no copy); full: the step-0 copy
-        base = nnx.merge(state.graphdef, base_trainable, state.frozen) if base_trainable is not None else None
-    with activation_sharding(mesh, rules):  # the base's replies: rows split over the batch axes
-        retain = forget.retain_data(config, tokenizer, workdir, state, base_trainable)
-    if config.forget.replay_fraction:
-        data = data_lib.build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size,
-                                       replay=(retain.replay_path, config.forget.replay_fraction))
+    # ... and a continued adapter's starting copy (megabytes): DPO's reference and the report's pre-trained model;
+    # and the step-0 copy an objective's reference reads where the method has no free one (Reference.FROZEN_COPY)
+    reference = objective.reference(start_copy_is_free=not method.keeps_start_copy)
+    keep_start = (forget.keeps_start_copy(method, run.forget, run.evaluation.reporting) or setup.continues_adapter
+                  or reference == Reference.FROZEN_COPY)
+    start_copy = forget.start_copy(state) if keep_start else None
+    evaluation, pretrained = None, None
+    if run.evaluation.reporting:  # task scores, baselines and forgetting (ftjax.evaluation)
+        evaluation = Evaluation(config, tokenizer, workdir, generation_task=objective.generation_task,
+                                held_out=objective.report_rows(data.eval, s.batch_size, s.loss_chunk))
+        # LoRA: the pre-trained model is this one with its adapters detached (no copy); full: the step-0 copy
+        pretrained = nnx.merge(state.graphdef, start_copy, state.frozen) if start_copy is not None else None
+    with activation_sharding(mesh, rules):  # the pre-trained model's replies: rows split over the batch axes
+        retain = forget.retain_data(run, tokenizer, workdir, state, start_copy)
+    if run.forget.replay_fraction:
+        data = objective.read_data(run, tokenizer, model_cfg.vocab_size,
+                                   replay=(retain.replay_path, run.forget.replay_fraction))
         _say(data.summary.format())
-    terms = loss_terms(config, model_cfg)
-    if config.method == "full" and config.objective in WITH_REFERENCE:  # the reference's log-probs, cached
-        data = with_reference(config, workdir, tokenizer, state.model(), data, _say)
-    # LoRA's base: its adapters zeroed (no copy), or the continued adapter's starting copy
-    with_base = (config.method == "full" or setup.continues_adapter) and uses_base(terms)
-    step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=config.train.grad_accum,
-                              rules=setup.rules, with_base=with_base)
+    own = objective_terms(run)
+    terms = loss_terms(run, model_cfg, extra_terms, own)
+    if reference == Reference.CACHE:  # the reference's log-probs, computed once (or read from the workdir)
+        data = objective.with_reference(data, state.model(), s.batch_size, s.loss_chunk, workdir,
+                                        reference_identity(config, tokenizer, data), _say)
+    # LoRA's reference: its adapters zeroed (no copy), or the continued adapter's starting copy
+    with_start_copy = (method.keeps_start_copy or setup.continues_adapter) and uses_reference(terms)
+    step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=s.grad_accum,
+                              rules=setup.rules, with_start_copy=with_start_copy)
     sharding = batch_sharding(mesh, setup.rules)
-    batches = Batches(data_lib.train_iterator(data.train, config.train.batch_size, seed=config.seed,
-                                              sharding=sharding, prefetch=config.data.prefetch),
-                      forget.retain_batches(config, retain, sharding))
-    provenance = {"base": base_identity(config.model.path),
-                  "data": {**data.summary.fingerprints, **forget.retain_fingerprint(config, retain)}}
-    keep_best = config.checkpoint.keep_best and data.eval is not None
-    ckpt = Checkpoints(workdir, keep=config.checkpoint.keep, keep_best=keep_best)
+    batches = Batches(objective.batches(data.train, s.batch_size, s.seed, sharding, run.feed.prefetch),
+                      forget.retain_batches(run, retain, sharding))
+    provenance = {"base": base_identity(run.model.path),
+                  "data": {**data.summary.fingerprints, **forget.retain_fingerprint(run.forget.kl_weight, retain)}}
+    keep_best = run.checkpointing.keep_best and data.eval is not None
+    ckpt = Checkpoints(workdir, keep=run.checkpointing.keep, keep_best=keep_best)
 
-    frozen = Frozen(state.frozen, base_trainable if with_base else None)
-    run_eval = None
-    if data.eval is not None:  # the objective on held-out data: the CE, or the preference loss on held-out pairs
-        sft = config.objective == "sft"
-        # the objective's terms (not the router's balance loss, which is no held-out loss)
-        task_terms = [t for t in step_fn.batch_terms if t.stream == TASK and t.name != ROUTER_BALANCE]
-        sums_fn = make_eval_loss(state.graphdef, config.train.loss_chunk) if sft else make_terms_eval(
-            state.graphdef, task_terms)
+    frozen = Frozen(state.frozen, start_copy if with_start_copy else None)
+    held_out = None
+    if data.eval is not None:  # the objective's own terms on held-out data (not the router's balance loss)
+        loss_fn = objective.held_out(state.graphdef, own, s.loss_chunk)
 
-        def run_eval(trainable) -> float:
-            batches = data_lib.eval_iterator(data.eval, config.train.batch_size, sharding=sharding)
-            if sft:
-                return eval_loss(sums_fn, trainable, state.frozen, batches)
-            return eval_loss(sums_fn, trainable, frozen, batches, [t.weight for t in task_terms])
+        def held_out(trainable) -> float:
+            return loss_fn(trainable, frozen, data_lib.eval_iterator(data.eval, s.batch_size, sharding=sharding))
 
-    job = Job(config, workdir, state, step_fn, frozen, batches,
+    job = Job(run, workdir, state, step_fn, frozen, batches,
               ckpt, keep_best, provenance, state.trainable, state.opt_state, 0,
-              EarlyStop(config.train.early_stop_patience), False, run_eval, evaluation, base,
-              training_flops_per_token(model_cfg, config.data.seq_len, config.method, state.trainable))
+              EarlyStop(s.early_stop_patience), False, held_out, evaluation, pretrained,
+              method.flops_per_token(model_cfg, s.seq_len, state.trainable), tuple(actions))
     _resume(job)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -218,13 +213,14 @@ def prepare(config, workdir: Path) -> Job:
     return job
 
 
-def _check_resumable(config, workdir: Path) -> None:
-    """Refuse, in one line, to resume a run whose recorded config differs outside the may-change list."""
-    reader = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False, read_only=True)
+def _check_resumable(settings: dict, keep: int, workdir: Path) -> None:
+    """Refuse, in one line, to resume a run whose recorded config differs from `settings` (this run's, as a
+    dict) outside the may-change list."""
+    reader = Checkpoints(workdir, keep=keep, async_save=False, read_only=True)
     try:
         recorded = reader.newest_meta()
         if recorded is not None:
-            check_resume_config(recorded.get("config", {}), config.to_dict(), config_lib.default_config().to_dict())
+            check_resume_config(recorded.get("config", {}), settings, config_lib.default_config().to_dict())
     finally:
         reader.close()
 
@@ -240,7 +236,7 @@ def _resume(job: Job) -> None:
     check_same(recorded.get("data", {}), job.provenance["data"], "training data")
     job.trainable, job.opt_state = restored["trainable"], restored["opt_state"]
     job.batches.restore(meta)
-    job.early = EarlyStop.from_state(job.config.train.early_stop_patience, meta.get("early_stop"))
+    job.early = EarlyStop.from_state(job.run.schedule.early_stop_patience, meta.get("early_stop"))
     job.stopped_early = bool(meta.get("stopped_early"))
     job.start = latest
     _say(f"resumed from step {latest}" + (" (early stopping had ended this run)" if job.stopped_early else ""))
@@ -252,45 +248,46 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
     The step is compiled before the clock starts (`compile_s` on the first logged line). A stop requested
     by a signal saves the step in hand and raises `stop.StopRequested` (the entry point exits 130 / 143);
     `until` stops the same way but returns (tests split a run in two with it)."""
-    c = job.config
-    base_key = jax.random.key(c.seed)
+    s, config = job.run.schedule, job.run.config
+    seed_key = jax.random.key(s.seed)
     trainable, opt_state, step, stopped_early = job.trainable, job.opt_state, job.start, job.stopped_early
-    last_step = job.start if stopped_early else c.train.steps
-    first = next(job.batches) if last_step > job.start else None
+    last_step = job.start if stopped_early else s.steps
+    first = job.batches.next(trainable) if last_step > job.start else None
     compile_s = None
     if first is not None:
         with stop.phase("compiling the train step"), still("compiling the train step", _say):
             compile_s = job.step_fn.compile(trainable, opt_state, job.frozen, first,
-                                            jax.random.fold_in(base_key, job.start + 1))
+                                            jax.random.fold_in(seed_key, job.start + 1))
         _say(f"compiled the train step in {compile_s:.1f} s")
-    peak, _ = peak_flops(c.model.dtype)
-    meter = Meter(c.train.batch_size * c.data.seq_len, job.flops_per_token, peak * jax.device_count(),
-                  c.train.max_consecutive_skips, job.step_fn.metric_names)
+    peak, _ = peak_flops(job.run.model.dtype)
+    meter = Meter(s.batch_size * s.seq_len, job.flops_per_token, peak * jax.device_count(),
+                  s.max_consecutive_skips, job.step_fn.metric_names)
     main = jax.process_index() == 0
-    log = LogMetrics(c.train.log_every, meter, MetricsWriter(job.workdir, enabled=main),
-                     Progress(job.start, c.train.steps, main))
+    log = LogMetrics(s.log_every, meter, MetricsWriter(job.workdir, enabled=main),
+                     Progress(job.start, s.steps, main))
 
     def meta(tick: Tick) -> dict:
-        return {"step": tick.step, **job.batches.state(), "config": c.to_dict(), "provenance": job.provenance,
+        return {"step": tick.step, **job.batches.state(), "config": config.to_dict(), "provenance": job.provenance,
                 "early_stop": job.early.state(), "stopped_early": tick.stopped_early}
 
-    actions = [log, SaveCheckpoint(c.checkpoint.every, job.ckpt, meta)]
-    if job.eval_loss is not None:
+    actions = [log, SaveCheckpoint(job.run.checkpointing.every, job.ckpt, meta), *job.actions]
+    if job.held_out is not None:
         track = None
         if job.evaluation is not None:
             def track(trainable, step):
                 with stop.phase(f"evaluation at step {step}"):
-                    return job.evaluation.track(job.model(trainable), job.base, step)
-        actions.insert(0, Evaluate(c.eval.every, c.eval.final, job.eval_loss, job.early, meter, track))
+                    return job.evaluation.track(job.model(trainable), job.pretrained, step)
+        ev = job.run.evaluation
+        actions.insert(0, Evaluate(ev.every, ev.final, job.held_out, job.early, meter, track))
     interrupted: stop.StopRequested | None = None
     meter.start(compile_s)
     try:
         with stop.phase("training"), heartbeat(log.progress.refresh):  # an eval at a step takes minutes
             for step in range(job.start + 1, last_step + 1):
-                rng = jax.random.fold_in(base_key, step)
-                batch = first if step == job.start + 1 else next(job.batches)
+                rng = jax.random.fold_in(seed_key, step)
+                batch = first if step == job.start + 1 else job.batches.next(trainable)
                 trainable, opt_state, metrics = job.step_fn(trainable, opt_state, job.frozen, batch, rng)
-                tick = Tick(step, trainable, opt_state, metrics, is_last=step == c.train.steps,
+                tick = Tick(step, trainable, opt_state, metrics, is_last=step == s.steps,
                             stopping=stop.after_step(step) or step == until)
                 for action in actions:
                     try:
@@ -319,12 +316,13 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
 
 def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, Any]:
     """After the steps: the before/after report on the best checkpoint, closing, the loss plot."""
-    c, trainable = job.config, job.trainable
-    reporting = job.evaluation is not None and c.eval.final and (step == c.train.steps or stopped_early)
+    trainable = job.trainable
+    reporting = (job.evaluation is not None and job.run.evaluation.final
+                 and (step == job.run.schedule.steps or stopped_early))
     report_step = job.ckpt.best_step() if reporting and job.keep_best else step
     job.ckpt.close()  # the final save is complete before the (long) report
     if reporting and report_step != step:  # the report describes the weights export takes: the best
-        reader = Checkpoints(job.workdir, keep=c.checkpoint.keep, async_save=False, read_only=True)
+        reader = Checkpoints(job.workdir, keep=job.run.checkpointing.keep, async_save=False, read_only=True)
         try:  # a reader of its own: the writer's handlers were registered for whole-state saves
             trainable = reader.restore_trainable(report_step, trainable)
         finally:
@@ -332,11 +330,11 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
         _say(f"report: the best checkpoint, step {report_step} (lowest eval loss), not the final step {step}")
     if reporting:
         with stop.phase("the final report"):
-            last["report"] = job.evaluation.report(job.model(trainable), job.base, report_step,
+            last["report"] = job.evaluation.report(job.model(trainable), job.pretrained, report_step,
                                                    extra_meta={"final_step": step,
                                                                "run": {"wall_s": time.perf_counter() - job.t0}})
     job.batches.close()
     if jax.process_index() == 0:
         plot_losses(job.workdir)
-    peak, peak_source = peak_flops(c.model.dtype)
+    peak, peak_source = peak_flops(job.run.model.dtype)
     return {"step": step, **last, "stopped_early": stopped_early, "peak_flops": peak, "peak_source": peak_source}

@@ -8,7 +8,7 @@ recomputation. Under tensor parallelism the residual stream is whole on every te
 10 of 34). On TPU a dense layer's term, the fp32 head and the fsdp-gathered embedding and head follow XLA's TPU
 compile of the large recipes (TPU_LAYER; benchmarks/memory_vs_xla.py: within 15% of each).
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
-trainable weights (`base_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
+trainable weights (`start_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
 A quantized base (train.frozen_quant) counts its kernels' own arrays, and one layer of them dequantized among the
 activations; `ftjax.train.compiled_memory` checks the whole against XLA's count of the compiled step.
 Mixture of experts: the weights are the model's own (all E experts, the router, their adapters); a layer's MLP
@@ -33,12 +33,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from ftjax.backend_defaults import resolve_auto
-from ftjax.config import recipe_module
+from ftjax.config import has_auto, recipe_module
 from ftjax.errors import ConfigError
 from ftjax.interop.gguf import gguf_tensor_name, qtype_name, read_gguf_header
-from ftjax.interop.quantized_base import from_config as frozen_quant
+from ftjax.interop.quantized_base import frozen_quant
 from ftjax.interop.sources import resolve
-from ftjax.lora import apply_lora, frozen_quant_kernels, trainable_filter
+from ftjax.lora import frozen_quant_kernels
+from ftjax.methods import method_for
 from ftjax.models.llama import Llama, ModelConfig
 from ftjax.models.moe import grouped_rows, resolved_implementation, tile_rows
 from ftjax.models.registry import config_from_hf, hf_tensor_name
@@ -98,20 +99,13 @@ def moe_layer_bytes(cfg: ModelConfig, tokens: int, itemsize: int) -> float:
     return out
 
 
-def lora_width(config) -> int:
-    """LoRA hidden-state values per token in one layer: rank x adapted projections (0 without LoRA)."""
-    targets = config.lora.targets
-    targets = [x for x in targets.split(",") if x] if isinstance(targets, str) else list(targets)
-    return config.lora.rank * len(targets) if config.method == "lora" else 0
-
-
 def saved_widths(config, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
     """Per remat policy, the values per token one layer keeps for the backward pass (models/llama.py's
     REMAT_POLICIES): the layer input always; `minimal` adds its named projection outputs and residual
     (and the LoRA hidden states), `dots` every matmul output. `tokens` per device sizes an MoE's routed rows."""
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     i = mlp_width(cfg, tokens)
-    lora = lora_width(config)
+    lora = method_for(config.method, config.lora).adapter_width
     minimal = d + (q + 2 * kv) + d + d + 2 * i + lora  # input, q/k/v, attn_context, resid_mid, gate, up
     return {"full": d, "minimal": minimal, "dots": minimal + 2 * d}  # dots: + o_proj and down outputs
 
@@ -120,19 +114,22 @@ def replicated_widths(config, cfg: ModelConfig) -> dict[str, float]:
     """Of `saved_widths`, the values the tensor axis does not split: the residual stream (act_embed) and the LoRA
     hidden states; q/k/v, the attention context, gate and up are split over tensor."""
     d = cfg.hidden_size
-    lora = lora_width(config)
+    lora = method_for(config.method, config.lora).adapter_width
     return {"full": d, "minimal": 2 * d + lora, "dots": 4 * d + lora}  # input, resid_mid (+ o_proj, down outputs)
 
 
 def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
-    """Bytes per device for the trainable + frozen params, optimizer state and activations."""
+    """Bytes per device for the trainable + frozen params, optimizer state and activations. A composed run's
+    config has its `auto` values resolved already (for its mesh's platform); one straight from a recipe gets the
+    values of `mesh`'s platform."""
     platform = platform_of(mesh)
-    resolve_auto(config, platform)
+    if has_auto(config):
+        resolve_auto(config, platform)
     model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
                                   remat=config.model.remat)
     model_cfg = on_platform(model_cfg, platform)
-    quant = frozen_quant(config)
-    _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), trainable_filter(config.method),
+    quant = _quant(config)
+    _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), method_for(config.method, config.lora).trainable,
                                                 QuantizedParam, ...)
     opt = jax.eval_shape(make_optimizer(config.optim, config.train.steps).tx.init, trainable)
     rules = parse_rules(config.mesh.rules)
@@ -178,8 +175,8 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
     out = {"trainable": _device_bytes(trainable, mesh, rules),
            "frozen": _device_bytes(frozen, mesh, rules, frozen_dtype) + _device_bytes(quantized, mesh, rules),
            "opt_state": _device_bytes(opt, mesh, rules), "activations": int(acts)}
-    if config.method == "full" and (config.forget.kl_weight or config.forget.l2_weight):
-        out["base_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
+    if method_for(config.method, config.lora).keeps_start_copy and (config.forget.kl_weight or config.forget.l2_weight):
+        out["start_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
     return out
 
 
@@ -188,16 +185,18 @@ def abstract_model(config, model_cfg: ModelConfig) -> nnx.Module:
 
     def build():
         model = Llama(model_cfg, rngs=nnx.Rngs(0))
-        if config.method == "lora":
-            apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
-                       rngs=nnx.Rngs(0))
-        return model
+        return method_for(config.method, config.lora).attach(model, 0)
 
     abstract = nnx.eval_shape(build)
-    quant = frozen_quant(config)
+    quant = _quant(config)
     if quant is not None:
         _abstract_quantized(abstract, quant, config.model.path)
     return abstract
+
+
+def _quant(config):
+    t = config.train
+    return frozen_quant(t.frozen_quant, t.frozen_quant_scope, config.lora.targets, config.model.dtype)
 
 
 def _abstract_quantized(model: nnx.Module, quant, path: str) -> None:
@@ -250,6 +249,6 @@ def recipe_estimate(path: str | os.PathLike, devices: int, backend: str = "gpu")
     --xla_force_host_platform_device_count=8)."""
     module = recipe_module(path)
     config = resolve_auto(module.get_config(), backend)
-    mesh = mesh_from_config(config, devices=jax.devices()[:devices])
+    mesh = mesh_from_config(config.mesh, devices=jax.devices()[:devices])
     parts = estimate(config, on_platform(config_from_hf(module.HF_CONFIG), backend), mesh)
     return {**{k: round(v / GIB, 2) for k, v in parts.items()}, "total": round(sum(parts.values()) / GIB, 2)}

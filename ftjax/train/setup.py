@@ -8,15 +8,9 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from ftjax.backend_defaults import resolve_auto
-from ftjax.config import segments_per_row
-from ftjax.dtypes import frozen_dtype
-from ftjax.interop.quantized_base import from_config as frozen_quant
 from ftjax.interop.sources import load_pretrained, resolve
-from ftjax.lora import apply_lora, trainable_filter
 from ftjax.models.llama import bound_segments
-from ftjax.platform import platform_of
-from ftjax.sharding import parse_rules
+from ftjax.train.compose import Run, row_segments
 from ftjax.train.optimizer import Optimizer, make_optimizer
 from ftjax.train.state import TrainState, place_state
 from ftjax.workdir import start_from
@@ -32,30 +26,28 @@ class Setup:
     continues_adapter: bool = False  # model.path is a LoRA workdir whose adapter this run trains on
 
 
-def build_model(config, mesh: Mesh) -> tuple[nnx.Module, bool]:
-    """The base model read straight into its shardings (its frozen kernels quantized per train.frozen_quant),
-    with LoRA adapters attached for method=lora; from a training workdir (`ftjax.workdir.start_from`), its
-    trained model. Also: whether it continues an adapter."""
-    if resolve(config.model.path)[0] == "workdir":
-        model, continues = start_from(config, mesh)
+def build_model(run: Run, mesh: Mesh) -> tuple[nnx.Module, bool]:
+    """The pre-trained model read straight into its shardings (its frozen kernels quantized per
+    train.frozen_quant), with the method's adapters attached; from a training workdir (`ftjax.workdir.start_from`),
+    its trained model. Also: whether it continues an adapter."""
+    m = run.model
+    if resolve(m.path)[0] == "workdir":
+        model, continues = start_from(m.path, run.method, run.continued_settings, mesh)
     else:
-        model, continues = load_pretrained(config.model.path, config.model.dtype, config.model.param_dtype, mesh=mesh,
-                                           rules=parse_rules(config.mesh.rules), remat=config.model.remat,
-                                           attention=config.model.attention, quant=frozen_quant(config)), False
-    bound_segments(model, segments_per_row(config))  # the rows this run's data makes (its attention kernel)
-    if config.method == "lora" and not continues:
-        # Adapters are small; place_state moves them into their shardings with everything else.
-        apply_lora(model, config.lora.rank, config.lora.alpha, targets=config.lora.targets,
-                   dropout=config.lora.dropout, rslora=config.lora.rslora, rngs=nnx.Rngs(config.seed))
+        model, continues = load_pretrained(m.path, m.dtype, m.param_dtype, mesh=mesh, rules=run.rules,
+                                           remat=m.remat, attention=m.attention, quant=m.quant), False
+    bound_segments(model, row_segments(run))  # the rows this run's data makes (its attention kernel)
+    if not continues:  # adapters are small; place_state moves them into their shardings with everything else
+        run.method.attach(model, run.schedule.seed)
     return model, continues
 
 
-def build_state(config, mesh: Mesh) -> Setup:
-    """Model + optimizer state, every array placed by the rules table; frozen part in train.frozen_dtype."""
-    resolve_auto(config, platform_of(mesh))  # callers that skip config.validate (benchmarks, tests) still get concrete values
-    model, continues = build_model(config, mesh)
-    optimizer = make_optimizer(config.optim, config.train.steps)
-    rules = parse_rules(config.mesh.rules)
-    state = place_state(model, optimizer.tx, mesh, trainable=trainable_filter(config.method),
-                        frozen_dtype=frozen_dtype(config), rules=rules)
-    return Setup(mesh, state, optimizer, model.config, rules, continues)
+def build_state(run: Run, mesh: Mesh | None = None) -> Setup:
+    """Model + optimizer state, every array placed by the rules table; frozen part in train.frozen_dtype.
+    `mesh`: the run's own by default."""
+    mesh = run.mesh if mesh is None else mesh
+    model, continues = build_model(run, mesh)
+    optimizer = make_optimizer(run.optim, run.schedule.steps)
+    state = place_state(model, optimizer.tx, mesh, trainable=run.method.trainable, frozen_dtype=run.model.frozen_cast,
+                        rules=run.rules)
+    return Setup(mesh, state, optimizer, model.config, run.rules, continues)

@@ -6,11 +6,12 @@ are accumulated over micro-batches by `lax.scan`; the loss is the token-weighted
 whole global batch. Metrics stay on device; the loop fetches them every `log_every` steps.
 Dropout masks do not depend on the mesh, but do on grad_accum (each micro-batch gets its own key).
 
-The loss is the weighted sum of the step's terms (ftjax/train/terms.py): each micro-batch runs one forward
-pass per batch stream the terms read (the task batch, `batch["retain"]` for KL to the base), the base
-model's pass where a term asks for it, then every batch term on those outputs; step terms (L2 to the base)
-are added once per step. `frozen` is the model's frozen part, or `Frozen(model, base)` with the step-0 copy
-of the trainable weights (full fine-tuning; LoRA's base is the same model with zeroed adapters).
+The loss is the weighted sum of the step's terms (ftjax/objectives/terms.py): each micro-batch runs one forward
+pass per batch stream the terms read (the task batch, `batch["retain"]` for KL to the pre-trained model), the
+reference pass where a term asks for it, then every batch term on those outputs; step terms (L2 to the step-0
+weights) are added once per step. `frozen` is the model's frozen part, or `Frozen(model, start_copy)` with the
+step-0 copy of the trainable weights (full fine-tuning); without it the reference is LoRA's model with its
+adapters zeroed (no copy).
 `metrics["loss"]` is the objective's own term (the task cross-entropy, or the preference loss); every other
 term's unweighted value, a term's own metrics (TRL's rewards/* and logps/*) and `loss_total` join it.
 """
@@ -30,12 +31,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ftjax.data.packing import BATCH_KEYS, PAIR_KEYS
 from ftjax.errors import ConfigError
 from ftjax.lora import adapters_only
+from ftjax.objectives.regularizers import adapters_zeroed
+from ftjax.objectives.terms import (TASK, BatchTerm, Forward, StepTerm, Term, cross_entropy, total_weight,
+                                weighted_sum)
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards
 from ftjax.train.optimizer import Optimizer
-from ftjax.train.regularizers import lora_base_trainable
 from ftjax.train.state import StateShardings
-from ftjax.train.terms import (TASK, BatchTerm, Forward, StepTerm, Term, cross_entropy, total_weight,
-                                weighted_sum)
 
 
 @jax.tree_util.register_dataclass
@@ -44,7 +45,7 @@ class Frozen:
     """What the step reads and never trains: the model's frozen part, and the step-0 trainable copy if kept."""
 
     model: Any
-    base: Any = None
+    start_copy: Any = None  # the step-0 copy of the trainable weights (with_start_copy), else None
 
 
 def micro_batches(batch: dict, grad_accum: int) -> dict:
@@ -78,7 +79,7 @@ class TrainStep:
     """
 
     def __init__(self, graphdef: nnx.GraphDef, optimizer: Optimizer, mesh: Mesh, shardings: StateShardings,
-                 terms: Sequence[Term], *, grad_accum: int = 1, rules: dict | None = None, with_base: bool = False):
+                 terms: Sequence[Term], *, grad_accum: int = 1, rules: dict | None = None, with_start_copy: bool = False):
         if grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {grad_accum}")
         self.batch_terms = [t for t in terms if isinstance(t, BatchTerm)]
@@ -90,19 +91,19 @@ class TrainStep:
             raise ConfigError(f"loss terms must be BatchTerm/StepTerm with distinct names and weights >= 0, got "
                               + ", ".join(f"{getattr(t, 'name', t)}={getattr(t, 'weight', '?')}" for t in terms))
         for t in self.step_terms:
-            if t.needs_base and not with_base:
-                raise ConfigError(f"loss term {t.name} needs the step-0 copy of the weights (with_base=True)")
+            if t.needs_start_copy and not with_start_copy:
+                raise ConfigError(f"loss term {t.name} needs the step-0 copy of the weights (with_start_copy=True)")
         self.graphdef, self.optimizer, self.mesh, self.rules = graphdef, optimizer, mesh, rules
-        self.grad_accum, self.with_base = grad_accum, with_base
+        self.grad_accum, self.with_start_copy = grad_accum, with_start_copy
         self.streams = tuple(dict.fromkeys([TASK] + [t.stream for t in self.batch_terms]))
-        self._base_streams = {t.stream for t in self.batch_terms if t.reads_base}
+        self._reference_streams = {t.stream for t in self.batch_terms if t.reads_reference}
         self.trainable_sharding = shardings.trainable
         self.traces = 0
         self._compiled = None
         replicated = NamedSharding(mesh, PartitionSpec())
         self.batch_sharding = batch_sharding(mesh, rules)
         self._micro_sharding = NamedSharding(mesh, PartitionSpec(None, *self.batch_sharding.spec))
-        frozen_sharding = Frozen(shardings.frozen, shardings.trainable if with_base else None)
+        frozen_sharding = Frozen(shardings.frozen, shardings.trainable if with_start_copy else None)
         self._jitted = jax.jit(
             self._step,
             in_shardings=(shardings.trainable, shardings.opt_state, frozen_sharding, self.batch_sharding,
@@ -111,7 +112,7 @@ class TrainStep:
             donate_argnums=(0, 1))
 
     def __call__(self, trainable, opt_state, frozen, batch: dict, rng: jax.Array):
-        """`frozen`: the model's frozen state, or `Frozen(model=..., base=...)` when built `with_base`."""
+        """`frozen`: the model's frozen state, or `Frozen(model=..., start_copy=...)` when built `with_start_copy`."""
         fn = self._jitted if self._compiled is None else self._compiled
         return fn(trainable, opt_state, *self.arguments(trainable, frozen, batch), rng)
 
@@ -130,13 +131,13 @@ class TrainStep:
     def arguments(self, trainable, frozen, batch: dict) -> tuple[Frozen, dict]:
         """(Frozen, the batch's streams): the jitted step's middle arguments, checked before compiling."""
         frozen = frozen if isinstance(frozen, Frozen) else Frozen(frozen)
-        if (frozen.base is not None) != self.with_base:
-            raise ConfigError("this step was built " + ("with" if self.with_base else "without") +
-                              " a base copy of the weights; pass frozen=Frozen(model, base) accordingly")
-        if self._base_streams and not self.with_base and self.traces == 0 and not adapters_only(trainable):
-            raise ConfigError("loss terms reading the base without a base copy need LoRA trainables (zero "
-                              "adapters = the base); for full fine-tuning build the step with_base and pass "
-                              "Frozen(frozen, base) with the step-0 weights")
+        if (frozen.start_copy is not None) != self.with_start_copy:
+            raise ConfigError("this step was built " + ("with" if self.with_start_copy else "without") +
+                              " a step-0 copy of the weights; pass frozen=Frozen(model, start_copy) accordingly")
+        if self._reference_streams and not self.with_start_copy and self.traces == 0 and not adapters_only(trainable):
+            raise ConfigError("loss terms reading the reference without a step-0 copy need LoRA trainables "
+                              "(zeroed adapters = the pre-trained model); for full fine-tuning build the step "
+                              "with_start_copy and pass Frozen(frozen, start_copy) with the step-0 weights")
         shards = batch_shards(self.mesh, self.rules)
         streams = {}
         for stream in self.streams:
@@ -151,19 +152,20 @@ class TrainStep:
     def _loss(self, trainable, frozen: Frozen, micro: dict, rng, totals: dict):
         """This micro-batch's share of the weighted batch terms; aux: each term's unweighted share."""
         model = nnx.merge(self.graphdef, trainable, frozen.model)
-        base = None
-        if self._base_streams:
-            base_trainable = frozen.base if self.with_base else lora_base_trainable(trainable)
-            base = nnx.merge(self.graphdef, jax.lax.stop_gradient(base_trainable), frozen.model)
+        reference = None
+        if self._reference_streams:
+            reference_trainable = frozen.start_copy if self.with_start_copy else adapters_zeroed(trainable)
+            reference = nnx.merge(self.graphdef, jax.lax.stop_gradient(reference_trainable), frozen.model)
         forwards = {}
         for i, stream in enumerate(self.streams):
             mb = micro[stream]
             args = (mb["input_ids"], mb["positions"], mb["segment_ids"])
             stream_rng = rng if i == 0 else jax.random.fold_in(rng, i)
             h, router_logits = model.hidden_and_router_logits(*args, rng=stream_rng)  # logits: None if dense
-            # the base's pass has no dropout: the base distribution is deterministic
-            base_pass = Forward(base, base.hidden(*args), mb) if stream in self._base_streams else None
-            forwards[stream] = Forward(model, h, mb, base_pass, router_logits)
+            # the reference pass has no dropout: the reference distribution is deterministic
+            ref_pass = (Forward(reference, reference.hidden(*args), mb) if stream in self._reference_streams
+                        else None)
+            forwards[stream] = Forward(model, h, mb, ref_pass, router_logits)
         values, extras = [], {}
         for t in self.batch_terms:
             out = t.fn(forwards[t.stream])
@@ -195,7 +197,7 @@ class TrainStep:
             ((values, extras), grads), _ = jax.lax.scan(accumulate, (scalars, zeros), (micro, rngs))
             values = list(values)
             for term in self.step_terms:  # batch-independent: once per step, not per micro-batch
-                value, term_grads = jax.value_and_grad(term.fn)(trainable, frozen.base)
+                value, term_grads = jax.value_and_grad(term.fn)(trainable, frozen.start_copy)
                 grads = jax.tree.map(lambda g, d, w=term.weight: g + w * d.astype(g.dtype), grads, term_grads)
                 values.append(value)
             lr = self.optimizer.schedule(opt_state.applied)  # the lr this update uses
@@ -218,9 +220,9 @@ class TrainStep:
 
 def make_train_step(state, optimizer: Optimizer, mesh: Mesh, *, terms: Sequence[Term] | None = None,
                     grad_accum: int = 1, loss_chunk: int = 512, rules: dict | None = None,
-                    with_base: bool = False) -> TrainStep:
+                    with_start_copy: bool = False) -> TrainStep:
     """The step for a `TrainState` (its graphdef and shardings fix what the step compiles for); `terms`
     defaults to the task cross-entropy alone, `loss_chunk` positions of logits at a time."""
     terms = [cross_entropy(loss_chunk)] if terms is None else terms
     return TrainStep(state.graphdef, optimizer, mesh, state.shardings, terms, grad_accum=grad_accum, rules=rules,
-                     with_base=with_base)
+                     with_start_copy=with_start_copy)

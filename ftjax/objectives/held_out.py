@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ftjax.train.loss import chunked_cross_entropy
-from ftjax.train.regularizers import lora_base_trainable
-from ftjax.train.terms import BatchTerm, Forward, total_weight
+from ftjax.objectives.loss import chunked_cross_entropy
+from ftjax.objectives.regularizers import adapters_zeroed
+from ftjax.objectives.terms import BatchTerm, Forward, total_weight
 
 
 def make_eval_loss(graphdef: nnx.GraphDef, loss_chunk: int = 512):
@@ -44,12 +44,12 @@ def make_terms_eval(graphdef: nnx.GraphDef, terms: list[BatchTerm]):
     def sums(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen.model)
         args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
-        base = None
-        if any(t.reads_base for t in terms):  # the base copy where kept, else LoRA's zero adapters (no copy)
-            base_trainable = frozen.base if frozen.base is not None else lora_base_trainable(trainable)
-            base_model = nnx.merge(graphdef, base_trainable, frozen.model)
-            base = Forward(base_model, base_model.hidden(*args), batch)
-        forward = Forward(model, model.hidden(*args), batch, base)
+        reference = None
+        if any(t.reads_reference for t in terms):  # the step-0 copy where kept, else LoRA's zeroed adapters
+            ref_trainable = frozen.start_copy if frozen.start_copy is not None else adapters_zeroed(trainable)
+            ref_model = nnx.merge(graphdef, ref_trainable, frozen.model)
+            reference = Forward(ref_model, ref_model.hidden(*args), batch)
+        forward = Forward(model, model.hidden(*args), batch, reference)
         outs = [t.fn(forward) for t in terms]
         values = [o[0] if t.metrics else o for t, o in zip(terms, outs)]
         return jnp.stack(values), jnp.stack([(t.normalizer or total_weight)(batch) for t in terms])

@@ -21,12 +21,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from ftjax.data.fingerprint import tokenizer_fingerprint
 from ftjax.data.pair_rows import PairRows
-from ftjax.dtypes import frozen_dtype
 from ftjax.errors import ConfigError
-from ftjax.provenance import base_identity
-from ftjax.train.preference_term import pair_reference_logps
+from ftjax.objectives.preference_term import pair_reference_logps
 
 CACHE_NAME = "reference_logps.npz"
 
@@ -39,16 +36,6 @@ def pairs_digest(rows: PairRows | None) -> str:
             for a in (ex.ids, ex.trained, ex.starts, ex.lengths):
                 h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
-
-
-def reference_identity(config: Any, tokenizer: Any, data: Any) -> dict[str, Any]:
-    """What the reference log-probs depend on; any change makes the cache invalid."""
-    return {"base": base_identity(config.model.path),
-            "dtypes": {"model.dtype": config.model.dtype, "model.param_dtype": config.model.param_dtype,
-                       "train.frozen_dtype": str(frozen_dtype(config))},
-            "data": {"train": pairs_digest(data.train), "eval": pairs_digest(data.eval)},
-            "template": tokenizer_fingerprint(tokenizer),
-            "data.seq_len": int(config.data.seq_len), "data.overlong": str(config.data.overlong)}
 
 
 def _first_difference(saved: dict, current: dict) -> str:
@@ -80,15 +67,16 @@ def _save(path: Path, identity: dict, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def with_reference(config: Any, workdir: Path, tokenizer: Any, model: Any, data: Any, say=print) -> Any:
+def with_reference(identity: dict, workdir: Path, model: Any, data: Any, batch_size: int, loss_chunk: int,
+                   say=print) -> Any:
     """`data` (PreferenceDatasets) whose train and eval rows carry the reference log-probs of `model` (the model
     before its first step): read from the workdir's cache when its identity matches, else computed once and
     saved; a cache of another identity is refused."""
-    identity = json.loads(json.dumps(reference_identity(config, tokenizer, data), sort_keys=True))
+    identity = json.loads(json.dumps(identity, sort_keys=True))
     path = Path(workdir) / CACHE_NAME
     arrays = _load(path, identity)
     if arrays is None:
-        batch, chunk = int(config.train.batch_size), int(config.train.loss_chunk)
+        batch, chunk = int(batch_size), int(loss_chunk)
         arrays = {"train": pair_reference_logps(model, data.train, batch, chunk)}
         if data.eval is not None:
             arrays["eval"] = pair_reference_logps(model, data.eval, batch, chunk)

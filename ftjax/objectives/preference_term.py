@@ -11,7 +11,7 @@ ORPO and SimPO take none.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 
 from ftjax.data.pair_rows import PairRows
-from ftjax.train.preference import (LENGTH_NORMALIZED, PreferenceConfig, ReplyLogps, pair_losses, pair_sums,
+from ftjax.objectives.pair_losses import (LENGTH_NORMALIZED, PreferenceConfig, ReplyLogps, pair_losses, pair_sums,
                                     preference_accuracy)
-from ftjax.train.reply_logps import head_pair_logps, model_pair_logps, pair_logps, reply_ids
+from ftjax.objectives.reply_logps import head_pair_logps, model_pair_logps, pair_logps, reply_ids
 
 
 def reference_pair_logps(graphdef: nnx.GraphDef, reference_trainable: Any, frozen: Any, batch: dict,
@@ -32,12 +32,6 @@ def reference_pair_logps(graphdef: nnx.GraphDef, reference_trainable: Any, froze
     return jax.tree.map(jax.lax.stop_gradient, logps)
 
 
-def preference_config(config) -> PreferenceConfig:
-    """The run config's objective and `pref.*` as a PreferenceConfig."""
-    p = config.pref
-    return PreferenceConfig(config.objective, float(p.beta), float(p.label_smoothing), float(p.gamma))
-
-
 def max_pairs_of(seq_len: int) -> int:
     """Pair slots per row the step reserves: a row of `seq_len` positions holds at most this many pairs (each
     half takes at least one position), so the static bound needs no look at the data."""
@@ -46,15 +40,15 @@ def max_pairs_of(seq_len: int) -> int:
 
 def forward_sums(cfg: PreferenceConfig, forward: Any, max_pairs: int, chunk: int, reference: str | None
                  ) -> dict[str, jax.Array]:
-    """`pair_sums` from the train step's pass (`ftjax.train.terms.Forward`): policy log-probs from its hidden
-    states; the reference from the base pass (`reference="base"`), the batch's cached `ref_logps` ("cache"),
+    """`pair_sums` from the train step's pass (`ftjax.objectives.terms.Forward`): policy log-probs from its hidden
+    states; the reference from the reference pass (`reference="pass"`), the batch's cached `ref_logps` ("cache"),
     or none (ORPO, SimPO)."""
     policy, valid = head_pair_logps(forward.model, forward.hidden, forward.batch, max_pairs, chunk)
     ref = None
-    if reference == "base":
-        base = forward.base
+    if reference == "pass":
+        r = forward.reference
         ref = jax.tree.map(jax.lax.stop_gradient, head_pair_logps(
-            base.model, jax.lax.stop_gradient(base.hidden), forward.batch, max_pairs, chunk)[0])
+            r.model, jax.lax.stop_gradient(r.hidden), forward.batch, max_pairs, chunk)[0])
     elif reference == "cache":
         ref = batch_reference(forward.batch, max_pairs)
     return pair_sums(pair_losses(cfg, policy, ref), valid)
@@ -126,12 +120,3 @@ def held_out_accuracy(cfg: PreferenceConfig, model: nnx.Module, rows: PairRows, 
     chosen, rejected = logps.averaged() if cfg.objective in LENGTH_NORMALIZED else (logps.chosen, logps.rejected)
     return {"accuracy": float(np.mean(preference_accuracy(cfg, logps))),
             "margin": float(np.mean(np.asarray(chosen) - np.asarray(rejected))), "pairs": len(rows.pairs)}
-
-
-def held_out_metrics(config: Any, rows: PairRows | None) -> Callable[[nnx.Module], dict] | None:
-    """model -> `held_out_accuracy` on `rows` (the report's before / after) under a preference objective, else
-    None; what the loop and scripts/eval.py hand to `ftjax.evaluation.run.Evaluation`."""
-    if config.objective == "sft" or rows is None:
-        return None
-    cfg = preference_config(config)
-    return lambda model: held_out_accuracy(cfg, model, rows, config.train.batch_size, config.train.loss_chunk)

@@ -1,11 +1,11 @@
-"""Loss terms that hold a fine-tuned model near its base (forgetting control); ftjax/train/terms.py composes them.
+"""Loss terms that hold a fine-tuned model near its base (forgetting control); ftjax/objectives/terms.py composes them.
 
     loss = CE_mean + forget.kl_weight · KL_mean(retain batch) + forget.l2_weight · l2_to_base(trainable, base)
 
 - KL-to-base: KL(p_base ‖ p_tuned) per position, token-weighted over the retain batch's reply tokens;
   the base side is a constant (stop_gradient). For LoRA the base is the same model with all-zero
-  adapters (`lora_base_trainable`): exactly the base, with no second copy of the frozen weights. For full
-  fine-tuning it is the weights at step 0 (`base_trainable` is a copy the loop keeps).
+  adapters (`adapters_zeroed`): exactly the base, with no second copy of the frozen weights. For full
+  fine-tuning it is the weights at step 0 (`start_copy`, a copy the loop keeps).
 - L2-to-base: Σ ‖W − W_base‖² over every trainable array (fp32 sums, no ½), for full fine-tuning.
 """
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.evaluation.divergence import token_kl
-from ftjax.train.loss import length_chunks
+from ftjax.objectives.loss import length_chunks
 
 
 def kl_to_base_sums(logits_tuned: jax.Array, logits_base: jax.Array, weights: jax.Array
@@ -60,6 +60,7 @@ def l2_to_base(trainable: Any, base_trainable: Any) -> jax.Array:
     return sum(jax.tree.leaves(sq), jnp.zeros((), jnp.float32))
 
 
-def lora_base_trainable(trainable: Any) -> Any:
-    """The LoRA adapters' base: all zeros (x·A·B = 0 exactly), made inside the step, never stored."""
+def adapters_zeroed(trainable: Any) -> Any:
+    """LoRA trainables with the adapters zeroed (x·A·B = 0 exactly: the pre-trained model), made inside the step,
+    never stored."""
     return jax.tree.map(jnp.zeros_like, trainable)

@@ -3,7 +3,7 @@
 A preference row packs whole pairs: the row's k-th pair is segments 2k+1 (chosen) and 2k+2 (rejected), and
 `reply_ids` reads a position's reply from the batch: its segment id where its target is a trained reply token
 (loss weight > 0), 0 elsewhere (prompts, padding). `token_logps` gives log p(target) per position with
-only one chunk's fp32 logits [B, chunk, V] alive, like `ftjax.train.loss.fused_cross_entropy`: with a frozen
+only one chunk's fp32 logits [B, chunk, V] alive, like `ftjax.objectives.loss.fused_cross_entropy`: with a frozen
 head (LoRA) the head's backward is done in the forward pass (d log p / dh per token is kept, then scaled by the
 incoming cotangent); a trained head (full fine-tuning) recomputes each chunk's logits in the backward pass.
 `pair_logps` then sums per reply, so packed pairs give the same log-probs as the same pairs unpacked.
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from ftjax.errors import ConfigError
+from ftjax.objectives.pair_losses import ReplyLogps
 from ftjax.sharding import constrain
-from ftjax.train.preference import ReplyLogps
 
 
 def token_logps(h_btd: jax.Array, w: jax.Array, targets_bt: jax.Array, chunk: int, *, vocab_major: bool

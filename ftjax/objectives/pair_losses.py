@@ -1,7 +1,7 @@
 """Preference losses (DPO, robust DPO, IPO, ORPO, SimPO) from per-reply log-probs, as TRL 1.16 defines them.
 
 Inputs are, per pair, the summed log-prob of the chosen and the rejected reply and their token counts
-(`ftjax.train.reply_logps` computes them from hidden states). Each function returns per-pair losses and
+(`ftjax.objectives.reply_logps` computes them from hidden states). Each function returns per-pair losses and
 rewards; `pair_sums` turns them into sums over the valid pairs of a micro-batch, so micro-batches combine into
 one mean over the pairs of the global batch, as TRL takes `per_sequence_loss.mean()`.
 
