@@ -274,7 +274,7 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
         return {"step": tick.step, **job.batches.state(), "config": c.to_dict(), "provenance": job.provenance,
                 "early_stop": job.early.state(), "stopped_early": tick.stopped_early}
 
-    actions = [log, SaveCheckpoint(c.checkpoint.every, job.ckpt, meta)]
+    actions = [log, SaveCheckpoint(c.checkpoint.every, job.ckpt, meta, clock=meter.clock)]
     if job.eval_loss is not None:
         track = None
         if job.evaluation is not None:
