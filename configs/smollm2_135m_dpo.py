@@ -1,8 +1,8 @@
 """DPO with LoRA on SmolLM2-135M-Instruct after SFT: the SFT run's adapter, continued on preference pairs.
 
-  python scripts/train.py --config=configs/smollm2_135m_lora.py --workdir=runs/smollm2_lora
+  bin/demo                                                     # the SFT run: runs/smollm2_lora_demo
   python scripts/train.py --config=configs/smollm2_135m_dpo.py --workdir=runs/smollm2_dpo \
-      --config.model.path=runs/smollm2_lora
+      --config.model.path=runs/smollm2_lora_demo
 
 The pairs (ftjax/tasks/person_json_pairs.py) prefer the SFT task's JSON with its keys in alphabetical order over
 the order SFT taught, so the SFT model (this run's base and DPO's reference) gets held-out pairs wrong more often
@@ -17,7 +17,7 @@ from ftjax.tasks import person_json_pairs
 
 def get_config():
     c = default_config()
-    c.model.path = "runs/smollm2_lora"  # the SFT workdir (configs/smollm2_135m_lora.py)
+    c.model.path = "runs/smollm2_lora_demo"  # the SFT workdir bin/demo writes (configs/smollm2_135m_lora.py)
     c.method = "lora"
     c.objective = "dpo"
     c.pref.beta = 0.1
