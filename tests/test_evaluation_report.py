@@ -116,6 +116,9 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
             cell = ("✓ " if q[f"{which}_correct"] else "") + " ".join(q[which].split()).replace("|", "\\|")
             assert cell in md
     assert (workdir / PLOT_NAME).is_file() and (workdir / BASELINES_NAME).is_file()
+    mode = (workdir / "metrics.jsonl").stat().st_mode & 0o777  # as every other file: 0644 under umask 022
+    for name in ("report.json", "report.md", BASELINES_NAME, CACHE_NAME, "replay.jsonl"):
+        assert (workdir / name).stat().st_mode & 0o777 == mode, name
 
     # The base's figures are cached: a second Evaluation reads them instead of generating.
     cached = json.loads((workdir / BASELINES_NAME).read_text())

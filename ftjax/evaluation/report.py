@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ftjax.evaluation.scorers import contains_answer
+from ftjax.whole_file import write_whole
 
 MODELS = ("base", "prompted", "finetuned")
 FORGETTING_KEYS = ("kl_to_base", "retain_nll_base", "retain_nll_finetuned")
@@ -184,12 +184,8 @@ def _markdown(report: dict) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all (a crash leaves the old file or none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write `text` to `path` whole or not at all (a crash leaves the old file or none), mode 0644."""
+    write_whole(path, text)
 
 
 def write_report(workdir: str | os.PathLike, report: dict, *, echo: bool = True) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import random
 
+from ftjax.whole_file import write_whole
+
 INSTRUCTION = "Extract the person's name, age, job and city from the sentence. Reply with JSON only."
 KEYS = ("name", "age", "job", "city")
 
@@ -105,7 +107,6 @@ def files(n_train: int = 3000, n_eval: int = 200, seed: int = 0) -> tuple[str, s
 def cached_splits(name: str, make) -> tuple[str, str]:
     """(train.jsonl, eval.jsonl) under $FTJAX_CACHE/name: `make()`'s (train, eval) records, written once (atomic)."""
     import os
-    import tempfile
     from pathlib import Path
 
     root = Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax"))
@@ -115,8 +116,5 @@ def cached_splits(name: str, make) -> tuple[str, str]:
         return str(paths[0]), str(paths[1])
     folder.mkdir(parents=True, exist_ok=True)
     for path, records in zip(paths, make()):
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, path)
+        write_whole(path, "".join(json.dumps(r) + "\n" for r in records))
     return str(paths[0]), str(paths[1])

@@ -13,8 +13,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from ftjax.dtypes import frozen_dtype
 from ftjax.errors import ConfigError
 from ftjax.provenance import base_identity
 from ftjax.train.preference_term import pair_reference_logps
+from ftjax.whole_file import write_whole
 
 CACHE_NAME = "reference_logps.npz"
 
@@ -74,10 +73,7 @@ def _save(path: Path, identity: dict, arrays: dict[str, np.ndarray]) -> None:
     """Whole or not at all (tmp file, then rename); process 0 only."""
     buf = io.BytesIO()
     np.savez(buf, identity=np.asarray(json.dumps(identity, sort_keys=True)), **arrays)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_whole(path, buf.getvalue())
 
 
 def with_reference(config: Any, workdir: Path, tokenizer: Any, model: Any, data: Any, say=print) -> Any:
