@@ -105,7 +105,8 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     assert saved["meta"]["few_shot"] == 2 and saved["meta"]["task_examples"] == 4
     md = (workdir / "report.md").read_text()
     assert "| fine-tuned" in md and "KL(base ‖ model)" in md
-    assert "Run: 100 steps, lr 0.0001, batch 8 x 512 tokens, LoRA rank 16; checkpoint: step 4." in md
+    assert "Run: 100 steps, lr 0.0001, batch 8 x 512 tokens, LoRA rank 16, report " in md  # its own time apart
+    assert " min; checkpoint: step 4." in md
     prose = [ln for ln in md.split("## Sample replies")[0].splitlines() if not ln.startswith("|")]  # not the replies
     assert not [ln for ln in prose if "{" in ln or "}" in ln]  # no f-string placeholder printed as its source
     from ftjax.evaluation.scorers import contains_answer

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ftjax.evaluation import report_notes
 from ftjax.evaluation.scorers import contains_answer
 from ftjax.whole_file import write_whole
 
@@ -139,7 +140,7 @@ def _settings(meta: dict) -> list[str]:
              f"lr {run['lr']:g}" if "lr" in run else None,
              f"batch {run['batch_size']} x {run['seq_len']} tokens" if "batch_size" in run else None,
              f"LoRA rank {run['lora_rank']}" if run.get("lora_rank") else None,
-             f"wall time {run['wall_s'] / 60:.1f} min" if run.get("wall_s") is not None else None]
+             report_notes.run_times(run)]
     step, final = meta.get("step"), meta.get("final_step")
     checkpoint = f"checkpoint: step {step}" + (f" (the best by eval loss; the run ended at step {final})"
                                                if final is not None and final != step else "")
@@ -168,12 +169,8 @@ def _markdown(report: dict) -> str:
            f"Model `{meta.get('model', '?')}`, method `{meta.get('method', '?')}`; " + _evaluated(report) +
            f"; retain set: {meta.get('retain_prompts', '?')} prompts "
            f"({meta.get('retain_tokens', '?')} reply tokens) with {meta.get('qa_questions', '?')} known answers.", "",
-           *_base_note(meta), *_settings(meta), format_tables(report, markdown=True), "", "## Sample replies", ""]
-    for which, s in report.get("samples", {}).items():
-        if which == "qa" or not s:
-            continue
-        out += [f"**{which}**", "", f"- prompt: {s['prompt']!r}", f"- expected: {s['expected']!r}",
-                f"- reply: {s['reply']!r}", ""]
+           *_base_note(meta), *_settings(meta), format_tables(report, markdown=True), "",
+           *report_notes.FORGETTING_LEGEND, *report_notes.sample_replies(report.get("samples", {}))]
     qa = report.get("samples", {}).get("qa") or []
     if qa:
         out += ["## General questions", "", "✓: the reply contains the known answer (what QA accuracy counts).", "",

@@ -195,6 +195,7 @@ class Evaluation:
     def report(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1, *,
                extra_meta: dict | None = None) -> dict:
         """The before/after report (written on process 0: report.json, report.md, progress.png; printed)."""
+        started = time.perf_counter()  # the report's own time, apart from training's (report.md's Run line)
         base = self._base(model, base)
         replies = self.prepare(base)
         if self._tracked is not None and self._tracked[0] == step and step >= 0:
@@ -215,6 +216,7 @@ class Evaluation:
                "lora_rank": c.lora.rank if c.method == "lora" else None}
         extra = dict(extra_meta or {})
         run.update(extra.pop("run", {}))  # e.g. wall_s from the loop
+        run["report_s"] = time.perf_counter() - started
         meta = {"step": step, "model": c.model.path, "method": c.method, "objective": c.objective,
                 "metric": c.eval.metric,
                 "few_shot": len(self.shots), "run": run, **extra}
