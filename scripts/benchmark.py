@@ -30,7 +30,7 @@ def main(argv):
     from ftjax.benchmark import run_benchmark
 
     config = config_lib.validate(cli.config_from_flags())
-    record = run_benchmark(config, steps=FLAGS.steps, warmup=FLAGS.warmup)
+    record = run_benchmark(config, steps=FLAGS.steps, warmup=FLAGS.warmup, say=lambda m: print(m, flush=True))
     record["command"] = "scripts/benchmark.py " + " ".join(a for a in __import__("sys").argv[1:])
     Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)  # --out=runs/bench.json on a fresh clone
     with open(FLAGS.out, "w") as f:

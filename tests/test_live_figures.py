@@ -61,3 +61,20 @@ def test_heartbeat_beats_during_the_block_and_stops_with_it():
     after = len(beats)
     time.sleep(0.2)
     assert after >= 3 and len(beats) == after
+
+
+def test_the_train_bar_names_what_holds_the_step_with_its_clock(capsys):
+    """While an eval holds the step the bar says so, with seconds that move; then it is a train bar again."""
+    from ftjax.train.periodic import Progress
+
+    bar = Progress(0, 8, enabled=True)
+    bar.update(7, {"loss": 1.0})
+    with bar.doing("step 8: eval loss on the held-out data"):
+        time.sleep(1.1)
+        bar.refresh()  # the heartbeat's redraw
+        during = capsys.readouterr().err.split("\r")[-1]
+    bar.update(8, {"loss": 0.5})
+    bar.close()
+    after = capsys.readouterr().err.split("\r")[-2]
+    assert "step 8: eval loss on the held-out data (1 s)" in during and "7/8" in during
+    assert "eval loss" not in after and "8/8" in after

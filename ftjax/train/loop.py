@@ -281,7 +281,8 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
             def track(trainable, step):
                 with stop.phase(f"evaluation at step {step}"):
                     return job.evaluation.track(job.model(trainable), job.base, step)
-        actions.insert(0, Evaluate(c.eval.every, c.eval.final, job.eval_loss, job.early, meter, track))
+        actions.insert(0, Evaluate(c.eval.every, c.eval.final, job.eval_loss, job.early, meter, track,
+                                  status=log.progress.doing))
     interrupted: stop.StopRequested | None = None
     meter.start(compile_s)
     try:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 import jax
 
@@ -95,17 +96,20 @@ class Evaluate:
     early: EarlyStop
     meter: Meter
     track: Callable[[Any, int], dict] | None = None  # (trainable, step) -> values
+    status: Callable[[str], Any] = contextlib.nullcontext  # what the train bar says meanwhile (Progress.doing)
 
     def __call__(self, tick: Tick) -> None:
         periodic = due(self.every, tick.step)
         if not (periodic or (tick.is_last and self.final)):
             return
         with self.meter.clock.paused(tick.metrics):
-            tick.values["eval_loss"] = self.eval_loss(tick.trainable)
+            with self.status(f"step {tick.step}: eval loss on the held-out data"):
+                tick.values["eval_loss"] = self.eval_loss(tick.trainable)
             if periodic and self.early.update(tick.values["eval_loss"]) and not tick.is_last:
                 tick.stopped_early = tick.stopping = True
             if periodic and self.track is not None:
-                tick.values.update(self.track(tick.trainable, tick.step))
+                with self.status(f"step {tick.step}: task scores and forgetting"):
+                    tick.values.update(self.track(tick.trainable, tick.step))
 
 
 @dataclasses.dataclass
@@ -147,7 +151,8 @@ class SaveCheckpoint:
 
 
 class Progress:
-    """A tqdm bar on process 0: step, loss, tokens/s, ETA."""
+    """A tqdm bar on process 0: step, loss, tokens/s, ETA; while something else than training holds the step
+    (an eval), the bar names it with its own clock (`doing`)."""
 
     def __init__(self, start: int, total: int, enabled: bool):
         self.bar = None
@@ -156,6 +161,19 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
         self.pos = start
+        self.running: tuple[str, float] | None = None  # (what, since) while not training
+
+    @contextlib.contextmanager
+    def doing(self, what: str) -> Iterator[None]:
+        """The bar says `what` runs, and for how long, until the block ends (the heartbeat redraws it)."""
+        self.running = (what, time.monotonic())
+        self.refresh()
+        try:
+            yield
+        finally:
+            self.running = None
+            if self.bar is not None:
+                self.bar.set_description_str("", refresh=True)
 
     def update(self, step: int, values: dict) -> None:
         if self.bar is None or step < self.pos:
@@ -168,8 +186,12 @@ class Progress:
 
     def refresh(self) -> None:
         """Redraw (its clock moves): the heartbeat while an eval or a save holds the step."""
-        if self.bar is not None:
-            self.bar.refresh()
+        if self.bar is None:
+            return
+        if self.running is not None:
+            what, since = self.running
+            self.bar.set_description_str(f"{what} ({time.monotonic() - since:.0f} s)", refresh=False)
+        self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
