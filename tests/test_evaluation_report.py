@@ -107,6 +107,9 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     assert "| fine-tuned" in md and "KL(base ‖ model)" in md
     assert "Run: 100 steps, lr 0.0001, batch 8 x 512 tokens, LoRA rank 16, report " in md  # its own time apart
     assert " min; checkpoint: step 4." in md
+    phases = [p["phase"] for p in saved["meta"]["phases"]]  # where the report's time went, a row each in report.md
+    assert any(p.startswith("base model on ") for p in phases) and any("-shot" in p for p in phases)
+    assert all(f"| {p} | " in md for p in phases) and "| **report total** |" in md
     prose = [ln for ln in md.split("## Sample replies")[0].splitlines() if not ln.startswith("|")]  # not the replies
     assert not [ln for ln in prose if "{" in ln or "}" in ln]  # no f-string placeholder printed as its source
     from ftjax.evaluation.scorers import contains_answer

@@ -35,3 +35,16 @@ def test_progress_png_draws_each_forgetting_figure_on_its_own_scale():
     assert [names for _, _, names in layout] == [["task_exact", "qa_accuracy"], ["kl_to_base"], ["retain_nll"]]
     assert all(("lower is better" in t) == (names != ["task_exact", "qa_accuracy"]) for t, _, names in layout)
     assert [names for _, _, names in panels([{"step": 1, "kl_to_base": 0.1}])] == [["kl_to_base"]]
+
+
+def test_the_timing_table_adds_up_to_the_report_total():
+    from ftjax.evaluation import phase_times
+
+    start = phase_times.mark()
+    phase_times.record("base model on 50 eval examples", 12.4)
+    phase_times.record("forgetting metrics", 30.0)
+    rows = phase_times.table(phase_times.since(start), total_s=50.0)
+    assert rows[2:4] == ["| phase | seconds |", "|---|---|"]
+    assert rows[4:8] == ["| base model on 50 eval examples | 12 |", "| forgetting metrics | 30 |",
+                         "| other (loading, writing) | 8 |", "| **report total** | **50** |"]
+    assert phase_times.table([]) == []

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ftjax.evaluation import report_notes
+from ftjax.evaluation import phase_times, report_notes
 from ftjax.evaluation.scorers import contains_answer
 from ftjax.whole_file import write_whole
 
@@ -177,6 +177,8 @@ def _markdown(report: dict) -> str:
                 "| question | answer | base | fine-tuned |", "|---|---|---|---|"]
         out += [f"| {_cell(q['question'])} | {_cell(q['answer'])} | {_mark(q, 'base')} | {_mark(q, 'finetuned')} |"
                 for q in qa]
+        out += [""]
+    out += phase_times.table(meta.get("phases", []), (meta.get("run") or {}).get("report_s"))
     return "\n".join(out).replace("\r", " ") + "\n"
 
 

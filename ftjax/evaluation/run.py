@@ -26,7 +26,7 @@ from ftjax.data.fingerprint import tokenizer_fingerprint
 from ftjax.data.mixture import parse_sources
 from ftjax.data.records import Fields
 from ftjax.data.retain import load_retain
-from ftjax.evaluation import shared_cache
+from ftjax.evaluation import phase_times, shared_cache
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import load_records, pick_shots
 from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
@@ -54,6 +54,7 @@ def _phase(what: str):
         print(f"eval: {what} ...", flush=True)
     with stop.phase(what):
         yield
+    phase_times.record(what, time.perf_counter() - start)  # the report's timing table
     if _process_zero():
         print(f"eval: {what}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -195,7 +196,7 @@ class Evaluation:
     def report(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1, *,
                extra_meta: dict | None = None) -> dict:
         """The before/after report (written on process 0: report.json, report.md, progress.png; printed)."""
-        started = time.perf_counter()  # the report's own time, apart from training's (report.md's Run line)
+        started, first_phase = time.perf_counter(), phase_times.mark()  # the report's own time, and its phases
         base = self._base(model, base)
         replies = self.prepare(base)
         if self._tracked is not None and self._tracked[0] == step and step >= 0:
@@ -217,6 +218,7 @@ class Evaluation:
         extra = dict(extra_meta or {})
         run.update(extra.pop("run", {}))  # e.g. wall_s from the loop
         run["report_s"] = time.perf_counter() - started
+        extra["phases"] = phase_times.since(first_phase)
         meta = {"step": step, "model": c.model.path, "method": c.method, "objective": c.objective,
                 "metric": c.eval.metric,
                 "few_shot": len(self.shots), "run": run, **extra}
