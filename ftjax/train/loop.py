@@ -26,6 +26,7 @@ from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
 from ftjax.data.preference_build import build_preference_datasets
 from ftjax.errors import ConfigError
+from ftjax.evaluation import report_size
 from ftjax.evaluation.run import Evaluation
 from ftjax.history_cut import cut_history
 from ftjax.logs import heartbeat, still
@@ -322,6 +323,7 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
     """After the steps: the before/after report on the best checkpoint, closing, the loss plot."""
     c, trainable = job.config, job.trainable
     reporting = job.evaluation is not None and c.eval.final and (step == c.train.steps or stopped_early)
+    reporting = reporting and report_size.reports(c)  # eval.report=none: the run ends at its last save
     report_step = job.ckpt.best_step() if reporting and job.keep_best else step
     job.ckpt.close()  # the final save is complete before the (long) report
     if reporting and report_step != step:  # the report describes the weights export takes: the best
