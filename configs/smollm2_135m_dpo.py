@@ -8,7 +8,7 @@ The pairs (ftjax/tasks/person_json_pairs.py) prefer the SFT task's JSON with its
 the order SFT taught, so the SFT model (this run's base and DPO's reference) gets held-out pairs wrong more often
 than not; report.md compares its preference accuracy with the tuned model's (aim: +0.3 and >= 0.9). LoRA settings
 and dtypes are those of the SFT recipe (a continued adapter must keep them). Measured on the 2-core CPU
-(2026-11-30, README): held-out preference accuracy 0% (SFT model) -> 100% after 30 steps, 603 s with the report.
+(2026-11-30, benchmarks/RESULTS.md): held-out preference accuracy 0% (SFT model) -> 100% after 30 steps, 603 s with the report.
 """
 
 from ftjax.config import default_config
