@@ -1,14 +1,14 @@
 """DPO with LoRA on SmolLM2-135M-Instruct after SFT: the SFT run's adapter, continued on preference pairs.
 
-  python scripts/train.py --config=configs/smollm2_135m_lora.py --workdir=runs/smollm2_lora
+  bin/demo                                                     # the SFT run: runs/smollm2_lora_demo
   python scripts/train.py --config=configs/smollm2_135m_dpo.py --workdir=runs/smollm2_dpo \
-      --config.model.path=runs/smollm2_lora
+      --config.model.path=runs/smollm2_lora_demo
 
 The pairs (ftjax/tasks/person_json_pairs.py) prefer the SFT task's JSON with its keys in alphabetical order over
 the order SFT taught, so the SFT model (this run's base and DPO's reference) gets held-out pairs wrong more often
 than not; report.md compares its preference accuracy with the tuned model's (aim: +0.3 and >= 0.9). LoRA settings
 and dtypes are those of the SFT recipe (a continued adapter must keep them). Measured on the 2-core CPU
-(2026-11-30, README): held-out preference accuracy 0% (SFT model) -> 100% after 30 steps, 603 s with the report.
+(2026-11-30, benchmarks/RESULTS.md): held-out preference accuracy 0% (SFT model) -> 100% after 30 steps, 603 s with the report.
 """
 
 from ftjax.config import default_config
@@ -17,7 +17,7 @@ from ftjax.tasks import person_json_pairs
 
 def get_config():
     c = default_config()
-    c.model.path = "runs/smollm2_lora"  # the SFT workdir (configs/smollm2_135m_lora.py)
+    c.model.path = "runs/smollm2_lora_demo"  # the SFT workdir bin/demo writes (configs/smollm2_135m_lora.py)
     c.method = "lora"
     c.objective = "dpo"
     c.pref.beta = 0.1

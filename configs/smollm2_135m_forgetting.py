@@ -15,7 +15,7 @@ temperature 1; KL: the greedy reply's full distributions); forgetting is measure
 prompts, which no run trains on (out of sample). `forget.l2_weight` (Σ‖W − W_base‖²) is the third knob
 for full fine-tuning.
 
-Measured on the 2-core CPU (README "Forgetting"): no control 100% exact, KL 2.70 (re-run 2026-11-30: the
+Measured on the 2-core CPU (README "Forgetting"; history in benchmarks/RESULTS.md): no control 100% exact, KL 2.70 (re-run 2026-11-30: the
 2.47 first written did not reproduce); replay 96%, KL 0.94 (0.35x); kl_weight 1.0 94%, KL 0.63 (0.23x)
 (both re-run 2026-11-30 at 9ea0ffd, within 1.2% of the first figures).
 8-10 min per plain run, 15-20 min with a control (its step is about twice the work), plus 4 min once for

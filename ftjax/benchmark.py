@@ -7,6 +7,7 @@ measured apart), then each timed step is dispatched and blocked on; nothing else
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -14,13 +15,14 @@ import platform
 import resource
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
 from ftjax.config import DEFAULT_MODEL, LORA_TARGETS, default_config
 from ftjax.data.packing import BATCH_KEYS
+from ftjax.logs import progress, still
 from ftjax.metrics.flops import matmul_params
 from ftjax.metrics.peaks import peak_flops
 from ftjax.platform import device_kind, platform_of
@@ -170,11 +172,25 @@ def summarize(bench: Bench, times: list[float], peak: float, peak_source: str) -
     }
 
 
-def run_benchmark(config, steps: int = 5, warmup: int = 2, devices: Sequence[Any] | None = None) -> dict[str, Any]:
-    """Prepare, warm up, time `steps` steps and measure the peak in the same process; the JSON record."""
-    bench = prepare(config, devices)
-    bench.run(warmup)
-    times = bench.run(steps)
+def run_benchmark(config, steps: int = 5, warmup: int = 2, devices: Sequence[Any] | None = None,
+                  say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Prepare, warm up, time `steps` steps and measure the peak in the same process; the JSON record. With
+    `say` (scripts/benchmark.py), each phase announces itself and shows its clock: compiling takes minutes."""
+    with still("loading the model and compiling the step", say) if say else contextlib.nullcontext():
+        if say:
+            say("benchmark: loading the model and compiling the step ...")
+        bench = prepare(config, devices)
+    if say:
+        say(f"benchmark: built in {bench.build_s:.1f} s, compiled in {bench.compile_s:.1f} s; "
+            f"{warmup} warm-up and {steps} timed steps ...")
+    with progress(warmup + steps, "step", "benchmark steps") if say else contextlib.nullcontext() as bar:
+        times = []
+        for i in range(warmup + steps):
+            step_s = bench.run(1)  # dispatched, then blocked on
+            if i >= warmup:
+                times += step_s
+            if bar is not None:
+                bar.update(1)
     peak, source = peak_flops(config.model.dtype)
     return summarize(bench, times, peak, source)
 

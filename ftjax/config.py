@@ -129,6 +129,8 @@ def default_config() -> ml_collections.ConfigDict:
         # regex:PATTERN (last) | a task scorer such as person_json (see ftjax/scorer_names.py)
         metric="exact",
         few_shot=3,  # k train examples as prior chat turns for the prompted baseline; 0 = no prompted baseline
+        # the after-training report's size: full | quick (20 eval examples, eval loss on those) | none
+        report="full",
     )
     c.forget = dict(
         retain=config_dict.placeholder(str),  # retain-set JSONL forgetting is measured on; empty = bundled prompts
@@ -186,6 +188,7 @@ _CHOICES = {
     "train.frozen_dtype": DTYPES,
     "train.frozen_quant": ("none", "int8", "nf4", "gguf"),
     "train.frozen_quant_scope": ("lora_targets", "all_linears"),
+    "eval.report": ("full", "quick", "none"),  # ftjax/evaluation/report_size.py
 }
 
 _AT_LEAST_1 = (lambda v: v >= 1, "be >= 1")

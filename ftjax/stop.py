@@ -138,8 +138,9 @@ def after_step(step: int) -> bool:
 
 
 def resume_command() -> str:
-    """The command line that ran this job: running it again finishes what the stop left."""
-    return " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv)
+    """The command line that ran this job, with the interpreter that ran it and its own flags (`-X`, `-u`):
+    running it again, as printed, finishes what the stop left."""
+    return " ".join(shlex.quote(a) for a in [sys.executable, *sys.orig_argv[1:]])
 
 
 def exit_code(signum: int, override: int | None = None) -> int:

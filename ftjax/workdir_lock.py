@@ -74,6 +74,7 @@ def held(workdir: str | os.PathLike) -> Iterator[Path]:
 
     workdir = Path(workdir)
     fd, refused = None, None
+    created_dir, created_lock = not workdir.exists(), not (workdir / LOCK).exists()
     if jax.process_index() == 0:
         try:
             fd = _lock(workdir)
@@ -93,9 +94,25 @@ def held(workdir: str | os.PathLike) -> Iterator[Path]:
     _HELD.path = workdir
     try:
         yield workdir
+    except BaseException:
+        if fd is not None and created_lock:  # a refused start (bad data, no model) leaves no empty workdir
+            _remove_if_untouched(workdir, created_dir)
+        raise
     finally:
         if fd is not None:
             os.close(fd)  # closing the descriptor releases the lock
+
+
+def _remove_if_untouched(workdir: Path, created_dir: bool) -> None:
+    """When nothing but the lock file this run created is in the workdir: remove it, and the workdir if this
+    run created that too."""
+    try:
+        if [p.name for p in workdir.iterdir()] == [LOCK]:
+            (workdir / LOCK).unlink()
+            if created_dir:
+                workdir.rmdir()
+    except OSError:  # another process wrote into it meanwhile: it stays
+        pass
 
 
 def last_held() -> Path | None:

@@ -7,6 +7,7 @@ against a stated peak and peak memory as JSON (see ftjax/benchmark.py).
 """
 
 import json
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -29,8 +30,9 @@ def main(argv):
     from ftjax.benchmark import run_benchmark
 
     config = config_lib.validate(cli.config_from_flags())
-    record = run_benchmark(config, steps=FLAGS.steps, warmup=FLAGS.warmup)
+    record = run_benchmark(config, steps=FLAGS.steps, warmup=FLAGS.warmup, say=lambda m: print(m, flush=True))
     record["command"] = "scripts/benchmark.py " + " ".join(a for a in __import__("sys").argv[1:])
+    Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)  # --out=runs/bench.json on a fresh clone
     with open(FLAGS.out, "w") as f:
         json.dump(record, f, indent=2)
     print(f"{record['method']}: {record['tokens_per_s']:.1f} tokens/s, step {record['step_time_s']:.3f} s "

@@ -29,11 +29,12 @@ flags.DEFINE_integer("few_shot", None, "Override eval.few_shot (k train examples
 flags.DEFINE_integer("max_examples", None, "Override eval.max_examples.")
 flags.DEFINE_string("eval_data", None, "Override data.eval (JSONL of chat or prompt/completion records).")
 flags.DEFINE_string("retain", None, "Override forget.retain (retain-set JSONL; empty = bundled).")
+flags.DEFINE_enum("report", None, ["full", "quick"], "Override eval.report: the report's size (quick: 20 examples).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 _OVERRIDES = (("metric", "eval.metric"), ("few_shot", "eval.few_shot"), ("max_examples", "eval.max_examples"),
-              ("eval_data", "data.eval"), ("retain", "forget.retain"))
+              ("eval_data", "data.eval"), ("retain", "forget.retain"), ("report", "eval.report"))
 
 
 def _config():

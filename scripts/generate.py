@@ -1,7 +1,7 @@
-"""Chat with a base model or a trained workdir: one or more prompts, or an interactive loop.
+"""Chat with a base model or a trained workdir: one or more prompts, or (without --prompt) a chat on stdin.
 
   python scripts/generate.py --model=smollm2-135m-instruct --prompt="Hello!"
-  python scripts/generate.py --model=WORKDIR --interactive        # its best checkpoint; --step=latest|N
+  python scripts/generate.py --model=WORKDIR                      # a chat; its best checkpoint; --step=latest|N
 """
 
 import sys
@@ -16,7 +16,8 @@ flags.DEFINE_string("model", DEFAULT_MODEL, "HF folder, .gguf file, model name o
 flags.DEFINE_string("step", None, "With a training workdir: best (the default), latest or a step number.")
 flags.DEFINE_multi_string("prompt", [], "User message(s); each gets its own reply (batched).")
 flags.DEFINE_string("system", None, "Optional system message.")
-flags.DEFINE_boolean("interactive", False, "Chat in a loop on stdin (keeps the conversation).")
+flags.DEFINE_boolean("interactive", False, "With --prompt: chat on stdin after the replies (without --prompt "
+                     "the chat is what runs).")
 flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per reply.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy decoding.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold (with temperature > 0).")
@@ -48,7 +49,7 @@ def main(argv):
         for prompt, reply in zip(FLAGS.prompt, replies):
             print(f"user> {prompt}\nassistant> {reply}\n")
         print(f"generated in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    if FLAGS.interactive:
+    if FLAGS.interactive or not FLAGS.prompt:
         _chat(model, tokenizer, kw)
 
 

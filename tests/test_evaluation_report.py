@@ -105,7 +105,11 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     assert saved["meta"]["few_shot"] == 2 and saved["meta"]["task_examples"] == 4
     md = (workdir / "report.md").read_text()
     assert "| fine-tuned" in md and "KL(base ‖ model)" in md
-    assert "Run: 100 steps, lr 0.0001, batch 8 x 512 tokens, LoRA rank 16; checkpoint: step 4." in md
+    assert "Run: 100 steps, lr 0.0001, batch 8 x 512 tokens, LoRA rank 16, report " in md  # its own time apart
+    assert " min; checkpoint: step 4." in md
+    phases = [p["phase"] for p in saved["meta"]["phases"]]  # where the report's time went, a row each in report.md
+    assert any(p.startswith("base model on ") for p in phases) and any("-shot" in p for p in phases)
+    assert all(f"| {p} | " in md for p in phases) and "| **report total** |" in md
     prose = [ln for ln in md.split("## Sample replies")[0].splitlines() if not ln.startswith("|")]  # not the replies
     assert not [ln for ln in prose if "{" in ln or "}" in ln]  # no f-string placeholder printed as its source
     from ftjax.evaluation.scorers import contains_answer
@@ -116,6 +120,9 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
             cell = ("✓ " if q[f"{which}_correct"] else "") + " ".join(q[which].split()).replace("|", "\\|")
             assert cell in md
     assert (workdir / PLOT_NAME).is_file() and (workdir / BASELINES_NAME).is_file()
+    mode = (workdir / "metrics.jsonl").stat().st_mode & 0o777  # as every other file: 0644 under umask 022
+    for name in ("report.json", "report.md", BASELINES_NAME, CACHE_NAME, "replay.jsonl"):
+        assert (workdir / name).stat().st_mode & 0o777 == mode, name
 
     # The base's figures are cached: a second Evaluation reads them instead of generating.
     cached = json.loads((workdir / BASELINES_NAME).read_text())

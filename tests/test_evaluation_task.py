@@ -13,6 +13,7 @@ from ftjax.errors import DataError
 from ftjax.data.retain import as_messages
 from ftjax.evaluation.conversations import few_shot_turns, pick_shots, split_reply
 from ftjax.evaluation.scorers import make_scorer
+from ftjax.config import default_config
 from ftjax.evaluation.task import evaluate_task, reference_sequences
 from ftjax.generate import encode_chat, generate
 from ftjax.models.llama import Llama
@@ -113,6 +114,26 @@ def test_evaluate_task_matches_single_generation_and_numpy_loss():
     assert result.eval_loss == pytest.approx(total / count, abs=MODEL_TOL)
     assert result.sample(1) == {"prompt": "w4", "expected": references[1], "reply": single[1],
                                 "scores": want[1]}
+
+
+def test_a_quick_report_scores_the_eval_loss_on_the_task_rows_examples():
+    """eval.report=quick: the eval loss over the scored examples only, the figure the full loss has on them."""
+    from ftjax.evaluation import report_size
+
+    tok = tiny_tokenizer()
+    model = Llama(TINY.replace(vocab_size=128), rngs=nnx.Rngs(2))
+    records = [chat(("user", f"w{i} w{i + 1}"), ("assistant", f"w{i + 2} w{i + 3}")) for i in range(10, 15)]
+    quick = evaluate_task(model, tok, records, "exact", max_examples=2, max_new_tokens=4, loss_on_all=False)
+    alone = evaluate_task(model, tok, records[:2], "exact", max_new_tokens=4)
+    full = evaluate_task(model, tok, records, "exact", max_examples=2, max_new_tokens=4)
+    assert (quick.n, quick.loss_n, full.loss_n) == (2, 2, 5)
+    assert quick.eval_loss == pytest.approx(alone.eval_loss, abs=MODEL_TOL) and quick.scores == full.scores
+    c = default_config()
+    assert (report_size.max_examples(c), report_size.loss_on_all(c), report_size.identity(c)) == (200, True, {})
+    c.eval.report = "quick"
+    assert (report_size.max_examples(c), report_size.loss_on_all(c)) == (report_size.QUICK_EXAMPLES, False)
+    c.eval.report = "none"
+    assert not report_size.reports(c)
 
 
 def test_prompted_eval_measures_only_the_final_reply():

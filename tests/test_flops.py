@@ -141,7 +141,10 @@ def test_benchmark_figures_are_consistent():
 
     c = _tiny_config()
     c.mesh.data = 1
-    rec = run_benchmark(c, steps=3, warmup=1, devices=jax.devices()[:1])
+    said: list[str] = []
+    rec = run_benchmark(c, steps=3, warmup=1, devices=jax.devices()[:1], say=said.append)
+    assert said[0] == "benchmark: loading the model and compiling the step ..."  # each phase announces itself
+    assert said[-1].startswith("benchmark: built in ") and "1 warm-up and 3 timed steps" in said[-1]
     tokens = c.train.batch_size * c.data.seq_len
     assert len(rec["step_times_s"]) == 3 and rec["step_time_s"] == statistics.median(rec["step_times_s"])
     assert rec["tokens_per_s"] == pytest.approx(tokens / rec["step_time_s"], rel=1e-12)

@@ -9,7 +9,7 @@ import pytest
 
 from ftjax.tasks import person_json
 from hf_helpers import tiny_hf, tiny_tokenizer
-from loop_helpers import ROOT
+from loop_helpers import ROOT, load_config, script_env
 
 
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
@@ -50,3 +50,31 @@ def test_readme_demo_prompts_are_the_task_instruction_and_one_of_its_sentences()
         instruction, _, sentence = prompt.partition("\n")
         assert instruction == person_json.INSTRUCTION
         assert any(re.fullmatch(p, sentence) for p in patterns), sentence
+
+
+def _demo_chat_line(workdir) -> list[str]:
+    """bin/demo's printed "chat with it:" command, with this interpreter for the venv's and WORKDIR filled in."""
+    line = next(ln for ln in (ROOT / "bin" / "demo").read_text().splitlines() if "chat with it:" in ln)
+    command = line.split("chat with it:", 1)[1].split("(")[0].strip()
+    argv = command.replace("$WORKDIR", str(workdir)).split()
+    assert argv[0] == "$VENV/bin/python", line
+    return [sys.executable, *argv[1:]]
+
+
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
+def test_the_demos_chat_line_chats_with_the_trained_workdir(tmp_path):
+    """The command bin/demo prints, fed a message on stdin, replies as the workdir's model does."""
+    import ftjax
+    from ftjax.generate import generate
+    from ftjax.train.loop import run
+
+    c = load_config()
+    c.train.steps, c.eval.final, c.checkpoint.every = 1, False, 1
+    run(c, tmp_path / "run")
+    proc = subprocess.run([*_demo_chat_line(tmp_path / "run"), "--max_new_tokens=5"], input="w1 w2\n",
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=script_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "/exit or Ctrl-D leaves" in proc.stdout
+    model, tokenizer = ftjax.load_model(tmp_path / "run"), ftjax.load_tokenizer(tmp_path / "run")
+    expected = generate(model, tokenizer, [{"role": "user", "content": "w1 w2"}], max_new_tokens=5)
+    assert proc.stdout.count("assistant> ") == 1 and f"assistant> {expected}\n" in proc.stdout

@@ -40,7 +40,8 @@ def _finish_command(proc: subprocess.CompletedProcess, phase: str) -> list[str]:
     head, sep, command = last.partition(". To finish the job, run: ")
     assert sep and head.startswith(f"stopped by SIGINT during {phase}"), last
     argv = shlex.split(command)
-    return [sys.executable, *argv[1:]]  # the same interpreter the line names by its base name
+    assert argv[0] == sys.executable, command  # the interpreter that ran the job, as printed
+    return argv
 
 
 def _report(workdir) -> dict:

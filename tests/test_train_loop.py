@@ -79,6 +79,19 @@ def test_records_hold_the_runs_values(straight):
 
 
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
+def test_every_logged_rate_is_possible(straight):
+    """The last step (its eval loss and save first wait for it) and the step after a save are timed by their own
+    time: no MFU above 1, no tokens/s above twice the run's median."""
+    workdir, _ = straight
+    records = [r for r in metrics(workdir) if "tokens_per_s" in r]
+    assert records[-1]["step"] == STEPS and "eval_loss" in records[-1]
+    median = float(np.median([r["tokens_per_s"] for r in records]))
+    for r in records:
+        assert "mfu" in r and 0 < r["mfu"] <= 1, r
+        assert r["tokens_per_s"] <= 2 * median, (r["step"], r["tokens_per_s"], median)
+
+
+@pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_resume_is_bitwise_identical(straight, tmp_path, capsys):
     workdir, _ = straight
     run(_config(), tmp_path, until=4)

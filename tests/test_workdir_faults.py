@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ftjax import workdir_lock
-from ftjax.errors import ConfigError
+from ftjax.errors import ConfigError, FtjaxError
 from ftjax.history_cut import cut_history
 from ftjax.metrics.writer import MetricsWriter
 from loop_helpers import metrics, tensorboard_scalars
@@ -88,3 +88,28 @@ def test_what_threads_outside_python_print_goes_to_the_workdirs_log(tmp_path):
         stderr.write("error: the one line\n")
     assert screen.getvalue() == "error: the one line\n"
     assert "RuntimeError: Event loop is closed" in (tmp_path / NAME).read_text()
+
+
+@pytest.mark.parametrize("mistake", ["missing data", "malformed JSONL", "missing model"])
+def test_a_refused_start_leaves_no_workdir_behind(tmp_path, mistake):
+    """A start stopped by bad input removes the workdir it created (it holds only the lock); one that already
+    existed stays, as it was."""
+    from ftjax.train.loop import run
+    from loop_helpers import load_config
+
+    c = load_config()
+    if mistake == "missing data":
+        c.data.train = str(tmp_path / "no_such.jsonl")
+    elif mistake == "malformed JSONL":
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+        c.data.train = str(tmp_path / "bad.jsonl")
+    else:
+        c.model.path = str(tmp_path / "no_such_model")
+    for workdir in (tmp_path / "runs" / "new", tmp_path / "existing"):
+        existed = workdir.name == "existing"
+        if existed:
+            workdir.mkdir()
+        with pytest.raises(FtjaxError):  # a one-line error, exit 2 from the script
+            run(c, workdir)
+        assert workdir.exists() == existed and (not existed or list(workdir.iterdir()) == [])
+    assert (tmp_path / "runs").is_dir()  # the parent it made is left: only the workdir is the run's

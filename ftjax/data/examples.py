@@ -8,11 +8,12 @@ Where each example came from is `origins[origin[i]]:lines[i]` (file:line), kept 
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
+import io
 from typing import Sequence
 
 import numpy as np
+
+from ftjax.whole_file import write_whole
 
 
 @dataclasses.dataclass
@@ -94,11 +95,9 @@ class Examples:
 
     def save(self, path: str) -> None:
         """Write atomically (tmp file + rename) so a killed run never leaves a half cache file."""
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **dataclasses.asdict(self))
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez(buf, **dataclasses.asdict(self))
+        write_whole(path, buf.getvalue())
 
     @staticmethod
     def load(path: str) -> "Examples":

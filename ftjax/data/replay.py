@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +26,7 @@ from ftjax.data.records import UNFINISHED, Fields, read_file
 from ftjax.data.retain import RetainItem, as_messages
 from ftjax.data.tokenize import tokenize_records
 from ftjax.errors import ConfigError, DataError
+from ftjax.whole_file import write_whole
 
 REPLAY_NAME = "replay.jsonl"
 
@@ -74,10 +74,7 @@ def write_replay_file(path: str | os.PathLike, replies: BaseReplies, own: Sequen
                      + "\n")
     if not lines:
         raise DataError("replay: every retain reply is empty; nothing to replay")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    write_whole(path, "".join(lines))
     return str(path)
 
 

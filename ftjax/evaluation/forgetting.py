@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +32,7 @@ from ftjax.evaluation.scorers import contains_answer
 from ftjax.evaluation.task import generate_replies, generate_rows
 from ftjax.evaluation.token_stats import TokenSums, teacher_forced
 from ftjax.generate import encode_chat
+from ftjax.whole_file import write_whole
 
 CACHE_NAME = "retain_replies.json"
 CACHE_VERSION = 2  # 2: rows record "unfinished" (cut by the budget)
@@ -79,11 +79,7 @@ def base_replies(base: nnx.Module, tokenizer: Any, items: Sequence[RetainItem], 
     if path is not None and write:
         rows = [{"prompt_ids": p, "reply_ids": r, "reply": t, "unfinished": u}
                 for p, r, t, u in zip(out.prompt_ids, out.reply_ids, out.replies, out.unfinished)]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"identity": ident, "replies": rows}, f, ensure_ascii=False)
-        os.replace(tmp, path)
+        write_whole(path, json.dumps({"identity": ident, "replies": rows}, ensure_ascii=False))
     return out
 
 

@@ -57,39 +57,41 @@ def progress_records(workdir: str | os.PathLike, points: Sequence[dict] = ()) ->
     return sorted(records + [p for p in points if p["step"] not in tracked], key=lambda r: r["step"])
 
 
+def panels(records: Sequence[dict]) -> list[tuple[str, str, list[str]]]:
+    """progress.png's panels as (title, y label, series names): one y scale each, so KL and retain NLL, which
+    move together, never share a plot with two axes that draw their lines on top of each other."""
+    have = lambda name: any(r.get(name) is not None for r in records)
+    scores = sorted({k for r in records for k in r if k.startswith(TASK_PREFIX)}) + (
+        ["qa_accuracy"] if have("qa_accuracy") else [])
+    out = [("task score / general QA (higher is better)", "score", scores)] if scores else []
+    out += [(f"{name} on the retain set (lower is better)", name, [name]) for name in ("kl_to_base", "retain_nll")
+            if have(name)]
+    return out
+
+
 def plot_progress(workdir: str | os.PathLike, points: Sequence[dict] = ()) -> Path | None:
-    """progress.png: task scores (left) and kl_to_base / retain_nll (right) per step, from metrics.jsonl plus
+    """progress.png: task scores, kl_to_base and retain_nll per step, a panel each, from metrics.jsonl plus
     `points` ({"step", name: value}; e.g. the base at step 0 and the final report's step) at steps the log
     does not track; None with nothing to plot."""
     records = progress_records(workdir, points)
-    task_names = sorted({k for r in records for k in r if k.startswith(TASK_PREFIX)})
     series = lambda name: [(r["step"], r[name]) for r in records if r.get(name) is not None]
-    if not task_names and not series("kl_to_base"):
+    if not any(k.startswith(TASK_PREFIX) for r in records for k in r) and not series("kl_to_base"):
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in task_names + (["qa_accuracy"] if series("qa_accuracy") else []):
-        left.plot(*zip(*series(name)), "o-", label=name)
-    left.set_ylim(-0.02, 1.02)
-    left.set(xlabel="step", ylabel="score", title="task score / general QA")
-    handles = []
-    for name, ax in (("kl_to_base", right), ("retain_nll", right.twinx())):
-        points = series(name)
-        if points:
-            red = name == "kl_to_base"
-            handles += ax.plot(*zip(*points), "s-" if red else "^--", color="tab:red" if red else "tab:gray",
-                               label=name)
-            ax.set_ylabel(name)
-    right.set(xlabel="step", title="forgetting (retain set)")
-    for ax in (left, right):
+    layout = panels(records)
+    fig, axes = plt.subplots(1, len(layout), figsize=(5 * len(layout), 4), squeeze=False)
+    for ax, (title, ylabel, names) in zip(axes[0], layout):
+        for name in names:
+            ax.plot(*zip(*series(name)), "o-", label=name)
+        if ylabel == "score":
+            ax.set_ylim(-0.02, 1.02)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
-    left.legend(loc="best")
-    if handles:
-        right.legend(handles=handles, loc="best")
+        ax.legend(loc="best")
     out = Path(workdir) / PLOT_NAME
     fig.tight_layout()
     fig.savefig(out, dpi=100)

@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ftjax.evaluation import phase_times, report_notes
 from ftjax.evaluation.scorers import contains_answer
+from ftjax.whole_file import write_whole
 
 MODELS = ("base", "prompted", "finetuned")
 FORGETTING_KEYS = ("kl_to_base", "retain_nll_base", "retain_nll_finetuned")
@@ -132,7 +133,7 @@ def _settings(meta: dict) -> list[str]:
              f"lr {run['lr']:g}" if "lr" in run else None,
              f"batch {run['batch_size']} x {run['seq_len']} tokens" if "batch_size" in run else None,
              f"LoRA rank {run['lora_rank']}" if run.get("lora_rank") else None,
-             f"wall time {run['wall_s'] / 60:.1f} min" if run.get("wall_s") is not None else None]
+             report_notes.run_times(run)]
     step, final = meta.get("step"), meta.get("final_step")
     checkpoint = f"checkpoint: step {step}" + (f" (the best by eval loss; the run ended at step {final})"
                                                if final is not None and final != step else "")
@@ -161,28 +162,22 @@ def _markdown(report: dict) -> str:
            f"Model `{meta.get('model', '?')}`, method `{meta.get('method', '?')}`; " + _evaluated(report) +
            f"; retain set: {meta.get('retain_prompts', '?')} prompts "
            f"({meta.get('retain_tokens', '?')} reply tokens) with {meta.get('qa_questions', '?')} known answers.", "",
-           *_base_note(meta), *_settings(meta), format_tables(report, markdown=True), "", "## Sample replies", ""]
-    for which, s in report.get("samples", {}).items():
-        if which == "qa" or not s:
-            continue
-        out += [f"**{which}**", "", f"- prompt: {s['prompt']!r}", f"- expected: {s['expected']!r}",
-                f"- reply: {s['reply']!r}", ""]
+           *_base_note(meta), *_settings(meta), format_tables(report, markdown=True), "",
+           *report_notes.FORGETTING_LEGEND, *report_notes.sample_replies(report.get("samples", {}))]
     qa = report.get("samples", {}).get("qa") or []
     if qa:
         out += ["## General questions", "", "✓: the reply contains the known answer (what QA accuracy counts).", "",
                 "| question | answer | base | fine-tuned |", "|---|---|---|---|"]
         out += [f"| {_cell(q['question'])} | {_cell(q['answer'])} | {_mark(q, 'base')} | {_mark(q, 'finetuned')} |"
                 for q in qa]
+        out += [""]
+    out += phase_times.table(meta.get("phases", []), (meta.get("run") or {}).get("report_s"))
     return "\n".join(out).replace("\r", " ") + "\n"
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all (a crash leaves the old file or none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write `text` to `path` whole or not at all (a crash leaves the old file or none), mode 0644."""
+    write_whole(path, text)
 
 
 def write_report(workdir: str | os.PathLike, report: dict, *, echo: bool = True) -> dict:

@@ -26,7 +26,7 @@ from ftjax.data.fingerprint import tokenizer_fingerprint
 from ftjax.data.mixture import parse_sources
 from ftjax.data.records import Fields
 from ftjax.data.retain import load_retain
-from ftjax.evaluation import shared_cache
+from ftjax.evaluation import phase_times, report_size, shared_cache
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import load_records, pick_shots
 from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
@@ -55,6 +55,7 @@ def _phase(what: str):
         print(f"eval: {what} ...", flush=True)
     with stop.phase(what):
         yield
+    phase_times.record(what, time.perf_counter() - start)  # the report's timing table
     if _process_zero():
         print(f"eval: {what}: done in {time.perf_counter() - start:.0f} s", flush=True)
 
@@ -103,10 +104,11 @@ class Evaluation:
 
     def _task(self, model: nnx.Module, shots=(), with_loss: bool = True, which: str = "model") -> TaskResult:
         c = self.config
-        n = min(len(self.records), c.eval.max_examples) if c.eval.max_examples else len(self.records)
+        most = report_size.max_examples(c)  # eval.report=quick: fewer, and the eval loss on those
+        n = min(len(self.records), most) if most else len(self.records)
         with _phase(f"{which} on {n} eval examples" + (f", {len(shots)}-shot" if shots else "")):
-            return evaluate_task(model, self.tokenizer, self.records, c.eval.metric,
-                                 max_examples=c.eval.max_examples, shots=shots, with_loss=with_loss)
+            return evaluate_task(model, self.tokenizer, self.records, c.eval.metric, max_examples=most, shots=shots,
+                                 with_loss=with_loss, loss_on_all=report_size.loss_on_all(c))
 
     def model_id(self) -> str:
         return model_id(self.config)
@@ -151,7 +153,7 @@ class Evaluation:
                      "seed": c.seed, "k": len(self.shots)}
         return {**self._base_identity(), "eval": shared_cache.data_content_id(c.data.eval), "few_shot": shots,
                 "max_examples": c.eval.max_examples, "metric": c.eval.metric,
-                "decoding": "greedy; max_new_tokens = longest reference + 16"}
+                "decoding": "greedy; max_new_tokens = longest reference + 16", **report_size.identity(c)}
 
     def baselines(self, base: nnx.Module) -> dict[str, TaskResult]:
         """Base zero-shot and k-shot prompted results on the eval split (cached in baselines.json and in
@@ -197,6 +199,7 @@ class Evaluation:
     def report(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1, *,
                extra_meta: dict | None = None) -> dict:
         """The before/after report (written on process 0: report.json, report.md, progress.png; printed)."""
+        started, first_phase = time.perf_counter(), phase_times.mark()  # the report's own time, and its phases
         base = self._base(model, base)
         replies = self.prepare(base)
         if self._tracked is not None and self._tracked[0] == step and step >= 0:
@@ -219,6 +222,8 @@ class Evaluation:
                "lora_rank": (method_for(c.method, c.lora).describe() or {}).get("rank")}
         extra = dict(extra_meta or {})
         run.update(extra.pop("run", {}))  # e.g. wall_s from the loop
+        run["report_s"] = time.perf_counter() - started
+        extra["phases"] = phase_times.since(first_phase)
         meta = {"step": step, "model": c.model.path, "method": c.method, "objective": c.objective,
                 "metric": c.eval.metric,
                 "few_shot": len(self.shots), "run": run, **extra}

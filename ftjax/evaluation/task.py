@@ -103,15 +103,17 @@ def default_max_new_tokens(tokenizer: Any, references: Sequence[str], margin: in
 
 def evaluate_task(model: nnx.Module, tokenizer: Any, records: Sequence[Any], metric: str = "exact", *,
                   max_examples: int = 200, shots: Sequence[Record] = (), batch_size: int = 32,
-                  max_new_tokens: int | None = None, with_loss: bool = True) -> TaskResult:
+                  max_new_tokens: int | None = None, with_loss: bool = True, loss_on_all: bool = True) -> TaskResult:
     """Score greedy replies to the first `max_examples` eval records by `metric` (see scorers.py); the
-    reference loss is over every record, the examples the training loop's eval loss is measured on.
+    reference loss is over every record, the examples the training loop's eval loss is measured on (with
+    `loss_on_all=False`: over the scored examples only, as a quick report measures it).
 
     `shots` (train records, see `pick_shots`) are prepended as earlier chat turns: the few-shot prompted
     baseline. `max_new_tokens` defaults to the longest reference + 16 tokens.
     """
     all_recs = [as_record(r, f"eval:{i}") for i, r in enumerate(records)]
     recs = all_recs[:max_examples] if max_examples else all_recs
+    all_recs = all_recs if loss_on_all else recs
     if not recs:
         raise ValueError("evaluate_task needs at least one eval record")
     all_pairs = [split_reply(r) for r in all_recs]

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.data.pair_rows import PairRows
+from ftjax.logs import progress
 from ftjax.objectives.pair_losses import (LENGTH_NORMALIZED, PreferenceConfig, ReplyLogps, pair_losses, pair_sums,
                                     preference_accuracy)
 from ftjax.objectives.reply_logps import head_pair_logps, model_pair_logps, pair_logps, reply_ids
@@ -95,13 +96,16 @@ def pass_pair_logps(model: nnx.Module, rows: PairRows, batch_size: int, chunk: i
     max_pairs = rows.max_pairs
     run = _pass_fn(graphdef, max_pairs, chunk)
     out = np.zeros((len(rows.pairs), 4), np.float32)
-    for lo in range(0, len(rows), batch_size):
-        ids = np.arange(lo, lo + batch_size)
-        batch = rows.batch(np.where(ids < len(rows), ids, -1))  # a fixed shape: one compile
-        got = np.asarray(run(state, {k: jnp.asarray(v) for k, v in batch.items()})).reshape(batch_size, max_pairs, 4)
-        for j, r in enumerate(ids[ids < len(rows)]):
-            items = rows.row_items(int(r))
-            out[items] = got[j, :len(items)]
+    with progress(len(rows.pairs), "pair", "scoring preference pairs") as bar:  # minutes on a CPU: a clock
+        for lo in range(0, len(rows), batch_size):
+            ids = np.arange(lo, lo + batch_size)
+            batch = rows.batch(np.where(ids < len(rows), ids, -1))  # a fixed shape: one compile
+            got = np.asarray(run(state, {k: jnp.asarray(v) for k, v in batch.items()}))
+            got = got.reshape(batch_size, max_pairs, 4)
+            for j, r in enumerate(ids[ids < len(rows)]):
+                items = rows.row_items(int(r))
+                out[items] = got[j, :len(items)]
+                bar.update(len(items))
     return ReplyLogps(*out.T)
 
 

@@ -13,8 +13,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import numpy as np
 from ftjax.data.pair_rows import PairRows
 from ftjax.errors import ConfigError
 from ftjax.objectives.preference_term import pair_reference_logps
+from ftjax.whole_file import write_whole
 
 CACHE_NAME = "reference_logps.npz"
 
@@ -61,10 +60,7 @@ def _save(path: Path, identity: dict, arrays: dict[str, np.ndarray]) -> None:
     """Whole or not at all (tmp file, then rename); process 0 only."""
     buf = io.BytesIO()
     np.savez(buf, identity=np.asarray(json.dumps(identity, sort_keys=True)), **arrays)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_whole(path, buf.getvalue())
 
 
 def with_reference(identity: dict, workdir: Path, model: Any, data: Any, batch_size: int, loss_chunk: int,

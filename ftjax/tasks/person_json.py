@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import random
 
+from ftjax.whole_file import write_whole
+
 INSTRUCTION = "Extract the person's name, age, job and city from the sentence. Reply with JSON only."
 KEYS = ("name", "age", "job", "city")
 
@@ -106,7 +108,6 @@ def cached_splits(name: str, make, parts: tuple[str, ...] = ("train", "eval")) -
     """(train.jsonl, eval.jsonl) under $FTJAX_CACHE/name: `make()`'s (train, eval) records, written once (atomic);
     `parts` names the files of a task that makes more (the knowledge task's docs.jsonl)."""
     import os
-    import tempfile
     from pathlib import Path
 
     root = Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax"))
@@ -116,8 +117,5 @@ def cached_splits(name: str, make, parts: tuple[str, ...] = ("train", "eval")) -
         return tuple(str(p) for p in paths)
     folder.mkdir(parents=True, exist_ok=True)
     for path, records in zip(paths, make()):
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, path)
+        write_whole(path, "".join(json.dumps(r) + "\n" for r in records))
     return tuple(str(p) for p in paths)

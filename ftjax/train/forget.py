@@ -6,9 +6,9 @@ cached in the workdir (a resumed run reads the same tokens). Replay mixes `WORKD
 into the training data: those prompts with the user's own replies where the file gives them, else
 `forget.replay_samples` replies sampled from the base at `forget.replay_temperature`. Cross-entropy on
 samples of the base is, in expectation, KL(base ‖ tuned) plus a constant, the very quantity forgetting is
-measured by; on the base's greedy reply it only pulls toward the mode (measured: KL barely moves, README
-"Forgetting"). The KL term reads the base's greedy reply tokens from its own iterator, checkpointed like the
-train iterator.
+measured by; on the base's greedy reply it only pulls toward the mode (measured: KL barely moves,
+benchmarks/RESULTS.md "Forgetting controls"). The KL term reads the base's greedy reply tokens from its own
+iterator, checkpointed like the train iterator.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from ftjax import stop, workdir_lock
 from ftjax.api import load_tokenizer, model_config
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError
+from ftjax.evaluation import report_size
 from ftjax.evaluation.run import Evaluation
 from ftjax.history_cut import cut_history
 from ftjax.logs import heartbeat, still
@@ -270,7 +271,7 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
         return {"step": tick.step, **job.batches.state(), "config": config.to_dict(), "provenance": job.provenance,
                 "early_stop": job.early.state(), "stopped_early": tick.stopped_early}
 
-    actions = [log, SaveCheckpoint(job.run.checkpointing.every, job.ckpt, meta), *job.actions]
+    actions = [log, SaveCheckpoint(job.run.checkpointing.every, job.ckpt, meta, clock=meter.clock), *job.actions]
     if job.held_out is not None:
         track = None
         if job.evaluation is not None:
@@ -278,7 +279,8 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                 with stop.phase(f"evaluation at step {step}"):
                     return job.evaluation.track(job.model(trainable), job.pretrained, step)
         ev = job.run.evaluation
-        actions.insert(0, Evaluate(ev.every, ev.final, job.held_out, job.early, meter, track))
+        actions.insert(0, Evaluate(ev.every, ev.final, job.held_out, job.early, meter, track,
+                                  status=log.progress.doing))
     interrupted: stop.StopRequested | None = None
     meter.start(compile_s)
     try:
@@ -319,6 +321,7 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
     trainable = job.trainable
     reporting = (job.evaluation is not None and job.run.evaluation.final
                  and (step == job.run.schedule.steps or stopped_early))
+    reporting = reporting and report_size.reports(job.run.config)  # eval.report=none: the run ends at its last save
     report_step = job.ckpt.best_step() if reporting and job.keep_best else step
     job.ckpt.close()  # the final save is complete before the (long) report
     if reporting and report_step != step:  # the report describes the weights export takes: the best

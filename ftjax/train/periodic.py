@@ -5,13 +5,15 @@ save a checkpoint. The loop runs them in that order after every step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 
 from ftjax.checkpoint import Checkpoints
+from ftjax.metrics.step_clock import StepClock, rate_figures
 from ftjax.metrics.writer import MetricsWriter
 from ftjax.train.early_stop import EarlyStop
 from ftjax.train.optimizer import raise_if_diverged
@@ -41,21 +43,23 @@ class Meter:
 
     Step time is wall time between step completions: each step waits for the previous one to finish (one
     behind, so the device always has the next step queued), the first window starts when the compiled
-    step is first dispatched, and time spent evaluating is not training time. Every step's loss stays on
-    device until the fetch, which returns them all as `step_losses`."""
+    step is first dispatched, and time spent evaluating or saving is not training time (`clock.paused`,
+    ftjax/metrics/step_clock.py). Every step's loss stays on device until the fetch, which returns them all
+    as `step_losses`."""
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_total: float, max_consecutive_skips: int,
                  term_names: list[str]):
         self.tokens_per_step, self.flops_per_token, self.peak_total = tokens_per_step, flops_per_token, peak_total
         self.max_consecutive_skips = max_consecutive_skips
         self.extra = [n for n in term_names if n != "loss"] + ["loss_total"]  # the loss terms' own metrics
-        self.t_last, self.steps, self.paused = time.perf_counter(), 0, 0.0
+        self.clock, self.steps = StepClock(), 0
         self.losses: list = []  # this window's per-step losses, on device
         self.compile_s: float | None = None
 
     def start(self, compile_s: float | None = None) -> None:
         """The clock starts now (after compiling, before the first step is dispatched)."""
-        self.t_last, self.steps, self.paused, self.compile_s = time.perf_counter(), 0, 0.0, compile_s
+        self.clock.start()
+        self.steps, self.compile_s = 0, compile_s
 
     def step_done(self, metrics: dict) -> bool:
         """Count a dispatched step; wait for the one before it. True when that previous step has completed."""
@@ -66,17 +70,13 @@ class Meter:
             return True
         return False
 
-    def pause(self, seconds: float) -> None:
-        self.paused += seconds
-
     def fetch(self, metrics: dict) -> dict[str, Any]:
         fetched, losses = jax.device_get((metrics, self.losses))  # waits for this step
-        now = time.perf_counter()
-        tps = self.steps * self.tokens_per_step / max(now - self.t_last - self.paused, 1e-9)
-        self.t_last, self.steps, self.paused, self.losses = now, 0, 0.0, []
+        rates = rate_figures(self.steps * self.tokens_per_step, self.clock.lap(), self.flops_per_token,
+                             self.peak_total)
+        self.steps, self.losses = 0, []
         values = {"loss": float(fetched["loss"]), "lr": float(fetched["lr"]),
-                  "grad_norm": float(fetched["grad_norm"]), "tokens_per_s": tps,
-                  "mfu": tps * self.flops_per_token / self.peak_total, "trained_tokens": int(fetched["tokens"]),
+                  "grad_norm": float(fetched["grad_norm"]), **rates, "trained_tokens": int(fetched["tokens"]),
                   "skipped_steps": int(fetched["skipped"]), "step_losses": [float(x) for x in losses]}
         if self.compile_s is not None:  # once, on the first logged line
             values["compile_s"], self.compile_s = self.compile_s, None
@@ -96,18 +96,20 @@ class Evaluate:
     early: EarlyStop
     meter: Meter
     track: Callable[[Any, int], dict] | None = None  # (trainable, step) -> values
+    status: Callable[[str], Any] = contextlib.nullcontext  # what the train bar says meanwhile (Progress.doing)
 
     def __call__(self, tick: Tick) -> None:
         periodic = due(self.every, tick.step)
         if not (periodic or (tick.is_last and self.final)):
             return
-        start = time.perf_counter()
-        tick.values["eval_loss"] = self.eval_loss(tick.trainable)
-        if periodic and self.early.update(tick.values["eval_loss"]) and not tick.is_last:
-            tick.stopped_early = tick.stopping = True
-        if periodic and self.track is not None:
-            tick.values.update(self.track(tick.trainable, tick.step))
-        self.meter.pause(time.perf_counter() - start)
+        with self.meter.clock.paused(tick.metrics):
+            with self.status(f"step {tick.step}: eval loss on the held-out data"):
+                tick.values["eval_loss"] = self.eval_loss(tick.trainable)
+            if periodic and self.early.update(tick.values["eval_loss"]) and not tick.is_last:
+                tick.stopped_early = tick.stopping = True
+            if periodic and self.track is not None:
+                with self.status(f"step {tick.step}: task scores and forgetting"):
+                    tick.values.update(self.track(tick.trainable, tick.step))
 
 
 @dataclasses.dataclass
@@ -138,16 +140,19 @@ class SaveCheckpoint:
     every: int
     ckpt: Checkpoints
     meta: Callable[[Tick], dict]
+    clock: StepClock | None = None  # the meter's: a save's copy to the host is not the next step's time
 
     def __call__(self, tick: Tick) -> None:
         self.ckpt.check()  # a background save that failed (a full disk) stops the run at this step
         if due(self.every, tick.step) or tick.is_last or tick.stopping:
-            self.ckpt.save(tick.step, {"trainable": tick.trainable, "opt_state": tick.opt_state}, self.meta(tick),
-                           eval_loss=tick.values.get("eval_loss"))
+            with self.clock.paused(tick.metrics) if self.clock else contextlib.nullcontext():
+                self.ckpt.save(tick.step, {"trainable": tick.trainable, "opt_state": tick.opt_state},
+                               self.meta(tick), eval_loss=tick.values.get("eval_loss"))
 
 
 class Progress:
-    """A tqdm bar on process 0: step, loss, tokens/s, ETA."""
+    """A tqdm bar on process 0: step, loss, tokens/s, ETA; while something else than training holds the step
+    (an eval), the bar names it with its own clock (`doing`)."""
 
     def __init__(self, start: int, total: int, enabled: bool):
         self.bar = None
@@ -156,6 +161,19 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
         self.pos = start
+        self.running: tuple[str, float] | None = None  # (what, since) while not training
+
+    @contextlib.contextmanager
+    def doing(self, what: str) -> Iterator[None]:
+        """The bar says `what` runs, and for how long, until the block ends (the heartbeat redraws it)."""
+        self.running = (what, time.monotonic())
+        self.refresh()
+        try:
+            yield
+        finally:
+            self.running = None
+            if self.bar is not None:
+                self.bar.set_description_str("", refresh=True)
 
     def update(self, step: int, values: dict) -> None:
         if self.bar is None or step < self.pos:
@@ -168,8 +186,12 @@ class Progress:
 
     def refresh(self) -> None:
         """Redraw (its clock moves): the heartbeat while an eval or a save holds the step."""
-        if self.bar is not None:
-            self.bar.refresh()
+        if self.bar is None:
+            return
+        if self.running is not None:
+            what, since = self.running
+            self.bar.set_description_str(f"{what} ({time.monotonic() - since:.0f} s)", refresh=False)
+        self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:

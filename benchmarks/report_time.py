@@ -1,0 +1,96 @@
+"""What the after-training report costs, before and after a change, side by side on one machine: trains one
+workdir (no report), then times `scripts/eval.py` on it for each (code tree, report size), alternating, each
+with an empty $FTJAX_CACHE (nothing cached: a first run's report) and the tree on PYTHONPATH (the editable
+install would otherwise import one tree twice).
+
+  git archive 235226e | tar -x -C /tmp/before
+  .venv/bin/python benchmarks/report_time.py --before=/tmp/before --after=. \\
+      --config=configs/smollm2_135m_lora.py --steps=2 --repeats=1 --out=runs/report_time.json
+      [--variants=before:full,after:full,after:quick]
+
+Prints a table: report seconds per variant, and the after tree's per-phase times (report.json's meta.phases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _env(tree: Path, cache: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(tree.resolve()), "FTJAX_CACHE": str(cache)}
+
+
+def _train(tree: Path, config: str, workdir: Path, steps: int, data_cache: Path) -> None:
+    cmd = [sys.executable, str(tree / "scripts" / "train.py"), f"--config={config}", f"--workdir={workdir}",
+           f"--config.train.steps={steps}", "--config.eval.final=false"]
+    subprocess.run(cmd, env=_env(tree, data_cache), check=True, cwd=tree)
+
+
+def _report(tree: Path, workdir: Path, size: str, data_cache: Path) -> dict:
+    """One report from scratch: seconds, and the phases where the tree records them."""
+    with tempfile.TemporaryDirectory() as cache:
+        for name in ("person_json-3000-200-0", "person_json-64-16-0"):  # the task data, not a result
+            if (data_cache / name).is_dir():
+                shutil.copytree(data_cache / name, Path(cache) / name)
+        for name in ("baselines.json", "retain_replies.json", "report.json"):  # the workdir's own caches
+            (workdir / name).unlink(missing_ok=True)
+        cmd = [sys.executable, str(tree / "scripts" / "eval.py"), f"--workdir={workdir}"]
+        cmd += [] if size == "full" else [f"--report={size}"]
+        start = time.perf_counter()
+        subprocess.run(cmd, env=_env(tree, Path(cache)), check=True, cwd=tree, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+    meta = json.loads((workdir / "report.json").read_text()).get("meta", {})
+    return {"s": seconds, "phases": meta.get("phases")}
+
+
+def _write(args, runs: dict) -> None:
+    record = {"command": " ".join(sys.argv), "config": args.config, "steps": args.steps, "runs": runs}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", required=True, help="the tree before the change (a git archive of it)")
+    ap.add_argument("--after", default=".", help="the tree after the change")
+    ap.add_argument("--config", default="configs/smollm2_135m_lora.py")
+    ap.add_argument("--steps", type=int, default=2, help="training steps of the workdir the reports describe")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--variants", default="before:full,after:full,after:quick", help="TREE:SIZE, comma-separated")
+    ap.add_argument("--out", default="runs/report_time.json")
+    args = ap.parse_args()
+    before, after = Path(args.before).resolve(), Path(args.after).resolve()
+    config = str((after / args.config).resolve())
+    data_cache = Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax"))
+    trees = {"before": before, "after": after}
+    variants = [(name, trees[name], size) for name, size in (v.split(":") for v in args.variants.split(","))]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp) / "run"
+        _train(after, config, workdir, args.steps, data_cache)
+        runs: dict[str, list[dict]] = {f"{name} {size}": [] for name, _, size in variants}
+        for _ in range(args.repeats):  # alternated: the machine's load falls on every variant alike
+            for name, tree, size in variants:
+                runs[f"{name} {size}"].append({**_report(tree, workdir, size, data_cache),
+                                               "load_avg": os.getloadavg()})
+                _write(args, runs)  # each report as it ends: a long comparison cut short keeps what it measured
+    print(f"report time, median of {args.repeats} (load average {os.getloadavg()[0]:.1f}), {args.config}:")
+    for key, rs in runs.items():
+        print(f"  {key:14} {statistics.median(r['s'] for r in rs):7.1f} s  (load {rs[-1]['load_avg'][0]:.1f})")
+    for key, rs in runs.items():
+        if rs[-1]["phases"]:
+            print(f"phases ({key}):")
+            for p in rs[-1]["phases"]:
+                print(f"  {p['s']:7.1f} s  {p['phase']}")
+
+
+if __name__ == "__main__":
+    main()

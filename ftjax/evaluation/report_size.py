@@ -1,0 +1,32 @@
+"""`eval.report`, one knob for the whole after-training report's size: `full` (every setting as configured),
+`quick` (task scores and every eval-loss row on the same first QUICK_EXAMPLES eval examples: minutes, not tens
+of minutes, on a CPU) or `none` (no report: training ends at its last save)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+SIZES = ("full", "quick", "none")
+QUICK_EXAMPLES = 20
+
+
+def max_examples(c: Any) -> int:
+    """How many eval examples the task rows score."""
+    if c.eval.report == "quick":
+        return min(c.eval.max_examples, QUICK_EXAMPLES)
+    return c.eval.max_examples
+
+
+def loss_on_all(c: Any) -> bool:
+    """Whether the eval-loss rows cover every eval example (full) or the task rows' examples only (quick)."""
+    return c.eval.report != "quick"
+
+
+def identity(c: Any) -> dict[str, Any]:
+    """What a quick report adds to the cached baselines' key (a full report's key stays as it was)."""
+    return {"report": "quick", "max_examples": max_examples(c)} if c.eval.report == "quick" else {}
+
+
+def reports(c: Any) -> bool:
+    """Whether training ends with the report."""
+    return c.eval.report != "none"
