@@ -93,9 +93,10 @@ def run_main(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         quiet_orbax()
 
         from ftjax import heartbeat, stop
-        from ftjax.fault_log import ForeignThreadStderr
+        from ftjax.fault_log import ForeignThreadStderr, orbax_unraisable_to_log
 
         sys.stderr = ForeignThreadStderr(sys.stderr)  # Orbax's C++ callbacks' tracebacks go to the workdir's log
+        sys.unraisablehook = orbax_unraisable_to_log  # and its dropped read coroutines' (a damaged checkpoint)
         try:
             with stop.listening():
                 main(argv)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import traceback
@@ -104,3 +105,15 @@ class ForeignThreadStderr:
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
+
+
+def orbax_unraisable_to_log(unraisable) -> None:
+    """sys.unraisablehook: an exception Python cannot raise (an Orbax read coroutine dropped after a damaged
+    checkpoint failed to read, collected later) goes to the held workdir's faults.log when it comes from Orbax
+    or tensorstore; anything else is printed as Python's default hook prints it."""
+    tb = "".join(traceback.format_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+    workdir = workdir_lock.last_held()
+    if workdir is not None and ("/orbax/" in tb.replace(os.sep, "/") or "TensorStore" in tb):
+        if note(workdir, f"exception ignored in {unraisable.object!r}", unraisable.exc_value) is not None:
+            return
+    sys.__unraisablehook__(unraisable)

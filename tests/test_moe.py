@@ -491,7 +491,7 @@ def test_router_balance_term_in_the_step_matches_transformers(run):
     batch = _padded_batch(8, 12, vocab=128)
     config = _step_config("unused", fsdp=1)
     config.moe.router_aux_weight = 0.5  # large enough to move the gradients
-    assert [t.name for t in loss_terms(compose(config))] == ["loss"]  # no model (dense): no balance term
+    assert [t.name for t in loss_terms(compose(config, devices=jax.devices()[:1]))] == ["loss"]  # no model: no balance
     graphdef, params = nnx.split(model)
 
     def hf_balance(router_logits, rows):
@@ -514,7 +514,7 @@ def test_router_balance_term_in_the_step_matches_transformers(run):
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     for grad_accum in (1, 2):
         config.train.grad_accum = grad_accum
-        terms = loss_terms(compose(config), model.config)
+        terms = loss_terms(compose(config, devices=jax.devices()[:1]), model.config)
         assert [t.name for t in terms] == ["loss", "router_balance"] and terms[1].weight == 0.5
         optimizer = make_optimizer(config.optim, 10)
         state = place_state(nnx.clone(model), optimizer.tx, mesh)
@@ -533,9 +533,9 @@ def test_router_balance_term_in_the_step_matches_transformers(run):
             assert abs(float(metrics["router_balance"]) - mean) <= 1e-5 * mean and abs(mean - balance) > 1e-4
     assert config.moe.router_aux_weight is not None and default_config().moe.router_aux_weight is None
     config.moe.router_aux_weight = None  # unset: the model's own coefficient (transformers' router_aux_loss_coef)
-    assert loss_terms(compose(config), model.config)[1].weight == run["hf"].config.router_aux_loss_coef
+    assert loss_terms(compose(config, devices=jax.devices()[:1]), model.config)[1].weight == run["hf"].config.router_aux_loss_coef
     config.moe.router_aux_weight = 0.0
-    assert [t.name for t in loss_terms(compose(config), model.config)] == ["loss"]
+    assert [t.name for t in loss_terms(compose(config, devices=jax.devices()[:1]), model.config)] == ["loss"]
 
 
 # ----------------------------------------------------------------------------- training and sharding
@@ -574,9 +574,10 @@ def _one_step(config, batch, mesh=None):
     from ftjax.train.step import make_train_step
 
     mesh = mesh or mesh_from_config(config.mesh)
-    setup = build_state(compose(config), mesh)
+    run = compose(config, devices=list(mesh.devices.flat))
+    setup = build_state(run, mesh)
     state = setup.state
-    terms = loss_terms(compose(config), setup.model_config)
+    terms = loss_terms(run, setup.model_config)
     step = make_train_step(state, setup.optimizer, mesh, terms=terms, rules=setup.rules)
     before = jax.tree.map(np.asarray, state.trainable)
     after, _, metrics = step(state.trainable, state.opt_state, state.frozen,
