@@ -4,6 +4,7 @@ the training and report times apart."""
 from __future__ import annotations
 
 from ftjax.evaluation.report import build_report, write_report
+from ftjax.objectives.preference import preference_table
 
 PREFERENCE = {"base": {"accuracy": 0.0, "margin": -3.0, "pairs": 4}, "finetuned": {"accuracy": 1.0, "margin": 2.0,
                                                                                     "pairs": 4}}
@@ -12,7 +13,9 @@ PREFERENCE = {"base": {"accuracy": 0.0, "margin": -3.0, "pairs": 4}, "finetuned"
 def test_a_preference_report_has_no_empty_sample_heading_and_says_what_its_figures_mean(tmp_path):
     meta = {"step": 4, "model": "m", "method": "lora", "objective": "dpo",
             "run": {"steps": 4, "lr": 1e-3, "batch_size": 8, "seq_len": 256, "wall_s": 90.0, "report_s": 300.0}}
-    write_report(tmp_path, build_report({}, meta=meta, preference=PREFERENCE), echo=False)
+    held_out = {"key": "preference", "section": PREFERENCE, "rows": preference_table(PREFERENCE),
+                "about": "preference accuracy on held-out pairs"}  # as the preference objective's report rows give
+    write_report(tmp_path, build_report({}, meta=meta, held_out=held_out), echo=False)
     md = (tmp_path / "report.md").read_text()
     assert "## Sample replies" not in md
     lines = md.splitlines()
