@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 from flax import nnx
-
-
 
 ATTENTION_FLOPS = ("attention 12*N*H*sum over layers of keys (causal T/2, so 6*L*N*H*T; a sliding window W < T: "
                    "W - W^2/2T), fwd+bwd; P: matmul params a token passes through incl. head (MoE: router + top-k "
                    "experts)")
 
 
-class Method:
+class Method(abc.ABC):
     """One fine-tuning method. Subclasses set `name` and `trainable` and override what differs."""
 
     name: str
@@ -36,10 +35,9 @@ class Method:
         """Whether a run of this method on a workdir of `previous` trains on that workdir's own trainable part."""
         return False
 
+    @abc.abstractmethod
     def flops_per_token(self, model_cfg: Any, seq_len: int, trainable: nnx.State) -> float:
         """Training FLOPs per token of `model_cfg` at `seq_len`, this method's `trainable` state (`flop_formula`)."""
-        raise NotImplementedError
-
 
     def describe(self) -> dict | None:
         """What a report or benchmark record says of the method beyond its name (LoRA: rank, alpha, targets)."""

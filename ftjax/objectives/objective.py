@@ -3,6 +3,7 @@ metric and report rows. The loop, the evaluation and the report ask it; none com
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import enum
 from typing import Any, Callable
@@ -47,21 +48,23 @@ class TermSpec:
     reference: Reference = Reference.NONE
 
 
-class Objective:
+class Objective(abc.ABC):
     """One training objective. Subclasses set `name`, read their data and give their terms."""
 
     name: str
     needs_reference: bool = False  # its loss compares with the model before training
-    caches_reference: bool = True  # without a free step-0 model: its values cached (True) or a frozen copy kept
+    # without a free step-0 model: its values cached (True: it defines `with_reference(...)`, which returns its
+    # data carrying the reference's values) or a frozen copy of the step-0 weights kept (False)
+    caches_reference: bool = False
     generation_task: bool = True  # its held-out records are generation examples (task scores in the report)
     segments_per_example: int = 1  # segments one example takes in a row (a preference pair: its two replies)
     compiles_from_shapes: bool = True  # its batches are plain rows (BATCH_KEYS): a step compiles from shapes alone
     replay_mixes_in: bool = True  # forget.replay_fraction may mix SFT replay examples into its data
 
+    @abc.abstractmethod
     def read_data(self, run: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
         """Train / eval rows and their summary (`ftjax.data.Datasets`-like) for the composed `run`
         (`ftjax.train.compose.Run`), every record checked up front; `replay`: (file, fraction) mixed in."""
-        raise NotImplementedError
 
     def batches(self, train: Any, batch_size: int, seed: int, sharding: Any, prefetch: int) -> BatchSource:
         """Where the steps' batches come from: by default the train rows, shuffled, as sharded global batches."""
@@ -77,14 +80,9 @@ class Objective:
             return Reference.ADAPTERS_OFF
         return Reference.CACHE if self.caches_reference else Reference.FROZEN_COPY
 
-    def with_reference(self, data: Any, model: nnx.Module, batch_size: int, loss_chunk: int, workdir: Any,
-                       identity: dict, say) -> Any:
-        """`data` carrying the reference's values (Reference.CACHE); objectives without one never get here."""
-        raise NotImplementedError(f"objective {self.name} takes no cached reference")
-
+    @abc.abstractmethod
     def terms(self, spec: TermSpec) -> list[Term]:
         """Its loss terms (the first is `loss`, the logged objective value)."""
-        raise NotImplementedError
 
     def held_out(self, graphdef: nnx.GraphDef, terms: list[Term], loss_chunk: int
                  ) -> Callable[[Any, Any, Any], float]:

@@ -56,6 +56,7 @@ class Preference(Objective):
 
     generation_task = False  # its held-out data are pairs, scored by preference accuracy
     replay_mixes_in = False
+    caches_reference = True  # full fine-tuning: the reference's pair log-probs computed once (with_reference)
     segments_per_example = 2  # chosen and rejected, each its own segment
     compiles_from_shapes = False  # pairs (and a cached reference under full fine-tuning) have no shape-only batch yet
 
