@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from ftjax import config as config_lib
 from ftjax.errors import ConfigError
-from ftjax.objectives.objective import Objective, Reference, ReportRows, TermSpec
+from ftjax.objectives.objective import MemoryShapes, Objective, Reference, ReportRows, TermSpec
 from ftjax.objectives.preference import Preference
 from ftjax.objectives.sft import Sft
 from ftjax.objectives.sources import BatchSource, DatasetBatches
@@ -33,5 +33,5 @@ def objective_for(name: str, pref: Any) -> Objective:
     return OBJECTIVES[name](pref)
 
 
-__all__ = ["BatchSource", "DatasetBatches", "OBJECTIVES", "Objective", "Reference", "ReportRows", "TermSpec",
+__all__ = ["BatchSource", "DatasetBatches", "MemoryShapes", "OBJECTIVES", "Objective", "Reference", "ReportRows", "TermSpec",
            "objective_for", "register_objective"]

@@ -48,6 +48,19 @@ class TermSpec:
     reference: Reference = Reference.NONE
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryShapes:
+    """Per device, what an objective's own memory needs are computed from (ftjax.train.memory fills it in)."""
+
+    model: Any  # ftjax.models.ModelConfig of the trained model
+    rows: int  # training rows per device in one micro-batch
+    seq_len: int
+    itemsize: int  # bytes of the compute dtype
+    trainable: int  # bytes of the trainable weights on one device
+    frozen: int  # bytes of the frozen weights on one device
+    activations: int  # bytes of the SFT step's activations on one device
+
+
 class Objective(abc.ABC):
     """One training objective. Subclasses set `name`, read their data and give their terms."""
 
@@ -91,6 +104,11 @@ class Objective(abc.ABC):
         sums = make_terms_eval(graphdef, terms)
         weights = [t.weight for t in terms]
         return lambda trainable, frozen, batches: eval_loss(sums, trainable, frozen, batches, weights)
+
+    def memory(self, shapes: MemoryShapes, reference: Reference) -> dict[str, int]:
+        """Bytes per device it adds to the SFT step's (label -> bytes): a frozen reference copy, a teacher, the
+        rollouts' KV cache. The memory estimate adds these; by default a frozen copy of the trainable weights."""
+        return {"reference_copy": shapes.trainable} if reference is Reference.FROZEN_COPY else {}
 
     def report_rows(self, eval_rows: Any, batch_size: int, loss_chunk: int) -> ReportRows | None:
         """The report rows it adds beyond the task scores and forgetting (None: none)."""
