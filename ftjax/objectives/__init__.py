@@ -18,20 +18,32 @@ from ftjax.objectives.sources import BatchSource, DatasetBatches
 
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
     "sft": Sft, **{name: functools.partial(Preference, name) for name in ("dpo", "ipo", "orpo", "simpo")}}
+SETTINGS: dict[str, str] = {name: "pref" for name in OBJECTIVES}  # objective -> the config group it is built from
 
 
-def register_objective(name: str, factory: Callable[[Any], Objective]) -> None:
-    """Make `objective=name` build `factory(pref group)` (and pass config validation)."""
+def register_objective(name: str, factory: Callable[[Any], Objective], settings: str = "pref") -> None:
+    """Make `objective=name` build `factory(<settings> group)` (and pass config validation)."""
     OBJECTIVES[name] = factory
+    SETTINGS[name] = settings
     config_lib.allow_choice("objective", name)
 
 
-def objective_for(name: str, pref: Any) -> Objective:
-    """The objective named `name` (`config.objective`) with the run's `pref.*`; an unknown name: the closest."""
+def _known(name: str) -> None:
     if name not in OBJECTIVES:
         raise ConfigError(config_lib.choice_message("objective", name, tuple(OBJECTIVES)))
-    return OBJECTIVES[name](pref)
+
+
+def objective_settings(name: str) -> str:
+    """The config group (`pref`, `rl`, ...) the objective named `name` is built from; an unknown name: the closest."""
+    _known(name)
+    return SETTINGS[name]
+
+
+def objective_for(name: str, settings: Any) -> Objective:
+    """The objective named `name` (`config.objective`) built from its settings group (`objective_settings`)."""
+    _known(name)
+    return OBJECTIVES[name](settings)
 
 
 __all__ = ["BatchSource", "DatasetBatches", "MemoryShapes", "OBJECTIVES", "Objective", "Reference", "ReportRows", "TermSpec",
-           "objective_for", "register_objective"]
+           "objective_for", "objective_settings", "register_objective"]

@@ -15,7 +15,7 @@ from ftjax.dtypes import frozen_dtype
 from ftjax.evaluation.run import model_id
 from ftjax.interop.quantized_base import FrozenQuant, frozen_quant
 from ftjax.methods import Method, method_for
-from ftjax.objectives import Objective, TermSpec, objective_for
+from ftjax.objectives import Objective, TermSpec, objective_for, objective_settings
 from ftjax.objectives.reference_cache import pairs_digest
 from ftjax.objectives.terms import Term, kl_to_base, l2_to_base_term, router_aux_weight, router_balance
 from ftjax.provenance import base_identity
@@ -132,7 +132,7 @@ def compose(config, devices: Sequence[Any] | None = None) -> Run:
     schedule = Schedule(int(t.steps), int(t.batch_size), int(c.data.seq_len), int(t.grad_accum), int(t.log_every),
                         int(t.loss_chunk), int(t.max_consecutive_skips), int(t.early_stop_patience), int(c.seed))
     f = c.forget
-    return Run(config, model, method_for(c.method, c.lora), objective_for(c.objective, c.pref),
+    return Run(config, model, method_for(c.method, c.lora), objective_for(c.objective, c[objective_settings(c.objective)]),
                mesh_from_config(c.mesh, devices=list(devices) if devices is not None else None), parse_rules(c.mesh.rules),
                schedule, Checkpointing(int(c.checkpoint.every), int(c.checkpoint.keep), bool(c.checkpoint.keep_best)),
                EvalPlan(int(c.eval.every), bool(c.eval.final), bool(c.data.eval)),
