@@ -129,6 +129,9 @@ def default_config() -> ml_collections.ConfigDict:
         # regex:PATTERN (last) | a task scorer such as person_json (see ftjax/scorer_names.py)
         metric="exact",
         few_shot=3,  # k train examples as prior chat turns for the prompted baseline; 0 = no prompted baseline
+        # JSONL of {"id", "text"} documents: the retrieval rows put the k (eval.few_shot) passages most similar to
+        # each question into its prompt (RAG); empty = they retrieve the k most similar train examples instead
+        documents=config_dict.placeholder(str),
         # the after-training report's size: full | quick (20 eval examples, eval loss on those) | none
         report="full",
     )
@@ -250,7 +253,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _FREE = ("seed", "model.path", "lora.targets", "lora.rslora", "data.train", "data.eval", "data.packing",
          "data.messages_field", "data.prompt_field", "data.completion_field", "data.text_field", "data.tfds_name",
          "data.tfds_data_dir", "data.tfds_split", "data.tfds_eval_split", "data.cache_dir", "checkpoint.keep_best",
-         "eval.final", "forget.retain", "forget.control")
+         "eval.final", "eval.documents", "forget.retain", "forget.control")
 # eval.metric: its scorer names (ftjax.scorer_names.check_metric); mesh.rules: ftjax.sharding.parse_rules.
 CHECKED_KEYS = (*_CHOICES, *_RANGES, *_FREE, "eval.metric", "mesh.rules")
 AUTO_KEYS = ("model.dtype", "model.remat", "model.attention", "train.frozen_dtype")  # resolved per backend
@@ -330,6 +333,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     parse_rules(c.mesh.rules)  # ConfigError naming a bad logical axis or mesh axis
     if c.train.early_stop_patience and not (c.eval.every and c.data.eval):
         raise ConfigError("config.train.early_stop_patience needs periodic eval losses: set eval.every and data.eval")
+    if c.eval.documents and not (c.data.eval and c.eval.few_shot):
+        raise ConfigError("config.eval.documents is retrieved from for the eval questions' prompts: it needs "
+                          "data.eval and eval.few_shot >= 1 (the passages per question)")
     if c.train.batch_size % c.train.grad_accum:
         raise ConfigError(
             f"config.train.batch_size={c.train.batch_size} is not divisible by "

@@ -95,13 +95,17 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     check_report(report, ["exact", "contains"])
     saved = json.loads((workdir / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
+    rows = ("base", "prompted", "retrieval", "finetuned", "finetuned_retrieval")  # retrieval: from the train file
     assert set(contract_keys(saved)) == {
-        *(f"task.{w}.{m}" for w in ("base", "prompted", "finetuned") for m in ("exact", "contains", "eval_loss")),
+        *(f"task.{w}.{m}" for w in rows
+          for m in ("exact", "contains", "eval_loss", "prompt_tokens", "seconds_per_query")),
         "forgetting.kl_to_base", "forgetting.retain_nll_base", "forgetting.retain_nll_finetuned",
         "forgetting.qa_accuracy_base", "forgetting.qa_accuracy_finetuned"}
     assert saved["forgetting"]["kl_to_base"] == pytest.approx(logged["kl_to_base"])  # the step-4 measurement
     assert saved["task"]["finetuned"]["exact"] == logged["task_exact"]
-    assert set(saved["samples"]) == {"base", "prompted", "finetuned", "qa"}
+    assert set(saved["samples"]) == {*rows, "qa"}
+    assert saved["task"]["base"]["prompt_tokens"] < saved["task"]["prompted"]["prompt_tokens"]  # + 2 examples
+    assert all(saved["task"][w]["seconds_per_query"] > 0 for w in rows)
     assert saved["meta"]["few_shot"] == 2 and saved["meta"]["task_examples"] == 4
     md = (workdir / "report.md").read_text()
     assert "| fine-tuned" in md and "KL(base ‖ model)" in md
@@ -124,7 +128,13 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     for name in ("report.json", "report.md", BASELINES_NAME, CACHE_NAME, "replay.jsonl"):
         assert (workdir / name).stat().st_mode & 0o777 == mode, name
 
+    # A quick report keeps the base rows (cached: read again at no cost) and drops the fine-tuned + retrieval row.
+    run_config.eval.report = "quick"
+    quick = Evaluation(run_config, tok, tmp_path / "quick", write=True).report(model, None, step=4)
+    assert list(quick["task"]) == ["base", "prompted", "retrieval", "finetuned"]
+
     # The base's figures are cached: a second Evaluation reads them instead of generating.
+    run_config.eval.report = "full"
     cached = json.loads((workdir / BASELINES_NAME).read_text())
     cached["results"]["base"]["scores"]["exact"] = 0.123
     (workdir / BASELINES_NAME).write_text(json.dumps(cached))
@@ -133,8 +143,8 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
 
 
 def test_base_results_are_shared_across_workdirs_by_content(run_config, tmp_path, monkeypatch, capsys):
-    """A second workdir on the same base and data reuses the base and few-shot results (identical); a changed
-    few-shot source file, seed or base content makes them be computed again."""
+    """A second workdir on the same base and data reuses the base, few-shot and + retrieval results (identical); a
+    changed few-shot source file, seed, k or base content makes the rows that depend on it be computed again."""
     from ftjax.evaluation.base import base_view
 
     base_file = tmp_path / "base.gguf"  # the base's identity is its files' content, not its path
@@ -142,27 +152,34 @@ def test_base_results_are_shared_across_workdirs_by_content(run_config, tmp_path
     run_config.model.path = str(base_file)
     tok, model = tiny_tokenizer(), lora_model()
     first = Evaluation(run_config, tok, tmp_path / "run1", write=True).baselines(base_view(model))
+    assert set(first) == {"base", "prompted", "retrieval"}
     computed = []
     real_task = Evaluation._task
-    monkeypatch.setattr(Evaluation, "_task", lambda self, *a, **k: computed.append(1) or real_task(self, *a, **k))
+    monkeypatch.setattr(Evaluation, "_task", lambda self, *a, **k: computed.append(k["which"])
+                        or real_task(self, *a, **k))
     capsys.readouterr()
     second = Evaluation(run_config, tok, tmp_path / "run2", write=True).baselines(base_view(model))
-    assert not computed and "results: cached ($FTJAX_CACHE)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert not computed and "base model and 2-shot prompted results: cached ($FTJAX_CACHE)" in out
+    assert "base model + retrieval results: cached ($FTJAX_CACHE)" in out
     assert {k: v.to_json() for k, v in second.items()} == {k: v.to_json() for k, v in first.items()}
 
-    def recomputed(workdir) -> bool:
+    def recomputed(workdir) -> set[str]:
         computed.clear()
         Evaluation(run_config, tok, workdir, write=True).baselines(base_view(model))
-        return len(computed) == 2  # base and prompted
+        return set(computed)
 
-    with open(run_config.data.train, "a") as f:  # the few-shot source changes (same path)
+    every = {"base model", "base model prompted", "base model + retrieval"}
+    with open(run_config.data.train, "a") as f:  # the few-shot and retrieval source changes (same path)
         f.write(json.dumps(chat("w90 w91", "w92")) + "\n")
-    assert recomputed(tmp_path / "run3")
-    run_config.seed = 7
-    assert recomputed(tmp_path / "run4")
+    assert recomputed(tmp_path / "run3") == every
+    run_config.seed = 7  # draws other fixed shots; retrieval's are chosen by similarity, not by the seed
+    assert recomputed(tmp_path / "run4") == {"base model", "base model prompted"}
+    run_config.eval.few_shot = 1  # k
+    assert recomputed(tmp_path / "run5") == every
     base_file.write_bytes(b"weights v2")
-    assert recomputed(tmp_path / "run5")
-    assert not recomputed(tmp_path / "run6")  # and now that identity is cached in turn
+    assert recomputed(tmp_path / "run6") == every
+    assert recomputed(tmp_path / "run7") == set()  # and now that identity is cached in turn
 
 
 def test_report_contract_and_tables():

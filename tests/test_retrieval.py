@@ -117,3 +117,14 @@ def test_bad_documents_name_file_and_line(tmp_path, line, message):
 def test_k_beyond_the_collection_is_refused():
     with pytest.raises(DataError, match="k=3 .* size \\(2\\)"):
         retrieval.bm25_top_k(["a b", "c d"], ["a"], 3)
+
+
+@pytest.mark.parametrize("eval_file, k", [(None, 2), ("eval.jsonl", 0)])
+def test_documents_need_eval_questions_and_k(eval_file, k):
+    from ftjax.config import default_config, validate
+    from ftjax.errors import ConfigError
+
+    c = default_config()
+    c.eval.documents, c.data.eval, c.eval.few_shot = "docs.jsonl", eval_file, k
+    with pytest.raises(ConfigError, match="eval.documents .* needs data.eval and eval.few_shot >= 1"):
+        validate(c)

@@ -4,11 +4,16 @@ report.json is nested JSON whose dotted paths are the contract (ARCHITECTURE.md,
 
     task.base.<metric>, task.prompted.<metric>, task.finetuned.<metric>   (<metric>: each eval.metric score)
     task.base.eval_loss, task.prompted.eval_loss, task.finetuned.eval_loss
+    task.<which>.prompt_tokens, task.<which>.seconds_per_query   (what a query costs: mean prompt tokens, and
+        generation wall seconds on this run's devices)
+    task.retrieval.*, task.finetuned_retrieval.*   (with eval.few_shot > 0: base / fine-tuned + retrieval)
+    verdict: the closing sentence, computed from the task rows (ftjax/evaluation/verdict.py)
     forgetting.kl_to_base, forgetting.retain_nll_base, forgetting.retain_nll_finetuned,
     forgetting.qa_accuracy_base, forgetting.qa_accuracy_finetuned
     samples.{base,prompted,finetuned}: {prompt, expected, reply, scores}; samples.qa: [{question, answer,
         base, finetuned}]
-    meta: {step, model, method, metric, few_shot, task_examples, retain_prompts, retain_tokens, qa_questions}
+    meta: {step, model, method, metric, few_shot, task_examples, retain_prompts, retain_tokens, qa_questions,
+        retrieval: {k, retriever, from, source, template}}
     preference.{base,finetuned}.{accuracy, margin, pairs}   (preference objectives: held-out pairs)
     held_out: {key, rows, about}   (an objective's own rows: the section `key` holds, as the table prints them)
 
@@ -26,9 +31,13 @@ from typing import Any
 
 from ftjax.evaluation import phase_times, report_notes
 from ftjax.evaluation.scorers import contains_answer
+from ftjax.evaluation.verdict import rows_of, verdict
 from ftjax.whole_file import write_whole
 
-MODELS = ("base", "prompted", "finetuned")
+REQUIRED = ("base", "prompted", "finetuned")  # the contract's rows (check_report)
+MODELS = ("base", "prompted", "retrieval", "finetuned", "finetuned_retrieval")  # every row, in the table's order
+OPTIONAL = ("retrieval", "finetuned_retrieval")  # columns shown only when measured
+COSTS = ("prompt_tokens", "seconds_per_query")
 FORGETTING_KEYS = ("kl_to_base", "retain_nll_base", "retain_nll_finetuned")
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 
@@ -44,7 +53,7 @@ def contract_keys(report: dict) -> list[str]:
 
 def check_report(report: dict, metrics: list[str]) -> None:
     """Raise ValueError naming the first contract key the report lacks."""
-    want = [f"task.{w}.{m}" for w in MODELS for m in [*metrics, "eval_loss"]]
+    want = [f"task.{w}.{m}" for w in REQUIRED for m in [*metrics, "eval_loss"]]
     want += [f"forgetting.{k}" for k in FORGETTING_KEYS]
     have = set(contract_keys(report))
     missing = [k for k in want if k not in have]
@@ -58,15 +67,29 @@ def fmt(v: Any, pct: bool = False) -> str:
     return f"{100 * v:.1f}%" if pct else f"{v:.4f}"
 
 
-def _task_rows(report: dict) -> list[list[str]]:
+def score_names(report: dict) -> list[str]:
+    """The eval.metric scores of the task rows, in the metric's order (the first one is the verdict's)."""
     task = report.get("task", {})
-    names = [n for n in task.get("finetuned", task.get("base", {})) if n != "eval_loss"]
+    return [n for n in task.get("finetuned", task.get("base", {})) if n != "eval_loss" and n not in COSTS]
+
+
+def _columns(report: dict) -> list[str]:
+    """The task table's columns: base 0-shot, k-shot and fine-tuned always; the retrieval rows when measured."""
+    task = report.get("task", {})
+    return [w for w in MODELS if w not in OPTIONAL or w in task]
+
+
+def _task_rows(report: dict) -> list[list[str]]:
+    task, columns = report.get("task", {}), _columns(report)
     k = report.get("meta", {}).get("task_examples")
-    rows = [[f"{n} ({k} examples)" if k else n] + [fmt(task.get(w, {}).get(n), pct=True) for w in MODELS]
-            for n in names]
+    rows = [[f"{n} ({k} examples)" if k else n] + [fmt(task.get(w, {}).get(n), pct=True) for w in columns]
+            for n in score_names(report)]
     n = report.get("meta", {}).get("eval_loss_examples")
     rows.append([f"eval loss ({n} examples)" if n else "eval loss"] + [fmt(task.get(w, {}).get("eval_loss"))
-                                                                      for w in MODELS])
+                                                                      for w in columns])
+    cost = lambda w, key, digits: ("-" if task.get(w, {}).get(key) is None else f"{task[w][key]:.{digits}f}")
+    rows.append(["prompt tokens / query"] + [cost(w, "prompt_tokens", 0) for w in columns])
+    rows.append(["generation s / query"] + [cost(w, "seconds_per_query", 3) for w in columns])
     return rows
 
 
@@ -90,7 +113,9 @@ def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
 def format_tables(report: dict, markdown: bool = False) -> str:
     """The task table (base / prompted / fine-tuned) and the forgetting table (base / fine-tuned)."""
     k = report.get("meta", {}).get("few_shot", "k")
-    task = _table(["task", "base (0-shot)", f"base ({k}-shot)", "fine-tuned"], _task_rows(report), markdown)
+    names = {"base": "base (0-shot)", "prompted": f"base ({k}-shot)", "retrieval": "base + retrieval",
+             "finetuned": "fine-tuned", "finetuned_retrieval": "fine-tuned + retrieval"}
+    task = _table(["task"] + [names[w] for w in _columns(report)], _task_rows(report), markdown)
     forget = _table(["general behaviour", "base", "fine-tuned"], _forget_rows(report), markdown)
     held = report.get("held_out")  # the objective's own rows (e.g. preference accuracy on held-out pairs)
     if held:
@@ -163,6 +188,7 @@ def _markdown(report: dict) -> str:
            f"; retain set: {meta.get('retain_prompts', '?')} prompts "
            f"({meta.get('retain_tokens', '?')} reply tokens) with {meta.get('qa_questions', '?')} known answers.", "",
            *_base_note(meta), *_settings(meta), format_tables(report, markdown=True), "",
+           *report_notes.cost_legend(report), *report_notes.retrieval_note(meta.get("retrieval")),
            *report_notes.FORGETTING_LEGEND, *report_notes.sample_replies(report.get("samples", {}))]
     qa = report.get("samples", {}).get("qa") or []
     if qa:
@@ -172,6 +198,8 @@ def _markdown(report: dict) -> str:
                 for q in qa]
         out += [""]
     out += phase_times.table(meta.get("phases", []), (meta.get("run") or {}).get("report_s"))
+    if report.get("verdict"):
+        out += ["## Verdict", "", report["verdict"], ""]
     return "\n".join(out).replace("\r", " ") + "\n"
 
 
@@ -188,13 +216,15 @@ def write_report(workdir: str | os.PathLike, report: dict, *, echo: bool = True)
     write_atomic(workdir / REPORT_MD, _markdown(report))
     if echo:
         samples = format_samples(report)
-        print(format_tables(report) + (f"\n\n{samples}" if samples else ""), flush=True)
+        closing = f"\n\nverdict: {report['verdict']}" if report.get("verdict") else ""
+        print(format_tables(report) + (f"\n\n{samples}" if samples else "") + closing, flush=True)
     return report
 
 
 def build_report(task: dict[str, Any], forgetting: Any = None, base_replies: Any = None, *,
                  meta: dict | None = None, held_out: dict | None = None) -> dict:
-    """The report from `TaskResult`s by model name ("base", "prompted", "finetuned") and a `ForgettingResult`
+    """The report from `TaskResult`s by model name (MODELS: "base", "prompted", "retrieval", "finetuned",
+    "finetuned_retrieval") and a `ForgettingResult`
     (with the `BaseReplies` it was measured on, for counts and QA samples); `held_out`: the objective's rows
     (`key`: its section {base, finetuned}, `rows` as printed, `about`)."""
     report: dict[str, Any] = {"task": {}, "forgetting": {}, "samples": {}, "meta": dict(meta or {})}
@@ -205,11 +235,14 @@ def build_report(task: dict[str, Any], forgetting: Any = None, base_replies: Any
         result = task.get(which)
         if result is None:
             continue
-        report["task"][which] = {**result.scores, "eval_loss": result.eval_loss}
+        report["task"][which] = {**result.scores, "eval_loss": result.eval_loss,
+                                 "prompt_tokens": result.prompt_tokens, "seconds_per_query": result.seconds_per_query}
         report["samples"][which] = result.sample(0)
         report["meta"].setdefault("task_examples", result.n)
         if result.loss_n is not None:
             report["meta"].setdefault("eval_loss_examples", result.loss_n)
+    if report["task"] and score_names(report):
+        report["verdict"] = verdict(rows_of(report, score_names(report)[0]))
     if forgetting is not None:
         report["forgetting"] = dict(forgetting.metrics)
     if base_replies is not None:

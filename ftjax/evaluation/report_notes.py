@@ -1,5 +1,6 @@
 """report.md's plain-language parts: what each forgetting figure measures and which way is better, the run's
-time split into training and report, and the sample replies (a section only when there are some)."""
+time split into training and report, what a query costs and how the retrieval rows were prompted, and the sample
+replies (a section only when there are some)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,31 @@ FORGETTING_LEGEND = [
     "higher is better.",
     "",
 ]
+
+
+def cost_legend(report: dict) -> list[str]:
+    """What the cost rows measure, and on which devices (only when the task table has them)."""
+    if not report.get("task"):
+        return []
+    devices = report.get("meta", {}).get("devices")
+    return ["*prompt tokens / query*: the mean length of a prompt as the model reads it (chat template, examples "
+            "and passages included); *generation s / query*: the wall time of generating all the replies (batched, "
+            "compiling each prompt length once included) over their number" + (f", on {devices}" if devices else "")
+            + ". A cached base row keeps the figures of the run that measured it.", ""]
+
+
+def retrieval_note(retrieval: dict | None) -> list[str]:
+    """How the + retrieval columns' prompts were made: the k retrieved examples, or the passages' template."""
+    if not retrieval:
+        return []
+    k, source = retrieval["k"], retrieval.get("source", "?")
+    head = f"*+ retrieval*: for each question, BM25 ({retrieval['retriever']}) "
+    if retrieval.get("from") != "documents":
+        return [head + f"picks the {k} training examples (`{source}`) whose prompts are most similar to its prompt; "
+                "they come before it as earlier turns, as the fixed examples do, the most similar last.", ""]
+    fence = "```"
+    return [head + f"picks the {k} passages of `{source}` most similar to it and writes them into the question:",
+            "", fence, retrieval["template"], fence, ""]
 
 
 def run_times(run: dict) -> str | None:

@@ -1,6 +1,6 @@
 """`eval.report`, one knob for the whole after-training report's size: `full` (every setting as configured),
-`quick` (task scores and every eval-loss row on the same first QUICK_EXAMPLES eval examples: minutes, not tens
-of minutes, on a CPU) or `none` (no report: training ends at its last save)."""
+`quick` (task scores and every eval-loss row on the same first QUICK_EXAMPLES eval examples, without the fine-tuned
++ retrieval row: minutes, not tens of minutes, on a CPU) or `none` (no report: training ends at its last save)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ def max_examples(c: Any) -> int:
 
 def loss_on_all(c: Any) -> bool:
     """Whether the eval-loss rows cover every eval example (full) or the task rows' examples only (quick)."""
+    return c.eval.report != "quick"
+
+
+def tuned_retrieval(c: Any) -> bool:
+    """Whether the fine-tuned + retrieval row is measured: not in a quick report. The base rows (0-shot, k-shot,
+    + retrieval) are cached across runs, so a quick report keeps them at no cost after the first; this row is
+    generated again on every run, with the longest prompts."""
     return c.eval.report != "quick"
 
 

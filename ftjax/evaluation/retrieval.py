@@ -17,7 +17,7 @@ import bm25s
 from ftjax.data.records import Record, check_data_file, iter_json
 from ftjax.errors import DataError
 from ftjax.evaluation import shared_cache
-from ftjax.evaluation.conversations import Turns, split_reply
+from ftjax.evaluation.conversations import Turns, few_shot_turns, split_reply
 
 RETRIEVER = f"bm25s {bm25s.__version__}: lucene k1=1.5 b=0.75, stopwords=english, lowercase"
 PASSAGES_TEMPLATE = "Answer using these passages.\n\n{passages}\n\nQuestion: {question}"
@@ -112,3 +112,48 @@ def with_passages(prompt: Turns, passages: Sequence[Passage]) -> Turns:
     listed = "\n\n".join(PASSAGE_TEMPLATE.format(n=n, text=p.text) for n, p in enumerate(passages, 1))
     question = PASSAGES_TEMPLATE.format(passages=listed, question=prompt[last][1])
     return prompt[:last] + (("user", question),) + prompt[last + 1:]
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalPrompts:
+    """Each eval record's retrieval prompt, by its index among the eval records (`evaluate_task`'s `prompt_of`):
+    its k retrieved train examples as earlier turns, or its k passages written into the question."""
+
+    picked: list[list[Any]]  # per eval record: its train Records, or its Passages
+    passages: bool
+    k: int
+    identity: dict[str, Any]  # what the selection depends on (the cached rows' key)
+    source: str  # the collection's file, as the report names it
+
+    def __call__(self, i: int, prompt: Turns) -> Turns:
+        return with_passages(prompt, self.picked[i]) if self.passages else few_shot_turns(prompt, self.picked[i])
+
+    def describe(self) -> dict[str, Any]:
+        """What report.md says about the retrieval rows (report.json meta.retrieval)."""
+        out = {"k": self.k, "retriever": RETRIEVER, "from": "documents" if self.passages else "train examples",
+               "source": self.source}
+        if self.passages:
+            out["template"] = PASSAGES_TEMPLATE.format(
+                passages="\n\n".join(PASSAGE_TEMPLATE.format(n=n, text="{passage}") for n in range(1, self.k + 1)),
+                question="{question}")
+        return out
+
+
+def retrieval_prompts(eval_records: Sequence[Record], eval_path: str, k: int, *,
+                      train: tuple[Sequence[Record], str] | None = None,
+                      documents: tuple[Sequence[Passage], str] | None = None) -> RetrievalPrompts | None:
+    """The retrieval rows' prompts: from the documents when the run names them, else from the train examples;
+    None without either (or with k = 0)."""
+    if k <= 0 or not eval_records:
+        return None
+    if documents is not None:
+        passages, path = documents
+        picked = retrieved_passages(eval_records, eval_path, passages, path, k)
+        identity = {**selection_identity(eval_path, path, k, "documents"), "template": PASSAGES_TEMPLATE,
+                    "passage": PASSAGE_TEMPLATE}
+        return RetrievalPrompts(picked, True, k, identity, path)
+    if train is not None and train[0]:
+        records, path = train
+        picked = retrieved_shots(eval_records, eval_path, records, path, k)
+        return RetrievalPrompts(picked, False, k, selection_identity(eval_path, path, k, "train examples"), path)
+    return None

@@ -2,9 +2,10 @@
 
     ev = Evaluation(config, tokenizer, workdir)          # reads eval/train records and the retain set
     ev.prepare(base)                                     # base replies to the retain prompts (cached)
-    ev.baselines(base)                                   # base 0-shot and k-shot scores (cached)
+    ev.baselines(base)                                   # base 0-shot, k-shot, + retrieval scores (cached)
     logged = ev.track(model, base, step)                 # every eval.every: task_*, kl_to_base, ...
-    report = ev.report(model, base, step)                # at the end: report.json/.md, progress.png, table
+    report = ev.report(model, base, step)                # at the end (+ the tuned model with retrieval):
+                                                         # report.json/.md, progress.png, table
 
 `base` is the base model, or None for a LoRA model (its adapters are switched off to get it).
 Every process computes the same numbers; only the one with `write` (process 0) writes files.
@@ -13,6 +14,7 @@ Every process computes the same numbers; only the one with `write` (process 0) w
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -26,7 +28,7 @@ from ftjax.data.fingerprint import tokenizer_fingerprint
 from ftjax.data.mixture import parse_sources
 from ftjax.data.records import Fields
 from ftjax.data.retain import load_retain
-from ftjax.evaluation import phase_times, report_size, shared_cache
+from ftjax.evaluation import phase_times, report_size, retrieval, shared_cache
 from ftjax.evaluation.base import base_view
 from ftjax.evaluation.conversations import load_records, pick_shots
 from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResult, base_replies, forgetting_metrics
@@ -38,6 +40,7 @@ from ftjax.methods import method_for
 from ftjax.platform import platform_of
 
 BASELINES_NAME = "baselines.json"
+RETRIEVAL_NAME = "retrieval_baseline.json"  # the base + retrieval row, cached apart (its own key)
 
 
 def _process_zero() -> bool:
@@ -58,6 +61,14 @@ def _phase(what: str):
     phase_times.record(what, time.perf_counter() - start)  # the report's timing table
     if _process_zero():
         print(f"eval: {what}: done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def devices_in_words() -> str:
+    """This run's devices as the report names them, e.g. "1 cpu device" or "8 × NVIDIA H100 80GB HBM3"."""
+    import jax
+
+    devices = jax.devices()
+    return f"{len(devices)} × {devices[0].device_kind}" if len(devices) > 1 else f"1 {devices[0].device_kind} device"
 
 
 def model_id(c: Any) -> str:
@@ -86,10 +97,14 @@ class Evaluation:
         d = config.data
         fields = Fields(d.messages_field, d.prompt_field, d.completion_field, d.text_field)
         self.records = load_records(d.eval, fields) if d.eval and generation_task else []
-        self.shots = []
+        self.shots, self.train_records = [], []
         if self.records and config.eval.few_shot > 0 and d.train:
             first = parse_sources(d.train)[0].path  # the task's own data, never the replay file
-            self.shots = pick_shots(load_records(first, fields), config.eval.few_shot, seed=config.seed)
+            self.train_records = load_records(first, fields)
+            self.shots = pick_shots(self.train_records, config.eval.few_shot, seed=config.seed)
+        # read up front: a bad document fails here with its file:line, before any generation
+        self.documents = retrieval.load_documents(config.eval.documents) if self.records and config.eval.documents \
+            else None
         self.retain = load_retain(config.forget.retain)
         self.replies: BaseReplies | None = None
         self._tracked: tuple[int, TaskResult | None, ForgettingResult] | None = None
@@ -102,13 +117,23 @@ class Evaluation:
     def _base(self, model: nnx.Module, base: nnx.Module | None) -> nnx.Module:
         return base_view(model) if base is None else base
 
-    def _task(self, model: nnx.Module, shots=(), with_loss: bool = True, which: str = "model") -> TaskResult:
+    def _task(self, model: nnx.Module, shots=(), with_loss: bool = True, which: str = "model",
+              prompt_of=None) -> TaskResult:
         c = self.config
         most = report_size.max_examples(c)  # eval.report=quick: fewer, and the eval loss on those
         n = min(len(self.records), most) if most else len(self.records)
         with _phase(f"{which} on {n} eval examples" + (f", {len(shots)}-shot" if shots else "")):
             return evaluate_task(model, self.tokenizer, self.records, c.eval.metric, max_examples=most, shots=shots,
-                                 with_loss=with_loss, loss_on_all=report_size.loss_on_all(c))
+                                 with_loss=with_loss, loss_on_all=report_size.loss_on_all(c), prompt_of=prompt_of)
+
+    @functools.cached_property
+    def retrieved(self) -> retrieval.RetrievalPrompts | None:
+        """The retrieval rows' prompts (eval.few_shot examples or passages per eval record), or None."""
+        c = self.config
+        train = (self.train_records, parse_sources(c.data.train)[0].path) if self.train_records else None
+        documents = (self.documents, c.eval.documents) if self.documents else None
+        return retrieval.retrieval_prompts(self.records, c.data.eval, c.eval.few_shot, train=train,
+                                           documents=documents)
 
     def model_id(self) -> str:
         return model_id(self.config)
@@ -153,37 +178,58 @@ class Evaluation:
                      "seed": c.seed, "k": len(self.shots)}
         return {**self._base_identity(), "eval": shared_cache.data_content_id(c.data.eval), "few_shot": shots,
                 "max_examples": c.eval.max_examples, "metric": c.eval.metric,
-                "decoding": "greedy; max_new_tokens = longest reference + 16", **report_size.identity(c)}
+                "decoding": "greedy; max_new_tokens = longest reference + 16", **report_size.identity(c),
+                "costs": "prompt_tokens, seconds_per_query"}  # entries stored before the cost rows lack them
+
+    def retrieval_identity(self) -> dict[str, Any]:
+        """What the base + retrieval row depends on: the baselines' key with the selection's in place of the
+        fixed shots' (the collection's content, k, the retriever and the passages' template)."""
+        key = {k: v for k, v in self.baseline_identity().items() if k != "few_shot"}
+        return {**key, "retrieval": self.retrieved.identity}
 
     def baselines(self, base: nnx.Module) -> dict[str, TaskResult]:
-        """Base zero-shot and k-shot prompted results on the eval split (cached in baselines.json and in
-        $FTJAX_CACHE under `baseline_identity`, so another workdir on the same base and data reuses them)."""
+        """Base zero-shot, k-shot prompted and + retrieval results on the eval split (cached in the workdir and in
+        $FTJAX_CACHE under `baseline_identity` / `retrieval_identity`, so another workdir on the same base and
+        data reuses them)."""
         if not self.has_task:
             return {}
-        path = self.workdir / BASELINES_NAME
-        key = self.baseline_identity()
-        saved = json.loads(path.read_text()) if path.is_file() else {}
-        if everywhere(saved.get("key") == key):
-            self._say_cached("workdir")
-            return {k: TaskResult.from_json(v) for k, v in saved["results"].items()}
-        results = shared_cache.lookup("baselines", key)
-        if everywhere(results is not None):
-            self._say_cached("$FTJAX_CACHE")
-        else:
+        shots = f" and {len(self.shots)}-shot prompted" if self.shots else ""
+
+        def prompts() -> dict[str, TaskResult]:
             out = {"base": self._task(base, which="base model")}
             if self.shots:
                 out["prompted"] = self._task(base, self.shots, which="base model prompted")
-            results = {k: v.to_json() for k, v in out.items()}
+            return out
+
+        results = self._cached(BASELINES_NAME, "baselines", self.baseline_identity(), prompts, f"base model{shots}")
+        if self.retrieved is not None:
+            results.update(self._cached(
+                RETRIEVAL_NAME, "retrieval_baseline", self.retrieval_identity(),
+                lambda: {"retrieval": self._task(base, which="base model + retrieval", prompt_of=self.retrieved)},
+                "base model + retrieval"))
+        return results
+
+    def _cached(self, name: str, kind: str, key: dict[str, Any], compute, what: str) -> dict[str, TaskResult]:
+        """`compute()`'s results, read from WORKDIR/name or $FTJAX_CACHE/kind when stored under `key`, else stored."""
+        path = self.workdir / name
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        if everywhere(saved.get("key") == key):
+            self._say_cached(what, "workdir")
+            return {k: TaskResult.from_json(v) for k, v in saved["results"].items()}
+        results = shared_cache.lookup(kind, key)
+        if everywhere(results is not None):
+            self._say_cached(what, "$FTJAX_CACHE")
+        else:
+            results = {k: v.to_json() for k, v in compute().items()}
             if self.write:
-                shared_cache.store("baselines", key, results)
+                shared_cache.store(kind, key, results)
         if self.write:
             write_atomic(path, json.dumps({"key": key, "results": results}))
         return {k: TaskResult.from_json(v) for k, v in results.items()}
 
-    def _say_cached(self, where: str) -> None:
+    def _say_cached(self, what: str, where: str) -> None:
         if self.write:
-            shots = f" and {len(self.shots)}-shot prompted" if self.shots else ""
-            print(f"eval: base model{shots} results: cached ({where})", flush=True)
+            print(f"eval: {what} results: cached ({where})", flush=True)
 
     def track(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1) -> dict[str, float]:
         """The metrics to log at an eval step: task_<score> for each eval.metric score, kl_to_base,
@@ -214,10 +260,13 @@ class Evaluation:
             with _phase(f"{h.about}, base and fine-tuned"):
                 section = {"base": h.measure(base), "finetuned": h.measure(model)}
             held_out = {"key": h.key, "section": section, "rows": h.table(section), "about": h.about}
+        c = self.config
         results = dict(self.baselines(base))
         if task is not None:
             results["finetuned"] = task
-        c = self.config
+            if self.retrieved is not None and report_size.tuned_retrieval(c):
+                results["finetuned_retrieval"] = self._task(model, which="fine-tuned model + retrieval",
+                                                            prompt_of=self.retrieved)
         run = {"steps": c.train.steps, "lr": c.optim.lr, "batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
                "lora_rank": (method_for(c.method, c.lora).describe() or {}).get("rank")}
         extra = dict(extra_meta or {})
@@ -227,6 +276,10 @@ class Evaluation:
         meta = {"step": step, "model": c.model.path, "method": c.method, "objective": c.objective,
                 "metric": c.eval.metric,
                 "few_shot": len(self.shots), "run": run, **extra}
+        if self.has_task:  # where the cost rows' seconds were measured
+            meta["devices"] = devices_in_words()
+        if self.retrieved is not None:
+            meta["retrieval"] = self.retrieved.describe()
         if c.train.frozen_quant != "none":  # "base" is the model as trained against: the quantized one
             where = ("every linear but the head" if c.train.frozen_quant_scope == "all_linears"
                      else f"the LoRA targets {c.lora.targets}")

@@ -8,7 +8,8 @@ prompted and fine-tuned models are compared on the same tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from flax import nnx
@@ -36,6 +37,8 @@ class TaskResult:
     prompts: list[Turns]
     references: list[str]
     loss_n: int | None = None  # examples behind eval_loss: every eval record, as the live eval (n: generated)
+    prompt_tokens: float | None = None  # mean tokens of a prompt as the model reads it (chat template included)
+    seconds_per_query: float | None = None  # wall time generating the n replies (batched) / n
 
     def sample(self, i: int = 0) -> dict[str, Any]:
         """One example as the report shows it: the last prompt turn, the reference and the reply."""
@@ -103,13 +106,16 @@ def default_max_new_tokens(tokenizer: Any, references: Sequence[str], margin: in
 
 def evaluate_task(model: nnx.Module, tokenizer: Any, records: Sequence[Any], metric: str = "exact", *,
                   max_examples: int = 200, shots: Sequence[Record] = (), batch_size: int = 32,
-                  max_new_tokens: int | None = None, with_loss: bool = True, loss_on_all: bool = True) -> TaskResult:
+                  max_new_tokens: int | None = None, with_loss: bool = True, loss_on_all: bool = True,
+                  prompt_of: Callable[[int, Turns], Turns] | None = None) -> TaskResult:
     """Score greedy replies to the first `max_examples` eval records by `metric` (see scorers.py); the
     reference loss is over every record, the examples the training loop's eval loss is measured on (with
     `loss_on_all=False`: over the scored examples only, as a quick report measures it).
 
     `shots` (train records, see `pick_shots`) are prepended as earlier chat turns: the few-shot prompted
-    baseline. `max_new_tokens` defaults to the longest reference + 16 tokens.
+    baseline. `prompt_of(i, prompt)` instead gives each eval record's own prompt (i: its index in `records`), e.g.
+    its retrieved examples or passages (ftjax.evaluation.retrieval). `max_new_tokens` defaults to the longest
+    reference + 16 tokens. The result also holds what a query costs: mean prompt tokens and generation seconds.
     """
     all_recs = [as_record(r, f"eval:{i}") for i, r in enumerate(records)]
     recs = all_recs[:max_examples] if max_examples else all_recs
@@ -118,17 +124,22 @@ def evaluate_task(model: nnx.Module, tokenizer: Any, records: Sequence[Any], met
         raise ValueError("evaluate_task needs at least one eval record")
     all_pairs = [split_reply(r) for r in all_recs]
     pairs = all_pairs[:len(recs)]
-    prompts = [few_shot_turns(p, shots) for p, _ in pairs]
+    asked = prompt_of or (lambda i, prompt: few_shot_turns(prompt, shots))
+    all_prompts = [asked(i, p) for i, (p, _) in enumerate(all_pairs)]
+    prompts = all_prompts[:len(recs)]
     references = [ref for _, ref in pairs]
     budget = max_new_tokens or default_max_new_tokens(tokenizer, references)
+    start = time.perf_counter()
     replies = generate_replies(model, tokenizer, prompts, max_new_tokens=budget, batch_size=batch_size)
+    seconds = (time.perf_counter() - start) / len(prompts)
+    prompt_tokens = float(np.mean([len(encode_chat(tokenizer, as_messages(p))) for p in prompts]))
     score = make_scorer(metric)
     per_example = [score(reply, ref) for reply, ref in zip(replies, references)]
     means = {k: float(np.mean([s[k] for s in per_example])) for k in per_example[0]}
     loss = None
     if with_loss:
-        all_prompts = [few_shot_turns(p, shots) for p, _ in all_pairs]
         sums = teacher_forced(model, reference_sequences(tokenizer, all_prompts, [r for _, r in all_pairs]))
         loss = TokenSums.mean(sums.nll, sums.tokens)
     return TaskResult(means, loss, len(recs), replies, per_example, prompts, references,
-                      loss_n=len(all_recs) if with_loss else None)
+                      loss_n=len(all_recs) if with_loss else None, prompt_tokens=prompt_tokens,
+                      seconds_per_query=seconds)
