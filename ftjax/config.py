@@ -128,7 +128,9 @@ def default_config() -> ml_collections.ConfigDict:
         # scores of greedy replies on the eval split, comma-separated: exact | json_valid | contains | regex |
         # regex:PATTERN (last) | a task scorer such as person_json (see ftjax/scorer_names.py)
         metric="exact",
-        few_shot=3,  # k train examples as prior chat turns for the prompted baseline; 0 = no prompted baseline
+        # k: train examples as prior chat turns for the prompted baseline (the same k for every question), and what
+        # the retrieval rows retrieve per question (the k most similar by BM25); 0 = neither row
+        few_shot=3,
         # JSONL of {"id", "text"} documents: the retrieval rows put the k (eval.few_shot) passages most similar to
         # each question into its prompt (RAG); empty = they retrieve the k most similar train examples instead
         documents=config_dict.placeholder(str),
