@@ -208,3 +208,39 @@ def test_errors_are_one_line_and_exit_2(case, tmp_path):
               "reward raises": "reward grpo_rewards:boom raised ZeroDivisionError: the reward's own bug on example 0",
               "no prompts": f"{data if case == 'no prompts' else ''}:1: record has no prompt"}[case]
     assert expect in lines[0], lines
+
+
+@pytest.mark.slow  # compiles two train steps (~30 s here)
+def test_under_lora_generation_and_the_step_take_the_same_arrays_and_no_reference_copy(monkeypatch):
+    from ftjax.objectives import rollouts
+    from ftjax.objectives.terms import cross_entropy
+    from ftjax.train.compose import loss_terms
+    from ftjax.train.step import make_train_step
+
+    c = _config(beta=0.1)  # the KL reads the reference: LoRA's adapters off, no copy
+    hand = Hand(c)
+    seen = []
+    real = rollouts.generate_tokens
+    monkeypatch.setattr(rollouts, "generate_tokens", lambda model, *a, **k: seen.append(nnx.state(model)) or
+                        real(model, *a, **k))
+    parts = compose(c, devices=jax.devices()[:1])  # one device: the argument bytes are the whole step's
+    setup = build_state(parts)
+    state = setup.state
+    s = sample(state.graphdef, state.trainable, state.frozen, [list(hand.prompts[0].tokens)] * G, seed=0,
+               max_new_tokens=NEW, eos_ids=hand.objective.eos, pad_id=hand.objective.pad, temperature=T)
+    # generation reads the very arrays the step takes: every leaf of its model is one of theirs, none is new
+    ours = {id(x) for x in jax.tree.leaves((state.trainable, state.frozen))}
+    assert [id(x) for x in jax.tree.leaves(seen[0])] and all(id(x) in ours for x in jax.tree.leaves(seen[0]))
+    assert len(jax.tree.leaves(seen[0])) == len(ours)
+
+    from ftjax.objectives.rollout_rows import pack_rollouts
+
+    rows = pack_rollouts(s.prompts, s.completions, np.ones(G), c.data.seq_len, rows=c.train.batch_size)
+    args = (state.trainable, state.opt_state, state.frozen, rows, jax.random.key(0))
+    sft = make_train_step(state, setup.optimizer, parts.mesh, terms=[cross_entropy(c.train.loss_chunk)],
+                          rules=setup.rules)
+    grpo = make_train_step(state, setup.optimizer, parts.mesh, terms=loss_terms(parts), rules=setup.rules)
+    sft_args = sft.lower(*args).compile().memory_analysis().argument_size_in_bytes
+    grpo_args = grpo.lower(*args).compile().memory_analysis().argument_size_in_bytes
+    # the same weights, optimizer state and rows; the rollout batch adds its advantages only (no weight copy)
+    assert grpo_args - sft_args == rows["advantages"].nbytes
