@@ -83,6 +83,7 @@ class Grpo(Objective):
         self.eos = stop_ids(types.SimpleNamespace(config=model_config(run.model.path)), tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos[0] if self.eos else 0)
         self.seq_len, self.chunk = int(d.seq_len), int(run.schedule.loss_chunk)
+        self.max_examples = int(run.config.eval.max_examples)  # held-out prompts the report's reward rows read
         # the loop's held-out loss reads packed eval rows; GRPO's held-out measure is the report's reward rows
         return types.SimpleNamespace(train=self.data.train, eval=None, summary=self._summary(self.data.summary))
 
@@ -121,7 +122,7 @@ class Grpo(Objective):
         return {**super().memory(shapes, reference), "rollout_kv_cache": int(cache)}
 
     def report_rows(self, eval_rows: Any, batch_size: int, loss_chunk: int) -> ReportRows | None:
-        held_out = self.data.eval if self.data is not None else None
+        held_out = self.data.eval[:self.max_examples] if self.data is not None and self.data.eval else None
         if not held_out:
             return None
         args = (self.rewards, self.tokenizer, self.eos, self.pad, int(self.rl.max_new_tokens))
