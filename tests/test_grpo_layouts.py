@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 
 STEPS = 4
 RTOL = 1e-5  # ARCHITECTURE.md: the same loss to within float tolerance across process layouts
+# the GRPO loss is a mean of per-token terms of the advantages' scale (~0.1-1) that cancel to ~1e-4: 1e-5 of that
+# scale, absolute
+ATOL = 1e-6
 COMPARED = ("loss", "reward", "reward_std", "completion_length", "entropy", "kl", "clip_ratio", "frac_reward_zero_std")
 FLAGS = ("--config.objective=grpo", "--config.rl.num_generations=4", "--config.rl.prompts_per_step=2",
          "--config.rl.max_new_tokens=8", "--config.rl.num_iterations=2", "--config.rl.beta=0.1",
@@ -65,7 +68,7 @@ def test_rollouts_and_losses_do_not_depend_on_the_layout(layouts, layout):
         for key in COMPARED:
             assert (key in one[step]) == (key in other[step]), (step, key)
             if key in one[step]:
-                np.testing.assert_allclose(other[step][key], one[step][key], rtol=RTOL, atol=1e-7,
+                np.testing.assert_allclose(other[step][key], one[step][key], rtol=RTOL, atol=ATOL,
                                            err_msg=f"step {step} {key}")
 
 
