@@ -15,3 +15,8 @@ def vowels(prompt: str, completion: str, example: dict) -> float:
 def boom(prompt: str, completion: str, example: dict) -> float:
     """Raises on every completion (the error path)."""
     raise ZeroDivisionError("the reward's own bug")
+
+
+def parity(prompt: str, completion: str, example: dict) -> float:
+    """1 for an even number of characters: a coarse reward, so some groups score all alike."""
+    return float(len(completion) % 2 == 0)

@@ -22,7 +22,7 @@ from ftjax.objectives.rollouts import sample
 from ftjax.train.compose import compose
 from ftjax.train.loop import run
 from ftjax.train.setup import build_state
-from grpo_rewards import chars, vowels
+from grpo_rewards import chars, parity, vowels
 from loop_helpers import ROOT, load_config, metrics, said, script_env
 
 TOL = 1e-4  # fp32, a whole model
@@ -64,15 +64,17 @@ class Hand:
         state = build_state(parts).state
         self.graphdef, self.start, self.frozen = state.graphdef, jax.device_get(state.trainable), state.frozen
 
-    def rollout(self, trainable, rollout: int = 0):
+    def rollout(self, trainable, rollout: int = 0, draw: int = 0, first: int = 0, groups: int = G,
+                rewards=(chars, vowels)):
+        """The completions drawn from prompts [first, first + P) of the run's order, and their rewards [N, F]."""
         order = prompt_order(len(self.prompts), self.c.seed, 0)
-        chosen = [self.prompts[int(i)] for i in order[rollout * P:(rollout + 1) * P]]
-        s = sample(self.graphdef, trainable, self.frozen, [p.tokens for p in chosen for _ in range(G)],
-                   seed=sampler_seed(self.c.seed, rollout, 0), max_new_tokens=NEW, eos_ids=self.objective.eos,
+        chosen = [self.prompts[int(i)] for i in order[first:first + P]]
+        s = sample(self.graphdef, trainable, self.frozen, [p.tokens for p in chosen for _ in range(groups)],
+                   seed=sampler_seed(self.c.seed, rollout, draw), max_new_tokens=NEW, eos_ids=self.objective.eos,
                    pad_id=self.objective.pad, temperature=T)
         texts = [self.tokenizer.decode([t for t in c if t not in self.objective.eos], skip_special_tokens=True)
                  for c in s.completions]
-        return s, np.array([[chars("", t, {}), vowels("", t, {})] for t in texts])
+        return s, np.array([[r("", t, {}) for r in rewards] for t in texts])
 
     def logps(self, trainable, s, temperature=T, as_jax=False):
         """Per completion, log p of its tokens from full logits of prompt + completion alone (numpy, or jax)."""
@@ -244,3 +246,47 @@ def test_under_lora_generation_and_the_step_take_the_same_arrays_and_no_referenc
     grpo_args = grpo.lower(*args).compile().memory_analysis().argument_size_in_bytes
     # the same weights, optimizer state and rows; the rollout batch adds its advantages only (no weight copy)
     assert grpo_args - sft_args == rows["advantages"].nbytes
+
+
+@pytest.mark.slow  # a training step and the re-drawn rollouts (~1 min here)
+def test_dynamic_sampling_keeps_informative_groups_and_rloo_is_leave_one_out(tmp_path):
+    c = _config(steps=1, num_generations=2, dynamic_sampling=True, max_draws=3, baseline="rloo",
+                loss_type="grpo", rewards="grpo_rewards:parity")
+    c.optim.name, c.optim.lr, c.optim.momentum, c.optim.clip_norm = "sgd", 1.0, 0.0, 0.0
+    c.optim.schedule, c.optim.warmup_steps = "constant", 0
+    weights = _train(c, tmp_path)
+    row = metrics(tmp_path)[0]
+    hand = Hand(c)
+    kept, drawn = [], 0
+    while len(kept) < P and drawn < c.rl.max_draws:  # numpy's dynamic sampling over the re-drawn draws
+        s, scores = hand.rollout(hand.start, draw=drawn, first=drawn * P, groups=2, rewards=(parity,))
+        for i in range(P):
+            group = slice(2 * i, 2 * i + 2)
+            if scores[group, 0].max() > scores[group, 0].min():
+                kept.append((s.prompts[group], s.completions[group], scores[group, 0]))
+        drawn += 1
+    assert row["draws"] == drawn > 1  # this seed draws an all-alike group first
+    kept = kept[:P]
+    assert len(kept) == P
+    rewards = np.concatenate([r for _, _, r in kept])
+    assert row["reward"] == pytest.approx(rewards.mean(), rel=1e-6) and row["frac_reward_zero_std"] == 0.0
+    # RLOO: r_i minus the mean of the other completions of its prompt (G = 2: the other one)
+    adv = np.concatenate([r - r[::-1] for _, _, r in kept])
+    completions = [x for _, cs, _ in kept for x in cs]
+    prompts = [x for ps, _, _ in kept for x in ps]
+
+    class Kept:  # the kept rollouts as `Hand.logps` reads them
+        pass
+
+    k = Kept()
+    k.prompts, k.completions = prompts, completions
+
+    def surrogate(trainable):  # grpo: each completion's token mean, averaged over completions; ratio 1
+        logps = hand.logps(trainable, k, as_jax=True)
+        return -sum(a * jax.numpy.mean(lp) for a, lp in zip(adv, logps)) / len(completions)
+
+    want = jax.grad(surrogate)(hand.start)
+    got = jax.tree.map(lambda before, after: before - after, hand.start, weights[1])
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(want))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=TOL, atol=TOL * scale)
