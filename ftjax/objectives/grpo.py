@@ -10,6 +10,7 @@ base vs tuned, beside the task scores and the forgetting table.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any
 
@@ -19,7 +20,6 @@ from flax import nnx
 from ftjax.api import model_config
 from ftjax.data.prompts import Prompt, PromptData, prompt_datasets
 from ftjax.data.records import Fields
-from ftjax.data.summary import DataSummary
 from ftjax.errors import ConfigError
 from ftjax.generate import generate_tokens, stop_ids
 from ftjax.objectives.grpo_loss import GrpoLoss
@@ -85,11 +85,7 @@ class Grpo(Objective):
         self.seq_len, self.chunk = int(d.seq_len), int(run.schedule.loss_chunk)
         self.max_examples = int(run.config.eval.max_examples)  # held-out prompts the report's reward rows read
         # the loop's held-out loss reads packed eval rows; GRPO's held-out measure is the report's reward rows
-        return types.SimpleNamespace(train=self.data.train, eval=None, summary=self._summary(self.data.summary))
-
-    def _summary(self, summary: DataSummary) -> DataSummary:
-        summary.train_rows = 0
-        return summary
+        return dataclasses.replace(self.data, eval=None)
 
     def bind_policy(self, graphdef: nnx.GraphDef, frozen: Any) -> None:
         self.policy = (graphdef, frozen)

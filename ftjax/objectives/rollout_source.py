@@ -109,7 +109,8 @@ class RolloutBatches:
         return self.device_batch
 
     def metrics(self, trainable: Any) -> dict[str, float]:
-        """This step's rollout figures, and its training time (waits for the step's weights)."""
+        """This step's rollout figures, and its training time: from the batch handed over to the step's weights
+        ready (the first step's includes compiling the step)."""
         jax.block_until_ready(trainable)
         train_s = time.perf_counter() - self._returned
         return {**self._metrics, "train_s": train_s, "train_tokens_per_s": self._tokens / max(train_s, 1e-9)}
