@@ -5,7 +5,9 @@ rewarded field by field (`json_fields`: the share of name / age / job / city the
 
 Each step samples 8 completions for each of 4 train prompts with the current weights, scores them on the host and
 takes one optimizer step (DAPO's token-level loss, no KL). From the SFT workdir instead of the base:
-`--config.model.path=runs/smollm2_lora_demo`. Measured figures: README.md (GRPO section).
+`--config.model.path=runs/smollm2_lora_demo`. Measured on the shared 2-core CPU at a load of 16-33 (2026-12-07,
+README.md's GRPO section): 12 steps in 57 min, then the report; on 50 held-out prompts exact match 0% -> 66%,
+mean reward 0.165 -> 0.850.
 """
 
 from ftjax.config import DEFAULT_MODEL, default_config

@@ -2,8 +2,8 @@
 for the same seed, cut after their EOS; their log-probs and entropies are those of the distribution each token was
 drawn from (the generation's logits at the temperature) and those of an unpacked full-logits forward pass."""
 
-import pytest
 import numpy as np
+import pytest
 from flax import nnx
 
 from ftjax.api import load_model
