@@ -54,6 +54,8 @@ class BatchTerm:
     reads_reference: bool = False
     normalizer: Callable[[dict], jax.Array] | None = None
     metrics: tuple[str, ...] = ()
+    # what `metrics` are divided by instead of `normalizer` (a token mean beside a per-completion loss)
+    metric_normalizer: Callable[[dict], jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
