@@ -131,6 +131,9 @@ def default_config() -> ml_collections.ConfigDict:
         few_shot=3,  # k train examples as prior chat turns for the prompted baseline; 0 = no prompted baseline
         # the after-training report's size: full | quick (20 eval examples, eval loss on those) | none
         report="full",
+        # the eval-loss rows' examples: scored (the task rows' max_examples, each model on the same ones) | all
+        # (every eval record, as the training loop's eval loss; several times the report's scoring cost)
+        loss_examples="scored",
     )
     c.forget = dict(
         retain=config_dict.placeholder(str),  # retain-set JSONL forgetting is measured on; empty = bundled prompts
@@ -189,6 +192,7 @@ _CHOICES = {
     "train.frozen_quant": ("none", "int8", "nf4", "gguf"),
     "train.frozen_quant_scope": ("lora_targets", "all_linears"),
     "eval.report": ("full", "quick", "none"),  # ftjax/evaluation/report_size.py
+    "eval.loss_examples": ("scored", "all"),
 }
 
 _AT_LEAST_1 = (lambda v: v >= 1, "be >= 1")
