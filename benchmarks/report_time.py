@@ -9,6 +9,13 @@ install would otherwise import one tree twice).
       [--variants=before:full,after:full,after:quick]
 
 Prints a table: report seconds per variant, and the after tree's per-phase times (report.json's meta.phases).
+
+`--whole_run`: each tree runs the whole `scripts/train.py` (training, then the report) from scratch in its own
+workdir and its own empty $FTJAX_CACHE (a first run: the task data, the base's results, e.g. a fresh NF4 base,
+all computed), the trees at the same time so one load falls on both; prints wall, training and report seconds:
+
+  .venv/bin/python benchmarks/report_time.py --whole_run --before=/tmp/before --after=. \
+      --config=configs/smollm2_135m_qlora.py --steps=4 --out=runs/qlora_time.json
 """
 
 from __future__ import annotations
@@ -52,6 +59,32 @@ def _report(tree: Path, workdir: Path, size: str, data_cache: Path) -> dict:
     return {"s": seconds, "phases": meta.get("phases")}
 
 
+def _whole_runs(args, trees: dict[str, Path], config: str) -> dict[str, dict]:
+    """Every tree's whole train.py run started together (same load); wall seconds, and the report's own."""
+    started, procs, tmp = {}, {}, Path(tempfile.mkdtemp(prefix="whole_run_"))
+    for name, tree in trees.items():
+        workdir, cache = tmp / name / "run", tmp / name / "cache"
+        cache.mkdir(parents=True)
+        cmd = [sys.executable, str(tree / "scripts" / "train.py"), f"--config={config}", f"--workdir={workdir}",
+               f"--config.train.steps={args.steps}"]
+        log = open(tmp / f"{name}.log", "w")
+        started[name] = time.perf_counter()
+        procs[name] = (subprocess.Popen(cmd, env=_env(tree, cache), cwd=tree, stdout=log, stderr=subprocess.STDOUT),
+                       workdir)
+    out = {}
+    for name, (proc, workdir) in procs.items():
+        proc.wait()
+        wall = time.perf_counter() - started[name]
+        meta = json.loads((workdir / "report.json").read_text()).get("meta", {}) if proc.returncode == 0 else {}
+        run = meta.get("run", {})
+        out[name] = {"rc": proc.returncode, "wall_s": wall, "loop_wall_s": run.get("wall_s"),
+                     "report_s": run.get("report_s"), "phases": meta.get("phases"), "load_avg": os.getloadavg(),
+                     "log": str(tmp / f"{name}.log")}
+        print(f"{name}: rc {proc.returncode}, {wall:.1f} s wall (report {run.get('report_s') or 0:.1f} s), "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return out
+
+
 def _write(args, runs: dict) -> None:
     record = {"command": " ".join(sys.argv), "config": args.config, "steps": args.steps, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +100,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--variants", default="before:full,after:full,after:quick", help="TREE:SIZE, comma-separated")
     ap.add_argument("--out", default="runs/report_time.json")
+    ap.add_argument("--whole_run", action="store_true", help="time each tree's whole train.py run, side by side")
     args = ap.parse_args()
     before, after = Path(args.before).resolve(), Path(args.after).resolve()
     config = str((after / args.config).resolve())
+    if args.whole_run:
+        _write(args, _whole_runs(args, {"before": before, "after": after}, config))
+        return
     data_cache = Path(os.environ.get("FTJAX_CACHE", Path.home() / ".cache" / "ftjax"))
     trees = {"before": before, "after": after}
     variants = [(name, trees[name], size) for name, size in (v.split(":") for v in args.variants.split(","))]

@@ -154,6 +154,9 @@ def default_config() -> ml_collections.ConfigDict:
         documents=config_dict.placeholder(str),
         # the after-training report's size: full | quick (20 eval examples, eval loss on those) | none
         report="full",
+        # the eval-loss rows' examples: scored (the task rows' max_examples, each model on the same ones) | all
+        # (every eval record, as the training loop's eval loss; several times the report's scoring cost)
+        loss_examples="scored",
     )
     c.forget = dict(
         retain=config_dict.placeholder(str),  # retain-set JSONL forgetting is measured on; empty = bundled prompts
@@ -215,6 +218,7 @@ _CHOICES = {
     "rl.loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "rloo"),
     "rl.baseline": ("group", "rloo"),
     "rl.scale_rewards": ("group", "batch", "none"),
+    "eval.loss_examples": ("scored", "all"),
 }
 
 _AT_LEAST_1 = (lambda v: v >= 1, "be >= 1")

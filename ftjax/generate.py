@@ -134,13 +134,15 @@ def _generate(graphdef, state, input_ids, segment_ids, positions, lengths, eos_i
 
 def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                     eos_ids: int | Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, seed: int = 0, return_logits: bool = False
-                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                    top_p: float = 1.0, top_k: int = 0, seed: int = 0, return_logits: bool = False,
+                    pad_to: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Token-level batched generation (the API eval uses).
 
     Returns int32 [B, max_new_tokens]: each row's new tokens, its EOS included, then `pad_id`.
     With `return_logits`, also the fp32 logits each token was chosen from, [B, max_new_tokens, V].
     `temperature == 0` is greedy; otherwise samples after top-k / top-p filtering, seeded by `seed`.
+    `pad_to`: the prompts' padded length (default: the longest's bucket); a caller that generates several
+    batches passes one length for all, so they share one compile with less padding than a bucket.
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -151,7 +153,7 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     greedy = temperature == 0.0
     with split_rows(state) as split:  # rows over the mesh's batch axes; extra rows repeat the last prompt
         extra = [prompts[-1]] * (split.rows(len(prompts)) - len(prompts)) if len(prompts) else []
-        batch = left_pad([*prompts, *extra], pad_id)
+        batch = left_pad([*prompts, *extra], pad_id, pad_to)
         tokens, logits = _generate(
             graphdef, state, *split.put(batch.input_ids, batch.segment_ids, batch.positions, batch.lengths), eos,
             np.int32(pad_id), jax.random.key(seed), np.float32(temperature if not greedy else 1.0),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -180,6 +181,39 @@ def test_base_results_are_shared_across_workdirs_by_content(run_config, tmp_path
     base_file.write_bytes(b"weights v2")
     assert recomputed(tmp_path / "run6") == every
     assert recomputed(tmp_path / "run7") == set()  # and now that identity is cached in turn
+
+
+def test_the_objectives_held_out_base_rows_are_shared_across_workdirs(run_config, tmp_path, monkeypatch, capsys):
+    """The base's held-out rows (e.g. a DPO base's preference accuracy) are measured once per base content,
+    held-out data and objective settings, then read from $FTJAX_CACHE by every other workdir, identical."""
+    from ftjax.evaluation.base import base_view
+    from ftjax.objectives import ReportRows
+
+    monkeypatch.setenv("FTJAX_CACHE", str(tmp_path / "cache"))
+    tok, model = tiny_tokenizer(), lora_model()
+    ids = np.arange(2, 12, dtype=np.int32)[None]
+    measured = []
+
+    def measure(m):  # the model's mean log-prob of a fixed sequence: differs between base and tuned
+        logp = np.asarray(jax.nn.log_softmax(m(ids, np.arange(10, dtype=np.int32)[None], np.ones_like(ids))))[0, :-1]
+        measured.append(1)
+        return {"logp": float(np.mean(logp[np.arange(9), ids[0, 1:]]))}
+
+    rows = ReportRows("toy", measure, lambda section: [], "toy log-prob", lambda m: {})
+    base = base_view(model)
+    first = Evaluation(run_config, tok, tmp_path / "run1", write=True, held_out=rows)._held_out_base(base)
+    capsys.readouterr()
+    again = Evaluation(run_config, tok, tmp_path / "run2", write=True, held_out=rows)._held_out_base(base)
+    assert again == first and len(measured) == 1 and "toy log-prob: cached ($FTJAX_CACHE)" in capsys.readouterr().out
+    assert first["logp"] != pytest.approx(measure(model)["logp"])  # the base, not the tuned model
+    measured.clear()
+    run_config.pref.beta = 0.5  # the objective's own settings are part of the key
+    Evaluation(run_config, tok, tmp_path / "run3", write=True, held_out=rows)._held_out_base(base)
+    run_config.data.seq_len = 64
+    Evaluation(run_config, tok, tmp_path / "run4", write=True, held_out=rows)._held_out_base(base)
+    run_config.optim.lr = 1.0  # how the run trains is not
+    Evaluation(run_config, tok, tmp_path / "run5", write=True, held_out=rows)._held_out_base(base)
+    assert len(measured) == 2
 
 
 def test_report_contract_and_tables():

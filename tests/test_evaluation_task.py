@@ -128,7 +128,10 @@ def test_a_quick_report_scores_the_eval_loss_on_the_task_rows_examples():
     full = evaluate_task(model, tok, records, "exact", max_examples=2, max_new_tokens=4)
     assert (quick.n, quick.loss_n, full.loss_n) == (2, 2, 5)
     assert quick.eval_loss == pytest.approx(alone.eval_loss, abs=MODEL_TOL) and quick.scores == full.scores
-    c = default_config()
+    c = default_config()  # by default each model's eval loss is on the examples its task row scores
+    assert (report_size.max_examples(c), report_size.loss_on_all(c), report_size.identity(c)) == (
+        200, False, {"loss_examples": "scored"})
+    c.eval.loss_examples = "all"  # every eval record: the key cached results had before the default changed
     assert (report_size.max_examples(c), report_size.loss_on_all(c), report_size.identity(c)) == (200, True, {})
     c.eval.report = "quick"
     assert (report_size.max_examples(c), report_size.loss_on_all(c)) == (report_size.QUICK_EXAMPLES, False)

@@ -1,6 +1,8 @@
 """`eval.report`, one knob for the whole after-training report's size: `full` (every setting as configured),
 `quick` (task scores and every eval-loss row on the same first QUICK_EXAMPLES eval examples, without the fine-tuned
-+ retrieval row: minutes, not tens of minutes, on a CPU) or `none` (no report: training ends at its last save)."""
++ retrieval row: minutes, not tens of minutes, on a CPU) or `none` (no report: training ends at its last save).
+`eval.loss_examples` says which examples the eval-loss rows are measured on: `scored` (the task rows' own, the
+default) or `all`."""
 
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ def max_examples(c: Any) -> int:
 
 
 def loss_on_all(c: Any) -> bool:
-    """Whether the eval-loss rows cover every eval example (full) or the task rows' examples only (quick)."""
-    return c.eval.report != "quick"
+    """Whether the eval-loss rows cover every eval example (`eval.loss_examples=all` in a full report) or the
+    task rows' examples only (each baseline scored on what it is compared on)."""
+    return c.eval.report != "quick" and c.eval.get("loss_examples", "scored") == "all"
 
 
 def tuned_retrieval(c: Any) -> bool:
@@ -30,8 +33,11 @@ def tuned_retrieval(c: Any) -> bool:
 
 
 def identity(c: Any) -> dict[str, Any]:
-    """What a quick report adds to the cached baselines' key (a full report's key stays as it was)."""
-    return {"report": "quick", "max_examples": max_examples(c)} if c.eval.report == "quick" else {}
+    """What the report's size adds to the cached baselines' key (a full report over every example keeps the
+    key it always had, so results cached before stay valid)."""
+    if c.eval.report == "quick":
+        return {"report": "quick", "max_examples": max_examples(c)}
+    return {} if loss_on_all(c) else {"loss_examples": "scored"}
 
 
 def reports(c: Any) -> bool:

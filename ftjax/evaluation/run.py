@@ -41,6 +41,9 @@ from ftjax.platform import platform_of
 
 BASELINES_NAME = "baselines.json"
 RETRIEVAL_NAME = "retrieval_baseline.json"  # the base + retrieval row, cached apart (its own key)
+# config groups that describe the run, not how a base result is measured (every other group, e.g. `pref`, is an
+# objective's own settings and joins the key of the base's cached held-out rows)
+_RUN_GROUPS = ("checkpoint", "data", "eval", "forget", "lora", "mesh", "model", "moe", "optim", "train")
 
 
 def _process_zero() -> bool:
@@ -231,6 +234,25 @@ class Evaluation:
         if self.write:
             print(f"eval: {what} results: cached ({where})", flush=True)
 
+    def _held_out_base(self, base: nnx.Module) -> dict:
+        """The objective's held-out rows measured on the base (e.g. the DPO base's preference accuracy), shared
+        across workdirs in $FTJAX_CACHE like the baselines: keyed by the base's content, the held-out data's
+        content, the row length and the objective with its own settings group."""
+        c, h = self.config, self.held_out
+        own = {k: v.to_dict() for k, v in c.items() if k not in _RUN_GROUPS and hasattr(v, "to_dict")}
+        key = {**self._base_identity(), "held_out": h.key, "about": h.about, "objective": c.objective,
+               "settings": own, "seed": c.seed, "eval": shared_cache.data_content_id(c.data.eval),
+               "seq_len": c.data.seq_len}
+        found = shared_cache.lookup("held_out_base", key)
+        if everywhere(found is not None):
+            if self.write:
+                print(f"eval: base model's {h.about}: cached ($FTJAX_CACHE)", flush=True)
+            return found
+        measured = h.measure(base)
+        if self.write:
+            shared_cache.store("held_out_base", key, measured)
+        return measured
+
     def track(self, model: nnx.Module, base: nnx.Module | None = None, step: int = -1) -> dict[str, float]:
         """The metrics to log at an eval step: task_<score> for each eval.metric score, kl_to_base,
         retain_nll, qa_accuracy (see progress.py)."""
@@ -258,7 +280,7 @@ class Evaluation:
         if self.held_out is not None:
             h = self.held_out
             with _phase(f"{h.about}, base and fine-tuned"):
-                section = {"base": h.measure(base), "finetuned": h.measure(model)}
+                section = {"base": self._held_out_base(base), "finetuned": h.measure(model)}
             held_out = {"key": h.key, "section": section, "rows": h.table(section), "about": h.about}
         c = self.config
         results = dict(self.baselines(base))

@@ -20,9 +20,11 @@ from ftjax.data.retain import as_messages
 from ftjax.data.tokenize import tokenize_records
 from ftjax.evaluation.conversations import Turns, as_record, few_shot_turns, split_reply
 from ftjax.evaluation.scorers import make_scorer
-from ftjax.evaluation.token_stats import TokenSums, even_batches, teacher_forced
+from ftjax.evaluation.token_stats import TokenSums, even_batches, padded_length, teacher_forced
 from ftjax.generate import encode_chat, generate_tokens, stop_ids, trim
 from ftjax.logs import progress
+
+PROMPT_ALIGN = 16  # generation's prompt padding granule (tokens)
 
 
 @dataclasses.dataclass
@@ -59,21 +61,22 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
     """New tokens per prompt (EOS and padding included, `max_new_tokens` each) and the stop ids: greedy, or
     sampled at `temperature` (each batch with its own key from `seed`).
 
-    Prompts are sorted by length and split into equal batches (the last padded by repeats), so one compile
-    per length bucket serves a whole eval. The batch is bounded because the prefill's logits are
-    [batch, prompt bucket, vocab] fp32.
+    Prompts are sorted by length and split into equal batches (the last padded by repeats), all left-padded
+    to the longest prompt's length rounded up to PROMPT_ALIGN, so one compile serves a whole eval and the
+    prefill and KV cache carry little padding.
     """
     eos = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batches = even_batches(order, batch_size)
     rows: list[list[int]] = [[] for _ in prompt_ids]
+    pad_to = padded_length(max((len(p) for p in prompt_ids), default=1), PROMPT_ALIGN)
     with progress(len(prompt_ids), "prompt", "  generating") as bar:
         for k, idx in enumerate(batches):
             batch = [prompt_ids[i] for i in idx]
             batch += [batch[-1]] * (len(batches[0]) - len(batch))
             tokens = generate_tokens(model, batch, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad,
-                                     temperature=temperature, seed=(seed * 100_003 + k) % 2**31)
+                                     temperature=temperature, seed=(seed * 100_003 + k) % 2**31, pad_to=pad_to)
             for i, row in zip(idx, tokens):
                 rows[i] = [int(t) for t in row]
             bar.update(len(idx))

@@ -85,24 +85,24 @@ def _sums(graphdef, state, base_graphdef, base_state, input_ids, segment_ids, po
     return _chunked(h, hb, model.logits, base_logits_fn, targets, weights, chunk)
 
 
-def _measured(batch: dict[str, np.ndarray], chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The weighted positions of each row, left-aligned in [rows, k] (k bucketed; padding: position 0, weight
-    0), with their targets and weights, and the chunk to scan them by."""
+def _measured(batch: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The weighted positions of each row, left-aligned in [rows, k] (padding: position 0, weight 0), with
+    their targets and weights."""
     weights = batch["weights"]
     counts = (weights != 0).sum(axis=1)
-    k = _padded_length(max(int(counts.max()), 1), chunk)
     measured = np.zeros((weights.shape[0], k), np.int32)
     for j, row in enumerate(weights):
         where = np.flatnonzero(row)
         measured[j, :len(where)] = where
     valid = np.arange(k)[None, :] < counts[:, None]
     take = lambda x: np.where(valid, np.take_along_axis(x, measured, axis=1), 0).astype(x.dtype)
-    return measured, take(batch["targets"]), take(weights), min(chunk, k)
+    return measured, take(batch["targets"]), take(weights)
 
 
-def _padded_length(n: int, chunk: int) -> int:
-    """`n` rounded up to a bucket (a multiple of `chunk` past it), so a handful of shapes compile."""
-    return -(-bucket_length(n) // chunk) * chunk if n > chunk else bucket_length(n)
+def padded_length(n: int, chunk: int) -> int:
+    """`n` rounded up to a multiple of `chunk` (a power of two from 16 below it): one length serves a whole
+    call, and padding wastes less than a chunk a row (a power-of-two bucket wastes up to half of it)."""
+    return -(-n // chunk) * chunk if n > chunk else bucket_length(n)
 
 
 def even_batches(order: Sequence[int], max_batch: int) -> list[list[int]]:
@@ -134,7 +134,7 @@ def teacher_forced(model: nnx.Module, sequences: Sequences, *, base: nnx.Module 
     """Per-sequence NLL sums of `model` (and the base's NLL and KL(base ‖ model) when `base` is given).
 
     Sequences are sorted by length and split into equal batches of at most `batch_size` (the last padded
-    with empty rows), each padded to a length bucket, so a whole eval compiles a handful of shapes.
+    with empty rows), all padded to one length (`padded_length` of the longest), so a whole eval compiles once.
     """
     n = len(sequences)
     if any(len(ids) < 2 for ids, _ in sequences):
@@ -144,18 +144,21 @@ def teacher_forced(model: nnx.Module, sequences: Sequences, *, base: nnx.Module 
     out = {k: np.zeros(n, np.float64) for k in ("nll", "base_nll", "kl", "tokens")}
     order = sorted(range(n), key=lambda i: len(sequences[i][0]))
     batches = even_batches(order, batch_size)
+    # one shape for the whole call (as the train step's fixed rows): the longest sequence's length and the most
+    # measured positions, each rounded up, so scoring compiles once, not once per length bucket
+    length = padded_length(max((len(ids) - 1 for ids, _ in sequences), default=1), chunk)
+    k = padded_length(max((int(np.count_nonzero(t[1:])) for _, t in sequences), default=1), chunk)
+    c = min(chunk, k)
     with split_rows(state) as split, progress(n, "seq", "  scoring") as bar:  # minutes for hundreds on a CPU
         rows = split.rows(len(batches[0])) if batches else 0  # padding rows weigh 0
         for idx in batches:
-            longest = max(len(sequences[i][0]) - 1 for i in idx)
-            b = _batch([sequences[i] for i in idx], rows, _padded_length(longest, chunk))
-            measured, targets, weights, c = _measured(b, chunk)
+            b = _batch([sequences[i] for i in idx], rows, length)
+            measured, targets, weights = _measured(b, k)
             placed = split.put(b["input_ids"], b["segment_ids"], b["positions"], measured, targets, weights)
             nll, base_nll, kl = map(fetch, _sums(graphdef, state, base_graphdef, base_state, *placed, chunk=c))
-            k = len(idx)
-            out["nll"][idx], out["base_nll"][idx], out["kl"][idx] = nll[:k], base_nll[:k], kl[:k]
-            out["tokens"][idx] = b["weights"][:k].sum(axis=1)
-            bar.update(k)
+            m = len(idx)
+            out["nll"][idx], out["base_nll"][idx], out["kl"][idx] = nll[:m], base_nll[:m], kl[:m]
+            out["tokens"][idx] = b["weights"][:m].sum(axis=1)
+            bar.update(m)
     has_base = base is not None
     return TokenSums(out["nll"], out["tokens"], out["base_nll"] if has_base else None, out["kl"] if has_base else None)
-

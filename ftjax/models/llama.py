@@ -108,7 +108,9 @@ class ModelConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys/values [L, B, S, K, H] and the segment id of each slot (0 = empty)."""
+    """Per-layer keys/values [L, B, K, S, H] and the segment id of each slot (0 = empty). Heads before slots: a
+    layer's slice is already the batched [B, K] x [S, H] operand attention's dots take, where [B, S, K, H] made
+    XLA on CPU copy it transposed, keys and values, every layer of every decode step."""
 
     k: jax.Array
     v: jax.Array
@@ -117,7 +119,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         dt = jnp.dtype(cfg.dtype)
         return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch, max_len), jnp.int32),
                    jnp.zeros((), jnp.int32))
@@ -149,7 +151,7 @@ class DecoderLayer(nnx.Module):
         """Returns the new residual stream, the (k, v) caches (None without a cache) and the router
         logits [B, T, E] of a mixture-of-experts layer (None for a dense MLP).
 
-        `kv` = (k, v, layer): every layer's cache [L, B, S, K, H] and this layer's index. The new keys and
+        `kv` = (k, v, layer): every layer's cache [L, B, K, S, H] and this layer's index. The new keys and
         values are written into the stack in place (a scan carry), then this layer's slice is read: no
         per-layer cache copy in and out of the scan (the decode step's main memory traffic on CPU).
         """
@@ -157,11 +159,12 @@ class DecoderLayer(nnx.Module):
         h = self.input_layernorm(x_btd)
         q, k, v = self.self_attn.project_qkv(h, sin, cos, rngs[0:3])
         if kv is not None:
-            k_all, v_all, layer = kv
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, index, 0, 0))
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+            k_all, v_all, layer = kv  # [L, B, K, S, H]: heads before slots (see KVCache)
+            heads_first = lambda x, dt: jnp.swapaxes(x, 1, 2)[None].astype(dt)
+            k_all = jax.lax.dynamic_update_slice(k_all, heads_first(k, k_all.dtype), (layer, 0, 0, index, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, heads_first(v, v_all.dtype), (layer, 0, 0, index, 0))
+            k = jnp.swapaxes(jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False), 1, 2)
+            v = jnp.swapaxes(jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), 1, 2)
             kv = (k_all, v_all)
         attn = self.self_attn.attend(q, k, v, rows, window_index, rngs[3])
         sandwich = self.pre_feedforward_layernorm is not None
