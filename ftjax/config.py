@@ -315,10 +315,10 @@ def validate_for_model(c: ml_collections.ConfigDict, model_cfg) -> None:
                           f"{model_cfg.moe.num_experts} experts")
 
 
-def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Resolve `auto` values for this backend, then check every key's choices and range, then the keys that
-    depend on each other, before anything is compiled; the first problem as one line."""
-    resolve_auto(c)
+def validate(c: ml_collections.ConfigDict, platform: str | None = None) -> ml_collections.ConfigDict:
+    """Resolve `auto` values for `platform` (default: this process's backend), then check every key's choices and
+    range, then the keys that depend on each other, before anything is compiled; the first problem as one line."""
+    resolve_auto(c, platform)
     for key, choices in _CHOICES.items():
         value = get(c, key)
         if value not in choices:

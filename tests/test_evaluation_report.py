@@ -20,6 +20,7 @@ from ftjax.evaluation.report import check_report, contract_keys, format_tables
 from ftjax.evaluation.run import BASELINES_NAME, Evaluation
 from ftjax.lora import apply_lora
 from ftjax.models.llama import Llama
+from ftjax.train.compose import eval_settings
 from hf_helpers import tiny_tokenizer
 from train_helpers import TINY
 
@@ -63,7 +64,7 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     workdir = tmp_path / "run"
     tok = tiny_tokenizer()
     model = lora_model()
-    ev = Evaluation(run_config, tok, workdir, write=True)
+    ev = Evaluation(eval_settings(run_config), tok, workdir, write=True)
     assert ev.has_task and len(ev.shots) == 2
     from ftjax.evaluation.base import base_view
 
@@ -128,7 +129,7 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     cached = json.loads((workdir / BASELINES_NAME).read_text())
     cached["results"]["base"]["scores"]["exact"] = 0.123
     (workdir / BASELINES_NAME).write_text(json.dumps(cached))
-    again = Evaluation(run_config, tok, workdir, write=True).baselines(base_view(model))
+    again = Evaluation(eval_settings(run_config), tok, workdir, write=True).baselines(base_view(model))
     assert again["base"].scores["exact"] == 0.123
 
 
@@ -141,18 +142,18 @@ def test_base_results_are_shared_across_workdirs_by_content(run_config, tmp_path
     base_file.write_bytes(b"weights v1")
     run_config.model.path = str(base_file)
     tok, model = tiny_tokenizer(), lora_model()
-    first = Evaluation(run_config, tok, tmp_path / "run1", write=True).baselines(base_view(model))
+    first = Evaluation(eval_settings(run_config), tok, tmp_path / "run1", write=True).baselines(base_view(model))
     computed = []
     real_task = Evaluation._task
     monkeypatch.setattr(Evaluation, "_task", lambda self, *a, **k: computed.append(1) or real_task(self, *a, **k))
     capsys.readouterr()
-    second = Evaluation(run_config, tok, tmp_path / "run2", write=True).baselines(base_view(model))
+    second = Evaluation(eval_settings(run_config), tok, tmp_path / "run2", write=True).baselines(base_view(model))
     assert not computed and "results: cached ($FTJAX_CACHE)" in capsys.readouterr().out
     assert {k: v.to_json() for k, v in second.items()} == {k: v.to_json() for k, v in first.items()}
 
     def recomputed(workdir) -> bool:
         computed.clear()
-        Evaluation(run_config, tok, workdir, write=True).baselines(base_view(model))
+        Evaluation(eval_settings(run_config), tok, workdir, write=True).baselines(base_view(model))
         return len(computed) == 2  # base and prompted
 
     with open(run_config.data.train, "a") as f:  # the few-shot source changes (same path)
