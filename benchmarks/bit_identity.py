@@ -4,7 +4,8 @@ Each tree runs its own scripts/train.py with PYTHONPATH set to itself, from its 
 and data files (one CPU device, eval off); a run that already left its steps in OUT is not run again, so the
 trees can run at different times (one before a change, one after).
 
-  python benchmarks/bit_identity.py --before=/tmp/before26 --after=. --out=/tmp/bit26 [--runs=tiny_sft,tiny_dpo]
+  git -C REPO archive COMMIT | tar -x -C /tmp/before && echo COMMIT > /tmp/before/COMMIT   # each tree
+  python benchmarks/bit_identity.py --before=/tmp/before --after=/tmp/after --out=/tmp/bit [--runs=tiny_sft,tiny_dpo]
       [--only=before|after] [--steps=8]
 
 Runs: tiny_sft (configs/tiny_test.py), tiny_dpo (the same with objective=dpo on the tests' generated sum pairs),
@@ -18,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +61,8 @@ def train(tree: Path, name: str, steps: int, out: Path, label: str, pairs: tuple
         return losses(workdir)
     if name in CONTINUES:
         train(tree, CONTINUES[name], steps, out, label, pairs)
+    if workdir.exists():  # a run cut short (killed): started again from nothing, not resumed
+        shutil.rmtree(workdir)
     env = {**os.environ, "PYTHONPATH": str(tree), "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("XLA_FLAGS", None)  # one CPU device, XLA's default optimization level: as a user's CPU run
     cmd = [sys.executable, "scripts/train.py", f"--config={RECIPES[name]}", f"--workdir={workdir}",
@@ -74,9 +78,11 @@ def train(tree: Path, name: str, steps: int, out: Path, label: str, pairs: tuple
 
 
 def commit(tree: Path) -> str:
-    """The tree's git commit (a `git archive` export has none: then the name the caller gave it)."""
+    """The tree's git commit: a `git archive` export's COMMIT file (written by whoever exported it), else git's."""
+    if (tree / "COMMIT").is_file():
+        return (tree / "COMMIT").read_text().strip()
     done = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 and (tree / ".git").exists() else "(export)"
+    return done.stdout.strip() if done.returncode == 0 else "(unknown)"
 
 
 def main() -> None:
