@@ -285,11 +285,6 @@ def allow_choice(key: str, value: str) -> None:
         _CHOICES[key] = (*_CHOICES[key], value)
 
 
-def has_auto(c: ml_collections.ConfigDict) -> bool:
-    """Whether any AUTO_KEYS value is still `auto` (a config not composed into a run yet)."""
-    return any(get(c, key) == "auto" for key in AUTO_KEYS)
-
-
 def get(c: ml_collections.ConfigDict, key: str):
     """Value at a dotted key, or ConfigError naming the closest valid key."""
     node = c
