@@ -110,7 +110,8 @@ def test_moe_counts_every_expert_and_the_routed_activations(implementation, grou
     router_logits = 2 * tokens * 8 * 4
     backward = routed  # one layer's backward: the gradients of its routed buffers
     c.model.remat = "none"
-    assert estimate(compose(c), cfg, mesh)["activations"] == int(2 * (attention + routed) + logits + router_logits + backward)
+    assert estimate(compose(c), cfg, mesh)["activations"] == int(2 * (attention + routed) + logits + router_logits
+                                                                 + backward)
     c.model.remat = "minimal"
     gate_up = 2 * 32 * grouped_rows / tokens  # per token
     minimal = 3 * d + 64 + 2 * 32 + gate_up + 4 * 4

@@ -178,7 +178,8 @@ def test_only_process_0_prints_and_both_save_one_checkpoint(runs):
     c.mesh.data = -1  # this test process's 8 devices
     mesh = mesh_from_config(c.mesh)
     state = build_state(compose(c), mesh).state
-    data = data_lib.build_datasets(data_spec(c), load_tokenizer(c.model.path), vocab_size=model_config(c.model.path).vocab_size)
+    data = data_lib.build_datasets(data_spec(c), load_tokenizer(c.model.path),
+                                   vocab_size=model_config(c.model.path).vocab_size)
     sums = make_eval_loss(state.graphdef, c.train.loss_chunk)
     for name in ("two", "one"):
         ckpt = Checkpoints(root / name)

@@ -106,7 +106,8 @@ def _step_inputs(c, mesh=None):
     config_lib.validate(c)
     mesh = mesh or mesh_from_config(c.mesh)
     setup = build_state(compose(c), mesh)
-    data = build_preference_datasets(data_spec(c), pretrained_tokenizer(c.model.path), vocab_size=setup.model_config.vocab_size)
+    data = build_preference_datasets(data_spec(c), pretrained_tokenizer(c.model.path),
+                                     vocab_size=setup.model_config.vocab_size)
     batch = {k: jnp.asarray(v) for k, v in data.train.batch(np.arange(c.train.batch_size)).items()}
     return mesh, setup, batch
 

@@ -1,4 +1,5 @@
-"""From the run's data part (`ftjax.data.spec.DataSpec`) and a tokenizer to train/eval rows and a summary, with every check done up front.
+"""From the run's data part (`ftjax.data.spec.DataSpec`) and a tokenizer to train/eval rows and a summary, with
+every check done up front.
 
 Order: read + validate every record (file:line errors) -> tokenize once (cached) -> vocab check ->
 eval split -> overlong policy -> dropped-fraction check -> mixture (+ replay) -> packing -> summary. Nothing

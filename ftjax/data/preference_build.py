@@ -1,4 +1,5 @@
-"""From the run's data part (`ftjax.data.spec.DataSpec`) and a tokenizer to train/eval rows of preference pairs and a summary, every check up front.
+"""From the run's data part (`ftjax.data.spec.DataSpec`) and a tokenizer to train/eval rows of preference pairs and
+a summary, every check up front.
 
 The same order and policies as `ftjax.data.build.build_datasets` (read + validate -> tokenize once, cached ->
 vocab check -> eval split -> overlong -> dropped-fraction check -> mixture -> packing), on whole pairs.

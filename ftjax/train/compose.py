@@ -144,7 +144,8 @@ def compose(config, devices: Sequence[Any] | None = None, platform: str | None =
     return Run(config=config, model=model, method=method_for(c.method, c.lora),
                objective=objective_for(c.objective, c[objective_settings(c.objective)]),
                mesh=mesh_from_config(c.mesh, devices=devices), rules=parse_rules(c.mesh.rules), schedule=schedule,
-               checkpointing=Checkpointing(int(c.checkpoint.every), int(c.checkpoint.keep), bool(c.checkpoint.keep_best)),
+               checkpointing=Checkpointing(int(c.checkpoint.every), int(c.checkpoint.keep),
+                                           bool(c.checkpoint.keep_best)),
                evaluation=EvalPlan(int(c.eval.every), bool(c.eval.final), bool(c.data.eval)),
                forget=Forgetting(float(f.kl_weight), float(f.l2_weight), float(f.replay_fraction), f.control,
                                  int(f.max_new_tokens), float(f.replay_temperature), int(f.replay_samples)),
@@ -176,7 +177,8 @@ def eval_settings(config) -> EvalSettings:
     scripts/eval.py builds it for a recorded run with its overrides."""
     c, e, t = config, config.eval, config.train
     quant = None if t.frozen_quant == "none" else f"{t.frozen_quant}:{_quant_scope(c)}"
-    where = "every linear but the head" if t.frozen_quant_scope == "all_linears" else f"the LoRA targets {c.lora.targets}"
+    where = ("every linear but the head" if t.frozen_quant_scope == "all_linears"
+             else f"the LoRA targets {c.lora.targets}")
     return EvalSettings(
         eval=EvalKeys(int(e.every), bool(e.final), int(e.max_examples), str(e.metric), int(e.few_shot), str(e.report)),
         data=data_spec(c), retain=c.forget.retain, max_new_tokens=int(c.forget.max_new_tokens),
@@ -219,7 +221,8 @@ def reference_identity(run: Run, tokenizer: Any, data: Any) -> dict[str, Any]:
     invalid."""
     m = run.model
     return {"base": base_identity(m.path),
-            "dtypes": {"model.dtype": m.dtype, "model.param_dtype": m.param_dtype, "train.frozen_dtype": str(m.frozen_cast)},
+            "dtypes": {"model.dtype": m.dtype, "model.param_dtype": m.param_dtype,
+                       "train.frozen_dtype": str(m.frozen_cast)},
             "data": {"train": pairs_digest(data.train), "eval": pairs_digest(data.eval)},
             "template": tokenizer_fingerprint(tokenizer),
             "data.seq_len": int(run.data.seq_len), "data.overlong": str(run.data.overlong)}

@@ -321,7 +321,7 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
     trainable = job.trainable
     reporting = (job.evaluation is not None and job.run.evaluation.final
                  and (step == job.run.schedule.steps or stopped_early))
-    reporting = reporting and report_size.reports(job.run.eval_settings)  # eval.report=none: the run ends at its last save
+    reporting = reporting and report_size.reports(job.run.eval_settings)  # eval.report=none: ends at its last save
     report_step = job.ckpt.best_step() if reporting and job.keep_best else step
     job.ckpt.close()  # the final save is complete before the (long) report
     if reporting and report_step != step:  # the report describes the weights export takes: the best
