@@ -10,7 +10,8 @@ trees can run at different times (one before a change, one after).
 
 Runs: tiny_sft (configs/tiny_test.py), tiny_dpo (the same with objective=dpo on the tests' generated sum pairs),
 smollm2_sft (configs/smollm2_135m_lora.py), smollm2_dpo (configs/smollm2_135m_dpo.py continuing smollm2_sft's
-adapter, as the recipe continues the demo's). Prints one line per run and a Markdown table.
+adapter, as the recipe continues the demo's), smollm2_dpo_lowmem (the same batch with remat=full and a 64-position
+loss chunk: ~half the memory). Prints one line per run and a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ import sys
 from pathlib import Path
 
 RECIPES = {"tiny_sft": "configs/tiny_test.py", "tiny_dpo": "configs/tiny_test.py",
-           "smollm2_sft": "configs/smollm2_135m_lora.py", "smollm2_dpo": "configs/smollm2_135m_dpo.py"}
-CONTINUES = {"smollm2_dpo": "smollm2_sft"}  # model.path: that run's workdir in the same tree
+           "smollm2_sft": "configs/smollm2_135m_lora.py", "smollm2_dpo": "configs/smollm2_135m_dpo.py",
+           "smollm2_dpo_lowmem": "configs/smollm2_135m_dpo.py"}
+CONTINUES = {"smollm2_dpo": "smollm2_sft", "smollm2_dpo_lowmem": "smollm2_sft"}  # model.path: that run's workdir
+# The recipe's batch in less memory (a shared machine's OOM killer takes the largest process): every layer
+# recomputed in the backward pass, the cross-entropy's logits 64 positions at a time.
+LOWMEM = ["--config.model.remat=full", "--config.train.loss_chunk=64"]
 
 
 def write_pairs(folder: Path, n_train: int = 16, n_eval: int = 8, seed: int = 0) -> tuple[str, str]:
@@ -46,6 +51,8 @@ def flags(name: str, steps: int, out: Path, label: str, pairs: tuple[str, str]) 
                       "--config.eval.metric=exact"]
     if name in CONTINUES:
         out_flags.append(f"--config.model.path={out / label / CONTINUES[name]}")
+    if name.endswith("_lowmem"):
+        out_flags += LOWMEM
     return out_flags
 
 
@@ -90,7 +97,7 @@ def main() -> None:
     p.add_argument("--before", type=Path, required=True)
     p.add_argument("--after", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--runs", default=",".join(RECIPES))
+    p.add_argument("--runs", default="tiny_sft,tiny_dpo,smollm2_sft,smollm2_dpo")
     p.add_argument("--only", choices=("before", "after"))
     p.add_argument("--steps", type=int, default=8)
     a = p.parse_args()
