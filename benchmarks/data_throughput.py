@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ftjax.config import default_config  # noqa: E402
 from ftjax.data import build_datasets, train_iterator  # noqa: E402
 from ftjax.data.token_cache import clear_memory  # noqa: E402
+from ftjax.train.compose import data_spec  # noqa: E402
 
 WORDS = ("the a model data token batch loss step learn train eval shard row pack mask chat user reply "
          "quick brown fox jumps over lazy dog river mountain city number seven twelve blue green").split()
@@ -72,7 +73,7 @@ def main() -> None:
         c.data.train, c.data.seq_len = path, args.seq_len
         clear_memory()
         t0 = time.perf_counter()
-        data = build_datasets(c, tok, vocab_size=len(tok))
+        data = build_datasets(data_spec(c), tok, vocab_size=len(tok))
         cold = time.perf_counter() - t0
     print(data.summary.format())
     rows = data.train

@@ -7,7 +7,7 @@ Measured 2026-11-28 (load 1.3-2.0): the NT/TN forms ran as fast as NN (e.g. 122 
 the narrow k/v shape (N=192) is the slow one (its dx 80 GFLOP/s vs 120-135 for wide ones), which merged
 q/k/v GEMMs avoid.
 """
-import jax, jax.numpy as jnp, time, statistics, os
+import jax, time, statistics, os
 L=30
 def bench(f, *a, reps=7):
     f = jax.jit(f).lower(*a).compile()

@@ -40,18 +40,15 @@ def compile_record(name: str, topology: str) -> None:
 
 def estimated_bytes(name: str, topology: str) -> dict[str, int]:
     """The estimate's parts per chip for the recipe on the slice (its `auto` keys resolved for TPU)."""
-    from ftjax.backend_defaults import resolve_auto
     from ftjax.config import load_recipe
-    from ftjax.platform import platform_of, topology_devices
-    from ftjax.sharding import mesh_from_config
+    from ftjax.platform import topology_devices
     from ftjax.train.aot import model_shape
+    from ftjax.train.compose import compose
     from ftjax.train.memory import estimate, on_platform
 
     recipe = ROOT / "configs" / f"{name}.py"
-    devices = topology_devices(topology)
-    config = resolve_auto(load_recipe(recipe), platform_of(devices))
-    mesh = mesh_from_config(config.mesh, devices=devices)
-    return estimate(config, on_platform(model_shape(config, recipe), "tpu"), mesh)
+    run = compose(load_recipe(recipe), topology_devices(topology))  # `auto`: the slice's values
+    return estimate(run, on_platform(model_shape(run.model, recipe), "tpu"))
 
 
 def main() -> int:

@@ -325,11 +325,6 @@ def allow_choice(key: str, value: str) -> None:
         _CHOICES[key] = (*_CHOICES[key], value)
 
 
-def has_auto(c: ml_collections.ConfigDict) -> bool:
-    """Whether any AUTO_KEYS value is still `auto` (a config not composed into a run yet)."""
-    return any(get(c, key) == "auto" for key in AUTO_KEYS)
-
-
 def get(c: ml_collections.ConfigDict, key: str):
     """Value at a dotted key, or ConfigError naming the closest valid key."""
     node = c
@@ -355,10 +350,10 @@ def validate_for_model(c: ml_collections.ConfigDict, model_cfg) -> None:
                           f"{model_cfg.moe.num_experts} experts")
 
 
-def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Resolve `auto` values for this backend, then check every key's choices and range, then the keys that
-    depend on each other, before anything is compiled; the first problem as one line."""
-    resolve_auto(c)
+def validate(c: ml_collections.ConfigDict, platform: str | None = None) -> ml_collections.ConfigDict:
+    """Resolve `auto` values for `platform` (default: this process's backend), then check every key's choices and
+    range, then the keys that depend on each other, before anything is compiled; the first problem as one line."""
+    resolve_auto(c, platform)
     for key, choices in _CHOICES.items():
         value = get(c, key)
         if value not in choices:

@@ -83,7 +83,7 @@ def main(argv):
     if not objective.generation_task:
         rows = objective.read_data(composed, tokenizer, None).eval
         held_out = objective.report_rows(rows, config.train.batch_size, config.train.loss_chunk)
-    Evaluation(config, tokenizer, FLAGS.workdir, held_out=held_out,
+    Evaluation(composed.eval_settings, tokenizer, FLAGS.workdir, held_out=held_out,
                generation_task=objective.generation_task).report(
         model, base, step, extra_meta={"evaluated": FLAGS.model or f"{FLAGS.workdir} step {step}"})
 

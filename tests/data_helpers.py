@@ -13,6 +13,8 @@ from pathlib import Path
 import ml_collections
 
 from ftjax.config import default_config
+from ftjax.data.spec import DataSpec
+from ftjax.train.compose import data_spec
 
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
@@ -76,3 +78,8 @@ def data_config(train: str, **data) -> ml_collections.ConfigDict:
     for k, v in data.items():
         c.data[k] = v
     return c
+
+
+def data_part(train: str, **data) -> DataSpec:
+    """What the data builders take of `data_config(train, **data)`: its data.* keys and seed, as compose reads them."""
+    return data_spec(data_config(train, **data))

@@ -73,6 +73,7 @@ def test_memory_estimate_counts_score_blocks_for_xla_only():
     """The kernels keep no [T, S] score blocks: remat=none activations drop exactly L·t·b·5·a·t·(bytes/2)."""
     from ftjax import api
     from ftjax.sharding import make_mesh
+    from ftjax.train.compose import compose
     from ftjax.train.memory import estimate
 
     mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
@@ -82,7 +83,7 @@ def test_memory_estimate_counts_score_blocks_for_xla_only():
         c.model.path, c.model.remat, c.model.attention = "tiny-random-llama", "none", attention
         c.data.seq_len, c.train.batch_size, c.mesh.data = 256, 2, 1
         cfg = api.model_config(c.model.path)
-        acts[attention] = estimate(c, cfg, mesh)["activations"]
+        acts[attention] = estimate(compose(c, jax.devices()[:1]), cfg, mesh)["activations"]
     t, b = 256, 2
     want = cfg.num_layers * t * b * 5 * cfg.num_heads * t * (4 / 2)  # fp32: 4 bytes, the formula's unit is 2
     assert acts["xla"] - acts["splash"] == pytest.approx(want, rel=1e-6)

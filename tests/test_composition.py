@@ -98,14 +98,6 @@ def test_no_code_asks_an_objective_or_a_method_by_its_name():
 READS_THE_CONFIG = ("ftjax/config.py", "ftjax/backend_defaults.py", "ftjax/train/compose.py")
 ENTRY_POINTS = ("ftjax/train/loop.py:run", "ftjax/benchmark.py:prepare", "ftjax/benchmark.py:run_benchmark",
                 "ftjax/workdir.py:recorded", "ftjax/train/aot.py:compile_recipe")
-# Not yet converted to parts (each still reads `config.<group>.<key>` itself): this list only shrinks.
-NOT_YET = ("ftjax/data/build.py:data_fingerprints", "ftjax/data/build.py:build_datasets",
-           "ftjax/data/preference_build.py:build_preference_datasets", "ftjax/evaluation/run.py:__init__",
-           "ftjax/train/aot.py:model_shape", "ftjax/train/aot.py:attention_kernel", "ftjax/train/aot.py:compile_report",
-           "ftjax/train/aot.py:abstract_model_trainable",
-           "ftjax/train/compiled_memory.py:compiled_step", "ftjax/train/compiled_memory.py:compiled_step_bytes", "ftjax/train/memory.py:saved_widths", "ftjax/train/memory.py:replicated_widths",
-           "ftjax/train/memory.py:estimate", "ftjax/train/memory.py:abstract_model", "ftjax/train/memory.py:_quant",
-           "ftjax/train/memory.py:check_fits")
 
 
 def config_parameters(tree: ast.AST) -> list[str]:
@@ -127,7 +119,7 @@ def test_no_function_below_the_composition_takes_the_run_config():
         rel = path.relative_to(ROOT).as_posix()
         if rel not in READS_THE_CONFIG:
             takers += [f"{rel}:{name}" for name in config_parameters(ast.parse(path.read_text()))]
-    assert [t for t in takers if t not in ENTRY_POINTS] == list(NOT_YET)
+    assert [t for t in takers if t not in ENTRY_POINTS] == []
 
 
 @pytest.mark.slow  # a training run (> 10 s here)

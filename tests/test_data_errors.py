@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from data_helpers import chat, data_config, smollm2_tokenizer, write_jsonl
+from data_helpers import chat, data_part, smollm2_tokenizer, write_jsonl
 from ftjax.data import build_datasets
 from ftjax.errors import DataError
 
@@ -31,7 +31,7 @@ BAD = {  # line content -> counted reason
 
 
 def _build(path, **data):
-    return build_datasets(data_config(str(path), seq_len=256, **data), smollm2_tokenizer(), vocab_size=49152)
+    return build_datasets(data_part(str(path), seq_len=256, **data), smollm2_tokenizer(), vocab_size=49152)
 
 
 def test_malformed_json_names_file_line_and_problem(tmp_path):
@@ -119,8 +119,8 @@ def test_token_ids_beyond_the_model_vocab_are_an_error(tmp_path):
     first_bad = next(i for i in tok("zebra quagga okapi")["input_ids"] if i >= limit)
     with pytest.raises(DataError, match=rf"^{path}:2: token id {first_bad} is outside the model's vocabulary "
                                         rf"\(size {limit}\)"):
-        build_datasets(data_config(path, seq_len=64), tok, vocab_size=limit)
-    assert build_datasets(data_config(path, seq_len=64), tok, vocab_size=len(tok)).summary.train_examples == 2
+        build_datasets(data_part(path, seq_len=64), tok, vocab_size=limit)
+    assert build_datasets(data_part(path, seq_len=64), tok, vocab_size=len(tok)).summary.train_examples == 2
 
 
 def test_encoding_missing_file_and_bad_weights(tmp_path):

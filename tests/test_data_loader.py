@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from data_helpers import chat, data_config, smollm2_tokenizer, write_jsonl
+from data_helpers import chat, data_part, smollm2_tokenizer, write_jsonl
 from ftjax.data import BATCH_KEYS, build_datasets, eval_iterator, train_iterator
 from ftjax.errors import DataError
 
@@ -19,7 +19,7 @@ from ftjax.errors import DataError
 def data(tmp_path_factory):
     path = write_jsonl(tmp_path_factory.mktemp("loader") / "chats.jsonl",
                        [chat(i, turns=1 + i % 3, system=i % 5 == 0) for i in range(60)])
-    return build_datasets(data_config(path, seq_len=192, eval_fraction=0.25), smollm2_tokenizer())
+    return build_datasets(data_part(path, seq_len=192, eval_fraction=0.25), smollm2_tokenizer())
 
 
 def _take(it, n):

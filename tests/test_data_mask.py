@@ -12,7 +12,7 @@ import copy
 import numpy as np
 import pytest
 
-from data_helpers import chat, data_config, llama3_style_tokenizer, smollm2_tokenizer, write_jsonl
+from data_helpers import chat, data_part, llama3_style_tokenizer, smollm2_tokenizer, write_jsonl
 from ftjax.data import build_datasets
 from ftjax.errors import DataError
 
@@ -62,7 +62,7 @@ def test_mask_covers_exactly_assistant_tokens(tmp_path, template, loss_on):
     tok = make_tok()
     recs = _records()
     path = write_jsonl(tmp_path / "chats.jsonl", recs)
-    data = build_datasets(data_config(path, seq_len=256, packing=False, loss_on=loss_on), tok,
+    data = build_datasets(data_part(path, seq_len=256, packing=False, loss_on=loss_on), tok,
                           vocab_size=len(tok))
     rows = data.train
     assert len(rows) == len(recs)
@@ -85,7 +85,7 @@ def test_prompt_completion_and_text_masks(tmp_path):
     tok = smollm2_tokenizer()
     recs = [{"prompt": "Name a colour.", "completion": "Green."}, {"text": "Plain text for pre-training."}]
     path = write_jsonl(tmp_path / "mixed.jsonl", recs)
-    rows = build_datasets(data_config(path, seq_len=128, packing=False), tok).train
+    rows = build_datasets(data_part(path, seq_len=128, packing=False), tok).train
     by_line = {int(rows.examples.lines[rows.row_items(r)[0]]): rows.batch([r])
                for r in range(len(rows))}
     # prompt/completion is rendered as a user/assistant chat: only the completion + <|im_end|> are trained
@@ -108,8 +108,8 @@ def test_template_that_rewrites_earlier_turns_is_refused_with_a_way_out(tmp_path
     path = write_jsonl(tmp_path / "chats.jsonl", [chat(0, turns=1), chat(1, turns=2)])
     with pytest.raises(DataError, match=rf"^{path}:2: the chat template does not render this conversation turn by "
                                         rf"turn.*data.loss_on=last_assistant"):
-        build_datasets(data_config(path, seq_len=256), tok)
-    rows = build_datasets(data_config(path, seq_len=256, packing=False, loss_on="last_assistant"), tok).train
+        build_datasets(data_part(path, seq_len=256), tok)
+    rows = build_datasets(data_part(path, seq_len=256, packing=False, loss_on="last_assistant"), tok).train
     for r in range(len(rows)):
         (e,) = rows.row_items(r)
         b = rows.batch([r])
@@ -128,7 +128,7 @@ def test_unfinished_reply_trains_no_end_of_turn(tmp_path, template):
     if trim:  # the template renders the reply trimmed: the span must still end where the reply does
         rec["messages"][-1]["content"] = "  " + rec["messages"][-1]["content"] + " "
     path = write_jsonl(tmp_path / "chats.jsonl", [rec, {**rec, "unfinished": True}])
-    rows = build_datasets(data_config(path, seq_len=256, packing=False), tok, vocab_size=len(tok)).train
+    rows = build_datasets(data_part(path, seq_len=256, packing=False), tok, vocab_size=len(tok)).train
     ids, mask = expected(tok, rec["messages"], eot, "assistant", trim)
     last_eot = max(k for k, t in enumerate(ids) if t == tok.convert_tokens_to_ids(eot) and mask[k])
     mask[last_eot] = False
@@ -145,7 +145,7 @@ def test_unfinished_completion_without_template_gets_no_eos(tmp_path):
     tok.chat_template = None
     rec = {"prompt": "Count:", "completion": " one two three four"}
     path = write_jsonl(tmp_path / "raw.jsonl", [rec, {**rec, "unfinished": True}])
-    rows = build_datasets(data_config(path, seq_len=64, packing=False), tok).train
+    rows = build_datasets(data_part(path, seq_len=64, packing=False), tok).train
     by_line = {int(rows.examples.lines[rows.row_items(r)[0]]): rows.batch([r]) for r in range(len(rows))}
     want = tok(rec["prompt"] + rec["completion"])["input_ids"]
     for line, extra in ((1, [tok.eos_token_id]), (2, [])):
@@ -162,4 +162,4 @@ def test_unfinished_must_be_a_boolean_on_a_reply(tmp_path):
                        ({"text": "Plain.", "unfinished": True}, "applies to a reply")):
         path = write_jsonl(tmp_path / "bad.jsonl", [rec])
         with pytest.raises(DataError, match=match):
-            build_datasets(data_config(path, seq_len=64), tok)
+            build_datasets(data_part(path, seq_len=64), tok)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_helpers import chat, data_config, smollm2_tokenizer, write_jsonl
+from data_helpers import chat, data_part, smollm2_tokenizer, write_jsonl
 from ftjax.data import build_datasets
 from ftjax.data.packing import best_fit_rows
 from ftjax.models.llama import Llama, ModelConfig
@@ -22,7 +22,7 @@ TINY = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_lay
 def _build(tmp_path, n=24, seq_len=160, packing=True):
     recs = [chat(i, turns=1 + i % 3, system=i % 4 == 0) for i in range(n)]
     path = write_jsonl(tmp_path / "chats.jsonl", recs)
-    return build_datasets(data_config(path, seq_len=seq_len, packing=packing), smollm2_tokenizer(),
+    return build_datasets(data_part(path, seq_len=seq_len, packing=packing), smollm2_tokenizer(),
                           vocab_size=VOCAB).train
 
 

@@ -17,7 +17,7 @@ from ftjax.data.preference import (IDENTICAL, NO_TRAINED, OVERLONG, PreferenceFi
 from ftjax.data.records import MISSING_FIELDS
 from ftjax.errors import DataError
 from ftjax.objectives.reply_logps import chosen_weights, reply_ids
-from data_helpers import smollm2_tokenizer, write_jsonl
+from data_helpers import data_part, smollm2_tokenizer, write_jsonl
 from hf_helpers import tiny_tokenizer
 
 F = PreferenceFields()
@@ -179,15 +179,16 @@ def test_tfds_jsonl_records_read_like_the_file(tmp_path):
 
 def test_build_from_config_splits_packs_and_loads_through_the_train_iterator(tmp_path):
     from data_helpers import data_config
+    from ftjax.train.compose import data_spec
     from ftjax.data import train_iterator
     from ftjax.data.preference_build import build_preference_datasets
 
     records = [_standard(i) for i in range(1, 30)] + [_conversational(40), {"prompt": "w1", "chosen": "w2"}]
     path = write_jsonl(tmp_path / "p.jsonl", records)
     with pytest.raises(DataError, match=r"p\.jsonl:31: record is missing 'rejected'"):
-        build_preference_datasets(data_config(path, seq_len=48), tiny_tokenizer())
+        build_preference_datasets(data_part(path, seq_len=48), tiny_tokenizer())
     c = data_config(path, seq_len=48, eval_fraction=0.2, on_bad_record="skip")
-    data = build_preference_datasets(c, tiny_tokenizer(), vocab_size=128)
+    data = build_preference_datasets(data_spec(c), tiny_tokenizer(), vocab_size=128)
     s = data.summary
     assert (s.records, s.dropped, s.train_examples + s.eval_examples) == (31, {MISSING_FIELDS: 1}, 30)
     assert s.eval_examples == 6 and s.train_rows < s.train_examples  # pairs packed several to a row
@@ -201,7 +202,7 @@ def test_build_from_config_splits_packs_and_loads_through_the_train_iterator(tmp
     chosen = (replies % 2 == 1)
     np.testing.assert_array_equal(np.asarray(chosen_weights(batch)) > 0, chosen)  # CE weights: the chosen replies only
     with pytest.raises(DataError, match="vocabulary"):
-        build_preference_datasets(c, tiny_tokenizer(), vocab_size=50)
+        build_preference_datasets(data_spec(c), tiny_tokenizer(), vocab_size=50)
 
 
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min

@@ -9,15 +9,16 @@ import os
 import numpy as np
 import pytest
 
-from data_helpers import chat, data_config, smollm2_tokenizer, write_jsonl
+from data_helpers import chat, data_config, data_part, smollm2_tokenizer, write_jsonl
 from ftjax.data import build_datasets, data_fingerprints, prepare_jsonl
 from ftjax.data.mixture import mixture_counts, parse_sources
 from ftjax.data.token_cache import clear_memory
 from ftjax.errors import DataError
+from ftjax.train.compose import data_spec
 
 
 def _build(train, **data):
-    return build_datasets(data_config(train, seq_len=256, **data), smollm2_tokenizer())
+    return build_datasets(data_part(train, seq_len=256, **data), smollm2_tokenizer())
 
 
 def _source_files(rows):
@@ -56,7 +57,7 @@ def test_held_out_eval_by_seed_and_duplicates(tmp_path):
     assert {again.eval.examples.source(e) for e in again.eval.items} == eval_src  # same seed, same split
     c = data_config(path, seq_len=256, eval_fraction=0.25)
     c.seed = 1
-    other = build_datasets(c, smollm2_tokenizer())
+    other = build_datasets(data_spec(c), smollm2_tokenizer())
     assert {other.eval.examples.source(e) for e in other.eval.items} != eval_src
     # a separate eval file that repeats 3 train records exactly (and one twice within itself)
     ev = write_jsonl(tmp_path / "eval.jsonl", [recs[0], recs[5], recs[7], chat(500), chat(501), recs[5]])
@@ -71,13 +72,13 @@ def test_fingerprints_name_every_file_and_change_with_content(tmp_path):
     ev = write_jsonl(tmp_path / "e.jsonl", [chat(9)])
     c = data_config(a, seq_len=256)
     c.data.eval = ev
-    fps = data_fingerprints(c)
+    fps = data_fingerprints(data_spec(c))
     for p in (a, ev):
         raw = open(p, "rb").read()
         assert fps[p] == {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-    assert build_datasets(c, smollm2_tokenizer()).summary.fingerprints == fps
+    assert build_datasets(data_spec(c), smollm2_tokenizer()).summary.fingerprints == fps
     write_jsonl(a, [chat(i) for i in range(6)])
-    assert data_fingerprints(c)[a] != fps[a]
+    assert data_fingerprints(data_spec(c))[a] != fps[a]
 
 
 def test_tokenized_once_then_read_from_the_cache(tmp_path):
@@ -103,7 +104,7 @@ def test_tokenized_once_then_read_from_the_cache(tmp_path):
             raise AssertionError("tokenized again")
 
     clear_memory()
-    again = build_datasets(data_config(path, seq_len=256, cache_dir=cache), NoTemplateCalls(smollm2_tokenizer()))
+    again = build_datasets(data_part(path, seq_len=256, cache_dir=cache), NoTemplateCalls(smollm2_tokenizer()))
     for f in ("ids", "trained", "starts", "lengths", "digests", "origin", "lines", "origins"):
         np.testing.assert_array_equal(getattr(again.train.examples, f), getattr(first.train.examples, f))
     np.testing.assert_array_equal(again.train.items, first.train.items)
@@ -122,8 +123,8 @@ def test_tfds_builder_roundtrip_without_tensorflow(tmp_path):
     assert prepare_jsonl({"train": [train], "validation": [ev]}, data_dir) == folder  # unchanged: reused
     c = data_config(None, seq_len=256, tfds_name="jsonl_records", tfds_data_dir=data_dir,
                     tfds_eval_split="validation")
-    from_tfds = build_datasets(c, smollm2_tokenizer())
-    from_jsonl = build_datasets(data_config(train, seq_len=256, eval=ev), smollm2_tokenizer())
+    from_tfds = build_datasets(data_spec(c), smollm2_tokenizer())
+    from_jsonl = build_datasets(data_part(train, seq_len=256, eval=ev), smollm2_tokenizer())
     for a, b in ((from_tfds.train, from_jsonl.train), (from_tfds.eval, from_jsonl.eval)):
         assert [a.examples.source(e) for e in range(len(a.examples))] == \
             [b.examples.source(e) for e in range(len(b.examples))]  # original file:line kept, same order
@@ -134,9 +135,9 @@ def test_tfds_builder_roundtrip_without_tensorflow(tmp_path):
     write_jsonl(train, recs[:3] + [{"messages": [{"role": "assistant", "content": "x"}]}])
     prepare_jsonl({"train": [train]}, data_dir)
     with pytest.raises(DataError, match=rf"^{train}:4: messages\[0\]\.role is 'assistant'"):
-        build_datasets(c, smollm2_tokenizer())
+        build_datasets(data_spec(c), smollm2_tokenizer())
     c.data.tfds_name = "jsonl_records"
     c.data.tfds_eval_split = None
     c.data.train = train
     with pytest.raises(DataError, match="either data.train"):
-        build_datasets(c, smollm2_tokenizer())
+        build_datasets(data_spec(c), smollm2_tokenizer())

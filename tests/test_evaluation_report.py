@@ -21,6 +21,7 @@ from ftjax.evaluation.report import check_report, contract_keys, format_tables
 from ftjax.evaluation.run import BASELINES_NAME, Evaluation
 from ftjax.lora import apply_lora
 from ftjax.models.llama import Llama
+from ftjax.train.compose import eval_settings
 from hf_helpers import tiny_tokenizer
 from train_helpers import TINY
 
@@ -64,7 +65,7 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     workdir = tmp_path / "run"
     tok = tiny_tokenizer()
     model = lora_model()
-    ev = Evaluation(run_config, tok, workdir, write=True)
+    ev = Evaluation(eval_settings(run_config), tok, workdir, write=True)
     assert ev.has_task and len(ev.shots) == 2
     from ftjax.evaluation.base import base_view
 
@@ -131,7 +132,7 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
 
     # A quick report keeps the base rows (cached: read again at no cost) and drops the fine-tuned + retrieval row.
     run_config.eval.report = "quick"
-    quick = Evaluation(run_config, tok, tmp_path / "quick", write=True).report(model, None, step=4)
+    quick = Evaluation(eval_settings(run_config), tok, tmp_path / "quick", write=True).report(model, None, step=4)
     assert list(quick["task"]) == ["base", "prompted", "retrieval", "finetuned"]
 
     # The base's figures are cached: a second Evaluation reads them instead of generating.
@@ -139,7 +140,7 @@ def test_evaluation_writes_the_report(run_config, tmp_path, capsys):
     cached = json.loads((workdir / BASELINES_NAME).read_text())
     cached["results"]["base"]["scores"]["exact"] = 0.123
     (workdir / BASELINES_NAME).write_text(json.dumps(cached))
-    again = Evaluation(run_config, tok, workdir, write=True).baselines(base_view(model))
+    again = Evaluation(eval_settings(run_config), tok, workdir, write=True).baselines(base_view(model))
     assert again["base"].scores["exact"] == 0.123
 
 
@@ -152,14 +153,14 @@ def test_base_results_are_shared_across_workdirs_by_content(run_config, tmp_path
     base_file.write_bytes(b"weights v1")
     run_config.model.path = str(base_file)
     tok, model = tiny_tokenizer(), lora_model()
-    first = Evaluation(run_config, tok, tmp_path / "run1", write=True).baselines(base_view(model))
+    first = Evaluation(eval_settings(run_config), tok, tmp_path / "run1", write=True).baselines(base_view(model))
     assert set(first) == {"base", "prompted", "retrieval"}
     computed = []
     real_task = Evaluation._task
     monkeypatch.setattr(Evaluation, "_task", lambda self, *a, **k: computed.append(k["which"])
                         or real_task(self, *a, **k))
     capsys.readouterr()
-    second = Evaluation(run_config, tok, tmp_path / "run2", write=True).baselines(base_view(model))
+    second = Evaluation(eval_settings(run_config), tok, tmp_path / "run2", write=True).baselines(base_view(model))
     out = capsys.readouterr().out
     assert not computed and "base model and 2-shot prompted results: cached ($FTJAX_CACHE)" in out
     assert "base model + retrieval results: cached ($FTJAX_CACHE)" in out
@@ -167,7 +168,7 @@ def test_base_results_are_shared_across_workdirs_by_content(run_config, tmp_path
 
     def recomputed(workdir) -> set[str]:
         computed.clear()
-        Evaluation(run_config, tok, workdir, write=True).baselines(base_view(model))
+        Evaluation(eval_settings(run_config), tok, workdir, write=True).baselines(base_view(model))
         return set(computed)
 
     every = {"base model", "base model prompted", "base model + retrieval"}
@@ -201,18 +202,18 @@ def test_the_objectives_held_out_base_rows_are_shared_across_workdirs(run_config
 
     rows = ReportRows("toy", measure, lambda section: [], "toy log-prob", lambda m: {})
     base = base_view(model)
-    first = Evaluation(run_config, tok, tmp_path / "run1", write=True, held_out=rows)._held_out_base(base)
+    first = Evaluation(eval_settings(run_config), tok, tmp_path / "run1", write=True, held_out=rows)._held_out_base(base)
     capsys.readouterr()
-    again = Evaluation(run_config, tok, tmp_path / "run2", write=True, held_out=rows)._held_out_base(base)
+    again = Evaluation(eval_settings(run_config), tok, tmp_path / "run2", write=True, held_out=rows)._held_out_base(base)
     assert again == first and len(measured) == 1 and "toy log-prob: cached ($FTJAX_CACHE)" in capsys.readouterr().out
     assert first["logp"] != pytest.approx(measure(model)["logp"])  # the base, not the tuned model
     measured.clear()
     run_config.pref.beta = 0.5  # the objective's own settings are part of the key
-    Evaluation(run_config, tok, tmp_path / "run3", write=True, held_out=rows)._held_out_base(base)
+    Evaluation(eval_settings(run_config), tok, tmp_path / "run3", write=True, held_out=rows)._held_out_base(base)
     run_config.data.seq_len = 64
-    Evaluation(run_config, tok, tmp_path / "run4", write=True, held_out=rows)._held_out_base(base)
+    Evaluation(eval_settings(run_config), tok, tmp_path / "run4", write=True, held_out=rows)._held_out_base(base)
     run_config.optim.lr = 1.0  # how the run trains is not
-    Evaluation(run_config, tok, tmp_path / "run5", write=True, held_out=rows)._held_out_base(base)
+    Evaluation(eval_settings(run_config), tok, tmp_path / "run5", write=True, held_out=rows)._held_out_base(base)
     assert len(measured) == 2
 
 

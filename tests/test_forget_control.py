@@ -26,7 +26,7 @@ from ftjax.methods import method_for
 from ftjax.objectives.terms import cross_entropy, kl_to_base, l2_to_base_term
 from ftjax.sharding import make_mesh
 from ftjax.train import forget
-from ftjax.train.compose import compose
+from ftjax.train.compose import compose, data_spec
 from ftjax.train.loop import run
 from ftjax.train.optimizer import make_optimizer
 from ftjax.train.state import init_state
@@ -124,9 +124,9 @@ def test_memory_estimate_counts_the_base_copy_and_the_retain_batch():
     c = load_config()
     c.method = "full"
     mesh = make_mesh(8, 1, 1)
-    plain = estimate(c, tiny_config(), mesh)
+    plain = estimate(compose(c), tiny_config(), mesh)
     c.forget.kl_weight = 1.0
-    kl = estimate(c, tiny_config(), mesh)
+    kl = estimate(compose(c), tiny_config(), mesh)
     assert "start_copy" not in plain and kl["start_copy"] == kl["trainable"]
     assert kl["activations"] == 2 * plain["activations"]
 
@@ -170,7 +170,7 @@ def test_replay_makes_up_its_fraction_of_the_batches(tmp_path):
         for i, item in enumerate(load_retain()[:10]):
             f.write(json.dumps({"messages": [{"role": "user", "content": item.prompt[0][1]},
                                              {"role": "assistant", "content": f"Reply {i} kept."}]}) + "\n")
-    data = build_datasets(c, tok, replay=(str(path), 0.3))
+    data = build_datasets(data_spec(c), tok, replay=(str(path), 0.3))
     replay_ids = {tuple(np.asarray(ids).tolist()) for ids, _ in (tokenize_records(
         read_file(str(path), Fields()).records, tok, "assistant").tokens(i) for i in range(10))}
 
@@ -193,7 +193,7 @@ def test_replay_makes_up_its_fraction_of_the_batches(tmp_path):
     share = seen["replay"] / sum(seen.values())
     assert share == pytest.approx(0.3, abs=4 * np.sqrt(0.3 * 0.7 / sum(seen.values()))), seen
     assert data.summary.fingerprints["replay"]["fraction"] == 0.3
-    other = build_datasets(c, tok, replay=(str(path), 0.2)).summary.fingerprints
+    other = build_datasets(data_spec(c), tok, replay=(str(path), 0.2)).summary.fingerprints
     assert other["replay"] != data.summary.fingerprints["replay"]  # a resume with another fraction is refused
 
 

@@ -208,7 +208,8 @@ def test_smollm2_gguf_trained_on_as_shipped(smollm2_gguf_path):
 
 def test_a_quantized_base_is_another_base_for_the_caches():
     """Cached base replies and baselines (workdir and $FTJAX_CACHE) are keyed apart per quantization."""
-    from ftjax.evaluation.run import Evaluation, model_id
+    from ftjax.evaluation.run import Evaluation
+    from ftjax.train.compose import eval_settings, model_id
     from hf_helpers import tiny_tokenizer
 
     def keys(**train):
@@ -216,7 +217,7 @@ def test_a_quantized_base_is_another_base_for_the_caches():
         c.model.path = "tiny-random-llama"
         for k, v in train.items():
             c.train[k] = v
-        return model_id(c), Evaluation(c, tiny_tokenizer(), "/nonexistent", write=False)._base_identity()
+        return model_id(c), Evaluation(eval_settings(c), tiny_tokenizer(), "/nonexistent", write=False)._base_identity()
 
     plain, nf4, int8 = keys(), keys(frozen_quant="nf4"), keys(frozen_quant="int8")
     every = keys(frozen_quant="nf4", frozen_quant_scope="all_linears")
@@ -252,7 +253,7 @@ def test_memory_estimate_counts_the_quantized_base_as_built(scheme):
     c.train.frozen_quant = scheme
     cfg = tiny_config()
     mesh = make_mesh(data=1, devices=jax.devices()[:1])
-    parts = estimate(c, cfg, mesh)
+    parts = estimate(compose(c, jax.devices()[:1]), cfg, mesh)
     d, q, kv, i, layers = (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
                            cfg.intermediate_size, cfg.num_layers)
     kernels = [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
@@ -270,6 +271,7 @@ def test_memory_estimate_counts_the_quantized_base_as_built(scheme):
 def test_benchmark_reports_the_bytes_a_quantized_base_saves():
     from ftjax.benchmark import prepare, summarize
     from ftjax.sharding import make_mesh
+    from ftjax.train.compose import compose
     from ftjax.train.memory import estimate
     from loop_helpers import load_config
 
@@ -278,9 +280,9 @@ def test_benchmark_reports_the_bytes_a_quantized_base_saves():
     bench = prepare(c, jax.devices()[:1])
     rec = summarize(bench, [1.0], 1.0, "test")
     mesh = make_mesh(data=1, devices=jax.devices()[:1])
-    held = estimate(c, bench.model_cfg, mesh)["frozen"]  # hand-counted in the test above
+    held = estimate(compose(c, jax.devices()[:1]), bench.model_cfg, mesh)["frozen"]  # hand-counted in the test above
     c.train.frozen_quant = "none"
-    unquantized = estimate(c, bench.model_cfg, mesh)["frozen"]
+    unquantized = estimate(compose(c, jax.devices()[:1]), bench.model_cfg, mesh)["frozen"]
     assert rec["frozen_bytes"] == held and rec["frozen_bytes_unquantized"] == unquantized
     assert rec["frozen_bytes_saved"] == unquantized - held > 0 and rec["model"]["frozen_quant"] == "nf4"
 
@@ -308,8 +310,8 @@ def test_hf_export_of_a_quantized_base_holds_its_dequantized_merged_weights():
 def test_memory_estimate_of_llama3_8b_qlora_is_within_10_percent_of_xla():
     """Llama-3-8B shapes, NF4 base, bf16, remat full, 1 x 2048 tokens: the pre-compile estimate against XLA's
     memory_analysis() of the step compiled on CPU from abstract shapes (nothing allocated); <= 10 GiB."""
-    from ftjax.sharding import make_mesh
     from ftjax.train.compiled_memory import compiled_step_bytes
+    from ftjax.train.compose import compose
     from ftjax.train.memory import GIB, estimate
 
     llama3_8b = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
@@ -319,9 +321,9 @@ def test_memory_estimate_of_llama3_8b_qlora_is_within_10_percent_of_xla():
     c.model.dtype = c.model.param_dtype = c.train.frozen_dtype = "bfloat16"
     c.model.remat, c.model.attention = "full", "xla"
     c.train.frozen_quant, c.train.batch_size, c.data.seq_len = "nf4", 1, 2048
-    mesh = make_mesh(data=1, devices=jax.devices()[:1])
-    estimated = sum(estimate(c, llama3_8b, mesh).values())
-    compiled = compiled_step_bytes(c, llama3_8b, mesh)
+    run = compose(c, jax.devices()[:1])
+    estimated = sum(estimate(run, llama3_8b).values())
+    compiled = compiled_step_bytes(run, llama3_8b)
     assert abs(estimated - compiled) <= 0.1 * compiled, (estimated / GIB, compiled / GIB)
     assert compiled <= 10 * GIB
 

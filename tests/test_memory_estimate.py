@@ -5,6 +5,7 @@ import pytest
 from ftjax.interop.sources import tiny_config
 from ftjax.errors import ConfigError
 from ftjax.sharding import make_mesh
+from ftjax.train.compose import compose
 from ftjax.train.memory import check_fits, estimate
 from loop_helpers import load_config
 
@@ -19,18 +20,18 @@ def test_full_params_and_adam_state_split_over_fsdp():
     c = load_config()
     c.method = "full"
     cfg = tiny_config()
-    one = estimate(c, cfg, make_mesh(data=1, fsdp=1, tensor=1, devices=__import__("jax").devices()[:1]))
+    one = estimate(compose(c), cfg, make_mesh(data=1, fsdp=1, tensor=1, devices=__import__("jax").devices()[:1]))
     assert one["trainable"] == 4 * _params(cfg)
     assert one["frozen"] == 0
     assert 2 * one["trainable"] <= one["opt_state"] <= 2 * one["trainable"] + 64  # Adam mu, nu (+ counters)
-    eight = estimate(c, cfg, make_mesh(data=1, fsdp=8, tensor=1))
+    eight = estimate(compose(c), cfg, make_mesh(data=1, fsdp=8, tensor=1))
     assert eight["trainable"] < one["trainable"] / 4  # embed dims are split 8 ways (norm scales are not)
 
 
 def test_lora_trains_only_adapters():
     c = load_config()
     cfg = tiny_config()
-    parts = estimate(c, cfg, make_mesh(data=8, fsdp=1, tensor=1))
+    parts = estimate(compose(c), cfg, make_mesh(data=8, fsdp=1, tensor=1))
     r, d, layers = c.lora.rank, cfg.hidden_size, cfg.num_layers
     kv, i, q = cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size, cfg.num_heads * cfg.head_dim
     adapters = layers * r * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + i) + (i + d))
@@ -43,7 +44,7 @@ def test_a_run_that_cannot_fit_stops_with_one_line():
     c.train.batch_size = 8 * 4096
     c.data.seq_len = 8192
     with pytest.raises(ConfigError, match="does not fit"):
-        check_fits(c, tiny_config(), make_mesh(data=8, fsdp=1, tensor=1))
+        check_fits(compose(c), tiny_config(), make_mesh(data=8, fsdp=1, tensor=1))
 
 
 def test_remat_policies_keep_what_they_save():
@@ -57,7 +58,7 @@ def test_remat_policies_keep_what_they_save():
     acts = {}
     for policy in ("none", "full", "minimal", "dots"):
         c.model.remat = policy
-        acts[policy] = estimate(c, cfg, mesh)["activations"]
+        acts[policy] = estimate(compose(c), cfg, mesh)["activations"]
     d, t, rows = cfg.hidden_size, c.data.seq_len, c.train.batch_size // c.train.grad_accum
     q, kv, i = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     layer = t * rows * d * (34 + 5 * cfg.num_heads * t / d) * 2  # fp32: twice the 16-bit count
@@ -97,7 +98,7 @@ def test_moe_counts_every_expert_and_the_routed_activations(implementation, grou
     # by hand, per layer: norms 2*64 + q/k norms 2*16 + attention 64*64*2 + 64*32*2 + router 64*8 + experts 3*8*64*32
     per_layer = 128 + 32 + 12288 + 512 + 49152
     weights = 2 * per_layer + 49152 * 64 + 64  # + tied embedding + final norm = 3270016
-    parts = estimate(c, cfg, mesh)
+    parts = estimate(compose(c), cfg, mesh)
     assert parts["frozen"] == 4 * weights == 4 * 3270016
     assert parts["trainable"] == 4 * 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))  # r=4 on q, k, v, o
     tokens, t, d = 1024, 128, 64  # rows 8 x seq_len 128 on one device, fp32 (4 bytes)
@@ -109,11 +110,12 @@ def test_moe_counts_every_expert_and_the_routed_activations(implementation, grou
     router_logits = 2 * tokens * 8 * 4
     backward = routed  # one layer's backward: the gradients of its routed buffers
     c.model.remat = "none"
-    assert estimate(c, cfg, mesh)["activations"] == int(2 * (attention + routed) + logits + router_logits + backward)
+    assert estimate(compose(c), cfg, mesh)["activations"] == int(2 * (attention + routed) + logits + router_logits
+                                                                 + backward)
     c.model.remat = "minimal"
     gate_up = 2 * 32 * grouped_rows / tokens  # per token
     minimal = 3 * d + 64 + 2 * 32 + gate_up + 4 * 4
-    assert estimate(c, cfg, mesh)["activations"] == int(2 * tokens * minimal * 4 + attention + routed + logits
+    assert estimate(compose(c), cfg, mesh)["activations"] == int(2 * tokens * minimal * 4 + attention + routed + logits
                                                          + router_logits + backward)
 
 
@@ -142,5 +144,60 @@ def test_recipe_estimate_counts_the_grouped_matmul_of_the_target_backend(tmp_pat
     cfg = config_from_hf(hf)
     mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
     for implementation, same in (("ragged", True), ("tiled", False)):
-        parts = estimate(c, cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=implementation)), mesh)
+        parts = estimate(compose(c), cfg.replace(moe=dataclasses.replace(cfg.moe, implementation=implementation)), mesh)
         assert (got["activations"] == round(parts["activations"] / GIB, 2)) == same
+
+
+TOY_BYTES = 123_456_789  # what the toy objective below says it holds per device (a teacher's weights, say)
+
+
+def test_the_estimate_adds_exactly_what_the_objective_says_it_holds(monkeypatch):
+    """A toy objective (SFT's data and terms) whose memory() adds N bytes: the estimate grows by exactly N, under
+    its own label, and the objective is asked with the estimate's own per-device figures."""
+    from ftjax import config as config_lib
+    from ftjax import objectives
+    from ftjax.objectives import Reference
+    from ftjax.objectives.sft import Sft
+
+    asked = []
+
+    class HoldsBytes(Sft):
+        name = "sft_holding_bytes"
+
+        def memory(self, shapes, reference):
+            asked.append((shapes, reference))
+            return {"toy_teacher": TOY_BYTES}
+
+    for table, key in ((objectives.OBJECTIVES, HoldsBytes.name), (objectives.SETTINGS, HoldsBytes.name),
+                       (config_lib._CHOICES, "objective")):  # the registration is undone after the test
+        monkeypatch.setitem(table, key, table.get(key))
+    objectives.register_objective(HoldsBytes.name, HoldsBytes)
+    cfg = tiny_config()
+    mesh = make_mesh(data=8, fsdp=1, tensor=1)
+    c = load_config()
+    sft = estimate(compose(c), cfg, mesh)
+    c.objective = HoldsBytes.name
+    toy = estimate(compose(c), cfg, mesh)
+    assert sum(toy.values()) - sum(sft.values()) == TOY_BYTES
+    assert toy == {**sft, "toy_teacher": TOY_BYTES}
+    (shapes, reference), = asked
+    assert reference is Reference.NONE
+    assert (shapes.trainable, shapes.frozen, shapes.activations) == (sft["trainable"], sft["frozen"],
+                                                                    sft["activations"])
+    assert (shapes.rows, shapes.seq_len, shapes.itemsize) == (c.train.batch_size // 8, c.data.seq_len, 4)
+    assert shapes.model.hidden_size == cfg.hidden_size
+
+
+def test_preference_under_full_fine_tuning_reads_a_cache_and_holds_no_reference_copy():
+    """DPO's reference under full fine-tuning: log-probs cached before training, so no frozen copy of the weights
+    is counted (SFT's figures exactly); a forgetting term's step-0 copy is still counted."""
+    cfg = tiny_config()
+    mesh = make_mesh(data=8, fsdp=1, tensor=1)
+    c = load_config()
+    c.method = "full"
+    sft = estimate(compose(c), cfg, mesh)
+    c.objective = "dpo"
+    dpo = estimate(compose(c), cfg, mesh)
+    assert dpo == sft and "reference_copy" not in dpo
+    c.forget.kl_weight = 1.0
+    assert estimate(compose(c), cfg, mesh)["start_copy"] == sft["trainable"]

@@ -171,14 +171,15 @@ def test_only_process_0_prints_and_both_save_one_checkpoint(runs):
     from ftjax.objectives.held_out import eval_loss, make_eval_loss
     from ftjax.sharding import batch_sharding
     from ftjax.sharding import mesh_from_config
-    from ftjax.train.compose import compose
+    from ftjax.train.compose import compose, data_spec
     from ftjax.train.setup import build_state
 
     c = load_config()
     c.mesh.data = -1  # this test process's 8 devices
     mesh = mesh_from_config(c.mesh)
     state = build_state(compose(c), mesh).state
-    data = data_lib.build_datasets(c, load_tokenizer(c.model.path), vocab_size=model_config(c.model.path).vocab_size)
+    data = data_lib.build_datasets(data_spec(c), load_tokenizer(c.model.path),
+                                   vocab_size=model_config(c.model.path).vocab_size)
     sums = make_eval_loss(state.graphdef, c.train.loss_chunk)
     for name in ("two", "one"):
         ckpt = Checkpoints(root / name)

@@ -26,7 +26,7 @@ from ftjax.objectives.reply_logps import model_pair_logps
 from ftjax.objectives.terms import cross_entropy
 from ftjax.provenance import base_identity
 from ftjax.sharding import make_mesh, mesh_from_config
-from ftjax.train.compose import compose, loss_terms
+from ftjax.train.compose import compose, data_spec, loss_terms
 from ftjax.train.loop import run
 from ftjax.train.setup import build_state
 from ftjax.train.step import make_train_step
@@ -88,7 +88,7 @@ def test_lora_dpo_first_step_is_ln2_and_logs_trl_metrics_and_the_held_out_object
     report = json.loads((tmp_path / "report.json").read_text())  # before / after on the held-out pairs
     c = _config(pair_files)
     config_lib.validate(c)
-    data = build_preference_datasets(c, pretrained_tokenizer(c.model.path))
+    data = build_preference_datasets(data_spec(c), pretrained_tokenizer(c.model.path))
     base = load_pretrained(c.model.path, c.model.dtype, c.model.param_dtype)
     batch = {k: jnp.asarray(v) for k, v in data.eval.batch(np.arange(len(data.eval))).items()}
     logps, valid = model_pair_logps(base, batch, data.eval.max_pairs)
@@ -106,7 +106,8 @@ def _step_inputs(c, mesh=None):
     config_lib.validate(c)
     mesh = mesh or mesh_from_config(c.mesh)
     setup = build_state(compose(c), mesh)
-    data = build_preference_datasets(c, pretrained_tokenizer(c.model.path), vocab_size=setup.model_config.vocab_size)
+    data = build_preference_datasets(data_spec(c), pretrained_tokenizer(c.model.path),
+                                     vocab_size=setup.model_config.vocab_size)
     batch = {k: jnp.asarray(v) for k, v in data.train.batch(np.arange(c.train.batch_size)).items()}
     return mesh, setup, batch
 

@@ -61,7 +61,7 @@ class LateTokenSft(Objective):
         self.eval_batch_size = None
 
     def read_data(self, run, tokenizer, vocab_size, replay=None):
-        return data_lib.build_datasets(run.config, tokenizer, vocab_size=vocab_size, replay=replay)
+        return data_lib.build_datasets(run.data, tokenizer, vocab_size=vocab_size, replay=replay)
 
     def batches(self, train, batch_size, seed, sharding, prefetch):
         return Recorded(data_lib.train_iterator(train, batch_size, seed=seed, sharding=sharding, prefetch=prefetch))

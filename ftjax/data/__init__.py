@@ -2,22 +2,24 @@
 
 What the trainer calls:
 
-    data = build_datasets(config, tokenizer, vocab_size=model_cfg.vocab_size)   # all checks, before compute
+    data = build_datasets(spec, tokenizer, vocab_size=model_cfg.vocab_size)   # all checks, before compute
     print(data.summary.format())                  # records, dropped by reason, tokens, packing efficiency...
-    it = train_iterator(data.train, config.train.batch_size, seed=config.seed, sharding=batch_sharding,
-                        prefetch=config.data.prefetch)
+    it = train_iterator(data.train, batch_size, seed=spec.seed, sharding=batch_sharding, prefetch=spec.prefetch)
     it.set_state(saved)                           # resume: the next batch is exactly the one after `saved`
     batch = next(it); saved = it.get_state()      # small JSON-able dict, stored with the checkpoint
     for batch in eval_iterator(data.eval, batch_size, sharding=batch_sharding): ...
-    data_fingerprints(config)                     # {source: {size, sha256}}; compare before resuming
+    data_fingerprints(spec)                       # {source: {size, sha256}}; compare before resuming
 
-- `build_datasets(config, tokenizer, *, vocab_size=None) -> Datasets(train: PackedRows, eval: PackedRows | None,
+`spec` is the run's data part (`ftjax.data.spec.DataSpec`: its `data.*` keys and seed; the composition step,
+`ftjax.train.compose`, reads it from the run config).
+
+- `build_datasets(spec, tokenizer, *, vocab_size=None) -> Datasets(train: PackedRows, eval: PackedRows | None,
   summary: DataSummary)`. Raises `ftjax.errors.DataError` naming file:line for bad input.
 - `train_iterator(rows, batch_size, *, seed, num_epochs=None, process_index=None, process_count=None,
   sharding=None, prefetch=4) -> TrainIterator` (endless by default; `get_state()`, `set_state(state)`).
 - `eval_iterator(rows, batch_size, *, process_index=None, process_count=None, sharding=None)`: fixed
   order; the last batch is padded with rows of zero weight.
-- `data_fingerprints(config) -> dict`; `prepare_jsonl({split: [files]}, data_dir)` writes local JSONL as
+- `data_fingerprints(spec) -> dict`; `prepare_jsonl({split: [files]}, data_dir)` writes local JSONL as
   the `jsonl_records` TFDS dataset (ArrayRecord), read back with `data.tfds_name=jsonl_records`.
 
 A batch (numpy, process-local; or global jax Arrays with `sharding`): `input_ids`, `targets` (next
@@ -32,6 +34,7 @@ from typing import Any, Mapping, Sequence
 
 from ftjax.data.build import Datasets, build_datasets, data_fingerprints
 from ftjax.data.packing import BATCH_KEYS, PackedRows
+from ftjax.data.spec import DataSpec
 from ftjax.data.summary import DataSummary
 
 # The Grain loader on first use, not on import: the train step needs only BATCH_KEYS from this package,
@@ -52,5 +55,5 @@ def prepare_jsonl(files: Mapping[str, Sequence[str]], data_dir: str) -> str:
     return _prepare(files, data_dir)
 
 
-__all__ = ["BATCH_KEYS", "DataSummary", "Datasets", "PackedRows", "TrainIterator", "build_datasets",
+__all__ = ["BATCH_KEYS", "DataSpec", "DataSummary", "Datasets", "PackedRows", "TrainIterator", "build_datasets",
            "data_fingerprints", "eval_iterator", "prepare_jsonl", "train_iterator"]

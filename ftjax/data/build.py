@@ -1,4 +1,5 @@
-"""From `config.data` and a tokenizer to train/eval rows and a summary, with every check done up front.
+"""From the run's data part (`ftjax.data.spec.DataSpec`) and a tokenizer to train/eval rows and a summary, with
+every check done up front.
 
 Order: read + validate every record (file:line errors) -> tokenize once (cached) -> vocab check ->
 eval split -> overlong policy -> dropped-fraction check -> mixture (+ replay) -> packing -> summary. Nothing
@@ -17,7 +18,8 @@ from ftjax.data.examples import Examples
 from ftjax.data.fingerprint import digest_key, file_fingerprint, tokenizer_fingerprint
 from ftjax.data.mixture import mixture_indices, parse_sources, replay_indices
 from ftjax.data.packing import PackedRows, make_rows
-from ftjax.data.records import Fields, ReadResult, check_data_file, read_file
+from ftjax.data.records import ReadResult, check_data_file, read_file
+from ftjax.data.spec import DataSpec
 from ftjax.data.summary import DataSummary
 from ftjax.data.token_cache import cached_examples
 from ftjax.data.tokenize import tokenize_records
@@ -45,11 +47,7 @@ class _Source:
     fingerprint: dict[str, Any]
 
 
-def _fields(d: Any) -> Fields:
-    return Fields(d.messages_field, d.prompt_field, d.completion_field, d.text_field)
-
-
-def _source_specs(d: Any) -> tuple[list[tuple[str, float, dict]], dict | None]:
+def _source_specs(d: DataSpec) -> tuple[list[tuple[str, float, dict]], dict | None]:
     """(train sources as (label, weight, how), eval source or None); `how` says how to read it."""
     if d.tfds_name and d.train:
         raise DataError("set either data.train (files) or data.tfds_name (a TFDS dataset), not both")
@@ -78,16 +76,16 @@ def _fingerprint(how: dict) -> dict[str, Any]:
     return tfds_fingerprint(how["name"], how["split"], how["data_dir"])
 
 
-def data_fingerprints(config: Any) -> dict[str, dict[str, Any]]:
-    """Size + SHA-256 of every data source the config names (label -> fingerprint), for resume checks."""
-    train, ev = _source_specs(config.data)
+def data_fingerprints(data: DataSpec) -> dict[str, dict[str, Any]]:
+    """Size + SHA-256 of every data source the run names (label -> fingerprint), for resume checks."""
+    train, ev = _source_specs(data)
     hows = [h for _, _, h in train] + ([ev] if ev else [])
     return {_label(h): _fingerprint(h) for h in hows}
 
 
-def _load(how: dict, weight: float, d: Any, tokenizer: Any, tok_fp: str) -> _Source:
+def _load(how: dict, weight: float, d: DataSpec, tokenizer: Any, tok_fp: str) -> _Source:
     """Read and validate all records of one source, then tokenize them (once; cached by content key)."""
-    fields = _fields(d)
+    fields = d.fields
     fp = _fingerprint(how)
     if how["kind"] == "file":
         read = read_file(how["path"], fields, d.on_bad_record)
@@ -112,7 +110,7 @@ def _check_vocab(examples: Examples, vocab_size: int | None) -> None:
                     f"vocabulary (size {vocab_size}); the tokenizer does not match the model")
 
 
-def _fit(examples: Examples, d: Any, dropped: collections.Counter, first: dict) -> tuple[Examples, int]:
+def _fit(examples: Examples, d: DataSpec, dropped: collections.Counter, first: dict) -> tuple[Examples, int]:
     """Apply data.overlong (drop | truncate | error) and drop examples left with no trained target."""
     seq_len, positions = int(d.seq_len), examples.lengths - 1
     over = positions > seq_len
@@ -149,7 +147,7 @@ def _hold_out(examples: Examples, fraction: float, seed: int, k: int) -> tuple[n
 REPLAY_LABEL = "replay"
 
 
-def _replay_examples(path: str, d: Any, tokenizer: Any, tok_fp: str) -> tuple[_Source, Examples]:
+def _replay_examples(path: str, d: DataSpec, tokenizer: Any, tok_fp: str) -> tuple[_Source, Examples]:
     """The replay file (retain prompts + replies to keep), cut to seq_len+1 tokens; examples without a
     trained token are left out."""
     src = _load(dict(kind="file", path=path), 1.0, d, tokenizer, tok_fp)
@@ -157,16 +155,16 @@ def _replay_examples(path: str, d: Any, tokenizer: Any, tok_fp: str) -> tuple[_S
     return src, ex.take(np.flatnonzero(ex.trained_targets() > 0))
 
 
-def build_datasets(config: Any, tokenizer: Any, *, vocab_size: int | None = None,
+def build_datasets(data: DataSpec, tokenizer: Any, *, vocab_size: int | None = None,
                    replay: tuple[str, float] | None = None) -> Datasets:
-    """Train and eval rows from `config.data` (and `config.seed`), checked before any compute.
+    """Train and eval rows from the run's data part (its `data.*` keys and seed), checked before any compute.
 
     `vocab_size` is the model's; token ids at or above it are an error. Raises DataError naming file:line.
     `replay=(path, fraction)` adds that JSONL's examples to make up `fraction` of the training examples
     (every task example kept; `ftjax.data.mixture.replay_indices`); its fingerprint, with the fraction, joins
     `summary.fingerprints["replay"]` so a resume with other replay data or another fraction is refused.
     """
-    d, seed = config.data, int(config.seed)
+    d, seed = data, int(data.seed)
     tok_fp = tokenizer_fingerprint(tokenizer)
     train_specs, eval_spec = _source_specs(d)
     sources = [_load(how, w, d, tokenizer, tok_fp) for _, w, how in train_specs]

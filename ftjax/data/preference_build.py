@@ -1,4 +1,5 @@
-"""From `config.data` and a tokenizer to train/eval rows of preference pairs and a summary, every check up front.
+"""From the run's data part (`ftjax.data.spec.DataSpec`) and a tokenizer to train/eval rows of preference pairs and
+a summary, every check up front.
 
 The same order and policies as `ftjax.data.build.build_datasets` (read + validate -> tokenize once, cached ->
 vocab check -> eval split -> overlong -> dropped-fraction check -> mixture -> packing), on whole pairs.
@@ -18,6 +19,7 @@ from ftjax.data.fingerprint import digest_key, tokenizer_fingerprint
 from ftjax.data.mixture import mixture_indices
 from ftjax.data.pair_rows import PairRows, make_pair_rows
 from ftjax.data.preference import PairExamples, PreferenceFields, fit_pairs, read_pairs, read_pairs_tfds, tokenize_pairs
+from ftjax.data.spec import DataSpec
 from ftjax.data.summary import DataSummary
 from ftjax.data.token_cache import cached_examples
 from ftjax.errors import DataError
@@ -32,7 +34,7 @@ class PreferenceDatasets:
     summary: DataSummary
 
 
-def _load(how: dict, d: Any, tokenizer: Any, tok_fp: str, fields: PreferenceFields):
+def _load(how: dict, d: DataSpec, tokenizer: Any, tok_fp: str, fields: PreferenceFields):
     """(read result, tokenized pairs, fingerprint) of one source; tokens cached by content key."""
     fp = _fingerprint(how)
     if how["kind"] == "file":
@@ -57,10 +59,11 @@ def _concat(parts: list[PairExamples]) -> PairExamples:
     return PairExamples(Examples.concat([p.chosen for p in parts]), Examples.concat([p.rejected for p in parts]))
 
 
-def build_preference_datasets(config: Any, tokenizer: Any, *, vocab_size: int | None = None,
+def build_preference_datasets(data: DataSpec, tokenizer: Any, *, vocab_size: int | None = None,
                               fields: PreferenceFields = PreferenceFields()) -> PreferenceDatasets:
-    """Train and eval rows of whole pairs from `config.data` (and `config.seed`); DataError names file:line."""
-    d, seed = config.data, int(config.seed)
+    """Train and eval rows of whole pairs from the run's data part (its `data.*` keys and seed); DataError names
+    file:line."""
+    d, seed = data, int(data.seed)
     tok_fp = tokenizer_fingerprint(tokenizer)
     train_specs, eval_spec = _source_specs(d)
     sources = [(label, w, *_load(how, d, tokenizer, tok_fp, fields)) for label, w, how in train_specs]

@@ -22,7 +22,7 @@ def max_examples(c: Any) -> int:
 def loss_on_all(c: Any) -> bool:
     """Whether the eval-loss rows cover every eval example (`eval.loss_examples=all` in a full report) or the
     task rows' examples only (each baseline scored on what it is compared on)."""
-    return c.eval.report != "quick" and c.eval.get("loss_examples", "scored") == "all"
+    return c.eval.report != "quick" and c.eval.loss_examples == "all"
 
 
 def tuned_retrieval(c: Any) -> bool:

@@ -1,13 +1,14 @@
 """`Evaluation`: what the training loop and scripts/eval.py call, with the unchanging parts cached in the workdir.
 
-    ev = Evaluation(config, tokenizer, workdir)          # reads eval/train records and the retain set
+    ev = Evaluation(settings, tokenizer, workdir)        # reads eval/train records and the retain set
     ev.prepare(base)                                     # base replies to the retain prompts (cached)
     ev.baselines(base)                                   # base 0-shot, k-shot, + retrieval scores (cached)
     logged = ev.track(model, base, step)                 # every eval.every: task_*, kl_to_base, ...
     report = ev.report(model, base, step)                # at the end (+ the tuned model with retrieval):
                                                          # report.json/.md, progress.png, table
 
-`base` is the base model, or None for a LoRA model (its adapters are switched off to get it).
+`settings` is the run's `ftjax.evaluation.settings.EvalSettings` (ftjax.train.compose.eval_settings reads it from
+the run config). `base` is the base model, or None for a LoRA model (its adapters are switched off to get it).
 Every process computes the same numbers; only the one with `write` (process 0) writes files.
 """
 
@@ -26,7 +27,6 @@ from flax import nnx
 from ftjax import stop
 from ftjax.data.fingerprint import tokenizer_fingerprint
 from ftjax.data.mixture import parse_sources
-from ftjax.data.records import Fields
 from ftjax.data.retain import load_retain
 from ftjax.evaluation import phase_times, report_size, retrieval, shared_cache
 from ftjax.evaluation.base import base_view
@@ -35,15 +35,12 @@ from ftjax.evaluation.forgetting import CACHE_NAME, BaseReplies, ForgettingResul
 from ftjax.evaluation.hosts import everywhere
 from ftjax.evaluation.progress import base_point, plot_progress, tracking_metrics
 from ftjax.evaluation.report import build_report, write_atomic, write_report
+from ftjax.evaluation.settings import EvalSettings
 from ftjax.evaluation.task import TaskResult, evaluate_task
-from ftjax.methods import method_for
 from ftjax.platform import platform_of
 
 BASELINES_NAME = "baselines.json"
 RETRIEVAL_NAME = "retrieval_baseline.json"  # the base + retrieval row, cached apart (its own key)
-# config groups that describe the run, not how a base result is measured (every other group, e.g. `pref`, is an
-# objective's own settings and joins the key of the base's cached held-out rows)
-_RUN_GROUPS = ("checkpoint", "data", "eval", "forget", "lora", "mesh", "model", "moe", "optim", "train")
 
 
 def _process_zero() -> bool:
@@ -74,41 +71,28 @@ def devices_in_words() -> str:
     return f"{len(devices)} × {devices[0].device_kind}" if len(devices) > 1 else f"1 {devices[0].device_kind} device"
 
 
-def model_id(c: Any) -> str:
-    """What makes two runs' base models the same (the key of cached base replies and baselines): a quantized
-    base (train.frozen_quant) is another base."""
-    quant = "" if c.train.frozen_quant == "none" else f"|{c.train.frozen_quant}:{_quant_scope(c)}"
-    return f"{c.model.path}|{c.model.dtype}|{c.model.param_dtype}|{c.train.frozen_dtype}{quant}"
-
-
-def _quant_scope(c: Any) -> str:
-    """The kernels a quantized base covers: every linear, or the LoRA targets (then they are part of it)."""
-    return "all_linears" if c.train.frozen_quant_scope == "all_linears" else f"targets={c.lora.targets}"
-
-
 class Evaluation:
     """Task generation scores, baselines and forgetting metrics for one run (see the module docstring)."""
 
-    def __init__(self, config: Any, tokenizer: Any, workdir: str | os.PathLike, *, write: bool | None = None,
-                 held_out: Any = None, generation_task: bool = True):
+    def __init__(self, settings: EvalSettings, tokenizer: Any, workdir: str | os.PathLike, *,
+                 write: bool | None = None, held_out: Any = None, generation_task: bool = True):
         """`held_out`: the objective's report rows (`ftjax.objectives.ReportRows`: e.g. preference accuracy on
         held-out pairs), measured for the base and the tuned model; `generation_task`: the eval data are
         generation examples (not, e.g., preference pairs)."""
-        self.config, self.tokenizer, self.workdir = config, tokenizer, Path(workdir)
+        self.settings, self.tokenizer, self.workdir = settings, tokenizer, Path(workdir)
         self.held_out = held_out
         self.write = _process_zero() if write is None else write
-        d = config.data
-        fields = Fields(d.messages_field, d.prompt_field, d.completion_field, d.text_field)
-        self.records = load_records(d.eval, fields) if d.eval and generation_task else []
+        d = settings.data
+        self.records = load_records(d.eval, d.fields) if d.eval and generation_task else []
         self.shots, self.train_records = [], []
-        if self.records and config.eval.few_shot > 0 and d.train:
+        if self.records and settings.eval.few_shot > 0 and d.train:
             first = parse_sources(d.train)[0].path  # the task's own data, never the replay file
-            self.train_records = load_records(first, fields)
-            self.shots = pick_shots(self.train_records, config.eval.few_shot, seed=config.seed)
+            self.train_records = load_records(first, d.fields)
+            self.shots = pick_shots(self.train_records, settings.eval.few_shot, seed=d.seed)
         # read up front: a bad document fails here with its file:line, before any generation
-        self.documents = retrieval.load_documents(config.eval.documents) if self.records and config.eval.documents \
-            else None
-        self.retain = load_retain(config.forget.retain)
+        self.documents = retrieval.load_documents(settings.eval.documents) \
+            if self.records and settings.eval.documents else None
+        self.retain = load_retain(settings.retain)
         self.replies: BaseReplies | None = None
         self._tracked: tuple[int, TaskResult | None, ForgettingResult] | None = None
 
@@ -122,7 +106,7 @@ class Evaluation:
 
     def _task(self, model: nnx.Module, shots=(), with_loss: bool = True, which: str = "model",
               prompt_of=None) -> TaskResult:
-        c = self.config
+        c = self.settings
         most = report_size.max_examples(c)  # eval.report=quick: fewer, and the eval loss on those
         n = min(len(self.records), most) if most else len(self.records)
         with _phase(f"{which} on {n} eval examples" + (f", {len(shots)}-shot" if shots else "")):
@@ -132,23 +116,22 @@ class Evaluation:
     @functools.cached_property
     def retrieved(self) -> retrieval.RetrievalPrompts | None:
         """The retrieval rows' prompts (eval.few_shot examples or passages per eval record), or None."""
-        c = self.config
+        c = self.settings
         train = (self.train_records, parse_sources(c.data.train)[0].path) if self.train_records else None
         documents = (self.documents, c.eval.documents) if self.documents else None
         return retrieval.retrieval_prompts(self.records, c.data.eval, c.eval.few_shot, train=train,
                                            documents=documents)
 
     def model_id(self) -> str:
-        return model_id(self.config)
+        return self.settings.model_id
 
     def _base_identity(self) -> dict[str, Any]:
         """The base model by content (shared-cache key): weight files' hashes, dtypes, backend, template."""
-        c = self.config
-        dtypes = {"dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "frozen_dtype": c.train.frozen_dtype,
-                  "backend": platform_of()}  # the evaluation runs on this process's devices
-        if c.train.frozen_quant != "none":  # absent for a full-precision base: existing cache keys stay valid
-            dtypes["frozen_quant"] = f"{c.train.frozen_quant}:{_quant_scope(c)}"
-        return {"base": shared_cache.base_content_id(c.model.path, dtypes),
+        c = self.settings
+        dtypes = {**c.dtypes, "backend": platform_of()}  # the evaluation runs on this process's devices
+        if c.quant is not None:  # absent for a full-precision base: existing cache keys stay valid
+            dtypes["frozen_quant"] = c.quant
+        return {"base": shared_cache.base_content_id(c.model_path, dtypes),
                 "template": tokenizer_fingerprint(self.tokenizer)}
 
     def prepare(self, base: nnx.Module) -> BaseReplies:
@@ -156,16 +139,16 @@ class Evaluation:
         shared across workdirs in $FTJAX_CACHE)."""
         if self.replies is None:
             path = self.workdir / CACHE_NAME
-            c = self.config
-            identity = {**self._base_identity(), "retain": shared_cache.data_content_id(c.forget.retain),
-                        "max_new_tokens": c.forget.max_new_tokens, "model_id": self.model_id()}
+            c = self.settings
+            identity = {**self._base_identity(), "retain": shared_cache.data_content_id(c.retain),
+                        "max_new_tokens": c.max_new_tokens, "model_id": self.model_id()}
             shared = shared_cache.lookup("retain_replies", identity) if not path.is_file() else None
             if everywhere(shared is not None) and self.write:
                 write_atomic(path, json.dumps(shared, ensure_ascii=False))
             what = f"base replies to {len(self.retain)} retain prompts"
             with _phase(what + (": cached ($FTJAX_CACHE)" if shared is not None else "")):
                 self.replies = base_replies(base, self.tokenizer, self.retain,
-                                            max_new_tokens=c.forget.max_new_tokens, cache=path,
+                                            max_new_tokens=c.max_new_tokens, cache=path,
                                             model_id=self.model_id(), write=self.write)
             if self.write and shared is None and path.is_file():
                 shared_cache.store("retain_replies", identity, json.loads(path.read_text()))
@@ -174,11 +157,11 @@ class Evaluation:
     def baseline_identity(self) -> dict[str, Any]:
         """What the base and few-shot task results depend on: base content, eval data content, few-shot
         source content with its seed and k, example count, metric, decoding (greedy) and template."""
-        c = self.config
+        c = self.settings
         shots = None
         if self.shots:
             shots = {"source": shared_cache.data_content_id(parse_sources(c.data.train)[0].path),
-                     "seed": c.seed, "k": len(self.shots)}
+                     "seed": c.data.seed, "k": len(self.shots)}
         return {**self._base_identity(), "eval": shared_cache.data_content_id(c.data.eval), "few_shot": shots,
                 "max_examples": c.eval.max_examples, "metric": c.eval.metric,
                 "decoding": "greedy; max_new_tokens = longest reference + 16", **report_size.identity(c),
@@ -238,10 +221,9 @@ class Evaluation:
         """The objective's held-out rows measured on the base (e.g. the DPO base's preference accuracy), shared
         across workdirs in $FTJAX_CACHE like the baselines: keyed by the base's content, the held-out data's
         content, the row length and the objective with its own settings group."""
-        c, h = self.config, self.held_out
-        own = {k: v.to_dict() for k, v in c.items() if k not in _RUN_GROUPS and hasattr(v, "to_dict")}
+        c, h = self.settings, self.held_out
         key = {**self._base_identity(), "held_out": h.key, "about": h.about, "objective": c.objective,
-               "settings": own, "seed": c.seed, "eval": shared_cache.data_content_id(c.data.eval),
+               "settings": c.objective_settings, "seed": c.data.seed, "eval": shared_cache.data_content_id(c.data.eval),
                "seq_len": c.data.seq_len}
         found = shared_cache.lookup("held_out_base", key)
         if everywhere(found is not None):
@@ -282,30 +264,27 @@ class Evaluation:
             with _phase(f"{h.about}, base and fine-tuned"):
                 section = {"base": self._held_out_base(base), "finetuned": h.measure(model)}
             held_out = {"key": h.key, "section": section, "rows": h.table(section), "about": h.about}
-        c = self.config
+        c = self.settings
         results = dict(self.baselines(base))
         if task is not None:
             results["finetuned"] = task
             if self.retrieved is not None and report_size.tuned_retrieval(c):
                 results["finetuned_retrieval"] = self._task(model, which="fine-tuned model + retrieval",
                                                             prompt_of=self.retrieved)
-        run = {"steps": c.train.steps, "lr": c.optim.lr, "batch_size": c.train.batch_size, "seq_len": c.data.seq_len,
-               "lora_rank": (method_for(c.method, c.lora).describe() or {}).get("rank")}
+        run = dict(c.run)
         extra = dict(extra_meta or {})
         run.update(extra.pop("run", {}))  # e.g. wall_s from the loop
         run["report_s"] = time.perf_counter() - started
         extra["phases"] = phase_times.since(first_phase)
-        meta = {"step": step, "model": c.model.path, "method": c.method, "objective": c.objective,
+        meta = {"step": step, "model": c.model_path, "method": c.method, "objective": c.objective,
                 "metric": c.eval.metric,
                 "few_shot": len(self.shots), "run": run, **extra}
         if self.has_task:  # where the cost rows' seconds were measured
             meta["devices"] = devices_in_words()
         if self.retrieved is not None:
             meta["retrieval"] = self.retrieved.describe()
-        if c.train.frozen_quant != "none":  # "base" is the model as trained against: the quantized one
-            where = ("every linear but the head" if c.train.frozen_quant_scope == "all_linears"
-                     else f"the LoRA targets {c.lora.targets}")
-            meta["base_quant"] = f"{c.train.frozen_quant} on {where}"
+        if c.base_quant is not None:  # "base" is the model as trained against: the quantized one
+            meta["base_quant"] = c.base_quant
         report = build_report(results, forget, replies, meta=meta, held_out=held_out)
         if self.write:
             write_report(self.workdir, report)

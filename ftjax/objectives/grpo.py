@@ -19,7 +19,6 @@ from flax import nnx
 
 from ftjax.api import model_config
 from ftjax.data.prompts import Prompt, PromptData, prompt_datasets
-from ftjax.data.records import Fields
 from ftjax.errors import ConfigError
 from ftjax.generate import generate_tokens, stop_ids
 from ftjax.objectives.grpo_loss import GrpoLoss
@@ -75,15 +74,14 @@ class Grpo(Objective):
         self.data: PromptData | None = None
 
     def read_data(self, run: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
-        d = run.config.data
-        self.data = prompt_datasets(d.train, d.eval, Fields(d.messages_field, d.prompt_field, d.completion_field,
-                                                            d.text_field), tokenizer, int(d.seq_len),
+        d = run.data
+        self.data = prompt_datasets(d.train, d.eval, d.fields, tokenizer, int(d.seq_len),
                                     int(self.rl.max_new_tokens), d.on_bad_record)
         self.tokenizer = tokenizer
         self.eos = stop_ids(types.SimpleNamespace(config=model_config(run.model.path)), tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos[0] if self.eos else 0)
         self.seq_len, self.chunk = int(d.seq_len), int(run.schedule.loss_chunk)
-        self.max_examples = int(run.config.eval.max_examples)  # held-out prompts the report's reward rows read
+        self.max_examples = int(run.eval_settings.eval.max_examples)  # held-out prompts the report's reward rows read
         # the loop's held-out loss reads packed eval rows; GRPO's held-out measure is the report's reward rows
         return dataclasses.replace(self.data, eval=None)
 

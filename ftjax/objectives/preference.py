@@ -67,7 +67,7 @@ class Preference(Objective):
         self.needs_reference = self.cfg.needs_reference
 
     def read_data(self, run: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
-        return build_preference_datasets(run.config, tokenizer, vocab_size=vocab_size)
+        return build_preference_datasets(run.data, tokenizer, vocab_size=vocab_size)
 
     def with_reference(self, data: Any, model: Any, batch_size: int, loss_chunk: int, workdir: Any,
                        identity: dict, say) -> Any:

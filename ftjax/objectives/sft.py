@@ -19,7 +19,7 @@ class Sft(Objective):
         """`pref` (the run's pref.* group) does not apply to SFT."""
 
     def read_data(self, run: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
-        return data_lib.build_datasets(run.config, tokenizer, vocab_size=vocab_size, replay=replay)
+        return data_lib.build_datasets(run.data, tokenizer, vocab_size=vocab_size, replay=replay)
 
     def terms(self, spec: TermSpec) -> list[Term]:
         return [cross_entropy(spec.loss_chunk)]

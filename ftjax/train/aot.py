@@ -14,42 +14,40 @@ from typing import Any, Callable
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh
 
 from ftjax import config as config_lib
-from ftjax.backend_defaults import resolve_auto
 from ftjax.config import recipe_module
 from ftjax.errors import ConfigError, LoadError
 from ftjax.interop.sources import pretrained_config
 from ftjax.metrics.flops import attention_flops_per_token, matmul_params
-from ftjax.methods import method_for
 from ftjax.models.llama import ModelConfig
 from ftjax.models.registry import config_from_hf
 from ftjax.platform import GIB, chip, device_capacity, device_kind, platform_of, topology_devices
-from ftjax.sharding import mesh_from_config
 from ftjax.train.compiled_memory import compiled_step, step_bytes
+from ftjax.train.compose import ModelPart, Run, compose
 from ftjax.train.memory import abstract_model, check_fits, estimate, on_platform
 
 MOSAIC_CALL = "tpu_custom_call"  # the custom call a compiled Pallas TPU (Mosaic) kernel becomes
 
 
-def model_shape(config, recipe: str | Path | None = None) -> ModelConfig:
-    """The model's shape without its weights: from model.path when it is a readable model (an HF folder, a GGUF
-    file, a known name), else from the recipe file's HF_CONFIG (the HF config.json values it quotes)."""
+def model_shape(model: ModelPart, recipe: str | Path | None = None) -> ModelConfig:
+    """The shape of the run's model (`model`: its model part) without its weights: from model.path when it is a
+    readable model (an HF folder, a GGUF file, a known name), else from the recipe file's HF_CONFIG (the HF
+    config.json values it quotes)."""
     try:
-        return pretrained_config(config.model.path, config.model.dtype)
+        return pretrained_config(model.path, model.dtype)
     except (LoadError, OSError):
         pass
     hf = getattr(recipe_module(recipe), "HF_CONFIG", None) if recipe else None
     if hf is None:
-        raise ConfigError(f"config.model.path={config.model.path!r} is not a readable model and the recipe has no "
+        raise ConfigError(f"config.model.path={model.path!r} is not a readable model and the recipe has no "
                           "HF_CONFIG: point model.path at the model's folder (its config.json is enough)")
-    return config_from_hf(hf, dtype=config.model.dtype, source=f"{recipe}: HF_CONFIG")
+    return config_from_hf(hf, dtype=model.dtype, source=f"{recipe}: HF_CONFIG")
 
 
-def attention_kernel(config, platform: str, hlo: str) -> str:
-    """What the compiled program runs for attention, read from its HLO (a kernel that fell back is named so)."""
-    name = config.model.attention
+def attention_kernel(name: str, platform: str, hlo: str) -> str:
+    """What the compiled program runs for attention (`name`: model.attention), read from its HLO (a kernel that
+    fell back is named so)."""
     if name == "splash":
         if MOSAIC_CALL in hlo:
             return "splash (mosaic)"
@@ -92,17 +90,18 @@ def roofline(flops: float, bytes_accessed: float, tokens: int, formula_flops: fl
             "peak_flops_per_chip": spec.peak_flops, "hbm_bandwidth": spec.hbm_bandwidth, "source": spec.source}
 
 
-def compile_report(config, model_cfg: ModelConfig, mesh: Mesh, topology: str, hlo_path: str | Path | None = None
+def compile_report(run: Run, model_cfg: ModelConfig, topology: str, hlo_path: str | Path | None = None
                    ) -> dict[str, Any]:
-    """Compile the run's step for `mesh` and describe it: XLA's bytes and FLOPs per device, the chip's HBM,
-    whether it fits, ftjax's estimate and FLOP formula beside them, the roofline estimate."""
+    """Compile the composed run's step for its mesh and describe it: XLA's bytes and FLOPs per device, the chip's
+    HBM, whether it fits, ftjax's estimate and FLOP formula beside them, the roofline estimate."""
+    mesh, m, s = run.mesh, run.model, run.schedule
     platform = platform_of(mesh)
     model_cfg = on_platform(model_cfg, platform)
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)  # a compile-only executable cannot be cached
     try:
         start = time.perf_counter()
-        compiled = compiled_step(config, model_cfg, mesh)
+        compiled = compiled_step(run, model_cfg)
         compile_s = time.perf_counter() - start
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
@@ -114,11 +113,11 @@ def compile_report(config, model_cfg: ModelConfig, mesh: Mesh, topology: str, hl
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
     flops_device, bytes_device = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    tokens = config.train.batch_size * config.data.seq_len
-    trainable = abstract_model_trainable(config, model_cfg)
-    formula = method_for(config.method, config.lora).flops_per_token(model_cfg, config.data.seq_len, trainable) * tokens
-    executed = formula + recompute_flops_per_token(model_cfg, config.data.seq_len, config.model.remat) * tokens
-    estimated = estimate(config, model_cfg, mesh)
+    tokens = s.batch_size * s.seq_len
+    trainable = abstract_model_trainable(run, model_cfg)
+    formula = run.method.flops_per_token(model_cfg, s.seq_len, trainable) * tokens
+    executed = formula + recompute_flops_per_token(model_cfg, s.seq_len, m.remat) * tokens
+    estimated = estimate(run, model_cfg)
     return {
         "topology": topology, "devices": mesh.size, "device_kind": device_kind(mesh), "platform": platform,
         "mesh": dict(mesh.shape),
@@ -137,39 +136,37 @@ def compile_report(config, model_cfg: ModelConfig, mesh: Mesh, topology: str, hl
         "formula_source": "the method's flops_per_token (ftjax/metrics/flops.py) x tokens per step (no remat recompute)",
         "executed_flops_per_step": executed,
         "executed_source": "the formula plus the forward FLOPs model.remat recomputes",
-        "attention_kernel": attention_kernel(config, platform, hlo),
+        "attention_kernel": attention_kernel(m.attention, platform, hlo),
         "mosaic_calls": hlo.count(f'custom_call_target="{MOSAIC_CALL}"'),
         "compile_s": compile_s,
         "versions": versions(),
         "roofline": roofline(max(flops_device, executed / mesh.size), bytes_device, tokens, formula, mesh.size, mesh),
-        "config": {"method": config.method, "model.path": config.model.path, "model.attention":
-                   config.model.attention, "model.dtype": config.model.dtype, "model.remat": config.model.remat,
-                   "train.frozen_dtype": config.train.frozen_dtype, "train.frozen_quant": config.train.frozen_quant,
-                   "train.batch_size": config.train.batch_size, "train.grad_accum": config.train.grad_accum,
-                   "data.seq_len": config.data.seq_len, "moe.implementation":
-                   model_cfg.moe.implementation if model_cfg.moe is not None else None},
+        "config": {"method": run.method.name, "model.path": m.path, "model.attention": m.attention,
+                   "model.dtype": m.dtype, "model.remat": m.remat, "train.frozen_dtype": m.frozen_dtype,
+                   "train.frozen_quant": m.quant.scheme if m.quant is not None else "none",
+                   "train.batch_size": s.batch_size, "train.grad_accum": s.grad_accum, "data.seq_len": s.seq_len,
+                   "moe.implementation": model_cfg.moe.implementation if model_cfg.moe is not None else None},
     }
 
 
-def abstract_model_trainable(config, model_cfg: ModelConfig):
+def abstract_model_trainable(run: Run, model_cfg: ModelConfig):
     """The run's trainable state from shapes (the adapters, for LoRA): what the FLOP formula counts."""
-    return nnx.split(abstract_model(config, model_cfg), method_for(config.method, config.lora).trainable, ...)[1]
+    return nnx.split(abstract_model(run.method, run.model, model_cfg), run.method.trainable, ...)[1]
 
 
 def compile_recipe(config, recipe: str | Path | None, topology: str, out: str | Path, hlo_path=None,
                    say: Callable[[str], None] = print) -> dict[str, Any]:
-    """scripts/compile.py: `config` (`auto` keys resolved for the slice) compiled for `topology`'s devices, the
-    report written to `out`; ConfigError (one line) when the estimate or XLA's count exceeds the chip's HBM."""
+    """scripts/compile.py: `config` composed once over `topology`'s devices (its `auto` keys resolved for the
+    slice, not this host) and compiled for them, the report written to `out`; ConfigError (one line) when the
+    estimate or XLA's count exceeds the chip's HBM."""
     devices = topology_devices(topology)
-    resolve_auto(config, platform_of(devices))  # `auto` means the slice's values, not this host's
-    config_lib.validate(config)
-    mesh = mesh_from_config(config.mesh, devices=devices)
-    model_cfg = model_shape(config, recipe)
+    run = compose(config, devices)
+    model_cfg = model_shape(run.model, recipe)
     config_lib.validate_for_model(config, model_cfg)
-    say(f"{topology}: {len(devices)} x {device_kind(devices)}, mesh {dict(mesh.shape)}")
-    say(check_fits(config, model_cfg, mesh))  # an oversize run stops here, before compiling
+    say(f"{topology}: {len(devices)} x {device_kind(devices)}, mesh {dict(run.mesh.shape)}")
+    say(check_fits(run, model_cfg))  # an oversize run stops here, before compiling
     say("compiling the train step (minutes for a billion-parameter model)...")
-    report = compile_report(config, model_cfg, mesh, topology, hlo_path)
+    report = compile_report(run, model_cfg, topology, hlo_path)
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     total, hbm, roof = report["bytes_per_device"], report["hbm_bytes_per_device"], report["roofline"]
     say(f"XLA: {total / GIB:.2f} GiB per chip of {hbm / GIB:.1f} GiB HBM (estimate "

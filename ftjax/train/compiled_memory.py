@@ -13,32 +13,30 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from ftjax.backend_defaults import resolve_auto
 from ftjax.data.packing import BATCH_KEYS
 from ftjax.dtypes import cast_floats
 from ftjax.errors import ConfigError
 from ftjax.models.llama import ModelConfig
 from ftjax.objectives.terms import TASK, uses_reference
-from ftjax.platform import platform_of
 from ftjax.sharding import state_shardings
-from ftjax.train.compose import compose, loss_terms
+from ftjax.train.compose import Run, loss_terms
 from ftjax.train.memory import abstract_model
 from ftjax.train.optimizer import make_optimizer
 from ftjax.train.state import StateShardings
 from ftjax.train.step import Frozen, TrainStep
 
 
-def compiled_step(config, model_cfg: ModelConfig, mesh: Mesh) -> jax.stages.Compiled:
-    """The run's TrainStep (its loss terms, remat, frozen dtype/quantization, attention kernel) lowered from
-    shapes with the run's shardings over `mesh` and compiled for the mesh's platform."""
-    resolve_auto(config, platform_of(mesh))  # `auto` means the mesh's platform's values (a TPU slice's on a CPU host)
-    run = compose(config, devices=list(mesh.devices.flat))
+def compiled_step(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> jax.stages.Compiled:
+    """The composed run's TrainStep (its loss terms, remat, frozen dtype/quantization, attention kernel) lowered
+    from shapes with the run's shardings over `mesh` (default: the run's own; a TPU slice's abstract devices on a
+    CPU host, `auto` resolved for them by compose) and compiled for the mesh's platform."""
+    mesh = run.mesh if mesh is None else mesh
     if not run.objective.compiles_from_shapes:
-        raise ConfigError(f"config.objective={config.objective!r}: its batches have no shape-only form yet "
+        raise ConfigError(f"config.objective={run.objective.name!r}: its batches have no shape-only form yet "
                           "(compiling from shapes covers objectives whose batches are plain rows)")
-    model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                                  remat=config.model.remat, attention=config.model.attention)
-    graphdef, trainable, frozen = nnx.split(abstract_model(config, model_cfg), run.method.trainable, ...)
+    m = run.model
+    model_cfg = model_cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
+    graphdef, trainable, frozen = nnx.split(abstract_model(run.method, m, model_cfg), run.method.trainable, ...)
     frozen = jax.eval_shape(lambda f: cast_floats(f, run.model.frozen_cast), frozen)
     optimizer = make_optimizer(run.optim, run.schedule.steps)
     opt_state = jax.eval_shape(optimizer.tx.init, trainable)
@@ -48,7 +46,7 @@ def compiled_step(config, model_cfg: ModelConfig, mesh: Mesh) -> jax.stages.Comp
     with_start_copy = run.method.keeps_start_copy and uses_reference(terms)  # as the loop builds it
     step = TrainStep(graphdef, optimizer, mesh, shardings, terms, grad_accum=run.schedule.grad_accum, rules=rules,
                      with_start_copy=with_start_copy)
-    shape = (config.train.batch_size, config.data.seq_len)
+    shape = (run.schedule.batch_size, run.schedule.seq_len)
     rows = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32) for k in BATCH_KEYS}
     batch = {**rows, **{s: rows for s in step.streams if s != TASK}}  # a retain stream has the batch's shape
     return step.lower(trainable, opt_state, Frozen(frozen, trainable if with_start_copy else None), batch,
@@ -66,6 +64,6 @@ def step_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
     return parts
 
 
-def compiled_step_bytes(config, model_cfg: ModelConfig, mesh: Mesh) -> int:
+def compiled_step_bytes(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> int:
     """Bytes per device of the compiled step: arguments + unaliased outputs + temporaries."""
-    return step_bytes(compiled_step(config, model_cfg, mesh))["total"]
+    return step_bytes(compiled_step(run, model_cfg, mesh))["total"]

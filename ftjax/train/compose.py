@@ -1,6 +1,7 @@
-"""The run composed once: the ConfigDict validated (its `auto` values resolved, once) and read into the parts the
-training job takes: the model, the method and objective objects, the mesh and its rules, the data, the optimizer,
-the schedule, checkpointing, evaluation and forgetting control. The loop and what it calls take these parts."""
+"""The run composed once: the ConfigDict validated (its `auto` values resolved, once, for the platform of the run's
+devices) and read into the parts the training job takes: the model, the method and objective objects, the mesh and
+its rules, the data, the optimizer, the schedule, checkpointing, evaluation and forgetting control. The loop, the
+data builders, the memory estimate, the AOT compile and the evaluation take these parts, never the ConfigDict."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from jax.sharding import Mesh
 
 from ftjax import config as config_lib
 from ftjax.data.fingerprint import tokenizer_fingerprint
+from ftjax.data.spec import DataSpec
 from ftjax.dtypes import frozen_dtype
-from ftjax.evaluation.run import model_id
+from ftjax.evaluation.settings import EvalKeys, EvalSettings
 from ftjax.interop.quantized_base import FrozenQuant, frozen_quant
 from ftjax.methods import Method, method_for
 from ftjax.objectives import Objective, TermSpec, objective_for, objective_settings
 from ftjax.objectives.reference_cache import pairs_digest
 from ftjax.objectives.terms import Term, kl_to_base, l2_to_base_term, router_aux_weight, router_balance
+from ftjax.platform import platform_of
 from ftjax.provenance import base_identity
 from ftjax.sharding import mesh_from_config, parse_rules
 from ftjax.workdir import recorded
@@ -101,8 +104,8 @@ class Forgetting:
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One training run, composed. `config` is the validated ConfigDict as recorded (config.json, checkpoint
-    metadata, the resume check) and as the data, state, memory and evaluation builders still read it."""
+    """One training run, composed. `config` is the validated ConfigDict, kept only to record it (config.json,
+    checkpoint metadata, the resume check) and for the checks that need the model's config (validate_for_model)."""
 
     config: Any
     model: ModelPart
@@ -119,12 +122,18 @@ class Run:
     continued_settings: dict  # ftjax.workdir.CONTINUED_KEYS -> value: what an adapter it continues must share
     feed: Feed
     model_id: str  # what makes two runs' pre-trained models the same (cached replies and baselines)
+    data: DataSpec  # `data.*` and the seed: what the objective's data builder reads
+    eval_settings: EvalSettings  # what the before / after evaluation reads
 
 
-def compose(config, devices: Sequence[Any] | None = None) -> Run:
-    """Validate `config` (resolving `auto` for this backend: the only place a run does) and read it into parts;
-    a mesh that does not fit the devices fails here, before anything is loaded."""
-    config_lib.validate(config)
+def compose(config, devices: Sequence[Any] | None = None, platform: str | None = None) -> Run:
+    """Validate `config` (resolving `auto` for `platform`, by default that of `devices` (a TPU slice's abstract
+    devices on a CPU host: the TPU values), else this process's: the only place a run does) and read it into
+    parts; a mesh that does not fit the devices fails here, before anything is loaded."""
+    devices = list(devices) if devices is not None else None
+    if platform is None and devices is not None:
+        platform = platform_of(devices)
+    config_lib.validate(config, platform)
     c = config
     t, m = c.train, c.model
     model = ModelPart(str(m.path), m.dtype, m.param_dtype, m.remat, m.attention, t.frozen_dtype,
@@ -132,14 +141,54 @@ def compose(config, devices: Sequence[Any] | None = None) -> Run:
     schedule = Schedule(int(t.steps), int(t.batch_size), int(c.data.seq_len), int(t.grad_accum), int(t.log_every),
                         int(t.loss_chunk), int(t.max_consecutive_skips), int(t.early_stop_patience), int(c.seed))
     f = c.forget
-    return Run(config, model, method_for(c.method, c.lora), objective_for(c.objective, c[objective_settings(c.objective)]),
-               mesh_from_config(c.mesh, devices=list(devices) if devices is not None else None), parse_rules(c.mesh.rules),
-               schedule, Checkpointing(int(c.checkpoint.every), int(c.checkpoint.keep), bool(c.checkpoint.keep_best)),
-               EvalPlan(int(c.eval.every), bool(c.eval.final), bool(c.data.eval)),
-               Forgetting(float(f.kl_weight), float(f.l2_weight), float(f.replay_fraction), f.control,
-                          int(f.max_new_tokens), float(f.replay_temperature), int(f.replay_samples)),
-               c.optim, c.moe.router_aux_weight, recorded(c).settings,
-               Feed(bool(c.data.packing), int(c.data.prefetch), int(c.data.max_segments)), model_id(c))
+    return Run(config=config, model=model, method=method_for(c.method, c.lora),
+               objective=objective_for(c.objective, c[objective_settings(c.objective)]),
+               mesh=mesh_from_config(c.mesh, devices=devices), rules=parse_rules(c.mesh.rules), schedule=schedule,
+               checkpointing=Checkpointing(int(c.checkpoint.every), int(c.checkpoint.keep),
+                                           bool(c.checkpoint.keep_best)),
+               evaluation=EvalPlan(int(c.eval.every), bool(c.eval.final), bool(c.data.eval)),
+               forget=Forgetting(float(f.kl_weight), float(f.l2_weight), float(f.replay_fraction), f.control,
+                                 int(f.max_new_tokens), float(f.replay_temperature), int(f.replay_samples)),
+               optim=c.optim, router_aux_weight=c.moe.router_aux_weight, continued_settings=recorded(c).settings,
+               feed=Feed(bool(c.data.packing), int(c.data.prefetch), int(c.data.max_segments)), model_id=model_id(c),
+               data=data_spec(c), eval_settings=eval_settings(c))
+
+
+def data_spec(config) -> DataSpec:
+    """The run's `data.*` keys and seed, as the data builders read them."""
+    return DataSpec(**{key: config.data[key] for key in DataSpec.keys()}, seed=int(config.seed))
+
+
+def model_id(config) -> str:
+    """What makes two runs' base models the same (the key of cached base replies and baselines): a quantized
+    base (train.frozen_quant) is another base."""
+    c = config
+    quant = "" if c.train.frozen_quant == "none" else f"|{c.train.frozen_quant}:{_quant_scope(c)}"
+    return f"{c.model.path}|{c.model.dtype}|{c.model.param_dtype}|{c.train.frozen_dtype}{quant}"
+
+
+def _quant_scope(config) -> str:
+    """The kernels a quantized base covers: every linear, or the LoRA targets (then they are part of it)."""
+    return "all_linears" if config.train.frozen_quant_scope == "all_linears" else f"targets={config.lora.targets}"
+
+
+def eval_settings(config) -> EvalSettings:
+    """What the before / after evaluation reads of the run (its eval.*, data, retain set, base and report names).
+    scripts/eval.py builds it for a recorded run with its overrides."""
+    c, e, t = config, config.eval, config.train
+    quant = None if t.frozen_quant == "none" else f"{t.frozen_quant}:{_quant_scope(c)}"
+    where = ("every linear but the head" if t.frozen_quant_scope == "all_linears"
+             else f"the LoRA targets {c.lora.targets}")
+    return EvalSettings(
+        eval=EvalKeys(int(e.every), bool(e.final), int(e.max_examples), str(e.metric), int(e.few_shot), str(e.report),
+                     e.documents, str(e.loss_examples)),
+        data=data_spec(c), retain=c.forget.retain, max_new_tokens=int(c.forget.max_new_tokens),
+        model_path=str(c.model.path), model_id=model_id(c),
+        dtypes={"dtype": c.model.dtype, "param_dtype": c.model.param_dtype, "frozen_dtype": t.frozen_dtype},
+        quant=quant, base_quant=None if quant is None else f"{t.frozen_quant} on {where}",
+        method=c.method, objective=c.objective, objective_settings=c[objective_settings(c.objective)].to_dict(),
+        run={"steps": t.steps, "lr": c.optim.lr, "batch_size": t.batch_size, "seq_len": c.data.seq_len,
+             "lora_rank": (method_for(c.method, c.lora).describe() or {}).get("rank")})
 
 
 def row_segments(run: Run) -> int:
@@ -168,12 +217,13 @@ def loss_terms(run: Run, model_cfg: Any = None, extra: Sequence[Term] = (), own:
     return terms + list(extra)
 
 
-def reference_identity(config, tokenizer: Any, data: Any) -> dict[str, Any]:
+def reference_identity(run: Run, tokenizer: Any, data: Any) -> dict[str, Any]:
     """What cached reference log-probs depend on (`ftjax.objectives.reference_cache`); any change makes the cache
     invalid."""
-    return {"base": base_identity(config.model.path),
-            "dtypes": {"model.dtype": config.model.dtype, "model.param_dtype": config.model.param_dtype,
-                       "train.frozen_dtype": str(frozen_dtype(config.train.frozen_dtype, config.model.param_dtype))},
+    m = run.model
+    return {"base": base_identity(m.path),
+            "dtypes": {"model.dtype": m.dtype, "model.param_dtype": m.param_dtype,
+                       "train.frozen_dtype": str(m.frozen_cast)},
             "data": {"train": pairs_digest(data.train), "eval": pairs_digest(data.eval)},
             "template": tokenizer_fingerprint(tokenizer),
-            "data.seq_len": int(config.data.seq_len), "data.overlong": str(config.data.overlong)}
+            "data.seq_len": int(run.data.seq_len), "data.overlong": str(run.data.overlong)}

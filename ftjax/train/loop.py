@@ -152,7 +152,7 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
     data = objective.read_data(run, tokenizer, model_cfg.vocab_size)
     if not run.forget.replay_fraction:
         _say(data.summary.format())
-    _say(check_fits(config, model_cfg, mesh))  # stops here, before loading or compiling, if it cannot fit
+    _say(check_fits(run, model_cfg))  # stops here, before loading or compiling, if it cannot fit
 
     setup = build_state(run)
     state = setup.state
@@ -169,7 +169,7 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
     start_copy = forget.start_copy(state) if keep_start else None
     evaluation, pretrained = None, None
     if run.evaluation.reporting:  # task scores, baselines and forgetting (ftjax.evaluation)
-        evaluation = Evaluation(config, tokenizer, workdir, generation_task=objective.generation_task,
+        evaluation = Evaluation(run.eval_settings, tokenizer, workdir, generation_task=objective.generation_task,
                                 held_out=objective.report_rows(data.eval, s.batch_size, s.loss_chunk))
         # LoRA: the pre-trained model is this one with its adapters detached (no copy); full: the step-0 copy
         pretrained = nnx.merge(state.graphdef, start_copy, state.frozen) if start_copy is not None else None
@@ -183,7 +183,7 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
     terms = loss_terms(run, model_cfg, extra_terms, own)
     if reference == Reference.CACHE:  # the reference's log-probs, computed once (or read from the workdir)
         data = objective.with_reference(data, state.model(), s.batch_size, s.loss_chunk, workdir,
-                                        reference_identity(config, tokenizer, data), _say)
+                                        reference_identity(run, tokenizer, data), _say)
     # LoRA's reference: its adapters zeroed (no copy), or the continued adapter's starting copy
     with_start_copy = (method.keeps_start_copy or setup.continues_adapter) and uses_reference(terms)
     step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=s.grad_accum,
@@ -214,7 +214,7 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         if moved := cut_history(workdir, job.start):  # one history: rows past the resumed step set aside
             print(moved, flush=True)
-        if warning := job.ckpt.room_warning((job.trainable, job.opt_state), config.checkpoint.keep):
+        if warning := job.ckpt.room_warning((job.trainable, job.opt_state), run.checkpointing.keep):
             print(warning, flush=True)  # before the first save: the disk cannot hold what the run keeps
     return job
 
@@ -326,7 +326,7 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
     trainable = job.trainable
     reporting = (job.evaluation is not None and job.run.evaluation.final
                  and (step == job.run.schedule.steps or stopped_early))
-    reporting = reporting and report_size.reports(job.run.config)  # eval.report=none: the run ends at its last save
+    reporting = reporting and report_size.reports(job.run.eval_settings)  # eval.report=none: ends at its last save
     report_step = job.ckpt.best_step() if reporting and job.keep_best else step
     job.ckpt.close()  # the final save is complete before the (long) report
     if reporting and report_step != step:  # the report describes the weights export takes: the best

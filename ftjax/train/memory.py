@@ -9,6 +9,9 @@ recomputation. Under tensor parallelism the residual stream is whole on every te
 compile of the large recipes (TPU_LAYER; benchmarks/memory_vs_xla.py: within 15% of each).
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
 trainable weights (`start_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
+The objective adds what it holds beyond that (`Objective.memory`: a frozen reference copy, a teacher, rollouts'
+KV cache), from the estimate's own per-device figures (`MemoryShapes`); a preference loss under full fine-tuning
+reads its reference from a cache and adds nothing.
 A quantized base (train.frozen_quant) counts its kernels' own arrays, and one layer of them dequantized among the
 activations; `ftjax.train.compiled_memory` checks the whole against XLA's count of the compiled step.
 Mixture of experts: the weights are the model's own (all E experts, the router, their adapters); a layer's MLP
@@ -32,20 +35,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from ftjax.backend_defaults import resolve_auto
-from ftjax.config import has_auto, recipe_module
+from ftjax.config import recipe_module
 from ftjax.errors import ConfigError
 from ftjax.interop.gguf import gguf_tensor_name, qtype_name, read_gguf_header
-from ftjax.interop.quantized_base import frozen_quant
 from ftjax.interop.sources import resolve
 from ftjax.lora import frozen_quant_kernels
-from ftjax.methods import method_for
+from ftjax.methods import Method
 from ftjax.models.llama import Llama, ModelConfig
 from ftjax.models.moe import grouped_rows, resolved_implementation, tile_rows
 from ftjax.models.registry import config_from_hf, hf_tensor_name
+from ftjax.objectives import MemoryShapes
 from ftjax.platform import device_capacity, platform_of
 from ftjax.quant.weight import QuantizedParam, abstract_weight
-from ftjax.sharding import batch_shards, mesh_from_config, parse_rules, state_shardings
+from ftjax.sharding import batch_shards, state_shardings
+from ftjax.train.compose import ModelPart, Run, compose
 from ftjax.train.optimizer import make_optimizer
 
 GIB = 1024**3
@@ -99,46 +102,45 @@ def moe_layer_bytes(cfg: ModelConfig, tokens: int, itemsize: int) -> float:
     return out
 
 
-def saved_widths(config, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
+def saved_widths(method: Method, cfg: ModelConfig, tokens: int = 1) -> dict[str, float]:
     """Per remat policy, the values per token one layer keeps for the backward pass (models/llama.py's
     REMAT_POLICIES): the layer input always; `minimal` adds its named projection outputs and residual
     (and the LoRA hidden states), `dots` every matmul output. `tokens` per device sizes an MoE's routed rows."""
     d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     i = mlp_width(cfg, tokens)
-    lora = method_for(config.method, config.lora).adapter_width
+    lora = method.adapter_width
     minimal = d + (q + 2 * kv) + d + d + 2 * i + lora  # input, q/k/v, attn_context, resid_mid, gate, up
     return {"full": d, "minimal": minimal, "dots": minimal + 2 * d}  # dots: + o_proj and down outputs
 
 
-def replicated_widths(config, cfg: ModelConfig) -> dict[str, float]:
+def replicated_widths(method: Method, cfg: ModelConfig) -> dict[str, float]:
     """Of `saved_widths`, the values the tensor axis does not split: the residual stream (act_embed) and the LoRA
     hidden states; q/k/v, the attention context, gate and up are split over tensor."""
     d = cfg.hidden_size
-    lora = method_for(config.method, config.lora).adapter_width
+    lora = method.adapter_width
     return {"full": d, "minimal": 2 * d + lora, "dots": 4 * d + lora}  # input, resid_mid (+ o_proj, down outputs)
 
 
-def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
-    """Bytes per device for the trainable + frozen params, optimizer state and activations. A composed run's
-    config has its `auto` values resolved already (for its mesh's platform); one straight from a recipe gets the
-    values of `mesh`'s platform."""
+def estimate(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict[str, int]:
+    """Bytes per device of the composed `run` (its `auto` values resolved for its devices' platform) over `mesh`
+    (default: the run's own): the trainable + frozen params, optimizer state and activations, then what the
+    objective adds (`Objective.memory`)."""
+    mesh = run.mesh if mesh is None else mesh
     platform = platform_of(mesh)
-    if has_auto(config):
-        resolve_auto(config, platform)
-    model_cfg = model_cfg.replace(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                                  remat=config.model.remat)
+    m, s, method = run.model, run.schedule, run.method
+    model_cfg = model_cfg.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
     model_cfg = on_platform(model_cfg, platform)
-    quant = _quant(config)
-    _, trainable, quantized, frozen = nnx.split(abstract_model(config, model_cfg), method_for(config.method, config.lora).trainable,
+    quant = m.quant
+    _, trainable, quantized, frozen = nnx.split(abstract_model(method, m, model_cfg), method.trainable,
                                                 QuantizedParam, ...)
-    opt = jax.eval_shape(make_optimizer(config.optim, config.train.steps).tx.init, trainable)
-    rules = parse_rules(config.mesh.rules)
-    rows = config.train.batch_size // config.train.grad_accum // batch_shards(mesh, rules)
-    t, d, cfg = config.data.seq_len, model_cfg.hidden_size, model_cfg
-    itemsize = jnp.dtype(config.model.dtype).itemsize
+    opt = jax.eval_shape(make_optimizer(run.optim, s.steps).tx.init, trainable)
+    rules = run.rules
+    rows = s.batch_size // s.grad_accum // batch_shards(mesh, rules)
+    t, d, cfg = s.seq_len, model_cfg.hidden_size, model_cfg
+    itemsize = jnp.dtype(m.dtype).itemsize
     scale = itemsize / 2
     tensor = mesh.shape["tensor"]
-    scores = 5 * cfg.num_heads * t / d if config.model.attention == "xla" else 0  # flash kernels keep no [T, S]
+    scores = 5 * cfg.num_heads * t / d if m.attention == "xla" else 0  # flash kernels keep no [T, S]
     if cfg.moe is None and platform == "tpu":
         replicated, split = TPU_LAYER
         per_layer = t * rows * itemsize * (replicated * d + (split * cfg.intermediate_size + scores * d / 2) / tensor)
@@ -149,14 +151,14 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
         routed = moe_layer_bytes(cfg, t * rows, itemsize)
         gathered = moe_layer_bytes(cfg, t * rows * batch_shards(mesh, rules), itemsize)
         per_layer = (t * rows * d * (15 + scores) * scale + gathered) / tensor
-    saved = saved_widths(config, cfg, t * rows).get(config.model.remat)
+    saved = saved_widths(method, cfg, t * rows).get(m.remat)
     if saved is None:  # remat=none: every intermediate of every layer lives until the backward pass
         acts = cfg.num_layers * per_layer
     else:  # the saved tensors of every layer (the residual stream whole on each tensor shard), plus one layer's
         # worth during its recomputation
-        replicated = replicated_widths(config, cfg)[config.model.remat]
+        replicated = replicated_widths(method, cfg)[m.remat]
         acts = cfg.num_layers * t * rows * (replicated + (saved - replicated) / tensor) * itemsize + per_layer
-    acts += rows * min(config.train.loss_chunk, t) * cfg.vocab_size * 4 * 3 / tensor  # logits chunk, fp32, fwd+bwd
+    acts += rows * min(s.loss_chunk, t) * cfg.vocab_size * 4 * 3 / tensor  # logits chunk, fp32, fwd+bwd
     if platform == "tpu":  # the output head in fp32 for the loss; under fsdp, the embedding and head gathered
         heads = 1 if cfg.tie_word_embeddings else 2
         gathered = heads * itemsize if mesh.shape["fsdp"] > 1 else 0
@@ -165,38 +167,33 @@ def estimate(config, model_cfg: ModelConfig, mesh: Mesh) -> dict[str, int]:
         # layer's backward the gradients of its routed buffers, as large as the buffers
         acts += cfg.num_layers * t * rows * cfg.moe.num_experts * 4
         acts += routed / tensor
-    if config.forget.kl_weight:
+    if run.forget.kl_weight:
         acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
     if quant is not None:  # one layer's quantized kernels dequantized (fp32, then a compute-dtype copy)
         dense = _device_bytes(_dense_of(quantized), mesh, rules, "float32") / cfg.num_layers
         acts += dense * (scale / 2 if platform == "tpu" else 1 + scale / 2)  # TPU: no fp32 copy (XLA fuses
         # the dequantization into its consumer: the 8B and 70B QLoRA recipes' TPU compiles, memory_vs_xla.py)
-    frozen_dtype = config.train.frozen_dtype
     out = {"trainable": _device_bytes(trainable, mesh, rules),
-           "frozen": _device_bytes(frozen, mesh, rules, frozen_dtype) + _device_bytes(quantized, mesh, rules),
+           "frozen": _device_bytes(frozen, mesh, rules, m.frozen_dtype) + _device_bytes(quantized, mesh, rules),
            "opt_state": _device_bytes(opt, mesh, rules), "activations": int(acts)}
-    if method_for(config.method, config.lora).keeps_start_copy and (config.forget.kl_weight or config.forget.l2_weight):
+    if method.keeps_start_copy and (run.forget.kl_weight or run.forget.l2_weight):
         out["start_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
-    return out
+    shapes = MemoryShapes(cfg, rows, t, itemsize, out["trainable"], out["frozen"], out["activations"])
+    reference = run.objective.reference(start_copy_is_free=not method.keeps_start_copy)
+    return {**out, **run.objective.memory(shapes, reference)}
 
 
-def abstract_model(config, model_cfg: ModelConfig) -> nnx.Module:
-    """The model a run trains, from shapes alone: adapters attached, the frozen kernels quantized as configured."""
+def abstract_model(method: Method, model: ModelPart, model_cfg: ModelConfig) -> nnx.Module:
+    """The model a run trains, from shapes alone: the method's adapters attached, the frozen kernels quantized as
+    `model` (the run's model part) holds them."""
 
     def build():
-        model = Llama(model_cfg, rngs=nnx.Rngs(0))
-        return method_for(config.method, config.lora).attach(model, 0)
+        return method.attach(Llama(model_cfg, rngs=nnx.Rngs(0)), 0)
 
     abstract = nnx.eval_shape(build)
-    quant = _quant(config)
-    if quant is not None:
-        _abstract_quantized(abstract, quant, config.model.path)
+    if model.quant is not None:
+        _abstract_quantized(abstract, model.quant, model.path)
     return abstract
-
-
-def _quant(config):
-    t = config.train
-    return frozen_quant(t.frozen_quant, t.frozen_quant_scope, config.lora.targets, config.model.dtype)
 
 
 def _abstract_quantized(model: nnx.Module, quant, path: str) -> None:
@@ -229,9 +226,10 @@ def frozen_bytes(frozen, dtype) -> tuple[int, int]:
     return held, full
 
 
-def check_fits(config, model_cfg: ModelConfig, mesh: Mesh) -> str:
+def check_fits(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> str:
     """One line describing the estimate; ConfigError when it exceeds the device's memory."""
-    parts = estimate(config, model_cfg, mesh)
+    mesh = run.mesh if mesh is None else mesh
+    parts = estimate(run, model_cfg, mesh)
     total = sum(parts.values())
     capacity, source = device_capacity(mesh)
     line = ("memory per device (estimate): " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in parts.items())
@@ -248,7 +246,6 @@ def recipe_estimate(path: str | os.PathLike, devices: int, backend: str = "gpu")
     shapes alone (no weights, no accelerator; the host needs `devices` JAX devices, e.g. XLA_FLAGS=
     --xla_force_host_platform_device_count=8)."""
     module = recipe_module(path)
-    config = resolve_auto(module.get_config(), backend)
-    mesh = mesh_from_config(config.mesh, devices=jax.devices()[:devices])
-    parts = estimate(config, on_platform(config_from_hf(module.HF_CONFIG), backend), mesh)
+    run = compose(module.get_config(), jax.devices()[:devices], platform=backend)
+    parts = estimate(run, on_platform(config_from_hf(module.HF_CONFIG), backend))
     return {**{k: round(v / GIB, 2) for k, v in parts.items()}, "total": round(sum(parts.values()) / GIB, 2)}
