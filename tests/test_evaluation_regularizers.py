@@ -16,7 +16,7 @@ from ftjax.lora import apply_lora
 from ftjax.objectives.loss import chunked_cross_entropy
 from ftjax.objectives.regularizers import chunked_kl_to_base, kl_to_base_loss, l2_to_base, adapters_zeroed
 from ftjax.train.state import split
-from train_helpers import TINY, make_batch, tiny_model
+from train_helpers import make_batch, tiny_model
 
 LAYER_TOL = 1e-5
 MODEL_TOL = 1e-4

@@ -79,10 +79,17 @@ class Objective(abc.ABC):
         """Train / eval rows and their summary (`ftjax.data.Datasets`-like) for the composed `run`
         (`ftjax.train.compose.Run`), every record checked up front; `replay`: (file, fraction) mixed in."""
 
-    def batches(self, train: Any, batch_size: int, seed: int, sharding: Any, prefetch: int) -> BatchSource:
-        """Where the steps' batches come from: by default the train rows, shuffled, as sharded global batches."""
+    def batches(self, train: Any, batch_size: int, seed: int, sharding: Any, prefetch: int,
+                policy: Callable[[Any], nnx.Module] | None = None) -> BatchSource:
+        """Where the steps' batches come from: by default the train rows, shuffled, as sharded global batches;
+        `policy(trainable)`: the model with those weights, for a source that samples from it."""
         return DatasetBatches(data_lib.train_iterator(train, batch_size, seed=seed, sharding=sharding,
                                                       prefetch=prefetch))
+
+    def prepare_teacher(self, run: Any, mesh: Any, rules: dict, pretrained: nnx.Module | None) -> Any:
+        """A teacher model of its own, loaded and placed (`.graphdef`, `.params`, `.shardings`: the step reads
+        its weights as `Frozen.teacher`), or None (most objectives; a teacher that is the model before training)."""
+        return None
 
     def reference(self, start_copy_is_free: bool) -> Reference:
         """The reference this objective gets from a method whose step-0 model is free (LoRA: adapters off) or not
