@@ -39,8 +39,10 @@ def test_lora_context_distillation_takes_no_second_copy_and_an_own_teacher_takes
     sft_mem = sft.lower(*args, s.frozen, student_batch, jax.random.key(0)).compile().memory_analysis()
     cd = make_train_step(s, setup.optimizer, mesh, terms=loss_terms(run), rules=setup.rules)
     cd_mem = cd.lower(*args, s.frozen, batch, jax.random.key(0)).compile().memory_analysis()
-    # the same weights and optimizer state; the batch adds the teacher's rows and nothing else: no weight copied
-    assert cd_mem.argument_size_in_bytes == sft_mem.argument_size_in_bytes + _bytes(batch[TEACHER])
+    # the same weights and optimizer state, no weight copied: the batch adds the teacher's rows, and neither side's
+    # `targets` is read (the teacher's distribution is the target), so XLA takes neither
+    targets = batch["targets"].nbytes + batch[TEACHER]["targets"].nbytes
+    assert cd_mem.argument_size_in_bytes == sft_mem.argument_size_in_bytes + _bytes(batch[TEACHER]) - targets
 
     c = distill_config(train__batch_size=1, distill__teacher=str(tiny_hf_teacher(tmp_path / "teacher")),
                        distill__teacher_prefix="")
@@ -49,7 +51,8 @@ def test_lora_context_distillation_takes_no_second_copy_and_an_own_teacher_takes
     own = make_train_step(s, setup.optimizer, mesh, terms=loss_terms(run), rules=setup.rules, teacher=teacher)
     own_mem = own.lower(*args, Frozen(s.frozen, None, teacher.params), batch,
                         jax.random.key(0)).compile().memory_analysis()
-    assert own_mem.argument_size_in_bytes == (sft_mem.argument_size_in_bytes + _bytes(batch[TEACHER])
+    targets = batch["targets"].nbytes + batch[TEACHER]["targets"].nbytes  # its teacher rows: no prefix, shorter
+    assert own_mem.argument_size_in_bytes == (sft_mem.argument_size_in_bytes + _bytes(batch[TEACHER]) - targets
                                               + _bytes(teacher.params))
 
 
@@ -58,9 +61,10 @@ def _losses(c, devices, steps: int = 2):
     step = make_train_step(setup.state, setup.optimizer, setup.mesh, terms=loss_terms(run),
                            grad_accum=c.train.grad_accum, rules=setup.rules)
     trainable, opt_state, out = setup.state.trainable, setup.state.opt_state, []
+    frozen = jax.tree.map(lambda x: 4 * x, setup.state.frozen)  # peaked logits: a divergence of order 1, not 1e-4
     for i in range(steps):
         rows = data.train.batch(np.arange(i * 8, i * 8 + 8))
-        trainable, opt_state, m = step(trainable, opt_state, setup.state.frozen, rows, jax.random.key(i))
+        trainable, opt_state, m = step(trainable, opt_state, frozen, rows, jax.random.key(i))
         out.append(float(m["loss"]))
     return out
 
@@ -72,7 +76,7 @@ def test_the_same_losses_on_one_and_eight_devices(loss):
     settings = dict(distill__loss=loss, optim__name="sgd", optim__lr=0.5, optim__warmup_steps=0)
     one = _losses(distill_config(**settings), jax.devices()[:1])
     eight = _losses(distill_config(mesh__data=2, mesh__fsdp=2, mesh__tensor=2, train__grad_accum=2, **settings), None)
-    assert one[0] > 1e-4 and one[1] != one[0]  # a divergence to learn, and the first step changed it
+    assert one[0] > 0.1 and one[1] != one[0]  # a divergence to learn, and the first step changed it
     np.testing.assert_allclose(eight, one, rtol=LOSS_TOL)
 
 
