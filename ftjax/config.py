@@ -49,12 +49,30 @@ def default_config() -> ml_collections.ConfigDict:
         remat="auto",  # auto | minimal (save projection outputs, recompute the rest) | none | full | dots
         attention="auto",  # auto | xla | cudnn | pallas_gpu | splash
     )
-    c.objective = "sft"  # sft | dpo | ipo | orpo | simpo (preference data: ftjax/data/preference.py) | distill
+    c.objective = "sft"  # sft | dpo | ipo | orpo | simpo (preference data: ftjax/data/preference.py) | grpo | distill
     c.pref = dict(
         beta=0.1,  # DPO / IPO / ORPO / SimPO temperature (TRL's beta)
         label_smoothing=0.0,  # robust DPO (TRL loss_type="robust") and SimPO: label noise eps in [0, 0.5)
         gamma=0.5,  # SimPO's target reward margin
         sft_weight=0.0,  # weight of a cross-entropy term on the chosen reply (ORPO has its own built in)
+    )
+    # objective=grpo: RL from the model's own samples (ftjax/objectives/grpo.py); names as TRL's GRPOConfig
+    c.rl = dict(
+        num_generations=8,  # G: completions sampled per prompt (a group)
+        prompts_per_step=4,  # P: prompts per rollout batch (P*G completions packed into train.batch_size rows)
+        max_new_tokens=64,  # per completion; generation stops earlier at EOS, row by row
+        temperature=1.0,
+        top_p=1.0,
+        loss_type="dapo",  # grpo | dr_grpo | dapo | bnpo | cispo | rloo (ftjax/objectives/grpo_loss.py)
+        epsilon=0.2,  # clip: ratio >= 1 - epsilon
+        epsilon_high=config_dict.placeholder(float),  # ratio <= 1 + epsilon_high; unset: epsilon
+        beta=0.0,  # weight of the k3 KL to the reference (adapters off under LoRA, a frozen copy for full); 0: none
+        num_iterations=1,  # mu: optimizer steps on each rollout batch (> 1: its sampling-time log-probs are pi_old)
+        rewards="json_fields",  # name or name=weight, comma-separated: bundled or package.module:function
+        baseline="group",  # group (GRPO's group mean / std) | rloo (leave-one-out, RLOOTrainer)
+        scale_rewards="group",  # group | batch | none: what a group-baseline advantage is divided by
+        dynamic_sampling=False,  # DAPO: drop groups whose rewards are all equal and draw again
+        max_draws=4,  # dynamic sampling's draws per step before it keeps uninformative groups
     )
     # objective=distill (ftjax/objectives/distill.py): the student learns the teacher's next-token distribution on
     # the train prompts' replies
@@ -204,6 +222,9 @@ _CHOICES = {
     "train.frozen_quant": ("none", "int8", "nf4", "gguf"),
     "train.frozen_quant_scope": ("lora_targets", "all_linears"),
     "eval.report": ("full", "quick", "none"),  # ftjax/evaluation/report_size.py
+    "rl.loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "rloo"),
+    "rl.baseline": ("group", "rloo"),
+    "rl.scale_rewards": ("group", "batch", "none"),
     "distill.loss": ("forward_kl", "reverse_kl", "jsd"),  # ftjax/objectives/distill_loss.py
 }
 
@@ -258,6 +279,16 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pref.label_smoothing": (lambda v: 0.0 <= v < 0.5, "be in [0, 0.5)"),
     "pref.gamma": _AT_LEAST_0,
     "pref.sft_weight": _AT_LEAST_0,
+    "rl.num_generations": (lambda v: v >= 2, "be >= 2 (a group's rewards are compared with each other)"),
+    "rl.prompts_per_step": _AT_LEAST_1,
+    "rl.max_new_tokens": _AT_LEAST_1,
+    "rl.temperature": _POSITIVE,
+    "rl.top_p": (lambda v: 0.0 < v <= 1.0, "be in (0, 1]"),
+    "rl.epsilon": _AT_LEAST_0,
+    "rl.epsilon_high": (lambda v: v is None or v >= 0, "be >= 0, or unset for rl.epsilon"),
+    "rl.beta": _AT_LEAST_0,
+    "rl.num_iterations": _AT_LEAST_1,
+    "rl.max_draws": _AT_LEAST_1,
     "distill.beta": _CLOSED_FRACTION,
     "distill.temperature": _POSITIVE,
     "distill.lambda_": _CLOSED_FRACTION,
@@ -270,7 +301,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _FREE = ("seed", "model.path", "lora.targets", "lora.rslora", "data.train", "data.eval", "data.packing",
          "data.messages_field", "data.prompt_field", "data.completion_field", "data.text_field", "data.tfds_name",
          "data.tfds_data_dir", "data.tfds_split", "data.tfds_eval_split", "data.cache_dir", "checkpoint.keep_best",
-         "eval.final", "forget.retain", "forget.control", "distill.teacher")
+         "eval.final", "forget.retain", "forget.control", "rl.rewards", "rl.dynamic_sampling",
+         "distill.teacher")
 # eval.metric: its scorer names (ftjax.scorer_names.check_metric); mesh.rules: ftjax.sharding.parse_rules;
 # distill.teacher_prefix: _check_distill.
 CHECKED_KEYS = (*_CHOICES, *_RANGES, *_FREE, "eval.metric", "mesh.rules", "distill.teacher_prefix")

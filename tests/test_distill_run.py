@@ -13,7 +13,8 @@ import pytest
 from ftjax.errors import ConfigError, LoadError
 from ftjax.generate import generate_tokens, stop_ids
 from ftjax.objectives.distill_data import TEACHER
-from ftjax.objectives.distill_source import OnPolicyBatches, on_policy, prompt_of, reply_of
+from ftjax.objectives.distill_source import OnPolicyBatches, on_policy, prompt_of
+from ftjax.objectives.rollouts import cut_at_eos
 from ftjax.train.compose import compose, loss_terms
 from ftjax.train.step import Frozen, make_train_step
 from ftjax.objectives.terms import cross_entropy
@@ -86,7 +87,8 @@ def test_on_policy_batches_hold_the_students_own_samples_on_both_sides():
     run, setup, data, _ = step_inputs(c, jax.devices()[:1])
     objective, state = run.objective, setup.state
     model = state.model()
-    source = objective.batches(data.train, 8, c.seed, None, 0, policy=lambda t: model)
+    objective.bind_policy(state.graphdef, state.frozen)
+    source = objective.batches(data.train, 8, c.seed, None, 0)
     assert isinstance(source, OnPolicyBatches)
     batch = jax.tree.map(np.asarray, source.next(state.trainable))
     seed = int(np.random.default_rng([c.seed, 0x73616D, 0]).integers(2**31))
@@ -98,7 +100,7 @@ def test_on_policy_batches_hold_the_students_own_samples_on_both_sides():
     tokens = generate_tokens(model, prompts, max_new_tokens=12, eos_ids=eos, pad_id=objective.tokenizer.pad_token_id,
                              temperature=c.distill.temperature, seed=seed)
     for r in range(8):
-        reply = reply_of(tokens[r], eos)
+        reply = cut_at_eos(tokens[r], eos)[0]
         for side in (batch, batch[TEACHER]):
             w = side["loss_weights"][r] > 0
             np.testing.assert_array_equal(side["targets"][r][w], reply)  # the sample, trained, on both sides

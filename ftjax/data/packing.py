@@ -17,6 +17,7 @@ from ftjax.data.examples import Examples
 
 BATCH_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
 PAIR_KEYS = ("ref_logps",)  # what a full-FT preference batch adds (ftjax/data/pair_rows.py), carried when present
+ROLLOUT_KEYS = ("advantages", "old_logps")  # what a rollout batch adds (ftjax/objectives/rollout_rows.py), when present
 
 
 def best_fit_rows(positions: np.ndarray, seq_len: int, order: np.ndarray | None = None, max_items: int = 0

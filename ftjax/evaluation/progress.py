@@ -5,7 +5,8 @@ Names in metrics.jsonl (logged every `eval.every` steps and at the end):
     kl_to_base     KL(base ‖ model) per reply token on the retain set
     retain_nll     the model's NLL on the base's retain replies (retain_nll_finetuned at that step)
     qa_accuracy    general-question accuracy of the model at that step
-and every logged step, when the regularizers are on: kl_reg, l2_reg (the terms' values before weighting).
+and every logged step, when the regularizers are on: kl_reg, l2_reg (the terms' values before weighting); with
+objective=grpo, `reward` (the mean reward of each step's rollouts) gets its own panel.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def panels(records: Sequence[dict]) -> list[tuple[str, str, list[str]]]:
     out = [("task score / general QA (higher is better)", "score", scores)] if scores else []
     out += [(f"{name} on the retain set (lower is better)", name, [name]) for name in ("kl_to_base", "retain_nll")
             if have(name)]
+    out += [("rollout reward, mean per step (higher is better)", "reward", ["reward"])] if have("reward") else []
     return out
 
 

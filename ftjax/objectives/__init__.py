@@ -35,6 +35,11 @@ def _known(name: str) -> None:
         raise ConfigError(config_lib.choice_message("objective", name, tuple(OBJECTIVES)))
 
 
+from ftjax.objectives.grpo import Grpo  # noqa: E402 - registers itself below, with the registry defined
+
+register_objective("grpo", Grpo, settings="rl")
+
+
 def objective_settings(name: str) -> str:
     """The config group (`pref`, `rl`, ...) the objective named `name` is built from; an unknown name: the closest."""
     _known(name)

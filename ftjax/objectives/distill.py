@@ -50,6 +50,7 @@ class Distill(Objective):
         self.teacher: Teacher | None = None  # loaded by `prepare_teacher`
         self.tokenizer = None
         self._pretrained: nnx.Module | None = None  # full fine-tuning with teacher=self: the step-0 model
+        self._policy: tuple | None = None  # (graphdef, frozen) of the student: on-policy samples (`bind_policy`)
 
     @property
     def own_teacher(self) -> bool:
@@ -78,13 +79,15 @@ class Distill(Objective):
             self.teacher = load_teacher(self.teacher_path, m.dtype, m.param_dtype, m.frozen_cast, mesh, rules)
         return self.teacher
 
-    def batches(self, train: Any, batch_size: int, seed: int, sharding: Any, prefetch: int,
-                policy: Callable[[Any], nnx.Module] | None = None) -> BatchSource:
+    def bind_policy(self, graphdef: nnx.GraphDef, frozen: Any) -> None:
+        self._policy = (graphdef, frozen)
+
+    def batches(self, train: Any, batch_size: int, seed: int, sharding: Any, prefetch: int) -> BatchSource:
         if not self.fraction:
             return super().batches(train, batch_size, seed, sharding, prefetch)
-        if policy is None:
-            raise ValueError("on-policy distillation (distill.lambda_ > 0) samples from the student: pass `policy`")
-        return OnPolicyBatches(train_iterator(train, batch_size, seed=seed, prefetch=prefetch), policy,
+        if self._policy is None:
+            raise ValueError("on-policy distillation (distill.lambda_ > 0) samples from the student: bind_policy first")
+        return OnPolicyBatches(train_iterator(train, batch_size, seed=seed, prefetch=prefetch), *self._policy,
                                self.tokenizer, sharding, seed=seed, fraction=self.fraction,
                                temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 

@@ -79,10 +79,12 @@ class Objective(abc.ABC):
         """Train / eval rows and their summary (`ftjax.data.Datasets`-like) for the composed `run`
         (`ftjax.train.compose.Run`), every record checked up front; `replay`: (file, fraction) mixed in."""
 
-    def batches(self, train: Any, batch_size: int, seed: int, sharding: Any, prefetch: int,
-                policy: Callable[[Any], nnx.Module] | None = None) -> BatchSource:
-        """Where the steps' batches come from: by default the train rows, shuffled, as sharded global batches;
-        `policy(trainable)`: the model with those weights, for a source that samples from it."""
+    def bind_policy(self, graphdef: nnx.GraphDef, frozen: Any) -> None:
+        """The model the steps train (its graphdef and frozen arrays, the step's own): a source that samples from
+        the policy (`batches`) generates with these and the trainable weights `next` is handed. Default: unused."""
+
+    def batches(self, train: Any, batch_size: int, seed: int, sharding: Any, prefetch: int) -> BatchSource:
+        """Where the steps' batches come from: by default the train rows, shuffled, as sharded global batches."""
         return DatasetBatches(data_lib.train_iterator(train, batch_size, seed=seed, sharding=sharding,
                                                       prefetch=prefetch))
 

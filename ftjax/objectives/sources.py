@@ -12,6 +12,10 @@ class BatchSource(Protocol):
     def next(self, trainable: Any) -> dict:
         """The global batch of the next step; `trainable`: the weights that step starts from."""
 
+    def metrics(self, trainable: Any) -> dict:
+        """Host figures of the step just dispatched (rollout rewards, generation time), logged with it; `trainable`:
+        that step's result."""
+
     def state(self) -> dict:
         """The position to save (JSON-able)."""
 
@@ -30,6 +34,9 @@ class DatasetBatches:
 
     def next(self, trainable: Any) -> dict:
         return next(self.iterator)
+
+    def metrics(self, trainable: Any) -> dict:
+        return {}
 
     def state(self) -> dict:
         return self.iterator.get_state()

@@ -58,6 +58,8 @@ class BatchTerm:
     normalizer: Callable[[dict], jax.Array] | None = None
     metrics: tuple[str, ...] = ()
     teacher_stream: str | None = None
+    # what `metrics` are divided by instead of `normalizer` (a token mean beside a per-completion loss)
+    metric_normalizer: Callable[[dict], jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

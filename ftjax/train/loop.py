@@ -73,6 +73,10 @@ class Batches:
         batch = self.train.next(trainable)
         return batch if self.retain is None else {**batch, "retain": next(self.retain)}
 
+    def metrics(self, trainable) -> dict:
+        """The source's host figures of the step that produced `trainable`."""
+        return self.train.metrics(trainable)
+
     def state(self) -> dict:
         out = {"data_state": self.train.state()}
         return out if self.retain is None else {**out, "retain_state": self.retain.get_state()}
@@ -189,8 +193,8 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
     step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=s.grad_accum,
                               rules=setup.rules, with_start_copy=with_start_copy, teacher=teacher)
     sharding = batch_sharding(mesh, setup.rules)
-    policy = lambda trainable: nnx.merge(state.graphdef, trainable, state.frozen)  # noqa: E731 (on-policy samples)
-    batches = Batches(objective.batches(data.train, s.batch_size, s.seed, sharding, run.feed.prefetch, policy=policy),
+    objective.bind_policy(state.graphdef, state.frozen)  # a source sampling from the policy uses the step's arrays
+    batches = Batches(objective.batches(data.train, s.batch_size, s.seed, sharding, run.feed.prefetch),
                       forget.retain_batches(run, retain, sharding))
     provenance = {"base": base_identity(run.model.path),
                   "data": {**data.summary.fingerprints, **forget.retain_fingerprint(run.forget.kl_weight, retain)}}
@@ -295,7 +299,7 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                 batch = first if step == job.start + 1 else job.batches.next(trainable)
                 trainable, opt_state, metrics = job.step_fn(trainable, opt_state, job.frozen, batch, rng)
                 tick = Tick(step, trainable, opt_state, metrics, is_last=step == s.steps,
-                            stopping=stop.after_step(step) or step == until)
+                            stopping=stop.after_step(step) or step == until, values=job.batches.metrics(trainable))
                 for action in actions:
                     try:
                         action(tick)

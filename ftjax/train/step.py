@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ftjax.data.packing import BATCH_KEYS, PAIR_KEYS
+from ftjax.data.packing import BATCH_KEYS, PAIR_KEYS, ROLLOUT_KEYS
 from ftjax.errors import ConfigError
 from ftjax.lora import adapters_only
 from ftjax.objectives.regularizers import adapters_zeroed
@@ -158,7 +158,7 @@ class TrainStep:
                 readers = ", ".join(t.name for t in self.batch_terms if t.stream == stream)
                 raise ConfigError(f"loss term {readers} reads batch[{stream!r}], which this batch lacks")
             check_batch(part, self.grad_accum, shards)
-            streams[stream] = {k: part[k] for k in BATCH_KEYS + PAIR_KEYS if k in part}
+            streams[stream] = {k: part[k] for k in BATCH_KEYS + PAIR_KEYS + ROLLOUT_KEYS if k in part}
         return frozen, streams
 
     def _loss(self, trainable, frozen: Frozen, micro: dict, rng, totals: dict):
@@ -191,13 +191,15 @@ class TrainStep:
             out = t.fn(forwards[t.stream])
             value, aux = out if t.metrics else (out, {})
             values.append(value / totals[t.name])
-            extras.update({k: aux[k] / totals[t.name] for k in t.metrics})
+            extras.update({k: aux[k] / totals.get(t.name + "/metrics", totals[t.name]) for k in t.metrics})
         return weighted_sum(self.batch_terms, values), (tuple(values), extras)
 
     def _step(self, trainable, opt_state, frozen: Frozen, streams: dict, rng):
         self.traces += 1
         with activation_sharding(self.mesh, self.rules):
             totals = {t.name: (t.normalizer or total_weight)(streams[t.stream]) for t in self.batch_terms}
+            totals.update({t.name + "/metrics": t.metric_normalizer(streams[t.stream]) for t in self.batch_terms
+                           if t.metric_normalizer is not None})
             micro = jax.lax.with_sharding_constraint(
                 {s: micro_batches(b, self.grad_accum) for s, b in streams.items()}, self._micro_sharding)
             rngs = jax.random.split(rng, self.grad_accum)
