@@ -59,12 +59,13 @@ class TeacherPrefix:
                 for r, t, (_, reply) in zip(records, turns, prompts)]
 
     def _retrieved(self, prompts: Sequence[Turns], canonical: Sequence[str]) -> list[Turns]:
-        """Each prompt after the k most similar train examples by BM25 over the prompt text, never itself."""
+        """Each prompt after the k most similar train examples by BM25 over the prompt text, never itself, the most
+        similar last (nearest the question), as the report's retrieval baseline lays them out."""
         corpus = [query_text(split_reply(r)[0]) for r in self.pool]
         pool_text = [r.canonical() for r in self.pool]
         found = bm25_top_k(corpus, [query_text(p) for p in prompts], self.k + 1)
         out = []
         for p, own, ranked in zip(prompts, canonical, found):
             shots = [self.pool[i] for i in ranked if pool_text[i] != own][:self.k]
-            out.append(few_shot_turns(p, shots))
+            out.append(few_shot_turns(p, shots[::-1]))
         return out
