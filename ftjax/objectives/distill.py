@@ -18,10 +18,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ftjax.api import load_model
 from ftjax.data.loader import eval_iterator, train_iterator
 from ftjax.data.records import Fields
 from ftjax.evaluation.base import base_view, has_adapters
-from ftjax.objectives.distill_data import TEACHER, build_distill_datasets
+from ftjax.data.packing import group_rows
+from ftjax.objectives.distill_data import TEACHER, DistillRows, build_distill_datasets
 from ftjax.objectives.distill_prefix import TeacherPrefix
 from ftjax.objectives.distill_source import OnPolicyBatches
 from ftjax.objectives.distill_term import distill_forward_sums, distill_term
@@ -38,6 +40,7 @@ class Distill(Objective):
     name = "distill"
     replay_mixes_in = False  # its rows are (student, teacher) pairs of the same example
     compiles_from_shapes = False  # its batches carry the teacher's rows too
+    task_report_rows = True  # the divergence to the teacher and the prompt tokens beside the task scores
 
     def __init__(self, settings: Any):
         self.teacher_path = str(settings.teacher)
@@ -51,6 +54,7 @@ class Distill(Objective):
         self.tokenizer = None
         self._pretrained: nnx.Module | None = None  # full fine-tuning with teacher=self: the step-0 model
         self._policy: tuple | None = None  # (graphdef, frozen) of the student: on-policy samples (`bind_policy`)
+        self._report_examples = 0  # eval.max_examples (read_data): the held-out examples the report's row reads
 
     @property
     def own_teacher(self) -> bool:
@@ -66,6 +70,8 @@ class Distill(Objective):
         if self.own_teacher:
             check_teacher_fits(self.teacher_path, vocab_size, tokenizer)
         self.tokenizer = tokenizer
+        self._report_examples = int(c.eval.max_examples)  # the report's row: the examples its task scores read
+        self._model = run.model  # the dtypes a teacher of its own is read in (scripts/eval.py's report)
         prefix = TeacherPrefix(self.prefix, d.train, c.eval.few_shot, run.schedule.seed,
                                Fields(d.messages_field, d.prompt_field, d.completion_field, d.text_field))
         return build_distill_datasets(d, run.schedule.seed, tokenizer, prefix, vocab_size=vocab_size)
@@ -115,6 +121,10 @@ class Distill(Objective):
         full fine-tuning: the step-0 model)."""
         if self.teacher is not None:
             return self.teacher.module()
+        if self.own_teacher:  # scripts/eval.py: no train step placed it
+            self.teacher_module = getattr(self, "teacher_module", None) or load_model(
+                self.teacher_path, self._model.dtype, param_dtype=self._model.param_dtype)
+            return self.teacher_module
         if has_adapters(model):
             return base_view(model)
         return self._pretrained if self._pretrained is not None else model
@@ -122,9 +132,12 @@ class Distill(Objective):
     def report_rows(self, eval_rows: Any, batch_size: int, loss_chunk: int) -> ReportRows | None:
         if eval_rows is None:
             return None
-        student_tokens, teacher_tokens = (float(np.mean(x)) for x in eval_rows.pairs.prompt_tokens())
+        n = min(len(eval_rows.pairs), self._report_examples or len(eval_rows.pairs))
+        student_tokens, teacher_tokens = (float(np.mean(x[:n])) for x in eval_rows.pairs.prompt_tokens())
         sums = _divergence_sums(self.divergence, self.beta, self.temperature, loss_chunk)
-        rows = [b for b in eval_iterator(eval_rows, batch_size)]
+        first = DistillRows(eval_rows.pairs.take(np.arange(n)), eval_rows.seq_len, eval_rows.teacher_len,
+                            *group_rows(np.ones(n, np.int64), 1, False))  # the first n examples, one a row
+        rows = list(eval_iterator(first, batch_size))
 
         def measure(model: nnx.Module) -> dict:
             teacher = self._teacher_of(model)
@@ -132,7 +145,7 @@ class Distill(Objective):
             for batch in rows:
                 s, w = sums(*nnx.split(model), *nnx.split(teacher), batch)
                 total, weight = total + float(s), weight + float(w)
-            return {"divergence": total / max(weight, 1.0), "replies": len(eval_rows.pairs),
+            return {"divergence": total / max(weight, 1.0), "replies": n,
                     "prompt_tokens": student_tokens, "teacher_prompt_tokens": teacher_tokens}
 
         what = {"forward_kl": "KL(teacher || model)", "reverse_kl": "KL(model || teacher)"}.get(

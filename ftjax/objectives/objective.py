@@ -73,6 +73,8 @@ class Objective(abc.ABC):
     segments_per_example: int = 1  # segments one example takes in a row (a preference pair: its two replies)
     compiles_from_shapes: bool = True  # its batches are plain rows (BATCH_KEYS): a step compiles from shapes alone
     replay_mixes_in: bool = True  # forget.replay_fraction may mix SFT replay examples into its data
+    # its report rows (`report_rows`) read its own held-out rows beside a generation task's scores
+    task_report_rows: bool = False
 
     @abc.abstractmethod
     def read_data(self, run: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
