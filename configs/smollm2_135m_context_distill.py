@@ -7,7 +7,9 @@ The teacher is the student's own base with its adapters off (no second copy of t
 on the 2-shot prompt; the student learns its next-token distribution (forward KL) on the train replies, prompted
 with the question alone. The report's task table compares the student (fine-tuned, 0-shot) with the teacher (base,
 2-shot: 54% exact in the demo's report) and the distill row gives the prompt tokens per query of each. Target: the
-student reaches at least 90% of the teacher's exact match at 0-shot, at a third of its prompt tokens.
+student reaches at least 90% of the teacher's exact match at 0-shot, at a third of its prompt tokens. Measured
+(2026-12-07, 2-core CPU at load ~20): 52.0% exact (teacher 54.0%: 96%) at 70.4 prompt tokens per query (teacher
+243.4); training 54 min, the report 22 min.
 """
 
 from pathlib import Path
