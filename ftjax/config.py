@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
         remat="auto",  # auto | minimal (save projection outputs, recompute the rest) | none | full | dots
         attention="auto",  # auto | xla | cudnn | pallas_gpu | splash
     )
-    c.objective = "sft"  # sft | dpo | ipo | orpo | simpo (preference data: ftjax/data/preference.py) | grpo
+    c.objective = "sft"  # sft | dpo | ipo | orpo | simpo (preference data: ftjax/data/preference.py) | grpo | distill
     c.pref = dict(
         beta=0.1,  # DPO / IPO / ORPO / SimPO temperature (TRL's beta)
         label_smoothing=0.0,  # robust DPO (TRL loss_type="robust") and SimPO: label noise eps in [0, 0.5)
@@ -73,6 +73,21 @@ def default_config() -> ml_collections.ConfigDict:
         scale_rewards="group",  # group | batch | none: what a group-baseline advantage is divided by
         dynamic_sampling=False,  # DAPO: drop groups whose rewards are all equal and draw again
         max_draws=4,  # dynamic sampling's draws per step before it keeps uninformative groups
+    )
+    # objective=distill (ftjax/objectives/distill.py): the student learns the teacher's next-token distribution on
+    # the train prompts' replies
+    c.distill = dict(
+        # a model ftjax loads (HF folder, .gguf, workdir, known name), or self: the student's own base model with
+        # teacher_prefix before each prompt (context distillation; under LoRA its adapters off, no second copy)
+        teacher="self",
+        # what only the teacher sees before the prompt: kshot (the report's fixed eval.few_shot examples as earlier
+        # turns), retrieval (eval.few_shot most similar other train examples, BM25), system:<text>, or empty
+        teacher_prefix="kshot",
+        loss="forward_kl",  # forward_kl (KL(teacher || student)) | reverse_kl | jsd (TRL GKD's generalized JSD)
+        beta=0.5,  # jsd's interpolation: 0 = forward KL, 1 = reverse KL
+        temperature=1.0,  # softmax temperature of both distributions, and of the student's on-policy samples
+        lambda_=0.0,  # on-policy fraction: batches whose replies the student samples and the teacher scores (GKD)
+        max_new_tokens=64,  # length bound of an on-policy reply
     )
     # router_aux_weight: weight of a mixture-of-experts model's router balance loss (ftjax/objectives/terms.py); unset =
     # the model's own router_aux_loss_coef (its HF config.json; transformers adds it only with output_router_logits),
@@ -201,7 +216,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # (tests/test_configs.py holds the tables to that); `validate` also checks the keys that depend on each other.
 _CHOICES = {
     "method": ("lora", "full"),
-    "objective": ("sft", "dpo", "ipo", "orpo", "simpo"),
+    "objective": ("sft", "dpo", "ipo", "orpo", "simpo", "grpo", "distill"),
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.remat": ("minimal", "none", "full", "dots"),
@@ -219,6 +234,7 @@ _CHOICES = {
     "rl.baseline": ("group", "rloo"),
     "rl.scale_rewards": ("group", "batch", "none"),
     "eval.loss_examples": ("scored", "all"),
+    "distill.loss": ("forward_kl", "reverse_kl", "jsd"),  # ftjax/objectives/distill_loss.py
 }
 
 _AT_LEAST_1 = (lambda v: v >= 1, "be >= 1")
@@ -282,6 +298,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rl.beta": _AT_LEAST_0,
     "rl.num_iterations": _AT_LEAST_1,
     "rl.max_draws": _AT_LEAST_1,
+    "distill.beta": _CLOSED_FRACTION,
+    "distill.temperature": _POSITIVE,
+    "distill.lambda_": _CLOSED_FRACTION,
+    "distill.max_new_tokens": _AT_LEAST_1,
     "moe.router_aux_weight": (lambda v: v is None or v >= 0, "be >= 0 (0: off), or unset for the model's own"),
 }
 
@@ -290,9 +310,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _FREE = ("seed", "model.path", "lora.targets", "lora.rslora", "data.train", "data.eval", "data.packing",
          "data.messages_field", "data.prompt_field", "data.completion_field", "data.text_field", "data.tfds_name",
          "data.tfds_data_dir", "data.tfds_split", "data.tfds_eval_split", "data.cache_dir", "checkpoint.keep_best",
-         "eval.final", "eval.documents", "forget.retain", "forget.control", "rl.rewards", "rl.dynamic_sampling")
-# eval.metric: its scorer names (ftjax.scorer_names.check_metric); mesh.rules: ftjax.sharding.parse_rules.
-CHECKED_KEYS = (*_CHOICES, *_RANGES, *_FREE, "eval.metric", "mesh.rules")
+         "eval.final", "eval.documents", "forget.retain", "forget.control", "rl.rewards", "rl.dynamic_sampling",
+         "distill.teacher")
+# eval.metric: its scorer names (ftjax.scorer_names.check_metric); mesh.rules: ftjax.sharding.parse_rules;
+# distill.teacher_prefix: _check_distill.
+CHECKED_KEYS = (*_CHOICES, *_RANGES, *_FREE, "eval.metric", "mesh.rules", "distill.teacher_prefix")
 AUTO_KEYS = ("model.dtype", "model.remat", "model.attention", "train.frozen_dtype")  # resolved per backend
 
 
@@ -309,7 +331,30 @@ _APPLIES_ONLY: dict[str, tuple[str, Callable[[Any], bool], str]] = {
                              "or simpo, not {other}"),
     "forget.replay_fraction": ("objective", lambda v: v not in ("dpo", "ipo", "orpo", "simpo"), " mixes SFT examples "
                                "into the data; objective={other} trains on preference pairs (use forget.kl_weight)"),
+    "distill.lambda_": ("objective", lambda v: v == "distill", " is objective=distill's on-policy fraction, not "
+                        "objective={other}'s"),
 }
+
+TEACHER_PREFIXES = ("kshot", "retrieval", "system:<text>", "")
+
+
+def _check_distill(c: ml_collections.ConfigDict) -> None:
+    """distill.teacher_prefix's form, and what it and distill.lambda_ need of the other keys."""
+    d = c.distill
+    prefix = str(d.teacher_prefix)
+    if prefix not in ("kshot", "retrieval", "") and not (prefix.startswith("system:") and prefix[7:].strip()):
+        raise ConfigError(choice_message("distill.teacher_prefix", prefix, TEACHER_PREFIXES))
+    if c.objective != "distill":
+        return
+    if str(d.teacher) == "self" and not prefix:
+        raise ConfigError("config.distill.teacher=self needs a distill.teacher_prefix (kshot, retrieval or "
+                          "system:<text>): without one the teacher is the student itself")
+    if prefix in ("kshot", "retrieval") and c.eval.few_shot < 1:
+        raise ConfigError(f"config.distill.teacher_prefix={prefix} puts eval.few_shot examples before each prompt; "
+                          "set eval.few_shot >= 1")
+    if d.lambda_ > 0 and c.data.packing:
+        raise ConfigError(f"config.distill.lambda_={d.lambda_} samples replies of its own length for each example: "
+                          "it needs one example a row (data.packing=false)")
 
 
 def choice_message(key: str, value: Any, choices: tuple) -> str:
@@ -379,6 +424,7 @@ def validate(c: ml_collections.ConfigDict, platform: str | None = None) -> ml_co
     for key, (other, applies, message) in _APPLIES_ONLY.items():
         if get(c, key) not in (0, "none") and not applies(get(c, other)):
             raise ConfigError("config." + key + message.format(value=get(c, key), other=get(c, other)))
+    _check_distill(c)
     if c.train.frozen_quant == "gguf" and not (str(c.model.path).endswith(".gguf") or c.model.path == DEFAULT_MODEL):
         raise ConfigError(f"config.train.frozen_quant=gguf keeps a .gguf file's own blocks, but model.path="
                           f"{c.model.path} is not one; use frozen_quant=nf4 or int8")

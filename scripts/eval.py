@@ -80,7 +80,7 @@ def main(argv):
     composed = compose(config)
     objective = composed.objective  # its report rows: e.g. preference accuracy on held-out pairs
     held_out = None
-    if not objective.generation_task:
+    if not objective.generation_task or objective.task_report_rows:
         rows = objective.read_data(composed, tokenizer, None).eval
         held_out = objective.report_rows(rows, config.train.batch_size, config.train.loss_chunk)
     Evaluation(composed.eval_settings, tokenizer, FLAGS.workdir, held_out=held_out,

@@ -37,10 +37,12 @@ def _local_size(batch_size: int, count: int) -> int:
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: Any, batch_size: int) -> dict[str, Any]:
-    """Process-local rows -> global jax Arrays [batch_size, T] laid out by `sharding` (batch axis sharded)."""
+    """Process-local rows -> global jax Arrays [batch_size, T] laid out by `sharding` (batch axis sharded); a
+    nested dict (another stream of the same rows, e.g. `batch["teacher"]`) likewise."""
     import jax
 
-    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
+    return {k: to_global(v, sharding, batch_size) if isinstance(v, dict)
+            else jax.make_array_from_process_local_data(sharding, v, (batch_size,) + v.shape[1:])
             for k, v in batch.items()}
 
 

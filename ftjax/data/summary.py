@@ -29,6 +29,15 @@ class DataSummary:
     sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per source: path, weight, counts
     fingerprints: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
+    def count_source(self, label: str, read: Any, fingerprint: dict[str, Any]) -> None:
+        """Add one source's read (`ftjax.data.records.ReadResult`): its records, drops by reason, fingerprint."""
+        self.records += read.total
+        for reason, n in read.dropped.items():
+            self.dropped[reason] = self.dropped.get(reason, 0) + n
+        for reason, where in read.first_dropped.items():
+            self.first_dropped.setdefault(reason, where)
+        self.fingerprints[label] = fingerprint
+
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())

@@ -1,4 +1,4 @@
-"""Training objectives, one module each (sft, preference), and the registry `config.objective` reads.
+"""Training objectives, one module each (sft, preference, distill), and the registry `config.objective` reads.
 
 An objective (`objective.Objective`) says what a run needs of it: its data, its batch source, its loss terms, the
 reference it compares with, its held-out metric and report rows. `register_objective` adds one.
@@ -11,14 +11,16 @@ from typing import Any, Callable
 
 from ftjax import config as config_lib
 from ftjax.errors import ConfigError
+from ftjax.objectives.distill import Distill
 from ftjax.objectives.objective import MemoryShapes, Objective, Reference, ReportRows, TermSpec
 from ftjax.objectives.preference import Preference
 from ftjax.objectives.sft import Sft
 from ftjax.objectives.sources import BatchSource, DatasetBatches
 
 OBJECTIVES: dict[str, Callable[[Any], Objective]] = {
-    "sft": Sft, **{name: functools.partial(Preference, name) for name in ("dpo", "ipo", "orpo", "simpo")}}
-SETTINGS: dict[str, str] = {name: "pref" for name in OBJECTIVES}  # objective -> the config group it is built from
+    "sft": Sft, **{name: functools.partial(Preference, name) for name in ("dpo", "ipo", "orpo", "simpo")},
+    "distill": Distill}
+SETTINGS: dict[str, str] = {name: "distill" if name == "distill" else "pref" for name in OBJECTIVES}  # objective -> the config group it is built from
 
 
 def register_objective(name: str, factory: Callable[[Any], Objective], settings: str = "pref") -> None:

@@ -35,21 +35,30 @@ def eval_loss(sums_fn, trainable, frozen, batches: Iterable[dict], weights=1.0) 
     return float(jnp.sum(jnp.asarray(weights) * (total / jnp.maximum(weight, 1.0))))
 
 
-def make_terms_eval(graphdef: nnx.GraphDef, terms: list[BatchTerm]):
+def make_terms_eval(graphdef: nnx.GraphDef, terms: list[BatchTerm], teacher_graphdef: nnx.GraphDef | None = None):
     """jit((trainable, frozen: Frozen, batch) -> ([Σ value], [Σ normalizer]) per term): the eval loss of an
-    objective other than the CE alone (a preference loss on held-out pairs, with its NLL term), each term read
-    exactly as the train step reads it; `eval_loss(..., weights=[term weights])` combines them."""
+    objective other than the CE alone (a preference loss on held-out pairs, with its NLL term; a distillation
+    loss), each term read exactly as the train step reads it; `eval_loss(..., weights=[term weights])` combines
+    them. `teacher_graphdef`: a teacher model of its own, its weights `frozen.teacher`."""
+    teacher_stream = next((t.teacher_stream for t in terms if t.teacher_stream is not None), None)
+
+    def passes(model, batch):
+        return model.hidden(batch["input_ids"], batch["positions"], batch["segment_ids"])
 
     @jax.jit
     def sums(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen.model)
-        args = (batch["input_ids"], batch["positions"], batch["segment_ids"])
-        reference = None
-        if any(t.reads_reference for t in terms):  # the step-0 copy where kept, else LoRA's zeroed adapters
+        ref_model, reference, teacher = None, None, None
+        if any(t.reads_reference for t in terms) or (teacher_stream and teacher_graphdef is None):
+            # the step-0 copy where kept, else LoRA's zeroed adapters
             ref_trainable = frozen.start_copy if frozen.start_copy is not None else adapters_zeroed(trainable)
             ref_model = nnx.merge(graphdef, ref_trainable, frozen.model)
-            reference = Forward(ref_model, ref_model.hidden(*args), batch)
-        forward = Forward(model, model.hidden(*args), batch, reference)
+        if any(t.reads_reference for t in terms):
+            reference = Forward(ref_model, passes(ref_model, batch), batch)
+        if teacher_stream:
+            teacher_model = ref_model if teacher_graphdef is None else nnx.merge(teacher_graphdef, frozen.teacher)
+            teacher = Forward(teacher_model, passes(teacher_model, batch[teacher_stream]), batch[teacher_stream])
+        forward = Forward(model, passes(model, batch), batch, reference, teacher=teacher)
         outs = [t.fn(forward) for t in terms]
         values = [o[0] if t.metrics else o for t, o in zip(terms, outs)]
         return jnp.stack(values), jnp.stack([(t.normalizer or total_weight)(batch) for t in terms])

@@ -73,6 +73,8 @@ class Objective(abc.ABC):
     segments_per_example: int = 1  # segments one example takes in a row (a preference pair: its two replies)
     compiles_from_shapes: bool = True  # its batches are plain rows (BATCH_KEYS): a step compiles from shapes alone
     replay_mixes_in: bool = True  # forget.replay_fraction may mix SFT replay examples into its data
+    # its report rows (`report_rows`) read its own held-out rows beside a generation task's scores
+    task_report_rows: bool = False
 
     @abc.abstractmethod
     def read_data(self, run: Any, tokenizer: Any, vocab_size: int | None, replay: tuple | None = None) -> Any:
@@ -87,6 +89,11 @@ class Objective(abc.ABC):
         """Where the steps' batches come from: by default the train rows, shuffled, as sharded global batches."""
         return DatasetBatches(data_lib.train_iterator(train, batch_size, seed=seed, sharding=sharding,
                                                       prefetch=prefetch))
+
+    def prepare_teacher(self, run: Any, mesh: Any, rules: dict, pretrained: nnx.Module | None) -> Any:
+        """A teacher model of its own, loaded and placed (`.graphdef`, `.params`, `.shardings`: the step reads
+        its weights as `Frozen.teacher`), or None (most objectives; a teacher that is the model before training)."""
+        return None
 
     def reference(self, start_copy_is_free: bool) -> Reference:
         """The reference this objective gets from a method whose step-0 model is free (LoRA: adapters off) or not

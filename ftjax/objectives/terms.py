@@ -38,6 +38,7 @@ class Forward:
     batch: dict  # the micro-batch: input_ids, targets, loss_weights, segment_ids, positions
     reference: "Forward | None" = None  # the reference pass over the same micro-batch (constant), if asked for
     router_logits: jax.Array | None = None  # [L, B, T, E] of a mixture-of-experts model's pass; None if dense
+    teacher: "Forward | None" = None  # the teacher's pass over the term's teacher stream (constant), if asked for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,9 @@ class BatchTerm:
     """`fn(forward) -> Σ w·value` over a micro-batch of `stream`; `reads_reference`: `forward.reference` is filled.
 
     The step divides the sum by `normalizer(global stream batch)` (default: its total loss weight). With
-    `metrics`, `fn` returns `(Σ, {metric: Σ})` and each metric, divided the same way, is logged too."""
+    `metrics`, `fn` returns `(Σ, {metric: Σ})` and each metric, divided the same way, is logged too. With
+    `teacher_stream`, `forward.teacher` is the teacher's pass over that stream of the batch (the same rows as the
+    term's, as the teacher sees them): a model of its own (`Frozen.teacher`), else the model before training."""
 
     name: str
     fn: Callable[[Forward], Any]
@@ -54,6 +57,7 @@ class BatchTerm:
     reads_reference: bool = False
     normalizer: Callable[[dict], jax.Array] | None = None
     metrics: tuple[str, ...] = ()
+    teacher_stream: str | None = None
     # what `metrics` are divided by instead of `normalizer` (a token mean beside a per-completion loss)
     metric_normalizer: Callable[[dict], jax.Array] | None = None
 
@@ -132,9 +136,11 @@ def total_weight(batch: dict, weights: jax.Array | None = None) -> jax.Array:
     return jnp.where(weight_sum == 0, 1.0, weight_sum)
 
 
-def uses_reference(terms: list) -> bool:
-    """Whether any term compares with the model before training (full fine-tuning then keeps its step-0 copy)."""
-    return any(getattr(t, "reads_reference", False) or getattr(t, "needs_start_copy", False) for t in terms)
+def uses_reference(terms: list, own_teacher: bool = False) -> bool:
+    """Whether any term compares with the model before training (full fine-tuning then keeps its step-0 copy): a
+    teacher pass is the model before training unless the run has a teacher of its own (`own_teacher`)."""
+    return any(getattr(t, "reads_reference", False) or getattr(t, "needs_start_copy", False)
+               or (getattr(t, "teacher_stream", None) is not None and not own_teacher) for t in terms)
 
 
 def weighted_sum(terms: list, values: list[jax.Array]) -> jax.Array:

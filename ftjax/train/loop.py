@@ -185,9 +185,13 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
         data = objective.with_reference(data, state.model(), s.batch_size, s.loss_chunk, workdir,
                                         reference_identity(run, tokenizer, data), _say)
     # LoRA's reference: its adapters zeroed (no copy), or the continued adapter's starting copy
-    with_start_copy = (method.keeps_start_copy or setup.continues_adapter) and uses_reference(terms)
+    # a teacher of its own (objective=distill with a teacher path), placed like the frozen weights
+    teacher = objective.prepare_teacher(run, mesh, setup.rules, nnx.merge(state.graphdef, start_copy, state.frozen)
+                                        if start_copy is not None else None)
+    with_start_copy = ((method.keeps_start_copy or setup.continues_adapter)
+                       and uses_reference(terms, own_teacher=teacher is not None))
     step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=s.grad_accum,
-                              rules=setup.rules, with_start_copy=with_start_copy)
+                              rules=setup.rules, with_start_copy=with_start_copy, teacher=teacher)
     sharding = batch_sharding(mesh, setup.rules)
     objective.bind_policy(state.graphdef, state.frozen)  # a source sampling from the policy uses the step's arrays
     batches = Batches(objective.batches(data.train, s.batch_size, s.seed, sharding, run.feed.prefetch),
@@ -197,7 +201,7 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
     keep_best = run.checkpointing.keep_best and data.eval is not None
     ckpt = Checkpoints(workdir, keep=run.checkpointing.keep, keep_best=keep_best)
 
-    frozen = Frozen(state.frozen, start_copy if with_start_copy else None)
+    frozen = Frozen(state.frozen, start_copy if with_start_copy else None, teacher.params if teacher else None)
     held_out = None
     if data.eval is not None:  # the objective's own terms on held-out data (not the router's balance loss)
         loss_fn = objective.held_out(state.graphdef, own, s.loss_chunk)

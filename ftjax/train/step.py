@@ -11,7 +11,8 @@ pass per batch stream the terms read (the task batch, `batch["retain"]` for KL t
 reference pass where a term asks for it, then every batch term on those outputs; step terms (L2 to the step-0
 weights) are added once per step. `frozen` is the model's frozen part, or `Frozen(model, start_copy)` with the
 step-0 copy of the trainable weights (full fine-tuning); without it the reference is LoRA's model with its
-adapters zeroed (no copy).
+adapters zeroed (no copy). A term with a teacher stream (distillation) also reads the teacher's pass over that stream:
+`Frozen.teacher`'s weights (a model of its own, the step built with `teacher`), or else the reference model.
 `metrics["loss"]` is the objective's own term (the task cross-entropy, or the preference loss); every other
 term's unweighted value, a term's own metrics (TRL's rewards/* and logps/*) and `loss_total` join it.
 """
@@ -46,6 +47,7 @@ class Frozen:
 
     model: Any
     start_copy: Any = None  # the step-0 copy of the trainable weights (with_start_copy), else None
+    teacher: Any = None  # the weights of a teacher model of its own (the step built with `teacher`), else None
 
 
 def micro_batches(batch: dict, grad_accum: int) -> dict:
@@ -79,7 +81,10 @@ class TrainStep:
     """
 
     def __init__(self, graphdef: nnx.GraphDef, optimizer: Optimizer, mesh: Mesh, shardings: StateShardings,
-                 terms: Sequence[Term], *, grad_accum: int = 1, rules: dict | None = None, with_start_copy: bool = False):
+                 terms: Sequence[Term], *, grad_accum: int = 1, rules: dict | None = None, with_start_copy: bool = False,
+                 teacher: Any = None):
+        """`teacher`: a teacher model of its own (`.graphdef`, `.shardings` of the weights passed as
+        `Frozen.teacher`) that terms with a teacher stream read; None: they read the model before training."""
         if grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {grad_accum}")
         self.batch_terms = [t for t in terms if isinstance(t, BatchTerm)]
@@ -94,16 +99,20 @@ class TrainStep:
             if t.needs_start_copy and not with_start_copy:
                 raise ConfigError(f"loss term {t.name} needs the step-0 copy of the weights (with_start_copy=True)")
         self.graphdef, self.optimizer, self.mesh, self.rules = graphdef, optimizer, mesh, rules
-        self.grad_accum, self.with_start_copy = grad_accum, with_start_copy
-        self.streams = tuple(dict.fromkeys([TASK] + [t.stream for t in self.batch_terms]))
+        self.grad_accum, self.with_start_copy, self.teacher = grad_accum, with_start_copy, teacher
+        self._model_streams = tuple(dict.fromkeys([TASK] + [t.stream for t in self.batch_terms]))
+        self._teacher_of = {t.stream: t.teacher_stream for t in self.batch_terms if t.teacher_stream is not None}
+        self.streams = tuple(dict.fromkeys(self._model_streams + tuple(self._teacher_of.values())))
         self._reference_streams = {t.stream for t in self.batch_terms if t.reads_reference}
+        self._needs_reference = bool(self._reference_streams) or (bool(self._teacher_of) and teacher is None)
         self.trainable_sharding = shardings.trainable
         self.traces = 0
         self._compiled = None
         replicated = NamedSharding(mesh, PartitionSpec())
         self.batch_sharding = batch_sharding(mesh, rules)
         self._micro_sharding = NamedSharding(mesh, PartitionSpec(None, *self.batch_sharding.spec))
-        frozen_sharding = Frozen(shardings.frozen, shardings.trainable if with_start_copy else None)
+        frozen_sharding = Frozen(shardings.frozen, shardings.trainable if with_start_copy else None,
+                                 teacher.shardings if teacher is not None else None)
         self._jitted = jax.jit(
             self._step,
             in_shardings=(shardings.trainable, shardings.opt_state, frozen_sharding, self.batch_sharding,
@@ -134,7 +143,10 @@ class TrainStep:
         if (frozen.start_copy is not None) != self.with_start_copy:
             raise ConfigError("this step was built " + ("with" if self.with_start_copy else "without") +
                               " a step-0 copy of the weights; pass frozen=Frozen(model, start_copy) accordingly")
-        if self._reference_streams and not self.with_start_copy and self.traces == 0 and not adapters_only(trainable):
+        if (frozen.teacher is not None) != (self.teacher is not None):
+            raise ConfigError("this step was built " + ("with" if self.teacher is not None else "without") +
+                              " a teacher model of its own; pass frozen=Frozen(model, start_copy, teacher) accordingly")
+        if self._needs_reference and not self.with_start_copy and self.traces == 0 and not adapters_only(trainable):
             raise ConfigError("loss terms reading the reference without a step-0 copy need LoRA trainables "
                               "(zeroed adapters = the pre-trained model); for full fine-tuning build the step "
                               "with_start_copy and pass Frozen(frozen, start_copy) with the step-0 weights")
@@ -153,11 +165,14 @@ class TrainStep:
         """This micro-batch's share of the weighted batch terms; aux: each term's unweighted share."""
         model = nnx.merge(self.graphdef, trainable, frozen.model)
         reference = None
-        if self._reference_streams:
+        if self._needs_reference:
             reference_trainable = frozen.start_copy if self.with_start_copy else adapters_zeroed(trainable)
             reference = nnx.merge(self.graphdef, jax.lax.stop_gradient(reference_trainable), frozen.model)
+        teacher = reference
+        if self.teacher is not None:
+            teacher = nnx.merge(self.teacher.graphdef, jax.lax.stop_gradient(frozen.teacher))
         forwards = {}
-        for i, stream in enumerate(self.streams):
+        for i, stream in enumerate(self._model_streams):
             mb = micro[stream]
             args = (mb["input_ids"], mb["positions"], mb["segment_ids"])
             stream_rng = rng if i == 0 else jax.random.fold_in(rng, i)
@@ -165,7 +180,12 @@ class TrainStep:
             # the reference pass has no dropout: the reference distribution is deterministic
             ref_pass = (Forward(reference, reference.hidden(*args), mb) if stream in self._reference_streams
                         else None)
-            forwards[stream] = Forward(model, h, mb, ref_pass, router_logits)
+            teacher_pass = None
+            if stream in self._teacher_of:  # the teacher's rows of the same examples; no dropout either
+                tb = micro[self._teacher_of[stream]]
+                teacher_pass = Forward(teacher, teacher.hidden(tb["input_ids"], tb["positions"], tb["segment_ids"]),
+                                       tb)
+            forwards[stream] = Forward(model, h, mb, ref_pass, router_logits, teacher_pass)
         values, extras = [], {}
         for t in self.batch_terms:
             out = t.fn(forwards[t.stream])
@@ -222,9 +242,9 @@ class TrainStep:
 
 def make_train_step(state, optimizer: Optimizer, mesh: Mesh, *, terms: Sequence[Term] | None = None,
                     grad_accum: int = 1, loss_chunk: int = 512, rules: dict | None = None,
-                    with_start_copy: bool = False) -> TrainStep:
+                    with_start_copy: bool = False, teacher: Any = None) -> TrainStep:
     """The step for a `TrainState` (its graphdef and shardings fix what the step compiles for); `terms`
     defaults to the task cross-entropy alone, `loss_chunk` positions of logits at a time."""
     terms = [cross_entropy(loss_chunk)] if terms is None else terms
     return TrainStep(state.graphdef, optimizer, mesh, state.shardings, terms, grad_accum=grad_accum, rules=rules,
-                     with_start_copy=with_start_copy)
+                     with_start_copy=with_start_copy, teacher=teacher)
