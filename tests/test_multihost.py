@@ -149,12 +149,14 @@ def test_two_processes_give_the_losses_of_one(runs):
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, float]:
-    """{"a.b": value} of a nested dict of numbers (None kept)."""
+    """{"a.b": value} of a nested dict of numbers (None kept), without the measured wall times (TIMED_FIELDS)."""
+    from ftjax.evaluation.task import TIMED_FIELDS
+
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
             out.update(_flat(value, f"{prefix}{key}."))
-        else:
+        elif key not in TIMED_FIELDS:
             out[prefix + key] = value
     return out
 

@@ -45,8 +45,11 @@ def _finish_command(proc: subprocess.CompletedProcess, phase: str) -> list[str]:
 
 
 def _report(workdir) -> dict:
+    from ftjax.evaluation.task import TIMED_FIELDS
+
     report = json.loads((workdir / "report.json").read_text())
-    return {"task": report["task"], "forgetting": report["forgetting"], "step": report["meta"]["step"]}
+    task = {row: {k: v for k, v in figures.items() if k not in TIMED_FIELDS} for row, figures in report["task"].items()}
+    return {"task": task, "forgetting": report["forgetting"], "step": report["meta"]["step"]}
 
 
 @pytest.fixture(scope="module")

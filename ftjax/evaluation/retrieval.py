@@ -10,16 +10,15 @@ data reuses it, and a changed train file, document file or k selects again.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 from typing import Any, Sequence
-
-import bm25s
 
 from ftjax.data.records import Record, check_data_file, iter_json
 from ftjax.errors import DataError
 from ftjax.evaluation import shared_cache
 from ftjax.evaluation.conversations import Turns, few_shot_turns, split_reply
 
-RETRIEVER = f"bm25s {bm25s.__version__}: lucene k1=1.5 b=0.75, stopwords=english, lowercase"
+RETRIEVER = f"bm25s {importlib.metadata.version('bm25s')}: lucene k1=1.5 b=0.75, stopwords=english, lowercase"
 PASSAGES_TEMPLATE = "Answer using these passages.\n\n{passages}\n\nQuestion: {question}"
 PASSAGE_TEMPLATE = "[{n}] {text}"
 
@@ -42,6 +41,9 @@ def bm25_top_k(corpus: Sequence[str], queries: Sequence[str], k: int) -> list[li
     on the host: its order of tied scores is the same on every platform, jax's is not)."""
     if not 0 < k <= len(corpus):
         raise DataError(f"retrieval of k={k} examples needs 1 <= k <= the collection's size ({len(corpus)})")
+    import bm25s  # here, not at import: bm25s runs a jax op when imported, which would start the backend before
+    # a multi-process run's jax.distributed.initialize and compile before a bad config's one-line error
+
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(list(corpus), show_progress=False), show_progress=False)
     found, _ = retriever.retrieve(bm25s.tokenize(list(queries), show_progress=False), k=k, show_progress=False,

@@ -27,6 +27,10 @@ from ftjax.logs import progress
 PROMPT_ALIGN = 16  # generation's prompt padding granule (tokens)
 
 
+# the report's task figures that are measured wall time: two runs of the same weights differ in them only
+TIMED_FIELDS = ("seconds_per_query",)
+
+
 @dataclasses.dataclass
 class TaskResult:
     """Mean scores over the examples, the reference loss, and each example's reply and scores."""
