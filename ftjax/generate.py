@@ -190,6 +190,11 @@ def stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def pad_id(tokenizer: Any, eos_ids: Sequence[int]) -> int:
+    """The id prompts are padded with: the tokenizer's pad token, else the first EOS id, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+
+
 def _is_conversation(x: Any) -> bool:
     return isinstance(x, (list, tuple)) and all(isinstance(m, dict) for m in x) and len(x) > 0
 
@@ -216,8 +221,7 @@ def generate(model: Any, tokenizer: Any, messages_or_prompts: Any, *, max_new_to
     items = [messages_or_prompts] if single else list(messages_or_prompts)
     prompts = [encode_chat(tokenizer, item, chat) for item in items]
     eos = list(eos_ids) if eos_ids is not None else stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    tokens = generate_tokens(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad,
+    tokens = generate_tokens(model, prompts, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=pad_id(tokenizer, eos),
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     replies = [tokenizer.decode(trim(row, eos), skip_special_tokens=True) for row in tokens]
     return replies[0] if single else replies

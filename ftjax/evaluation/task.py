@@ -21,7 +21,7 @@ from ftjax.data.tokenize import tokenize_records
 from ftjax.evaluation.conversations import Turns, as_record, few_shot_turns, split_reply
 from ftjax.evaluation.scorers import make_scorer
 from ftjax.evaluation.token_stats import TokenSums, even_batches, padded_length, teacher_forced
-from ftjax.generate import encode_chat, generate_tokens, stop_ids, trim
+from ftjax.generate import encode_chat, generate_tokens, pad_id, stop_ids, trim
 from ftjax.logs import progress
 
 PROMPT_ALIGN = 16  # generation's prompt padding granule (tokens)
@@ -70,7 +70,7 @@ def generate_rows(model: nnx.Module, tokenizer: Any, prompt_ids: Sequence[list[i
     prefill and KV cache carry little padding.
     """
     eos = stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    pad = pad_id(tokenizer, eos)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     batches = even_batches(order, batch_size)
     rows: list[list[int]] = [[] for _ in prompt_ids]

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from ftjax.data.loader import TrainIterator, to_global
-from ftjax.generate import stop_ids
+from ftjax.generate import pad_id, stop_ids
 from ftjax.objectives.distill_data import TEACHER
 from ftjax.objectives.rollouts import sample
 from ftjax.objectives.sources import DatasetBatches
@@ -73,7 +73,7 @@ class OnPolicyBatches(DatasetBatches):
         prompts = [prompt_of({k: v[r] for k, v in student.items() if k != TEACHER}) for r in live]
         teacher_prompts = [prompt_of({k: v[r] for k, v in teacher.items()}) for r in live]
         eos = stop_ids(nnx.merge(self.graphdef, trainable, self.frozen), self.tokenizer)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        pad = pad_id(self.tokenizer, eos)
         seed = int(np.random.default_rng([self.seed, 0x73616D, index]).integers(2**31))
         replies = sample(self.graphdef, trainable, self.frozen, prompts, seed=seed, max_new_tokens=self.max_new_tokens,
                          eos_ids=eos, pad_id=pad, temperature=self.temperature).completions

@@ -20,7 +20,7 @@ from flax import nnx
 from ftjax.api import model_config
 from ftjax.data.prompts import Prompt, PromptData, prompt_datasets
 from ftjax.errors import ConfigError
-from ftjax.generate import generate_tokens, stop_ids
+from ftjax.generate import generate_tokens, pad_id, stop_ids
 from ftjax.objectives.grpo_loss import GrpoLoss
 from ftjax.objectives.grpo_term import grpo_term
 from ftjax.objectives.objective import MemoryShapes, Objective, Reference, ReportRows, TermSpec
@@ -79,7 +79,7 @@ class Grpo(Objective):
                                     int(self.rl.max_new_tokens), d.on_bad_record)
         self.tokenizer = tokenizer
         self.eos = stop_ids(types.SimpleNamespace(config=model_config(run.model.path)), tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos[0] if self.eos else 0)
+        self.pad = pad_id(tokenizer, self.eos)
         self.seq_len, self.chunk = int(d.seq_len), int(run.schedule.loss_chunk)
         self.max_examples = int(run.eval_settings.eval.max_examples)  # held-out prompts the report's reward rows read
         # the loop's held-out loss reads packed eval rows; GRPO's held-out measure is the report's reward rows

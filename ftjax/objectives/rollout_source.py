@@ -131,10 +131,12 @@ class RolloutBatches:
 
     # --- one rollout ----------------------------------------------------------------------------------------------
     def _take(self, n: int) -> list[Prompt]:
-        out = []
+        out, orders = [], {}  # epoch -> its permutation, drawn once per call
         for _ in range(n):
             epoch, pos = divmod(self.cursor, len(self.prompts))
-            out.append(self.prompts[int(prompt_order(len(self.prompts), self.seed, epoch)[pos])])
+            if epoch not in orders:
+                orders[epoch] = prompt_order(len(self.prompts), self.seed, epoch)
+            out.append(self.prompts[int(orders[epoch][pos])])
             self.cursor += 1
         return out
 

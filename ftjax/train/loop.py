@@ -167,12 +167,14 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
     keep_start = (forget.keeps_start_copy(method, run.forget, run.evaluation.reporting) or setup.continues_adapter
                   or reference == Reference.FROZEN_COPY)
     start_copy = forget.start_copy(state) if keep_start else None
+    # the step-0 model when its trainable weights were copied (full fine-tuning; a continued adapter), else None
+    # (LoRA: the pre-trained model is this one with its adapters detached, no copy)
+    step0 = nnx.merge(state.graphdef, start_copy, state.frozen) if start_copy is not None else None
     evaluation, pretrained = None, None
     if run.evaluation.reporting:  # task scores, baselines and forgetting (ftjax.evaluation)
         evaluation = Evaluation(run.eval_settings, tokenizer, workdir, generation_task=objective.generation_task,
                                 held_out=objective.report_rows(data.eval, s.batch_size, s.loss_chunk))
-        # LoRA: the pre-trained model is this one with its adapters detached (no copy); full: the step-0 copy
-        pretrained = nnx.merge(state.graphdef, start_copy, state.frozen) if start_copy is not None else None
+        pretrained = step0
     with activation_sharding(mesh, rules):  # the pre-trained model's replies: rows split over the batch axes
         retain = forget.retain_data(run, tokenizer, workdir, state, start_copy)
     if run.forget.replay_fraction:
@@ -186,8 +188,7 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
                                         reference_identity(run, tokenizer, data), _say)
     # LoRA's reference: its adapters zeroed (no copy), or the continued adapter's starting copy
     # a teacher of its own (objective=distill with a teacher path), placed like the frozen weights
-    teacher = objective.prepare_teacher(run, mesh, setup.rules, nnx.merge(state.graphdef, start_copy, state.frozen)
-                                        if start_copy is not None else None)
+    teacher = objective.prepare_teacher(run, mesh, setup.rules, step0)
     with_start_copy = ((method.keeps_start_copy or setup.continues_adapter)
                        and uses_reference(terms, own_teacher=teacher is not None))
     step_fn = make_train_step(state, setup.optimizer, mesh, terms=terms, grad_accum=s.grad_accum,
