@@ -35,8 +35,9 @@ def main(argv):
     Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)  # --out=runs/bench.json on a fresh clone
     with open(FLAGS.out, "w") as f:
         json.dump(record, f, indent=2)
+    mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else f"({record['mfu_note']})"
     print(f"{record['method']}: {record['tokens_per_s']:.1f} tokens/s, step {record['step_time_s']:.3f} s "
-          f"(median of {len(record['step_times_s'])}), compile {record['compile_s']:.1f} s, MFU {record['mfu']:.1%} "
+          f"(median of {len(record['step_times_s'])}), compile {record['compile_s']:.1f} s, MFU {mfu} "
           f"of {record['peak_flops'] / 1e9:.0f} GFLOP/s ({record['peak_source']}), peak memory "
           f"{record['peak_memory_bytes'] / 2**30:.2f} GiB -> {FLAGS.out}")
 
