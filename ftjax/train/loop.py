@@ -146,15 +146,17 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
     _check_resumable(config.to_dict(), run.checkpointing.keep, workdir)  # a changed config stops here, before any work
     mesh, rules = run.mesh, run.rules
     check_batch_fits(s.batch_size, s.grad_accum, mesh, rules)
-    tokenizer = load_tokenizer(run.model.path)
-    model_cfg = model_config(run.model.path)
-    config_lib.validate_for_model(config, model_cfg)
-    data = objective.read_data(run, tokenizer, model_cfg.vocab_size)
+    with still("reading the data", _say):  # thousands of records tokenized: up to a minute under load, unseen
+        tokenizer = load_tokenizer(run.model.path)
+        model_cfg = model_config(run.model.path)
+        config_lib.validate_for_model(config, model_cfg)
+        data = objective.read_data(run, tokenizer, model_cfg.vocab_size)
     if not run.forget.replay_fraction:
         _say(data.summary.format())
     _say(check_fits(run, model_cfg))  # stops here, before loading or compiling, if it cannot fit
 
-    setup = build_state(run)
+    with still("loading the model", _say):  # the weights read and placed: bin/demo's longest silence otherwise
+        setup = build_state(run)
     state = setup.state
     n_trainable = state_size(state.trainable)[1]
     _say(f"{method.name}: {n_trainable:,} trainable parameters; mesh {dict(mesh.shape)}; attention "
