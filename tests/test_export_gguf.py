@@ -10,7 +10,7 @@ from ftjax.interop.export_gguf import QUANTS, export_gguf
 from ftjax.interop.export_hf import hf_tensor_plans
 from ftjax.interop.gguf import read_gguf_header
 from ftjax.interop.gguf_vocab import _pre_name
-from ftjax.interop.gguf_tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT
+from ftjax.interop.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
 from ftjax.lora import apply_lora, merged
 from hf_helpers import MODEL_TOL, hf_logits, jax_logits, max_diff, random_ids, randomize_lora_b, tiny_hf, tiny_tokenizer
 
@@ -145,9 +145,9 @@ def test_tokenizer_and_chat_template_survive_the_round_trip(tuned, source, tmp_p
     ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, "gpt2"),
     ({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                             {"type": "ByteLevel", "use_regex": True}]}, "smollm"),
-    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}},
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}},
                                             {"type": "ByteLevel", "use_regex": False}]}, "llama-bpe"),
-    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": _QWEN2_SPLIT}},
+    ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}},
                                             {"type": "ByteLevel", "use_regex": False}]}, "qwen2"),
     ({"type": "Metaspace", "replacement": "▁"}, None),
 ])

@@ -201,3 +201,37 @@ def test_preference_under_full_fine_tuning_reads_a_cache_and_holds_no_reference_
     assert dpo == sft and "reference_copy" not in dpo
     c.forget.kl_weight = 1.0
     assert estimate(compose(c), cfg, mesh)["start_copy"] == sft["trainable"]
+
+
+def test_a_distillation_teachers_forward_pass_is_counted_at_its_row_length():
+    """Context distillation: the teacher's pass over its rows, forward only (one layer's intermediates, its last
+    hidden states, one fp32 logits chunk), counted at the teacher's row length: data.seq_len until the data is read,
+    then its longest example's, which a 2-shot prefix lengthens beyond a 1-shot one by the closed-form amount."""
+    import jax
+
+    from distill_helpers import distill_config
+    from ftjax.api import load_tokenizer
+
+    cfg = tiny_config()
+    mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    d, a, vocab = cfg.hidden_size, cfg.num_heads, cfg.vocab_size
+
+    def forward(c, t):  # fp32: twice Korthikanti's 16-bit layer count; the hidden states in 4 bytes a value
+        rows = c.train.batch_size // c.train.grad_accum
+        return int(t * rows * d * (34 + 5 * a * t / d) * 2 + rows * t * d * 4 + rows * min(c.train.loss_chunk, t)
+                   * vocab * 4)
+
+    parts, teacher_len = {}, {}
+    for shots in (1, 2):
+        c = distill_config(eval__few_shot=shots, train__loss_chunk=64)  # the recipe's chunk: shorter than a row
+        run = compose(c)
+        if shots == 1:
+            assert estimate(run, cfg, mesh)["teacher_activations"] == forward(c, c.data.seq_len)
+        teacher_len[shots] = run.objective.read_data(run, load_tokenizer(c.model.path), vocab).train.teacher_len
+        parts[shots] = estimate(run, cfg, mesh)
+        assert parts[shots]["teacher_activations"] == forward(c, teacher_len[shots])
+    assert c.train.loss_chunk < teacher_len[1] < teacher_len[2]  # the logits chunk is the same on both
+    moved = forward(c, teacher_len[2]) - forward(c, teacher_len[1])
+    assert sum(parts[2].values()) - sum(parts[1].values()) == moved > 0
+    assert {k: v for k, v in parts[2].items() if k != "teacher_activations"} == {
+        k: v for k, v in parts[1].items() if k != "teacher_activations"}

@@ -26,16 +26,21 @@ def _config(final_eval: bool = False, **train):
     return c
 
 
-def _final_trainable(workdir):
-    ckpt = Checkpoints(workdir)
-    step = ckpt.latest_step()
+@pytest.fixture(scope="module")
+def built():
+    """The runs' state built once (2 x 2 x 2 mesh): the restore target of their checkpoints, the model's structure."""
     from ftjax.sharding import mesh_from_config
     from ftjax.train.compose import compose
     from ftjax.train.setup import build_state
 
     c = _config()
-    setup = build_state(compose(c), mesh_from_config(c.mesh))
-    state, meta = ckpt.restore(step, {"trainable": setup.state.trainable, "opt_state": setup.state.opt_state})
+    return build_state(compose(c), mesh_from_config(c.mesh))
+
+
+def _final_trainable(workdir, built):
+    ckpt = Checkpoints(workdir)
+    step = ckpt.latest_step()
+    state, meta = ckpt.restore(step, {"trainable": built.state.trainable, "opt_state": built.state.opt_state})
     ckpt.close()
     return step, jax.device_get(state["trainable"])
 
@@ -92,7 +97,7 @@ def test_every_logged_rate_is_possible(straight):
 
 
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
-def test_resume_is_bitwise_identical(straight, tmp_path, capsys):
+def test_resume_is_bitwise_identical(straight, built, tmp_path, capsys):
     workdir, _ = straight
     run(_config(), tmp_path, until=4)
     capsys.readouterr()
@@ -101,8 +106,8 @@ def test_resume_is_bitwise_identical(straight, tmp_path, capsys):
     losses = {r["step"]: r["loss"] for r in metrics(tmp_path) if "loss" in r}
     expected = {r["step"]: r["loss"] for r in metrics(workdir) if "loss" in r}
     assert losses == expected  # same floats, including the order of data
-    step_a, a = _final_trainable(workdir)
-    step_b, b = _final_trainable(tmp_path)
+    step_a, a = _final_trainable(workdir, built)
+    step_b, b = _final_trainable(tmp_path, built)
     assert step_a == step_b == STEPS
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -120,17 +125,21 @@ def test_resume_on_changed_data_is_refused(tmp_path):
         run(c, tmp_path / "run")
 
 
-def _train_subprocess(workdir, fault: str, *flags: str) -> subprocess.CompletedProcess:
-    env = script_env(8, fault)
+MESH8 = ("--config.train.grad_accum=2", "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+
+
+def _train_subprocess(workdir, fault: str, *flags: str, mesh: tuple[str, ...] = MESH8) -> subprocess.CompletedProcess:
+    """scripts/train.py on the straight run's 8-device mesh, or on one device (`mesh=()`: a run whose subject is not
+    the mesh)."""
+    env = script_env(8 if mesh else 1, fault)
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny_test.py"),
-           f"--workdir={workdir}", "--config.train.grad_accum=2", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-           "--config.mesh.tensor=2", "--config.eval.final=false", *flags]
+           f"--workdir={workdir}", *mesh, "--config.eval.final=false", *flags]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_sigterm_saves_the_current_step_and_exits_143_with_the_command_that_finishes(tmp_path):
-    proc = _train_subprocess(tmp_path, "term@3", "--config.checkpoint.every=100")
+    proc = _train_subprocess(tmp_path, "term@3", "--config.checkpoint.every=100", mesh=())
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "stop requested: saved step 3" in proc.stdout
     assert Checkpoints(tmp_path).all_steps() == [3]
@@ -138,7 +147,8 @@ def test_sigterm_saves_the_current_step_and_exits_143_with_the_command_that_fini
     assert "Traceback" not in proc.stderr
     assert last.startswith("stopped by SIGTERM during training; step 3 saved. To finish the job, run: ")
     assert f"--workdir={tmp_path}" in last
-    proc = _train_subprocess(tmp_path / "other", "term@2", "--config.checkpoint.every=100", "--stop_exit_code=0")
+    proc = _train_subprocess(tmp_path / "other", "term@2", "--config.checkpoint.every=100", "--stop_exit_code=0",
+                             mesh=())
     assert proc.returncode == 0, proc.stderr[-2000:]  # schedulers that want a stop to count as success
 
 
@@ -157,19 +167,13 @@ def test_sigkill_then_resume_ends_at_the_same_loss(straight, tmp_path):
 
 
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
-def test_load_model_reads_a_workdir(straight):
+def test_load_model_reads_a_workdir(straight, built):
     import ftjax
     from flax import nnx
 
-    from ftjax.sharding import mesh_from_config
-    from ftjax.train.compose import compose
-    from ftjax.train.setup import build_state
-
     workdir, _ = straight
-    step, trainable = _final_trainable(workdir)
-    c = _config()
-    setup = build_state(compose(c), mesh_from_config(c.mesh))
-    by_hand = nnx.merge(setup.state.graphdef, trainable, setup.state.frozen)
+    step, trainable = _final_trainable(workdir, built)
+    by_hand = nnx.merge(built.state.graphdef, trainable, built.state.frozen)
     ids = np.array([[1, 5, 9, 200, 3000]])
     np.testing.assert_array_equal(np.asarray(ftjax.load_model(workdir)(ids)), np.asarray(by_hand(ids)))
     assert ftjax.load_tokenizer(workdir).vocab_size == ftjax.load_tokenizer("tiny-random-llama").vocab_size

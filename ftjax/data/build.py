@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from ftjax.data.examples import Examples
-from ftjax.data.fingerprint import digest_key, file_fingerprint, tokenizer_fingerprint
-from ftjax.data.mixture import mixture_indices, parse_sources, replay_indices
+from ftjax.data.fingerprint import digest_key, tokenizer_fingerprint
+from ftjax.data.mixture import mixture_indices, replay_indices
 from ftjax.data.packing import PackedRows, make_rows
-from ftjax.data.records import ReadResult, check_data_file, read_file
+from ftjax.data.records import ReadResult, read_file
+from ftjax.data.sources import check_vocab, eval_hold_out, run_sources, source_fingerprint, source_label
 from ftjax.data.spec import DataSpec
 from ftjax.data.summary import DataSummary
 from ftjax.data.token_cache import cached_examples
@@ -47,67 +48,27 @@ class _Source:
     fingerprint: dict[str, Any]
 
 
-def _source_specs(d: DataSpec) -> tuple[list[tuple[str, float, dict]], dict | None]:
-    """(train sources as (label, weight, how), eval source or None); `how` says how to read it."""
-    if d.tfds_name and d.train:
-        raise DataError("set either data.train (files) or data.tfds_name (a TFDS dataset), not both")
-    if d.tfds_name:
-        tf = dict(kind="tfds", name=d.tfds_name, data_dir=d.tfds_data_dir)
-        train = [(f"tfds:{d.tfds_name}/{d.tfds_split}", 1.0, dict(tf, split=d.tfds_split))]
-        ev = dict(tf, split=d.tfds_eval_split) if d.tfds_eval_split else None
-        if d.eval:
-            ev = dict(kind="file", path=d.eval)
-    else:
-        train = [(s.path, s.weight, dict(kind="file", path=s.path)) for s in parse_sources(d.train)]
-        ev = dict(kind="file", path=d.eval) if d.eval else None
-    return train, ev
-
-
-def _label(how: dict) -> str:
-    return how["path"] if how["kind"] == "file" else f"tfds:{how['name']}/{how['split']}"
-
-
-def _fingerprint(how: dict) -> dict[str, Any]:
-    if how["kind"] == "file":
-        check_data_file(how["path"])
-        return file_fingerprint(how["path"])
-    from ftjax.data.tfds_source import tfds_fingerprint
-
-    return tfds_fingerprint(how["name"], how["split"], how["data_dir"])
-
-
 def data_fingerprints(data: DataSpec) -> dict[str, dict[str, Any]]:
     """Size + SHA-256 of every data source the run names (label -> fingerprint), for resume checks."""
-    train, ev = _source_specs(data)
+    train, ev = run_sources(data)
     hows = [h for _, _, h in train] + ([ev] if ev else [])
-    return {_label(h): _fingerprint(h) for h in hows}
+    return {source_label(h): source_fingerprint(h) for h in hows}
 
 
 def _load(how: dict, weight: float, d: DataSpec, tokenizer: Any, tok_fp: str) -> _Source:
     """Read and validate all records of one source, then tokenize them (once; cached by content key)."""
     fields = d.fields
-    fp = _fingerprint(how)
+    fp = source_fingerprint(how)
     if how["kind"] == "file":
         read = read_file(how["path"], fields, d.on_bad_record)
     else:
         from ftjax.data.tfds_source import read_tfds
 
         read = read_tfds(how["name"], how["split"], how["data_dir"], fields, d.on_bad_record)
-    key = digest_key(fp["sha256"], _label(how), tok_fp, d.loss_on, dataclasses.astuple(fields), d.on_bad_record)
+    key = digest_key(fp["sha256"], source_label(how), tok_fp, d.loss_on, dataclasses.astuple(fields), d.on_bad_record)
     examples = cached_examples(key, lambda: tokenize_records(read.records, tokenizer, d.loss_on),
                                d.cache_dir or None)
-    return _Source(_label(how), weight, read, examples, fp)
-
-
-def _check_vocab(examples: Examples, vocab_size: int | None) -> None:
-    if vocab_size is None or not len(examples.ids):
-        return
-    bad = np.flatnonzero(examples.ids >= vocab_size)
-    if not len(bad):
-        return
-    ex = int(np.searchsorted(examples.starts, bad[0], side="right") - 1)
-    raise DataError(f"{examples.source(ex)}: token id {int(examples.ids[bad[0]])} is outside the model's "
-                    f"vocabulary (size {vocab_size}); the tokenizer does not match the model")
+    return _Source(source_label(how), weight, read, examples, fp)
 
 
 def _fit(examples: Examples, d: DataSpec, dropped: collections.Counter, first: dict) -> tuple[Examples, int]:
@@ -136,14 +97,6 @@ def _fit(examples: Examples, d: DataSpec, dropped: collections.Counter, first: d
     return examples, truncated
 
 
-def _hold_out(examples: Examples, fraction: float, seed: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train index, eval index): `fraction` of the examples, chosen by seed, held out for eval."""
-    n = len(examples)
-    n_eval = int(round(fraction * n))
-    perm = np.random.default_rng([seed, k, 0x6576616C]).permutation(n)
-    return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
-
-
 REPLAY_LABEL = "replay"
 
 
@@ -166,14 +119,14 @@ def build_datasets(data: DataSpec, tokenizer: Any, *, vocab_size: int | None = N
     """
     d, seed = data, int(data.seed)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    train_specs, eval_spec = _source_specs(d)
+    train_specs, eval_spec = run_sources(d)
     sources = [_load(how, w, d, tokenizer, tok_fp) for _, w, how in train_specs]
     ev = _load(eval_spec, 1.0, d, tokenizer, tok_fp) if eval_spec else None
 
     summary = DataSummary(seq_len=int(d.seq_len))
     dropped, first = collections.Counter(), {}
     for s in sources + ([ev] if ev else []):
-        _check_vocab(s.examples, vocab_size)
+        check_vocab(s.examples, vocab_size)
         summary.records += s.read.total
         dropped.update(s.read.dropped)
         for reason, where in s.read.first_dropped.items():
@@ -184,7 +137,7 @@ def build_datasets(data: DataSpec, tokenizer: Any, *, vocab_size: int | None = N
     for k, s in enumerate(sources):
         ex = s.examples
         if ev is None and d.eval_fraction > 0:
-            keep, hold = _hold_out(ex, float(d.eval_fraction), seed, k)
+            keep, hold = eval_hold_out(ex, float(d.eval_fraction), seed, k)
             held_out.append(ex.take(hold))
             ex = ex.take(keep)
         train_parts.append(ex)
@@ -208,7 +161,7 @@ def build_datasets(data: DataSpec, tokenizer: Any, *, vocab_size: int | None = N
     n_task = len(train)
     if replay is not None:
         rep_src, rep = _replay_examples(replay[0], d, tokenizer, tok_fp)
-        _check_vocab(rep, vocab_size)
+        check_vocab(rep, vocab_size)
         rep_idx = replay_indices(n_task, len(rep), float(replay[1]), seed)
         train = Examples.concat([train, rep.take(rep_idx)])
         summary.fingerprints[REPLAY_LABEL] = {**rep_src.fingerprint, "fraction": float(replay[1])}

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ftjax.data.examples import Examples
-from ftjax.data.records import (EMPTY_ASSISTANT, MISSING_FIELDS, WRONG_TYPE, BadRecord, ReadResult, Record, _messages,
-                                collect, read_file)
+from ftjax.data.records import (EMPTY_ASSISTANT, MISSING_FIELDS, WRONG_TYPE, BadRecord, ReadResult, Record,
+                                checked_turns, collect, read_file)
 from ftjax.data.tokenize import tokenize_records
 from ftjax.errors import DataError
 
@@ -106,7 +106,7 @@ def validate_pair(obj: Any, source: str, f: PreferenceFields) -> Pair:
                                         f"message lists")
         chosen, rejected = _one_reply(chosen, f.chosen), _one_reply(rejected, f.rejected)
         msgs = prompt + [{"role": "assistant", "content": chosen}]
-        turns = list(_messages(msgs, f.prompt)[:-1])  # roles alternate and the prompt ends with a user turn
+        turns = list(checked_turns(msgs, f.prompt)[:-1])  # roles alternate and the prompt ends with a user turn
         kind = "chat"
     for k, v in ((f.chosen, chosen), (f.rejected, rejected)):
         if not v.strip():

@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from ftjax.data.build import _check_vocab, _fingerprint, _hold_out, _label, _source_specs
 from ftjax.data.examples import Examples
 from ftjax.data.fingerprint import digest_key, tokenizer_fingerprint
 from ftjax.data.mixture import mixture_indices
 from ftjax.data.pair_rows import PairRows, make_pair_rows
 from ftjax.data.preference import PairExamples, PreferenceFields, fit_pairs, read_pairs, read_pairs_tfds, tokenize_pairs
+from ftjax.data.sources import check_vocab, eval_hold_out, run_sources, source_fingerprint, source_label
 from ftjax.data.spec import DataSpec
 from ftjax.data.summary import DataSummary
 from ftjax.data.token_cache import cached_examples
@@ -36,12 +36,13 @@ class PreferenceDatasets:
 
 def _load(how: dict, d: DataSpec, tokenizer: Any, tok_fp: str, fields: PreferenceFields):
     """(read result, tokenized pairs, fingerprint) of one source; tokens cached by content key."""
-    fp = _fingerprint(how)
+    fp = source_fingerprint(how)
     if how["kind"] == "file":
         read = read_pairs(how["path"], fields, d.on_bad_record)
     else:
         read = read_pairs_tfds(how["name"], how["split"], how["data_dir"], fields, d.on_bad_record)
-    key = digest_key("preference", fp["sha256"], _label(how), tok_fp, dataclasses.astuple(fields), d.on_bad_record)
+    key = digest_key("preference", fp["sha256"], source_label(how), tok_fp, dataclasses.astuple(fields),
+                     d.on_bad_record)
     pairs = None
 
     def half(name: str) -> Examples:
@@ -65,15 +66,15 @@ def build_preference_datasets(data: DataSpec, tokenizer: Any, *, vocab_size: int
     file:line."""
     d, seed = data, int(data.seed)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    train_specs, eval_spec = _source_specs(d)
+    train_specs, eval_spec = run_sources(d)
     sources = [(label, w, *_load(how, d, tokenizer, tok_fp, fields)) for label, w, how in train_specs]
-    ev = (_label(eval_spec), 1.0, *_load(eval_spec, d, tokenizer, tok_fp, fields)) if eval_spec else None
+    ev = (source_label(eval_spec), 1.0, *_load(eval_spec, d, tokenizer, tok_fp, fields)) if eval_spec else None
 
     summary = DataSummary(seq_len=int(d.seq_len))
     dropped, first = collections.Counter(), {}
     for label, _, read, pairs, fp in sources + ([ev] if ev else []):
-        _check_vocab(pairs.chosen, vocab_size)
-        _check_vocab(pairs.rejected, vocab_size)
+        check_vocab(pairs.chosen, vocab_size)
+        check_vocab(pairs.rejected, vocab_size)
         summary.records += read.total
         dropped.update(read.dropped)
         for reason, where in read.first_dropped.items():
@@ -83,7 +84,7 @@ def build_preference_datasets(data: DataSpec, tokenizer: Any, *, vocab_size: int
     train_parts, held_out, truncated = [], [], 0
     for k, (_, _, _, pairs, _) in enumerate(sources):
         if ev is None and d.eval_fraction > 0:
-            keep, hold = _hold_out(pairs.chosen, float(d.eval_fraction), seed, k)
+            keep, hold = eval_hold_out(pairs.chosen, float(d.eval_fraction), seed, k)
             held_out.append(pairs.take(hold))
             pairs = pairs.take(keep)
         pairs, t = fit_pairs(pairs, int(d.seq_len), d.overlong, dropped, first)

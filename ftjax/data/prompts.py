@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any, Sequence
 
 from ftjax.data.fingerprint import file_fingerprint
-from ftjax.data.records import (MISSING_FIELDS, ROLE_ORDER, WRONG_TYPE, BadRecord, Fields, _messages, read_file)
+from ftjax.data.records import (MISSING_FIELDS, ROLE_ORDER, WRONG_TYPE, BadRecord, Fields, checked_turns, read_file)
 from ftjax.data.summary import DataSummary
 from ftjax.errors import DataError
 
@@ -46,7 +46,8 @@ def validate_prompt(obj: Any, source: str, fields: Fields) -> Prompt:
     if fields.messages in obj:
         msgs = obj[fields.messages]
         ends_with_user = isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "user"
-        turns = _messages(msgs + [{"role": "assistant", "content": "-"}] if ends_with_user else msgs, fields.messages)
+        turns = checked_turns(msgs + [{"role": "assistant", "content": "-"}] if ends_with_user else msgs,
+                              fields.messages)
         turns = turns[:-1]  # the prompt: every turn before the (given or placeholder) final reply
         if not turns or turns[-1][0] != "user":
             raise BadRecord(ROLE_ORDER, f"'{fields.messages}' holds no user turn to prompt with")

@@ -140,7 +140,7 @@ def validate(obj: Any, source: str, fields: Fields) -> Record:
         raise BadRecord(WRONG_TYPE, f"'{UNFINISHED}' applies to a reply (messages or prompt/completion), "
                                     f"not to '{fields.text}' records")
     if fields.messages in obj:
-        return Record(source, "chat", _messages(obj[fields.messages], fields.messages), unfinished=unfinished)
+        return Record(source, "chat", checked_turns(obj[fields.messages], fields.messages), unfinished=unfinished)
     if fields.prompt in obj or fields.completion in obj:
         missing = [k for k in (fields.prompt, fields.completion) if k not in obj]
         if missing:
@@ -164,8 +164,9 @@ def validate(obj: Any, source: str, fields: Fields) -> Record:
                                     f"'{fields.completion}' or '{fields.text}' (it has {keys})")
 
 
-def _messages(msgs: Any, name: str) -> tuple[tuple[str, str], ...]:
-    """Turns alternate user/assistant after an optional system message and end with the assistant."""
+def checked_turns(msgs: Any, name: str) -> tuple[tuple[str, str], ...]:
+    """A record's `msgs` as (role, content) turns, checked: they alternate user/assistant after an optional system
+    message and end with the assistant; `name` (the field) is what a BadRecord names."""
     if not isinstance(msgs, list) or not msgs:
         raise BadRecord(WRONG_TYPE, f"'{name}' must be a non-empty list of {{role, content}} objects")
     turns = []

@@ -21,7 +21,7 @@ from flax import nnx
 
 from ftjax.errors import ConfigError
 from ftjax.interop import gather, sources
-from ftjax.interop.export_hf import _source_tokenizer, hf_tensor_plans
+from ftjax.interop.export_hf import base_tokenizer, hf_tensor_plans
 from ftjax.interop.gguf import gguf_tensor_name, permute_rows
 from ftjax.interop.gguf_vocab import gguf_vocab, write_vocab
 
@@ -166,7 +166,7 @@ def export_gguf(model: nnx.Module, out: str | Path, *, source: str | Path | None
     vocab = None
     if kind != "gguf":  # converted (or refused) on every process, before any collective fetch
         if tokenizer is None and source is not None:
-            tokenizer = _source_tokenizer(source)
+            tokenizer = base_tokenizer(source)
         vocab = _converted_vocab(cfg, source, tokenizer)
     plans = _gguf_plans(model, arch)
     main = jax.process_index() == 0

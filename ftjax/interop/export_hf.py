@@ -31,7 +31,7 @@ from ftjax.models.registry import hf_tensor_name, is_stacked
 INDEX = "model.safetensors.index.json"
 
 
-def _source_tokenizer(source: str | Path) -> Any:
+def base_tokenizer(source: str | Path) -> Any:
     """The base's tokenizer, or None for a weights-only HF folder (the export is then weights-only too)."""
     try:
         return pretrained_tokenizer(source)
@@ -159,7 +159,7 @@ def export_hf(model: nnx.Module, out: str | Path, *, source: str | Path | None =
     main = jax.process_index() == 0
     src_config, src_generation = hf_configs(source) if source is not None else (None, None)
     if tokenizer is None and source is not None:
-        tokenizer = _source_tokenizer(source)
+        tokenizer = base_tokenizer(source)
     shards = plan_shards(hf_tensor_plans(model, dtype), parse_size(max_shard_size))
     names = _shard_names(len(shards))
     if main:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftjax.errors import ConfigError
-from ftjax.interop.gguf_tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT
+from ftjax.interop.gguf_tokenizer import LLAMA3_SPLIT, QWEN2_SPLIT
 
 NORMAL, UNUSED, CONTROL, USER_DEFINED = 1, 5, 3, 4  # llama.cpp token types (gguf.TokenType)
-_SPLIT_NAMES = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+_SPLIT_NAMES = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 
 
 @dataclass(frozen=True)

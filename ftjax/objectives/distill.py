@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ftjax.api import load_model
+from ftjax.api import load_model, model_config
 from ftjax.data.loader import eval_iterator, train_iterator
 from ftjax.evaluation.base import base_view, has_adapters
 from ftjax.data.packing import group_rows
@@ -54,6 +54,7 @@ class Distill(Objective):
         self._pretrained: nnx.Module | None = None  # full fine-tuning with teacher=self: the step-0 model
         self._policy: tuple | None = None  # (graphdef, frozen) of the student: on-policy samples (`bind_policy`)
         self._report_examples = 0  # eval.max_examples (read_data): the held-out examples the report's row reads
+        self.teacher_len: int | None = None  # the teacher's row length (read_data; packed: data.seq_len)
 
     @property
     def own_teacher(self) -> bool:
@@ -71,7 +72,9 @@ class Distill(Objective):
         self._report_examples = int(e.max_examples)  # the report's row: the examples its task scores read
         self._model = run.model  # the dtypes a teacher of its own is read in (scripts/eval.py's report)
         prefix = TeacherPrefix(self.prefix, d.train, e.few_shot, run.schedule.seed, d.fields)
-        return build_distill_datasets(d, run.schedule.seed, tokenizer, prefix, vocab_size=vocab_size)
+        data = build_distill_datasets(d, run.schedule.seed, tokenizer, prefix, vocab_size=vocab_size)
+        self.teacher_len = data.train.teacher_len
+        return data
 
     def prepare_teacher(self, run: Any, mesh: Any, rules: dict, pretrained: nnx.Module | None) -> Teacher | None:
         """The teacher's weights when it is a model of its own (placed like the frozen weights), else None;
@@ -104,9 +107,14 @@ class Distill(Objective):
         return lambda trainable, frozen, batches: eval_loss(sums, trainable, frozen, batches, weights)
 
     def memory(self, shapes: MemoryShapes, reference: Reference) -> dict[str, int]:
+        """The teacher's weights (a model of its own), its forward pass over its rows (as long as its longest
+        example once the data is read, else data.seq_len: a lower bound without packing), the sampler's KV cache."""
         out = super().memory(shapes, reference)
+        teacher = shapes.model
         if self.own_teacher:
             out["teacher"] = teacher_bytes(self.teacher_path, shapes.model, shapes.frozen + shapes.trainable)
+            teacher = model_config(self.teacher_path)
+        out["teacher_activations"] = shapes.forward(teacher, self.teacher_len or shapes.seq_len)
         if self.fraction:  # the sampler's KV cache over a batch of rows
             m = shapes.model
             out["rollout_kv_cache"] = (2 * m.num_layers * m.num_kv_heads * m.head_dim * shapes.rows

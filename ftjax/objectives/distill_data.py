@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from ftjax.data.build import Datasets, _check_vocab, _fingerprint, _hold_out, _label, _source_specs
+from ftjax.data.build import Datasets
 from ftjax.data.examples import Examples
 from ftjax.data.fingerprint import digest_key, tokenizer_fingerprint
 from ftjax.data.mixture import mixture_indices
 from ftjax.data.packing import PackedRows, group_rows
 from ftjax.data.records import read_file
+from ftjax.data.sources import check_vocab, eval_hold_out, run_sources, source_fingerprint, source_label
 from ftjax.data.summary import DataSummary
 from ftjax.data.token_cache import cached_examples
 from ftjax.data.tokenize import tokenize_records
@@ -100,15 +101,15 @@ class DistillRows:
 def _pairs(how: dict, d: Any, tokenizer: Any, tok_fp: str, prefix: TeacherPrefix):
     """(read result, Pairs, fingerprint) of one source: its chat records, tokenized on both sides (cached)."""
     fields = d.fields
-    fp = _fingerprint(how)
+    fp = source_fingerprint(how)
     if how["kind"] != "file":
-        raise DataError(f"{_label(how)}: objective=distill reads data files (data.train / data.eval), not TFDS")
+        raise DataError(f"{source_label(how)}: objective=distill reads data files (data.train / data.eval), not TFDS")
     read = read_file(how["path"], fields, d.on_bad_record)
     for r in read.records:
         if r.kind == "text":
             raise DataError(f"{r.source}: a text record has no reply to distill; objective=distill needs messages or "
                             "prompt/completion records")
-    key = digest_key("distill", fp["sha256"], _label(how), tok_fp, dataclasses.astuple(fields), d.on_bad_record)
+    key = digest_key("distill", fp["sha256"], source_label(how), tok_fp, dataclasses.astuple(fields), d.on_bad_record)
     cache = d.cache_dir or None
     student = cached_examples(key + "-student", lambda: tokenize_records(read.records, tokenizer, "last_assistant"),
                               cache)
@@ -142,21 +143,21 @@ def build_distill_datasets(d: Any, seed: int, tokenizer: Any, prefix: TeacherPre
     (`ftjax.data.spec.DataSpec`) and seed, every check before any compute."""
     seed = int(seed)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    train_specs, eval_spec = _source_specs(d)
+    train_specs, eval_spec = run_sources(d)
     sources = [(label, w, *_pairs(how, d, tokenizer, tok_fp, prefix)) for label, w, how in train_specs]
-    ev = (_label(eval_spec), 1.0, *_pairs(eval_spec, d, tokenizer, tok_fp, prefix)) if eval_spec else None
+    ev = (source_label(eval_spec), 1.0, *_pairs(eval_spec, d, tokenizer, tok_fp, prefix)) if eval_spec else None
 
     summary = DataSummary(seq_len=int(d.seq_len))
     for label, _, read, pairs, fp in sources + ([ev] if ev else []):
-        _check_vocab(pairs.teacher, vocab_size)
-        _check_vocab(pairs.student, vocab_size)
+        check_vocab(pairs.teacher, vocab_size)
+        check_vocab(pairs.student, vocab_size)
         summary.count_source(label, read, fp)
     dropped, first = collections.Counter(summary.dropped), dict(summary.first_dropped)
 
     train_parts, held_out = [], []
     for k, (_, _, _, pairs, _) in enumerate(sources):
         if ev is None and d.eval_fraction > 0:
-            keep, hold = _hold_out(pairs.student, float(d.eval_fraction), seed, k)
+            keep, hold = eval_hold_out(pairs.student, float(d.eval_fraction), seed, k)
             held_out.append(pairs.take(hold))
             pairs = pairs.take(keep)
         train_parts.append(_fit(pairs, d, dropped, first))

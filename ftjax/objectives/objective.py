@@ -59,6 +59,9 @@ class MemoryShapes:
     trainable: int  # bytes of the trainable weights on one device
     frozen: int  # bytes of the frozen weights on one device
     activations: int  # bytes of the SFT step's activations on one device
+    # bytes on one device of a forward-only pass (no gradient) of a model of that ModelConfig over the step's rows,
+    # `length` tokens each (ftjax.train.memory.forward_bytes): a teacher's pass
+    forward: Callable[[Any, int], int]
 
 
 class Objective(abc.ABC):

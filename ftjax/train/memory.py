@@ -9,8 +9,8 @@ recomputation. Under tensor parallelism the residual stream is whole on every te
 compile of the large recipes (TPU_LAYER; benchmarks/memory_vs_xla.py: within 15% of each).
 Forgetting control: full fine-tuning with forget.kl_weight or forget.l2_weight keeps a step-0 copy of the
 trainable weights (`start_copy`); the KL term runs a second (retain) batch through the model, doubling activations.
-The objective adds what it holds beyond that (`Objective.memory`: a frozen reference copy, a teacher, rollouts'
-KV cache), from the estimate's own per-device figures (`MemoryShapes`); a preference loss under full fine-tuning
+The objective adds what it holds beyond that (`Objective.memory`: a frozen reference copy, a teacher's weights and
+its forward pass (`forward_bytes`), rollouts' KV cache), from the estimate's own per-device figures (`MemoryShapes`); a preference loss under full fine-tuning
 reads its reference from a cache and adds nothing.
 A quantized base (train.frozen_quant) counts its kernels' own arrays, and one layer of them dequantized among the
 activations; `ftjax.train.compiled_memory` checks the whole against XLA's count of the compiled step.
@@ -121,6 +121,35 @@ def replicated_widths(method: Method, cfg: ModelConfig) -> dict[str, float]:
     return {"full": d, "minimal": 2 * d + lora, "dots": 4 * d + lora}  # input, resid_mid (+ o_proj, down outputs)
 
 
+def layer_bytes(cfg: ModelConfig, t: int, *, rows: int, itemsize: int, attention: str, platform: str, tensor: int,
+                shards: int) -> float:
+    """What one decoder layer keeps for its backward pass, `rows` rows of `t` tokens on a device (no remat):
+    Korthikanti's count, or TPU_LAYER on TPU; an MoE layer's routed MLP over the global batch's tokens (the batch
+    split `shards` ways)."""
+    d = cfg.hidden_size
+    scale = itemsize / 2
+    scores = 5 * cfg.num_heads * t / d if attention == "xla" else 0  # flash kernels keep no [T, S]
+    if cfg.moe is None and platform == "tpu":
+        replicated, split = TPU_LAYER
+        return t * rows * itemsize * (replicated * d + (split * cfg.intermediate_size + scores * d / 2) / tensor)
+    if cfg.moe is None:  # Korthikanti's tensor-parallel form: 10 of the 34 are not split
+        return t * rows * d * (10 + (24 + scores) / tensor) * scale
+    # attention and norms (34 - the dense MLP's 19), then the routed MLP: its forward buffers span the global batch
+    # (the sort by expert runs over every token, so XLA gathers them on each device)
+    gathered = moe_layer_bytes(cfg, t * rows * shards, itemsize)
+    return (t * rows * d * (15 + scores) * scale + gathered) / tensor
+
+
+def forward_bytes(cfg: ModelConfig, t: int, *, loss_chunk: int, **per_device) -> int:
+    """Activations of a forward-only pass (no gradient, so nothing kept for a backward; a distillation teacher's),
+    rows of `t` tokens: one layer's intermediates at a time (at most what `layer_bytes` says it keeps for a backward,
+    same `per_device` figures), the last hidden states the loss reads (whole on every tensor shard) and one fp32
+    logits chunk."""
+    rows, itemsize, tensor = per_device["rows"], per_device["itemsize"], per_device["tensor"]
+    logits = rows * min(loss_chunk, t) * cfg.vocab_size * 4 / tensor
+    return int(layer_bytes(cfg, t, **per_device) + rows * t * cfg.hidden_size * itemsize + logits)
+
+
 def estimate(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict[str, int]:
     """Bytes per device of the composed `run` (its `auto` values resolved for its devices' platform) over `mesh`
     (default: the run's own): the trainable + frozen params, optimizer state and activations, then what the
@@ -140,17 +169,9 @@ def estimate(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict
     itemsize = jnp.dtype(m.dtype).itemsize
     scale = itemsize / 2
     tensor = mesh.shape["tensor"]
-    scores = 5 * cfg.num_heads * t / d if m.attention == "xla" else 0  # flash kernels keep no [T, S]
-    if cfg.moe is None and platform == "tpu":
-        replicated, split = TPU_LAYER
-        per_layer = t * rows * itemsize * (replicated * d + (split * cfg.intermediate_size + scores * d / 2) / tensor)
-    elif cfg.moe is None:  # Korthikanti's tensor-parallel form: 10 of the 34 are not split
-        per_layer = t * rows * d * (10 + (24 + scores) / tensor) * scale
-    else:  # attention and norms (34 - the dense MLP's 19), then the routed MLP: its forward buffers span the
-        # global batch (the sort by expert runs over every token, so XLA gathers them on each device)
-        routed = moe_layer_bytes(cfg, t * rows, itemsize)
-        gathered = moe_layer_bytes(cfg, t * rows * batch_shards(mesh, rules), itemsize)
-        per_layer = (t * rows * d * (15 + scores) * scale + gathered) / tensor
+    per_device = dict(rows=rows, itemsize=itemsize, attention=m.attention, platform=platform, tensor=tensor,
+                      shards=batch_shards(mesh, rules))
+    per_layer = layer_bytes(cfg, t, **per_device)
     saved = saved_widths(method, cfg, t * rows).get(m.remat)
     if saved is None:  # remat=none: every intermediate of every layer lives until the backward pass
         acts = cfg.num_layers * per_layer
@@ -166,7 +187,7 @@ def estimate(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict
     if cfg.moe is not None:  # every layer's router logits, fp32, returned for the balance loss; and during one
         # layer's backward the gradients of its routed buffers, as large as the buffers
         acts += cfg.num_layers * t * rows * cfg.moe.num_experts * 4
-        acts += routed / tensor
+        acts += moe_layer_bytes(cfg, t * rows, itemsize) / tensor
     if run.forget.kl_weight:
         acts *= 2  # the retain batch: tuned forward + backward, base forward (its logits chunk included)
     if quant is not None:  # one layer's quantized kernels dequantized (fp32, then a compute-dtype copy)
@@ -178,7 +199,11 @@ def estimate(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict
            "opt_state": _device_bytes(opt, mesh, rules), "activations": int(acts)}
     if method.keeps_start_copy and (run.forget.kl_weight or run.forget.l2_weight):
         out["start_copy"] = out["trainable"]  # W_base: the step-0 weights, same shapes and shardings
-    shapes = MemoryShapes(cfg, rows, t, itemsize, out["trainable"], out["frozen"], out["activations"])
+
+    def forward(model: ModelConfig, length: int) -> int:
+        return forward_bytes(on_platform(model, platform), length, loss_chunk=s.loss_chunk, **per_device)
+
+    shapes = MemoryShapes(cfg, rows, t, itemsize, out["trainable"], out["frozen"], out["activations"], forward)
     reference = run.objective.reference(start_copy_is_free=not method.keeps_start_copy)
     return {**out, **run.objective.memory(shapes, reference)}
 
