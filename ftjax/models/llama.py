@@ -225,10 +225,18 @@ class Llama(nnx.Module):
         h, _, router_logits = self._run_layers(self.embed(input_ids), positions, rows, None, None, rng)
         return self.norm(h), router_logits
 
-    def decode(self, input_ids, positions, segment_ids, cache: KVCache, *, last_only: bool = False
-               ) -> tuple[jax.Array, KVCache]:
+    def layer_slices(self) -> list:
+        """Each layer's parameters as its own arrays (sliced out of the [L, ...] stack): what `decode(layers=)`
+        takes. Built once per generation call, before its token loop, they cost one copy of the layer weights
+        instead of the layer scan's slice copy of every weight on every token (see ftjax.generate)."""
+        state = nnx.state(self.layers)
+        return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(self.config.num_layers)]
+
+    def decode(self, input_ids, positions, segment_ids, cache: KVCache, *, last_only: bool = False,
+               layers: list | None = None) -> tuple[jax.Array, KVCache]:
         """Run new tokens [B, t] against the cache; returns logits [B, t, V] (or [B, 1, V] of the last token
-        with `last_only`: a prefill needs no more) and the updated cache."""
+        with `last_only`: a prefill needs no more) and the updated cache. `layers` (`layer_slices()`): run the
+        layers one after the other on those arrays instead of the layer scan."""
         b, t = input_ids.shape
         s = cache.segment_ids.shape[1]
         q_slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -236,7 +244,8 @@ class Llama(nnx.Module):
         kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         seen = jnp.where(kv_segments != 0, kv_segments, -1)  # empty slots (0) match no query, padding included
         rows = Rows(segment_ids.astype(jnp.int32), seen, q_slots, kv_slots)
-        h, (k, v), _ = self._run_layers(self.embed(input_ids), positions, rows, (cache.k, cache.v), cache.index, None)
+        h, (k, v), _ = self._run_layers(self.embed(input_ids), positions, rows, (cache.k, cache.v), cache.index, None,
+                                        layers)
         if last_only:
             h = h[:, -1:]
         return self.logits(self.norm(h)), KVCache(k, v, kv_segments, cache.index + t)
@@ -273,7 +282,7 @@ class Llama(nnx.Module):
             return self.embed_tokens[...].astype(dt), True
         return self.lm_head.kernel[...].astype(dt), False
 
-    def _run_layers(self, x, positions, rows: Rows, kv, index, rng):
+    def _run_layers(self, x, positions, rows: Rows, kv, index, rng, layers: list | None = None):
         cfg = self.config
         rotary = phi.rotated_dims(cfg.phi, cfg.head_dim)
         tables = [rope_tables(positions, rotary, r) for r in cfg.ropes()]
@@ -300,9 +309,17 @@ class Llama(nnx.Module):
             x, caches, router_logits = layer_fn(x, sin, cos, rows, layer_kv, index, layer_rng, layer_window)
             return (x, caches), router_logits
 
+        carry = (x, None if kv is None else (kv[0], kv[1]))
+        if layers is not None:  # unrolled on per-layer arrays (decode); no rng: decode draws no dropout
+            pick = lambda a, i: None if a is None else a[i]
+            outs = []
+            for i, layer_state in enumerate(layers):
+                carry, router_logits = body(carry, (layer_state, jnp.int32(i), None, pick(window_index, i),
+                                                    pick(rope_index, i)))
+                outs.append(router_logits)
+            return *carry, None if outs[0] is None else jnp.stack(outs)
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        layers = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, caches), router_logits = jax.lax.scan(body, (x, None if kv is None else (kv[0], kv[1])),
-                                                  (state, layers, layer_rngs, window_index, rope_index))
+        indices = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, caches), router_logits = jax.lax.scan(body, carry, (state, indices, layer_rngs, window_index, rope_index))
         return x, caches, router_logits
