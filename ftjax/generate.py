@@ -166,6 +166,7 @@ def _generate(graphdef, state, input_ids, segment_ids, positions, lengths, eos_i
         return (step < max_new_tokens) & ~jnp.all(done)
 
     layers = model.layer_slices() if unrolled else None  # once, outside the token loop
+    cache = cache.per_layer() if unrolled else cache
 
     def body(carry):
         step, token, tokens, all_logits, done, cache = carry

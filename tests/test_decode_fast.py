@@ -45,7 +45,8 @@ def _model(kind: str, tmp_path):
     return load_hf(save(tiny_hf(model_type, seed=3, **overrides), tmp_path))
 
 
-@pytest.mark.parametrize("kind", ["llama", "lora", "qlora_nf4", "moe", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "lora", *(pytest.param(k, marks=pytest.mark.slow)  # ~10-30 s each here
+                                                     for k in ("qlora_nf4", "moe", "gemma3"))])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_unrolled_decode_equals_the_layer_scan(kind, temperature, tmp_path):
     """Same tokens, and logits to a whole model's fp32 tolerance, whichever way the token loop runs the layers."""

@@ -112,10 +112,15 @@ class KVCache:
     layer's slice is already the batched [B, K] x [S, H] operand attention's dots take, where [B, S, K, H] made
     XLA on CPU copy it transposed, keys and values, every layer of every decode step."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple  # or (`per_layer`) a tuple of L arrays [B, K, S, H]
+    v: jax.Array | tuple
     segment_ids: jax.Array  # [B, S]
     index: jax.Array  # next free slot, scalar int32
+
+    def per_layer(self) -> "KVCache":
+        """The same cache as one array a layer (what `decode(layers=)` updates in place: no slice copy a layer)."""
+        split = lambda a: tuple(a[i] for i in range(a.shape[0]))
+        return KVCache(split(self.k), split(self.v), self.segment_ids, self.index)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
@@ -153,18 +158,23 @@ class DecoderLayer(nnx.Module):
 
         `kv` = (k, v, layer): every layer's cache [L, B, K, S, H] and this layer's index. The new keys and
         values are written into the stack in place (a scan carry), then this layer's slice is read: no
-        per-layer cache copy in and out of the scan (the decode step's main memory traffic on CPU).
+        per-layer cache copy in and out of the scan (the decode step's main memory traffic on CPU). With layer
+        None, k and v are this layer's own cache [B, K, S, H] (the unrolled decode's), read without a slice.
         """
         rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
         h = self.input_layernorm(x_btd)
         q, k, v = self.self_attn.project_qkv(h, sin, cos, rngs[0:3])
         if kv is not None:
-            k_all, v_all, layer = kv  # [L, B, K, S, H]: heads before slots (see KVCache)
-            heads_first = lambda x, dt: jnp.swapaxes(x, 1, 2)[None].astype(dt)
-            k_all = jax.lax.dynamic_update_slice(k_all, heads_first(k, k_all.dtype), (layer, 0, 0, index, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, heads_first(v, v_all.dtype), (layer, 0, 0, index, 0))
-            k = jnp.swapaxes(jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False), 1, 2)
-            v = jnp.swapaxes(jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), 1, 2)
+            k_all, v_all, layer = kv  # [L, B, K, S, H]: heads before slots (see KVCache); layer None: this layer's own
+            new_k, new_v = jnp.swapaxes(k, 1, 2).astype(k_all.dtype), jnp.swapaxes(v, 1, 2).astype(v_all.dtype)
+            if layer is None:
+                write, read = (0, 0, index, 0), lambda a: a
+            else:
+                new_k, new_v = new_k[None], new_v[None]
+                write, read = (layer, 0, 0, index, 0), lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
+            k_all = jax.lax.dynamic_update_slice(k_all, new_k, write)
+            v_all = jax.lax.dynamic_update_slice(v_all, new_v, write)
+            k, v = jnp.swapaxes(read(k_all), 1, 2), jnp.swapaxes(read(v_all), 1, 2)
             kv = (k_all, v_all)
         attn = self.self_attn.attend(q, k, v, rows, window_index, rngs[3])
         sandwich = self.pre_feedforward_layernorm is not None
@@ -311,15 +321,30 @@ class Llama(nnx.Module):
 
         carry = (x, None if kv is None else (kv[0], kv[1]))
         if layers is not None:  # unrolled on per-layer arrays (decode); no rng: decode draws no dropout
-            pick = lambda a, i: None if a is None else a[i]
-            outs = []
-            for i, layer_state in enumerate(layers):
-                carry, router_logits = body(carry, (layer_state, jnp.int32(i), None, pick(window_index, i),
-                                                    pick(rope_index, i)))
-                outs.append(router_logits)
-            return *carry, None if outs[0] is None else jnp.stack(outs)
+            return self._unrolled(body, x, kv, layers, window_index, rope_index)
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         indices = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (x, caches), router_logits = jax.lax.scan(body, carry, (state, indices, layer_rngs, window_index, rope_index))
         return x, caches, router_logits
+
+    def _unrolled(self, body, x, kv, layers: list, window_index, rope_index):
+        """`_run_layers`' scan body called layer by layer on `layers` (per-layer weights); a per-layer cache
+        (KVCache.per_layer) is handed to each layer as its own, a stacked one with the layer's index."""
+        own = kv is not None and isinstance(kv[0], (tuple, list))
+        pick = lambda a, i: None if a is None else a[i]
+        ks, vs, outs = [], [], []
+        caches = None if kv is None else (kv[0], kv[1])
+        for i, layer_state in enumerate(layers):
+            layer_caches = (kv[0][i], kv[1][i]) if own else caches
+            (x, layer_caches), router_logits = body(
+                (x, layer_caches), (layer_state, None if own else jnp.int32(i), None, pick(window_index, i),
+                                    pick(rope_index, i)))
+            if own:
+                ks.append(layer_caches[0])
+                vs.append(layer_caches[1])
+            else:
+                caches = layer_caches
+            outs.append(router_logits)
+        caches = (tuple(ks), tuple(vs)) if own else caches
+        return x, caches, None if outs[0] is None else jnp.stack(outs)
