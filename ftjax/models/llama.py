@@ -235,15 +235,22 @@ class Llama(nnx.Module):
         h, _, router_logits = self._run_layers(self.embed(input_ids), positions, rows, None, None, rng)
         return self.norm(h), router_logits
 
-    def layer_slices(self) -> list:
-        """Each layer's parameters as its own arrays (sliced out of the [L, ...] stack): what `decode(layers=)`
-        takes. Built once per generation call, before its token loop, they cost one copy of the layer weights
-        instead of the layer scan's slice copy of every weight on every token (see ftjax.generate)."""
-        state = nnx.state(self.layers)
-        return [jax.tree.map(lambda x, i=i: x[i], state) for i in range(self.config.num_layers)]
+    def layer_slices(self) -> tuple[nnx.GraphDef, list]:
+        """Each layer's parameters as its own arrays, sliced out of the [L, ...] stack with every linear folded
+        (`Linear.fold`: dense, adapter added): what `decode(layers=)` takes, as (graphdef, one state a layer).
+        Built once per generation call, before its token loop, they cost one copy of the layer weights instead
+        of the layer scan's slice copy of every weight (and a quantized base's dequantization) on every token."""
+        graphdef, state = nnx.split(self.layers)
+        folded = []
+        for i in range(self.config.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+            for linear in [node for _, node in nnx.iter_graph(layer) if isinstance(node, Linear)]:
+                linear.fold()
+            folded.append(nnx.split(layer))
+        return folded[0][0], [s for _, s in folded]
 
     def decode(self, input_ids, positions, segment_ids, cache: KVCache, *, last_only: bool = False,
-               layers: list | None = None) -> tuple[jax.Array, KVCache]:
+               layers: tuple | None = None) -> tuple[jax.Array, KVCache]:
         """Run new tokens [B, t] against the cache; returns logits [B, t, V] (or [B, 1, V] of the last token
         with `last_only`: a prefill needs no more) and the updated cache. `layers` (`layer_slices()`): run the
         layers one after the other on those arrays instead of the layer scan."""
@@ -292,11 +299,11 @@ class Llama(nnx.Module):
             return self.embed_tokens[...].astype(dt), True
         return self.lm_head.kernel[...].astype(dt), False
 
-    def _run_layers(self, x, positions, rows: Rows, kv, index, rng, layers: list | None = None):
+    def _run_layers(self, x, positions, rows: Rows, kv, index, rng, layers: tuple | None = None):
         cfg = self.config
         rotary = phi.rotated_dims(cfg.phi, cfg.head_dim)
         tables = [rope_tables(positions, rotary, r) for r in cfg.ropes()]
-        graphdef, state = nnx.split(self.layers)
+        graphdef, state = nnx.split(self.layers) if layers is None else (layers[0], None)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
         windows = cfg.windows()
         window_index = None  # one window for every layer: static; else each layer's branch of the switch
@@ -321,7 +328,7 @@ class Llama(nnx.Module):
 
         carry = (x, None if kv is None else (kv[0], kv[1]))
         if layers is not None:  # unrolled on per-layer arrays (decode); no rng: decode draws no dropout
-            return self._unrolled(body, x, kv, layers, window_index, rope_index)
+            return self._unrolled(body, x, kv, layers[1], window_index, rope_index)
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         indices = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
