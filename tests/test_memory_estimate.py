@@ -235,3 +235,27 @@ def test_a_distillation_teachers_forward_pass_is_counted_at_its_row_length():
     assert sum(parts[2].values()) - sum(parts[1].values()) == moved > 0
     assert {k: v for k, v in parts[2].items() if k != "teacher_activations"} == {
         k: v for k, v in parts[1].items() if k != "teacher_activations"}
+
+
+def test_rollouts_on_cpu_count_the_layer_weights_generation_folds():
+    """GRPO on CPU: generation's unrolled token loop folds every layer's linears dense once per call
+    (`Llama.layer_slices`); the estimate counts that copy, in the compute dtype, as many elements as the folded
+    layers' kernels hold."""
+    import jax
+    import numpy as np
+
+    from ftjax.models.llama import Llama
+    from flax import nnx
+
+    cfg = tiny_config()
+    mesh = make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    c = load_config()
+    sft = estimate(compose(c), cfg, mesh)
+    c.objective = "grpo"
+    c.rl.rewards = "grpo_rewards:chars"
+    grpo = estimate(compose(c), cfg, mesh)
+    _, layers = jax.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)).layer_slices())
+    kernels = sum(int(np.prod(leaf.shape)) for layer in layers for path, leaf in nnx.to_flat_state(layer)
+                  if "kernel" in path)
+    assert kernels > 0 and grpo["rollout_weights"] == 4 * kernels  # fp32: the tiny run's compute dtype
+    assert {k: v for k, v in grpo.items() if k not in ("rollout_weights", "rollout_kv_cache")} == sft

@@ -119,6 +119,8 @@ class Distill(Objective):
             m = shapes.model
             out["rollout_kv_cache"] = (2 * m.num_layers * m.num_kv_heads * m.head_dim * shapes.rows
                                        * (shapes.seq_len + self.max_new_tokens) * shapes.itemsize)
+            if shapes.generation_weights:
+                out["rollout_weights"] = shapes.generation_weights
         return out
 
     def _teacher_of(self, model: nnx.Module) -> nnx.Module | None:

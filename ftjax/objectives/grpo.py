@@ -106,14 +106,18 @@ class Grpo(Objective):
         return [grpo_term(self.loss, float(self.rl.temperature), spec.loss_chunk, int(self.rl.num_iterations) > 1)]
 
     def memory(self, shapes: MemoryShapes, reference: Reference) -> dict[str, int]:
-        """The rollouts' KV cache (every completion of a step at once: an upper bound per device) beside the
+        """The rollouts' KV cache (every completion of a step at once: an upper bound per device) and, where
+        generation folds the layer weights once per call (CPU), that copy; beside the
         reference copy of full fine-tuning."""
         m = shapes.model
         rows = int(self.rl.prompts_per_step) * int(self.rl.num_generations)
         head_dim = getattr(m, "head_dim", None) or m.hidden_size // m.num_heads
         kv_heads = getattr(m, "num_kv_heads", None) or m.num_heads
         cache = 2 * m.num_layers * kv_heads * head_dim * shapes.seq_len * rows * shapes.itemsize
-        return {**super().memory(shapes, reference), "rollout_kv_cache": int(cache)}
+        out = {**super().memory(shapes, reference), "rollout_kv_cache": int(cache)}
+        if shapes.generation_weights:
+            out["rollout_weights"] = shapes.generation_weights
+        return out
 
     def report_rows(self, eval_rows: Any, batch_size: int, loss_chunk: int) -> ReportRows | None:
         held_out = self.data.eval[:self.max_examples] if self.data is not None and self.data.eval else None

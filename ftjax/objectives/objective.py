@@ -62,6 +62,9 @@ class MemoryShapes:
     # bytes on one device of a forward-only pass (no gradient) of a model of that ModelConfig over the step's rows,
     # `length` tokens each (ftjax.train.memory.forward_bytes): a teacher's pass
     forward: Callable[[Any, int], int]
+    # bytes on one device of the layer weights that generation folds dense once per call where it unrolls the
+    # layers (CPU: ftjax.generate.unrolled_decode), 0 elsewhere: a sampler's (rollouts') extra copy
+    generation_weights: int = 0
 
 
 class Objective(abc.ABC):

@@ -203,9 +203,24 @@ def estimate(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict
     def forward(model: ModelConfig, length: int) -> int:
         return forward_bytes(on_platform(model, platform), length, loss_chunk=s.loss_chunk, **per_device)
 
-    shapes = MemoryShapes(cfg, rows, t, itemsize, out["trainable"], out["frozen"], out["activations"], forward)
+    folded = layer_weights(cfg) * itemsize / tensor if platform == "cpu" else 0  # generate.unrolled_decode
+    shapes = MemoryShapes(cfg, rows, t, itemsize, out["trainable"], out["frozen"], out["activations"], forward,
+                          int(folded))
     reference = run.objective.reference(start_copy_is_free=not method.keeps_start_copy)
     return {**out, **run.objective.memory(shapes, reference)}
+
+
+def layer_weights(cfg: ModelConfig) -> int:
+    """Weights of the decoder layers' linears, every expert of a mixture-of-experts layer included: what
+    generation's unrolled token loop folds dense once per call (`Llama.layer_slices`)."""
+    d, h = cfg.hidden_size, cfg.head_dim
+    attn = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2
+    moe = cfg.moe
+    if moe is None:
+        mlp = 3 * d * cfg.intermediate_size
+    else:  # the router and every expert
+        mlp = d * moe.num_experts + moe.num_experts * 3 * d * moe.intermediate_size
+    return cfg.num_layers * (attn + mlp)
 
 
 def abstract_model(method: Method, model: ModelPart, model_cfg: ModelConfig) -> nnx.Module:
