@@ -19,6 +19,7 @@ from flax import nnx
 
 from ftjax.models.llama import KVCache
 from ftjax.placement import fetch, split_rows
+from ftjax.sharding import active_platform
 
 MIN_BUCKET = 16
 
@@ -82,17 +83,62 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float | jax.Array = 
     return logits
 
 
+def unrolled_decode() -> bool:
+    """Whether the token loop runs the layers unrolled on per-layer weight arrays sliced once per call (`Llama.
+    layer_slices`), rather than the layer scan, which copies every layer's weights out of the stack on every
+    token. On CPU (where XLA makes that slice a copy): the step took ~4x less. Elsewhere the scan, unmeasured."""
+    return active_platform() == "cpu"
+
+
+def first_argmax(logits_bv: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first of equal maxima), as a max then a min over the indices that reach
+    it: two plain reductions, where XLA's CPU argmax (one reduction of value-index pairs) took 7x longer."""
+    v = logits_bv.shape[-1]
+    top = jnp.max(logits_bv, axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits_bv == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(first, v - 1)  # a row of NaNs has no maximum: the last token, not an index out of range
+
+
+def _last_positive(x: jax.Array) -> jax.Array:
+    """Index of the last entry > 0 along the last axis (0 if none)."""
+    return jnp.max(jnp.where(x > 0, jnp.arange(x.shape[-1], dtype=jnp.int32), 0), axis=-1)
+
+
+def draw(key: jax.Array, logits_bv: jax.Array, block: int = 256) -> jax.Array:
+    """One token per row from softmax(logits) by the inverse of its CDF at one uniform a row: the vocabulary in
+    blocks of `block` tokens, the block first, then the token inside it (two short cumulative sums).
+
+    The same distribution as `jax.random.categorical` (up to fp32 rounding of the sums), with one random number a
+    row where the Gumbel trick draws one per token (a decode step on SmolLM2's 49k vocabulary spent ~50 ms on
+    them on CPU). A token of probability 0 (filtered to the dtype's minimum) is never drawn.
+    """
+    b, v = logits_bv.shape
+    n = -(-v // block)
+    p = jnp.exp(logits_bv.astype(jnp.float32) - jnp.max(logits_bv, axis=-1, keepdims=True).astype(jnp.float32))
+    p = jnp.pad(p, ((0, 0), (0, n * block - v))).reshape(b, n, block)
+    block_mass = jnp.sum(p, axis=-1)
+    cdf = jnp.cumsum(block_mass, axis=-1)
+    u = jax.random.uniform(key, (b, 1), jnp.float32) * cdf[:, -1:]
+    j = jnp.minimum(jnp.sum(cdf <= u, axis=-1), _last_positive(block_mass))  # rounding never lands past the mass
+    before = jnp.where(j > 0, jnp.take_along_axis(cdf, jnp.maximum(j - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    row = jnp.take_along_axis(p, j[:, None, None], axis=1)[:, 0]
+    inside = before[:, None] + jnp.cumsum(row, axis=-1)
+    i = jnp.minimum(jnp.sum(inside <= u, axis=-1), _last_positive(row))
+    return (j * block + i).astype(jnp.int32)
+
+
 def _sample(logits_bv, key, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
     if greedy:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return first_argmax(logits_bv)
     scaled = filter_logits(logits_bv / temperature, top_k, top_p, use_top_p)
-    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return draw(key, scaled)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "use_top_p",
-                                             "return_logits"))
+                                             "return_logits", "unrolled"))
 def _generate(graphdef, state, input_ids, segment_ids, positions, lengths, eos_ids, pad_id, key, temperature,
-              top_p, *, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, return_logits: bool):
+              top_p, *, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool, return_logits: bool,
+              unrolled: bool):
     """Prefill then a while_loop of one-token decode steps; returns tokens [B, N] (and logits [B, N, V])."""
     model = nnx.merge(graphdef, state)
     b, p = input_ids.shape
@@ -119,10 +165,13 @@ def _generate(graphdef, state, input_ids, segment_ids, positions, lengths, eos_i
         step, _, _, _, done, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
+    layers = model.layer_slices() if unrolled else None  # once, outside the token loop
+    cache = cache.per_layer() if unrolled else cache
+
     def body(carry):
         step, token, tokens, all_logits, done, cache = carry
         pos = (lengths + step - 1)[:, None]  # the previous token's position
-        logits, cache = model.decode(token[:, None], pos, ones, cache)
+        logits, cache = model.decode(token[:, None], pos, ones, cache, layers=layers)
         token, tokens, all_logits, done = emit(step, logits[:, -1], tokens, all_logits, done)
         return step + 1, token, tokens, all_logits, done, cache
 
@@ -135,7 +184,8 @@ def _generate(graphdef, state, input_ids, segment_ids, positions, lengths, eos_i
 def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                     eos_ids: int | Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0,
                     top_p: float = 1.0, top_k: int = 0, seed: int = 0, return_logits: bool = False,
-                    pad_to: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                    pad_to: int | None = None, unrolled: bool | None = None
+                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Token-level batched generation (the API eval uses).
 
     Returns int32 [B, max_new_tokens]: each row's new tokens, its EOS included, then `pad_id`.
@@ -143,6 +193,7 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
     `temperature == 0` is greedy; otherwise samples after top-k / top-p filtering, seeded by `seed`.
     `pad_to`: the prompts' padded length (default: the longest's bucket); a caller that generates several
     batches passes one length for all, so they share one compile with less padding than a bucket.
+    `unrolled`: the token loop's layers unrolled on per-layer weights (default: `unrolled_decode()`, the platform's).
     """
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
@@ -158,7 +209,8 @@ def generate_tokens(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tok
             graphdef, state, *split.put(batch.input_ids, batch.segment_ids, batch.positions, batch.lengths), eos,
             np.int32(pad_id), jax.random.key(seed), np.float32(temperature if not greedy else 1.0),
             np.float32(top_p), max_new_tokens=max_new_tokens, greedy=greedy, top_k=int(top_k),
-            use_top_p=(not greedy) and top_p < 1.0, return_logits=return_logits)
+            use_top_p=(not greedy) and top_p < 1.0, return_logits=return_logits,
+            unrolled=unrolled_decode() if unrolled is None else bool(unrolled))
     n = len(prompts)
     tokens = fetch(tokens)[:n]
     return (tokens, fetch(logits)[:n]) if return_logits else tokens

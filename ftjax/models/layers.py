@@ -95,6 +95,19 @@ class Linear(nnx.Module):
             y = y + self.lora(x2, rng).astype(y.dtype)
         return y.reshape(*lead, y.shape[-1])
 
+    def fold(self) -> None:
+        """For inference, in place: the kernel as one dense array in the compute dtype (a quantized one dequantized)
+        plus its adapter's low-rank update, x @ (W + A·B·s), and the adapter dropped: equal to the unfolded product
+        up to fp32 rounding. Generation folds its per-layer copy once (Llama.layer_slices) rather than dequantizing
+        and running the adapter's GEMMs on every token. An adapter that is not low rank stays as it is."""
+        w = dense_kernel(self.kernel, jnp.float32)
+        factors = None if self.lora is None else self.lora.low_rank(jnp.float32)
+        if factors is not None:
+            a, b, scale = factors
+            w = w + (a @ b) * jnp.asarray(scale, jnp.float32)
+            self.lora = None
+        self.kernel = nnx.Param(w.astype(self.dtype))
+
 
 def fused_linears(x: jax.Array, linears: tuple, rngs: tuple) -> list[jax.Array]:
     """Several linears on the same input as one GEMM: x @ [W1 | W2 | ...], split afterwards.

@@ -112,10 +112,15 @@ class KVCache:
     layer's slice is already the batched [B, K] x [S, H] operand attention's dots take, where [B, S, K, H] made
     XLA on CPU copy it transposed, keys and values, every layer of every decode step."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple  # or (`per_layer`) a tuple of L arrays [B, K, S, H]
+    v: jax.Array | tuple
     segment_ids: jax.Array  # [B, S]
     index: jax.Array  # next free slot, scalar int32
+
+    def per_layer(self) -> "KVCache":
+        """The same cache as one array a layer (what `decode(layers=)` updates in place: no slice copy a layer)."""
+        split = lambda a: tuple(a[i] for i in range(a.shape[0]))
+        return KVCache(split(self.k), split(self.v), self.segment_ids, self.index)
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int) -> "KVCache":
@@ -153,18 +158,23 @@ class DecoderLayer(nnx.Module):
 
         `kv` = (k, v, layer): every layer's cache [L, B, K, S, H] and this layer's index. The new keys and
         values are written into the stack in place (a scan carry), then this layer's slice is read: no
-        per-layer cache copy in and out of the scan (the decode step's main memory traffic on CPU).
+        per-layer cache copy in and out of the scan (the decode step's main memory traffic on CPU). With layer
+        None, k and v are this layer's own cache [B, K, S, H] (the unrolled decode's), read without a slice.
         """
         rngs = [None] * 7 if rng is None else list(jax.random.split(rng, 7))
         h = self.input_layernorm(x_btd)
         q, k, v = self.self_attn.project_qkv(h, sin, cos, rngs[0:3])
         if kv is not None:
-            k_all, v_all, layer = kv  # [L, B, K, S, H]: heads before slots (see KVCache)
-            heads_first = lambda x, dt: jnp.swapaxes(x, 1, 2)[None].astype(dt)
-            k_all = jax.lax.dynamic_update_slice(k_all, heads_first(k, k_all.dtype), (layer, 0, 0, index, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, heads_first(v, v_all.dtype), (layer, 0, 0, index, 0))
-            k = jnp.swapaxes(jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False), 1, 2)
-            v = jnp.swapaxes(jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), 1, 2)
+            k_all, v_all, layer = kv  # [L, B, K, S, H]: heads before slots (see KVCache); layer None: this layer's own
+            new_k, new_v = jnp.swapaxes(k, 1, 2).astype(k_all.dtype), jnp.swapaxes(v, 1, 2).astype(v_all.dtype)
+            if layer is None:
+                write, read = (0, 0, index, 0), lambda a: a
+            else:
+                new_k, new_v = new_k[None], new_v[None]
+                write, read = (layer, 0, 0, index, 0), lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
+            k_all = jax.lax.dynamic_update_slice(k_all, new_k, write)
+            v_all = jax.lax.dynamic_update_slice(v_all, new_v, write)
+            k, v = jnp.swapaxes(read(k_all), 1, 2), jnp.swapaxes(read(v_all), 1, 2)
             kv = (k_all, v_all)
         attn = self.self_attn.attend(q, k, v, rows, window_index, rngs[3])
         sandwich = self.pre_feedforward_layernorm is not None
@@ -225,10 +235,25 @@ class Llama(nnx.Module):
         h, _, router_logits = self._run_layers(self.embed(input_ids), positions, rows, None, None, rng)
         return self.norm(h), router_logits
 
-    def decode(self, input_ids, positions, segment_ids, cache: KVCache, *, last_only: bool = False
-               ) -> tuple[jax.Array, KVCache]:
+    def layer_slices(self) -> tuple[nnx.GraphDef, list]:
+        """Each layer's parameters as its own arrays, sliced out of the [L, ...] stack with every linear folded
+        (`Linear.fold`: dense, adapter added): what `decode(layers=)` takes, as (graphdef, one state a layer).
+        Built once per generation call, before its token loop, they cost one copy of the layer weights instead
+        of the layer scan's slice copy of every weight (and a quantized base's dequantization) on every token."""
+        graphdef, state = nnx.split(self.layers)
+        folded = []
+        for i in range(self.config.num_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+            for linear in [node for _, node in nnx.iter_graph(layer) if isinstance(node, Linear)]:
+                linear.fold()
+            folded.append(nnx.split(layer))
+        return folded[0][0], [s for _, s in folded]
+
+    def decode(self, input_ids, positions, segment_ids, cache: KVCache, *, last_only: bool = False,
+               layers: tuple | None = None) -> tuple[jax.Array, KVCache]:
         """Run new tokens [B, t] against the cache; returns logits [B, t, V] (or [B, 1, V] of the last token
-        with `last_only`: a prefill needs no more) and the updated cache."""
+        with `last_only`: a prefill needs no more) and the updated cache. `layers` (`layer_slices()`): run the
+        layers one after the other on those arrays instead of the layer scan."""
         b, t = input_ids.shape
         s = cache.segment_ids.shape[1]
         q_slots = cache.index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -236,7 +261,8 @@ class Llama(nnx.Module):
         kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         seen = jnp.where(kv_segments != 0, kv_segments, -1)  # empty slots (0) match no query, padding included
         rows = Rows(segment_ids.astype(jnp.int32), seen, q_slots, kv_slots)
-        h, (k, v), _ = self._run_layers(self.embed(input_ids), positions, rows, (cache.k, cache.v), cache.index, None)
+        h, (k, v), _ = self._run_layers(self.embed(input_ids), positions, rows, (cache.k, cache.v), cache.index, None,
+                                        layers)
         if last_only:
             h = h[:, -1:]
         return self.logits(self.norm(h)), KVCache(k, v, kv_segments, cache.index + t)
@@ -273,11 +299,11 @@ class Llama(nnx.Module):
             return self.embed_tokens[...].astype(dt), True
         return self.lm_head.kernel[...].astype(dt), False
 
-    def _run_layers(self, x, positions, rows: Rows, kv, index, rng):
+    def _run_layers(self, x, positions, rows: Rows, kv, index, rng, layers: tuple | None = None):
         cfg = self.config
         rotary = phi.rotated_dims(cfg.phi, cfg.head_dim)
         tables = [rope_tables(positions, rotary, r) for r in cfg.ropes()]
-        graphdef, state = nnx.split(self.layers)
+        graphdef, state = nnx.split(self.layers) if layers is None else (layers[0], None)
         layer_rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
         windows = cfg.windows()
         window_index = None  # one window for every layer: static; else each layer's branch of the switch
@@ -300,9 +326,32 @@ class Llama(nnx.Module):
             x, caches, router_logits = layer_fn(x, sin, cos, rows, layer_kv, index, layer_rng, layer_window)
             return (x, caches), router_logits
 
+        carry = (x, None if kv is None else (kv[0], kv[1]))
+        if layers is not None:  # unrolled on per-layer arrays (decode); no rng: decode draws no dropout
+            return self._unrolled(body, x, kv, layers[1], window_index, rope_index)
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        layers = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, caches), router_logits = jax.lax.scan(body, (x, None if kv is None else (kv[0], kv[1])),
-                                                  (state, layers, layer_rngs, window_index, rope_index))
+        indices = None if kv is None else jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, caches), router_logits = jax.lax.scan(body, carry, (state, indices, layer_rngs, window_index, rope_index))
         return x, caches, router_logits
+
+    def _unrolled(self, body, x, kv, layers: list, window_index, rope_index):
+        """`_run_layers`' scan body called layer by layer on `layers` (per-layer weights); a per-layer cache
+        (KVCache.per_layer) is handed to each layer as its own, a stacked one with the layer's index."""
+        own = kv is not None and isinstance(kv[0], (tuple, list))
+        pick = lambda a, i: None if a is None else a[i]
+        ks, vs, outs = [], [], []
+        caches = None if kv is None else (kv[0], kv[1])
+        for i, layer_state in enumerate(layers):
+            layer_caches = (kv[0][i], kv[1][i]) if own else caches
+            (x, layer_caches), router_logits = body(
+                (x, layer_caches), (layer_state, None if own else jnp.int32(i), None, pick(window_index, i),
+                                    pick(rope_index, i)))
+            if own:
+                ks.append(layer_caches[0])
+                vs.append(layer_caches[1])
+            else:
+                caches = layer_caches
+            outs.append(router_logits)
+        caches = (tuple(ks), tuple(vs)) if own else caches
+        return x, caches, None if outs[0] is None else jnp.stack(outs)
