@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -59,8 +60,23 @@ def _report(tree: Path, workdir: Path, size: str, data_cache: Path) -> dict:
     return {"s": seconds, "phases": meta.get("phases")}
 
 
+def _log_phases(log: Path) -> list[dict]:
+    """The phases a run's log names with their seconds ("compiled the train step in N s", "eval: X: done in N s"):
+    a tree that predates report.json's timing table prints them too."""
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    found = [{"phase": "compiling the train step", "s": float(m.group(1))}
+             for m in re.finditer(r"compiled the train step in ([0-9.]+) s", text)]
+    found += [{"phase": m.group(1), "s": float(m.group(2))} for m in re.finditer(r"eval: (.+?): done in ([0-9.]+) s", text)]
+    held = {}  # the train bar's clock while the loop's eval loss runs (its last redraw: within the heartbeat)
+    for m in re.finditer(r"step (\d+): eval loss on the held-out data \((\d+) s\)", text):
+        held[m.group(1)] = max(held.get(m.group(1), 0.0), float(m.group(2)))
+    found += [{"phase": f"the loop's eval loss at step {k} (train bar's last redraw)", "s": v} for k, v in held.items()]
+    return found
+
+
 def _whole_runs(args, trees: dict[str, Path], config: str) -> dict[str, dict]:
-    """Every tree's whole train.py run started together (same load); wall seconds, and the report's own."""
+    """Every tree's whole train.py run started together (same load); wall seconds, and the report's own; the load
+    average sampled every 30 s while any runs; each run's record written (`--out`) as it ends."""
     started, procs, tmp = {}, {}, Path(tempfile.mkdtemp(prefix="whole_run_"))
     for name, tree in trees.items():
         workdir, cache = tmp / name / "run", tmp / name / "cache"
@@ -71,17 +87,30 @@ def _whole_runs(args, trees: dict[str, Path], config: str) -> dict[str, dict]:
         started[name] = time.perf_counter()
         procs[name] = (subprocess.Popen(cmd, env=_env(tree, cache), cwd=tree, stdout=log, stderr=subprocess.STDOUT),
                        workdir)
-    out = {}
-    for name, (proc, workdir) in procs.items():
-        proc.wait()
-        wall = time.perf_counter() - started[name]
-        meta = json.loads((workdir / "report.json").read_text()).get("meta", {}) if proc.returncode == 0 else {}
-        run = meta.get("run", {})
-        out[name] = {"rc": proc.returncode, "wall_s": wall, "loop_wall_s": run.get("wall_s"),
-                     "report_s": run.get("report_s"), "phases": meta.get("phases"), "load_avg": os.getloadavg(),
-                     "log": str(tmp / f"{name}.log")}
-        print(f"{name}: rc {proc.returncode}, {wall:.1f} s wall (report {run.get('report_s') or 0:.1f} s), "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"started {', '.join(trees)} at {time.strftime('%H:%M:%S')}; logs in {tmp}", flush=True)
+    out: dict[str, dict] = {}
+    loads: list[float] = []
+    while len(out) < len(procs):
+        loads.append(os.getloadavg()[0])
+        for name, (proc, workdir) in procs.items():
+            if name in out or proc.poll() is None:
+                continue
+            wall = time.perf_counter() - started[name]
+            meta = json.loads((workdir / "report.json").read_text()).get("meta", {}) if proc.returncode == 0 else {}
+            run = meta.get("run", {})
+            out[name] = {"rc": proc.returncode, "wall_s": wall, "loop_wall_s": run.get("wall_s"),
+                         "report_s": run.get("report_s"), "phases": meta.get("phases"),
+                         "log_phases": _log_phases(tmp / f"{name}.log"), "ended": time.strftime("%H:%M:%S"),
+                         "load_avg": os.getloadavg(), "load_1min_while_running": {
+                             "min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+                         "log": str(tmp / f"{name}.log")}
+            print(f"{name}: rc {proc.returncode}, {wall:.1f} s wall (report {run.get('report_s') or 0:.1f} s), "
+                  f"load {min(loads):.1f}-{max(loads):.1f} (median {statistics.median(loads):.1f})", flush=True)
+            _write(args, out)
+        if len(out) < len(procs):
+            time.sleep(30)
+    if all(r["rc"] == 0 for r in out.values()) and {"before", "after"} <= set(out):
+        print(f"after / before: {out['after']['wall_s'] / out['before']['wall_s']:.3f}", flush=True)
     return out
 
 

@@ -156,6 +156,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint = dict(every=0, keep=2, keep_best=True)
     c.eval = dict(
         every=0,
+        # the report after the last step; with no periodic eval its fine-tuned eval loss is the last step's eval_loss
         final=True,
         max_examples=200,
         # scores of greedy replies on the eval split, comma-separated: exact | json_valid | contains | regex |

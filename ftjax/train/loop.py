@@ -36,7 +36,7 @@ from ftjax.objectives import BatchSource, Reference
 from ftjax.objectives.terms import Term, uses_reference
 from ftjax.provenance import base_identity, check_resume_config, check_same
 from ftjax.sharding import activation_sharding, batch_sharding, batch_shards
-from ftjax.train import forget
+from ftjax.train import final_eval, forget
 from ftjax.train.compose import Run, compose, loss_terms, objective_terms, reference_identity
 from ftjax.train.early_stop import EarlyStop
 from ftjax.train.memory import check_fits
@@ -115,6 +115,8 @@ class Job:
     pretrained: Any  # the model before training that the evaluation compares with (None: LoRA's adapters off)
     flops_per_token: float
     actions: Sequence[Action] = ()  # handed to `run`: called after the loop's own each step
+    final_from_report: bool = False  # the report's eval loss is the last eval point (ftjax/train/final_eval.py)
+    held_line: tuple[int, dict] | None = None  # the last step's metrics line, written with that eval loss
     t0: float = dataclasses.field(default_factory=time.perf_counter)  # when the job started (report wall time)
 
     def model(self, trainable) -> nnx.Module:
@@ -216,6 +218,7 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
               ckpt, keep_best, provenance, state.trainable, state.opt_state, 0,
               EarlyStop(s.early_stop_patience), False, held_out, evaluation, pretrained,
               method.flops_per_token(model_cfg, s.seq_len, state.trainable), tuple(actions))
+    job.final_from_report = final_eval.from_report(run, evaluation)
     _resume(job)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -277,7 +280,7 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                   s.max_consecutive_skips, job.step_fn.metric_names)
     main = jax.process_index() == 0
     log = LogMetrics(s.log_every, meter, MetricsWriter(job.workdir, enabled=main),
-                     Progress(job.start, s.steps, main))
+                     Progress(job.start, s.steps, main), hold_last=job.final_from_report)
 
     def meta(tick: Tick) -> dict:
         return {"step": tick.step, **job.batches.state(), "config": config.to_dict(), "provenance": job.provenance,
@@ -291,10 +294,12 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                 with stop.phase(f"evaluation at step {step}"):
                     return job.evaluation.track(job.model(trainable), job.pretrained, step)
         ev = job.run.evaluation
-        actions.insert(0, Evaluate(ev.every, ev.final, job.held_out, job.early, meter, track,
+        final = ev.final and not job.final_from_report  # else the report measures it, once
+        actions.insert(0, Evaluate(ev.every, final, job.held_out, job.early, meter, track,
                                   status=log.progress.doing))
     interrupted: stop.StopRequested | None = None
     meter.start(compile_s)
+    finished = False
     try:
         with stop.phase("training"), heartbeat(log.progress.refresh):  # an eval at a step takes minutes
             for step in range(job.start + 1, last_step + 1):
@@ -318,14 +323,30 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                     if interrupted is None and step != until:
                         interrupted = stop.StopRequested(stop.requested() or signal.SIGTERM, "training")
                     break
+        finished = interrupted is None
     finally:
         log.progress.close()
+        if log.held is not None and not finished:  # no report follows: the line is written as it is
+            log.writer.write(*log.held)
+            log.held = None
         log.writer.close()
+    job.held_line = log.held
     job.trainable, job.opt_state = trainable, opt_state
     if interrupted is not None:
         job.ckpt.close()  # the save is complete before the process exits
         raise stop.StopRequested(interrupted.signum, interrupted.phase, f"step {step} saved")
     return step, stopped_early, log.last
+
+
+def _write_last_line(job: Job, step: int, point: dict) -> None:
+    """The held last-step line with `point` (the report's eval loss) in it; a run resumed at its last step (no line
+    held) logs `point` on a line of its own."""
+    values = {**job.held_line[1], **point} if job.held_line is not None else point
+    if values and jax.process_index() == 0:
+        writer = MetricsWriter(job.workdir)
+        writer.write(step, values)
+        writer.close()
+    job.held_line = None
 
 
 def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, Any]:
@@ -343,11 +364,17 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
         finally:
             reader.close()
         _say(f"report: the best checkpoint, step {report_step} (lowest eval loss), not the final step {step}")
-    if reporting:
-        with stop.phase("the final report"):
-            last["report"] = job.evaluation.report(job.model(trainable), job.pretrained, report_step,
-                                                   extra_meta={"final_step": step,
-                                                               "run": {"wall_s": time.perf_counter() - job.t0}})
+    point: dict = {}
+    try:
+        if reporting:
+            with stop.phase("the final report"):
+                last["report"] = job.evaluation.report(job.model(trainable), job.pretrained, report_step,
+                                                       extra_meta={"final_step": step,
+                                                                   "run": {"wall_s": time.perf_counter() - job.t0}})
+            point = final_eval.eval_point(last["report"]) if job.final_from_report else {}
+            last.update(point)
+    finally:  # the last step's line, with the report's eval loss when it was measured (even after a stop)
+        _write_last_line(job, step, point)
     job.batches.close()
     if jax.process_index() == 0:
         plot_losses(job.workdir)
