@@ -1,4 +1,4 @@
-"""The run's last eval point when the report follows: measured once (by the report), logged in the last step's line,
+"""The run's last eval point when the report follows: measured once (by the report), logged at the last step,
 and the same cross-entropy the loop's own eval loss measured (tested against it on the tiny run)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from ftjax.metrics.writer import read_metrics
 from ftjax.objectives import sft
 from ftjax.train.compose import compose
 from ftjax.train.final_eval import from_report
@@ -50,10 +51,12 @@ def test_the_reports_eval_loss_is_the_last_point_and_equals_the_loops_own(tmp_pa
     assert len(calls) == 1  # the loop measured nothing at the last step: the report did, once
     logged = metrics(tmp_path / "report")
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert [r["step"] for r in logged] == [1, 2]  # one line a step: the last waited for the report's figure
-    assert [r["loss"] for r in logged] == [r["loss"] for r in own]
-    last = logged[-1]
-    assert {"loss", "tokens_per_s", "mfu"} <= set(last)
+    # the last step's line as it ended (before the report), then the report's figure at that step
+    assert [r["step"] for r in logged] == [1, 2, 2] and set(logged[-1]) == {"step", "eval_loss", "eval_loss_examples"}
+    assert [r["loss"] for r in logged[:2]] == [r["loss"] for r in own]
+    assert {"loss", "tokens_per_s", "mfu"} <= set(logged[1]) and "eval_loss" not in logged[1]
+    last = read_metrics(tmp_path / "report")[-1]  # a step's lines merged, as every reader of metrics.jsonl does
+    assert {"loss", "tokens_per_s", "mfu", "eval_loss"} <= set(last) and last["step"] == 2
     assert last["eval_loss"] == report["task"]["finetuned"]["eval_loss"]
     assert last["eval_loss_examples"] == report["meta"]["eval_loss_examples"] == len(open(c.data.eval).readlines())
     assert last["eval_loss"] == pytest.approx(own[-1]["eval_loss"], abs=MODEL_TOL)

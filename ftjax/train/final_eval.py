@@ -1,6 +1,7 @@
 """The run's last eval point from the report: when the report follows training and the run has no periodic eval,
 the loop skips its own eval loss at the last step (a forward pass over every eval row) and logs the report's
-fine-tuned eval loss, which measures the same cross-entropy on the report's examples, in that step's line."""
+fine-tuned eval loss, which measures the same cross-entropy on the report's examples, at that step (a line of its own
+after the step's, which was written as the step ended: a crash in the report loses nothing)."""
 
 from __future__ import annotations
 

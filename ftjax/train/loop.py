@@ -116,7 +116,6 @@ class Job:
     flops_per_token: float
     actions: Sequence[Action] = ()  # handed to `run`: called after the loop's own each step
     final_from_report: bool = False  # the report's eval loss is the last eval point (ftjax/train/final_eval.py)
-    held_line: tuple[int, dict] | None = None  # the last step's metrics line, written with that eval loss
     t0: float = dataclasses.field(default_factory=time.perf_counter)  # when the job started (report wall time)
 
     def model(self, trainable) -> nnx.Module:
@@ -280,7 +279,7 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                   s.max_consecutive_skips, job.step_fn.metric_names)
     main = jax.process_index() == 0
     log = LogMetrics(s.log_every, meter, MetricsWriter(job.workdir, enabled=main),
-                     Progress(job.start, s.steps, main), hold_last=job.final_from_report)
+                     Progress(job.start, s.steps, main))
 
     def meta(tick: Tick) -> dict:
         return {"step": tick.step, **job.batches.state(), "config": config.to_dict(), "provenance": job.provenance,
@@ -299,7 +298,6 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                                   status=log.progress.doing))
     interrupted: stop.StopRequested | None = None
     meter.start(compile_s)
-    finished = False
     try:
         with stop.phase("training"), heartbeat(log.progress.refresh):  # an eval at a step takes minutes
             for step in range(job.start + 1, last_step + 1):
@@ -323,14 +321,9 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
                     if interrupted is None and step != until:
                         interrupted = stop.StopRequested(stop.requested() or signal.SIGTERM, "training")
                     break
-        finished = interrupted is None
     finally:
         log.progress.close()
-        if log.held is not None and not finished:  # no report follows: the line is written as it is
-            log.writer.write(*log.held)
-            log.held = None
         log.writer.close()
-    job.held_line = log.held
     job.trainable, job.opt_state = trainable, opt_state
     if interrupted is not None:
         job.ckpt.close()  # the save is complete before the process exits
@@ -338,15 +331,13 @@ def steps(job: Job, until: int | None) -> tuple[int, bool, dict]:
     return step, stopped_early, log.last
 
 
-def _write_last_line(job: Job, step: int, point: dict) -> None:
-    """The held last-step line with `point` (the report's eval loss) in it; a run resumed at its last step (no line
-    held) logs `point` on a line of its own."""
-    values = {**job.held_line[1], **point} if job.held_line is not None else point
-    if values and jax.process_index() == 0:
+def _log_point(job: Job, step: int, point: dict) -> None:
+    """`point` (the report's eval loss) on a line of its own at the last step, after the step's line was written
+    as it ended (nothing waits on the report); read_metrics merges a step's lines."""
+    if point and jax.process_index() == 0:
         writer = MetricsWriter(job.workdir)
-        writer.write(step, values)
+        writer.write(step, point)
         writer.close()
-    job.held_line = None
 
 
 def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, Any]:
@@ -364,17 +355,14 @@ def finish(job: Job, step: int, stopped_early: bool, last: dict) -> dict[str, An
         finally:
             reader.close()
         _say(f"report: the best checkpoint, step {report_step} (lowest eval loss), not the final step {step}")
-    point: dict = {}
-    try:
-        if reporting:
-            with stop.phase("the final report"):
-                last["report"] = job.evaluation.report(job.model(trainable), job.pretrained, report_step,
-                                                       extra_meta={"final_step": step,
-                                                                   "run": {"wall_s": time.perf_counter() - job.t0}})
-            point = final_eval.eval_point(last["report"]) if job.final_from_report else {}
-            last.update(point)
-    finally:  # the last step's line, with the report's eval loss when it was measured (even after a stop)
-        _write_last_line(job, step, point)
+    if reporting:
+        with stop.phase("the final report"):
+            last["report"] = job.evaluation.report(job.model(trainable), job.pretrained, report_step,
+                                                   extra_meta={"final_step": step,
+                                                               "run": {"wall_s": time.perf_counter() - job.t0}})
+        point = final_eval.eval_point(last["report"]) if job.final_from_report else {}
+        _log_point(job, step, point)
+        last.update(point)
     job.batches.close()
     if jax.process_index() == 0:
         plot_losses(job.workdir)

@@ -114,18 +114,13 @@ class Evaluate:
 
 @dataclasses.dataclass
 class LogMetrics:
-    """Every `every` steps, at the last step and at a stop: fetch the metrics, write them, show them.
-
-    `hold_last`: the last step's line waits (`held`) for the eval loss the report measures after training
-    (ftjax/train/final_eval.py), so that step is still one line; a stop at that step writes it at once."""
+    """Every `every` steps, at the last step and at a stop: fetch the metrics, write them, show them."""
 
     every: int
     meter: Meter
     writer: MetricsWriter
     progress: "Progress"
     last: dict = dataclasses.field(default_factory=dict)  # the latest value of every logged key
-    hold_last: bool = False
-    held: tuple[int, dict] | None = None  # (step, values) of the last step's line while it waits
 
     def __call__(self, tick: Tick) -> None:
         if self.meter.step_done(tick.metrics):
@@ -133,10 +128,7 @@ class LogMetrics:
         if due(self.every, tick.step) or tick.is_last or tick.stopping:
             tick.values = {**self.meter.fetch(tick.metrics), **tick.values}
         if tick.values:
-            if self.hold_last and tick.is_last and not tick.stopping:
-                self.held = (tick.step, dict(tick.values))
-            else:
-                self.writer.write(tick.step, tick.values)
+            self.writer.write(tick.step, tick.values)
             self.last.update(tick.values)
             self.progress.update(tick.step, self.last)
 
