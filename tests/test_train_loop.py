@@ -10,6 +10,7 @@ import pytest
 
 from ftjax.checkpoint import Checkpoints
 from ftjax.errors import ConfigError
+from ftjax.metrics.writer import read_metrics
 from ftjax.train.loop import run
 from loop_helpers import ROOT, load_config, metrics, script_env, tensorboard_scalars
 
@@ -55,7 +56,7 @@ def straight(tmp_path_factory):
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_records_hold_the_runs_values(straight):
     workdir, result = straight
-    records = metrics(workdir)
+    records = read_metrics(workdir)  # a step's lines merged: the last step's, then the report's eval loss at it
     assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
     for r in records:
         if "loss" in r:
@@ -85,10 +86,11 @@ def test_records_hold_the_runs_values(straight):
 
 @pytest.mark.slow  # > 10 s here: the full suite runs it, the fast tier (README) stays under 4 min
 def test_every_logged_rate_is_possible(straight):
-    """The last step (its eval loss and save first wait for it) and the step after a save are timed by their own
-    time: no MFU above 1, no tokens/s above twice the run's median."""
+    """The last step (its save first waits for it; the report then measures its eval loss) and the step after a
+    save are timed by their own time: no MFU above 1, no tokens/s above twice the run's median (a loop eval at the
+    last step: test_live_figures)."""
     workdir, _ = straight
-    records = [r for r in metrics(workdir) if "tokens_per_s" in r]
+    records = [r for r in read_metrics(workdir) if "tokens_per_s" in r]
     assert records[-1]["step"] == STEPS and "eval_loss" in records[-1]
     median = float(np.median([r["tokens_per_s"] for r in records]))
     for r in records:
