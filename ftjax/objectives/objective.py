@@ -76,6 +76,8 @@ class Objective(abc.ABC):
     # data carrying the reference's values) or a frozen copy of the step-0 weights kept (False)
     caches_reference: bool = False
     generation_task: bool = True  # its held-out records are generation examples (task scores in the report)
+    # its held-out figure is the cross-entropy the report's eval-loss rows measure: the report can give its last point
+    held_out_is_report_eval_loss: bool = False
     segments_per_example: int = 1  # segments one example takes in a row (a preference pair: its two replies)
     compiles_from_shapes: bool = True  # its batches are plain rows (BATCH_KEYS): a step compiles from shapes alone
     replay_mixes_in: bool = True  # forget.replay_fraction may mix SFT replay examples into its data

@@ -14,6 +14,7 @@ from ftjax.objectives.terms import Term, cross_entropy
 
 class Sft(Objective):
     name = "sft"
+    held_out_is_report_eval_loss = True
 
     def __init__(self, pref: Any = None):
         """`pref` (the run's pref.* group) does not apply to SFT."""

@@ -16,7 +16,7 @@ def from_report(run: Any, evaluation: Any) -> bool:
     has this one point, so its rows are every point's rows)."""
     plan, s = run.evaluation, run.schedule
     periodic = bool(plan.every) and plan.every <= s.steps
-    return (evaluation is not None and evaluation.has_task and run.objective.name == "sft" and plan.final
+    return (evaluation is not None and evaluation.has_task and run.objective.held_out_is_report_eval_loss and plan.final
             and report_size.reports(run.eval_settings) and not periodic)
 
 
