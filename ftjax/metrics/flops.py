@@ -19,11 +19,17 @@ from flax import nnx
 from ftjax.models.llama import ModelConfig
 
 
+def attention_params(cfg: ModelConfig) -> int:
+    """One layer's q, k, v and o projection weights."""
+    d, h = cfg.hidden_size, cfg.head_dim
+    return d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2
+
+
 def matmul_params(cfg: ModelConfig) -> int:
     """Weights that take part in matmuls per token: attention, MLP (an MoE layer: router + the top-k experts
     a token is routed to) and the output head."""
-    d, h = cfg.hidden_size, cfg.head_dim
-    attn = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2
+    d = cfg.hidden_size
+    attn = attention_params(cfg)
     moe = cfg.moe
     if moe is None:
         mlp = 3 * d * cfg.intermediate_size

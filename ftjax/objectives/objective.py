@@ -63,7 +63,7 @@ class MemoryShapes:
     # `length` tokens each (ftjax.train.memory.forward_bytes): a teacher's pass
     forward: Callable[[Any, int], int]
     # bytes on one device of the layer weights that generation folds dense once per call where it unrolls the
-    # layers (CPU: ftjax.generate.unrolled_decode), 0 elsewhere: a sampler's (rollouts') extra copy
+    # layers (a one-device CPU: ftjax.generate.unrolled_decode), 0 elsewhere: a sampler's (rollouts') extra copy
     generation_weights: int = 0
 
 

@@ -115,8 +115,12 @@ class Job:
     pretrained: Any  # the model before training that the evaluation compares with (None: LoRA's adapters off)
     flops_per_token: float
     actions: Sequence[Action] = ()  # handed to `run`: called after the loop's own each step
-    final_from_report: bool = False  # the report's eval loss is the last eval point (ftjax/train/final_eval.py)
     t0: float = dataclasses.field(default_factory=time.perf_counter)  # when the job started (report wall time)
+
+    @property
+    def final_from_report(self) -> bool:
+        """Whether the report's eval loss is the last eval point (ftjax/train/final_eval.py)."""
+        return final_eval.from_report(self.run, self.evaluation)
 
     def model(self, trainable) -> nnx.Module:
         """The model with these trainable weights (shares the arrays; used between steps only)."""
@@ -217,7 +221,6 @@ def prepare(run: Run, workdir: Path, extra_terms: Sequence[Term] = (), actions: 
               ckpt, keep_best, provenance, state.trainable, state.opt_state, 0,
               EarlyStop(s.early_stop_patience), False, held_out, evaluation, pretrained,
               method.flops_per_token(model_cfg, s.seq_len, state.trainable), tuple(actions))
-    job.final_from_report = final_eval.from_report(run, evaluation)
     _resume(job)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))

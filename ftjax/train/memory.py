@@ -40,6 +40,7 @@ from ftjax.errors import ConfigError
 from ftjax.interop.gguf import gguf_tensor_name, qtype_name, read_gguf_header
 from ftjax.interop.sources import resolve
 from ftjax.lora import frozen_quant_kernels
+from ftjax.metrics.flops import attention_params
 from ftjax.methods import Method
 from ftjax.models.llama import Llama, ModelConfig
 from ftjax.models.moe import grouped_rows, resolved_implementation, tile_rows
@@ -203,7 +204,8 @@ def estimate(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict
     def forward(model: ModelConfig, length: int) -> int:
         return forward_bytes(on_platform(model, platform), length, loss_chunk=s.loss_chunk, **per_device)
 
-    folded = layer_weights(cfg) * itemsize / tensor if platform == "cpu" else 0  # generate.unrolled_decode
+    # generate.unrolled_decode: a one-device CPU folds the layer weights once per generation call
+    folded = layer_weights(cfg) * itemsize if platform == "cpu" and mesh.size == 1 else 0
     shapes = MemoryShapes(cfg, rows, t, itemsize, out["trainable"], out["frozen"], out["activations"], forward,
                           int(folded))
     reference = run.objective.reference(start_copy_is_free=not method.keeps_start_copy)
@@ -213,14 +215,12 @@ def estimate(run: Run, model_cfg: ModelConfig, mesh: Mesh | None = None) -> dict
 def layer_weights(cfg: ModelConfig) -> int:
     """Weights of the decoder layers' linears, every expert of a mixture-of-experts layer included: what
     generation's unrolled token loop folds dense once per call (`Llama.layer_slices`)."""
-    d, h = cfg.hidden_size, cfg.head_dim
-    attn = d * cfg.num_heads * h * 2 + d * cfg.num_kv_heads * h * 2
-    moe = cfg.moe
+    d, moe = cfg.hidden_size, cfg.moe
     if moe is None:
         mlp = 3 * d * cfg.intermediate_size
     else:  # the router and every expert
         mlp = d * moe.num_experts + moe.num_experts * 3 * d * moe.intermediate_size
-    return cfg.num_layers * (attn + mlp)
+    return cfg.num_layers * (attention_params(cfg) + mlp)
 
 
 def abstract_model(method: Method, model: ModelPart, model_cfg: ModelConfig) -> nnx.Module:
